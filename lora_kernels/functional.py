@@ -1,0 +1,213 @@
+"""fused_lora_linear: validation, autocast, backend dispatch and the Triton autograd Function.
+
+    y = x·Wᵀ + b + s · (dropout_p(x)·Aᵀ)·Bᵀ
+
+Backends (LORA_KERNELS_BACKEND): auto | triton | torch | cuda. `auto` picks Triton for CUDA tensors
+(and on CPU under TRITON_INTERPRET=1) and the torch reference otherwise (and for float64, which the
+kernels do not implement). An explicitly requested backend that cannot run raises; nothing falls
+back silently. Every backend saves x and x·Aᵀ (plus a seed) for backward, never a dropout mask,
+a dropped copy or a cast copy of x.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+
+from .reference import TorchLoraLinear, draw_seed
+
+BACKENDS = ("auto", "triton", "torch", "cuda")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+try:  # Triton is optional: the torch backend must import and run without it.
+    import triton  # noqa: F401
+    _TRITON_IMPORT_ERROR = None
+except ImportError as err:  # pragma: no cover - depends on the machine
+    _TRITON_IMPORT_ERROR = err
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _cuda_extension():
+    try:
+        from . import _cuda  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _cuda
+
+
+def requested_backend() -> str:
+    name = os.environ.get("LORA_KERNELS_BACKEND", "auto").strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"LORA_KERNELS_BACKEND={name!r} is not one of {', '.join(BACKENDS)}")
+    return name
+
+
+def resolve_backend(x: torch.Tensor) -> str:
+    """The backend that will run for input `x`, or a RuntimeError saying why the requested one cannot."""
+    name = requested_backend()
+    if name == "auto":
+        if x.dtype == torch.float64 or _TRITON_IMPORT_ERROR is not None:
+            return "torch"
+        return "triton" if (x.is_cuda or _interpreting()) else "torch"
+    if name == "triton":
+        if _TRITON_IMPORT_ERROR is not None:
+            raise RuntimeError(f"LORA_KERNELS_BACKEND=triton but triton cannot be imported: {_TRITON_IMPORT_ERROR}")
+        if not (x.is_cuda or _interpreting()):
+            raise RuntimeError(f"LORA_KERNELS_BACKEND=triton needs CUDA tensors (got device {x.device}) "
+                               "or TRITON_INTERPRET=1 to run the kernels on CPU")
+        if x.dtype not in _KERNEL_DTYPES:
+            raise ValueError(f"x has dtype {x.dtype}: the Triton backend supports float16, bfloat16 and float32 "
+                             "(use LORA_KERNELS_BACKEND=torch for float64)")
+        return "triton"
+    if name == "cuda":
+        raise RuntimeError("LORA_KERNELS_BACKEND=cuda: the CUDA extension provides only the dropout-shrink "
+                           "kernel (lora_kernels._cuda), not a full backend yet; use triton or torch")
+    return "torch"
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """Follow torch's own TF32 switch for float32 matmuls, so fp32 results match nn.Linear's."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least one dimension, got shape {tuple(x.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x's last dimension is {x.shape[-1]} but weight has in_features={K} "
+                         f"(x shape {tuple(x.shape)}, weight shape {tuple(weight.shape)})")
+    if lora_A.dim() != 2 or lora_A.shape[1] != K:
+        raise ValueError(f"lora_A must have shape (r, {K}), got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"lora_A has rank r={r}; r must be >= 1")
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"lora_B must have shape ({N}, {r}), got {tuple(lora_B.shape)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (N,)):
+        shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"bias must be None or a tensor of shape ({N},), got {shape}")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= float(dropout_p) < 1.0):
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if not (isinstance(scaling, (int, float)) and math.isfinite(float(scaling))):
+        raise ValueError(f"scaling must be a finite number, got {scaling!r}")
+    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p: float = 0.0, training: bool = True):
+    """y = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ with x of shape (..., in_features).
+
+    weight (out, in) and bias (out,) are the base layer's; lora_A (r, in) and lora_B (out, r) may be in
+    float32 while x is half precision (they are cast inside the kernels). The output has x's dtype.
+    Dropout applies only when `training` and dropout_p > 0; its seed comes from torch's generator of
+    x's device, so torch.manual_seed reproduces a step.
+    """
+    _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Autocast semantics of nn.Linear for the base path; the adapters stay in their own dtype.
+        dt = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"x has dtype {x.dtype} but weight has {weight.dtype}"
+                         + ("" if bias is None else f" and bias has {bias.dtype}")
+                         + ": the base layer must be in the activation dtype (or run under torch.autocast)")
+    p = float(dropout_p) if training else 0.0
+    backend = resolve_backend(x)
+    fn = TritonLoraLinear if backend == "triton" else TorchLoraLinear
+    with torch.autocast(device_type, enabled=False):
+        return fn.apply(x, weight, bias, lora_A, lora_B, float(scaling), p)
+
+
+_warned_copy = False
+
+
+def _rows_or_copy(t: torch.Tensor):
+    """The kernels' row layout of t; a layout they cannot address is copied once, with a warning."""
+    from .ops.layout import rows_of
+
+    rows = rows_of(t)
+    if rows is None:
+        global _warned_copy
+        if not _warned_copy:
+            warnings.warn(f"lora_kernels: a tensor of shape {tuple(t.shape)} and strides {t.stride()} has leading "
+                          "dims that cannot be addressed as rows without a copy; copying it", stacklevel=3)
+            _warned_copy = True
+        t = t.contiguous()
+        rows = rows_of(t)
+    return t, rows
+
+
+class TritonLoraLinear(torch.autograd.Function):
+    """Triton backend: 2 kernel launches forward, 2 backward (see lora_kernels/ops/)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float):
+        from .ops.lora_linear_fwd import lora_linear_fwd
+        from .ops.lora_shrink import lora_shrink
+
+        x, rows = _rows_or_copy(x)
+        precision = _dot_precision(x.dtype)
+        seed = draw_seed(x.device) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64, device=x.device)
+        if rows.M == 0:
+            xa = torch.zeros((0, lora_A.shape[0]), dtype=torch.float32, device=x.device)
+            y = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
+        else:
+            xa = lora_shrink(x, rows, lora_A, seed, dropout_p, precision)
+            y = lora_linear_fwd(x, rows, weight, bias, xa, lora_B, scaling, precision)
+        ctx.save_for_backward(x, xa, seed, weight, lora_A, lora_B)
+        ctx.scaling = scaling
+        ctx.dropout_p = dropout_p
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from .ops.lora_dy_b import lora_dy_b
+        from .ops.lora_linear_bwd_dx import lora_linear_bwd_dx
+
+        x, xa, seed, weight, lora_A, lora_B = ctx.saved_tensors
+        need_x, need_w, need_b, need_a, need_bl = ctx.needs_input_grad[:5]
+        s, p = ctx.scaling, ctx.dropout_p
+        precision = _dot_precision(x.dtype)
+        dy, dy_rows = _rows_or_copy(dy.to(x.dtype))
+        grad_x = grad_w = grad_bias = grad_a = grad_bl = None
+        if dy_rows.M == 0:
+            grad_x = torch.zeros_like(x) if need_x else None
+            grad_a = torch.zeros_like(lora_A) if need_a else None
+            grad_bl = torch.zeros_like(lora_B) if need_bl else None
+        else:
+            x_rows = _rows_or_copy(x)[1]
+            dyb, grad_b32 = lora_dy_b(dy, dy_rows, lora_B, xa, s, compute_dyb=need_x or need_a,
+                                      compute_grad_b=need_bl, dot_precision=precision)
+            if need_x or need_a:
+                grad_x, grad_a32 = lora_linear_bwd_dx(dy, dy_rows, weight, dyb, lora_A, x, x_rows, seed, s, p,
+                                                      compute_dx=need_x, compute_grad_a=need_a,
+                                                      dot_precision=precision)
+                grad_a = grad_a32.to(lora_A.dtype) if need_a else None
+            grad_bl = grad_b32.to(lora_B.dtype) if need_bl else None
+        if need_w or need_b:
+            dy2 = dy.reshape(-1, dy.shape[-1])
+            if need_w:
+                grad_w = (dy2.t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype)
+            if need_b and ctx.bias_dtype is not None:
+                grad_bias = dy2.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_bias, grad_a, grad_bl, None, None

@@ -1,0 +1,162 @@
+"""FusedLoraLinear: a drop-in for nn.Linear with a LoRA adapter running on the fused kernels.
+
+The module only holds parameters and does init, merge and repr; the math is in functional.py.
+Parameter names follow nn.Linear for the frozen base (`weight`, `bias`, so base checkpoints load
+unchanged) and PEFT's tensor layouts for the adapter (`lora_A` is (r, in), `lora_B` is (out, r)).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .functional import fused_lora_linear
+
+
+def _check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights):
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be an integer >= 1, got {r!r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+    if init_lora_weights not in (True, False, "gaussian"):
+        raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+
+
+class FusedLoraLinear(nn.Module):
+    """y = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ with W, b frozen and A, B trainable.
+
+    scaling = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora. init_lora_weights follows PEFT:
+    True = A kaiming-uniform(a=√5), B zeros (the layer starts equal to its base); "gaussian" = A ~ N(0, 1/r),
+    B zeros; False = both random (a non-identity adapter, for tests).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 8,
+                 lora_alpha: float = 16, lora_dropout: float = 0.0, use_rslora: bool = False,
+                 init_lora_weights: Union[bool, str] = True, device=None, dtype=None):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        factory = {"device": device, "dtype": dtype}
+        base = nn.Linear(in_features, out_features, bias=bias, **factory)
+        self._init_from_base(base.weight, base.bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                             lora_dtype=dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights: Union[bool, str] = True,
+                    lora_dtype: Optional[torch.dtype] = None) -> "FusedLoraLinear":
+        """Wrap `linear` without copying: the new layer's weight and bias are linear's own Parameters.
+
+        lora_dtype defaults to PEFT's choice: float32 adapters for a half-precision base, else the base dtype.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        if lora_dtype is None:
+            lora_dtype = torch.float32 if linear.weight.dtype in (torch.float16, torch.bfloat16) else linear.weight.dtype
+        layer._init_from_base(linear.weight, linear.bias, r, lora_alpha, lora_dropout, use_rslora,
+                              init_lora_weights, lora_dtype=lora_dtype)
+        return layer
+
+    def _init_from_base(self, weight, bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype):
+        _check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights)
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        self.weight.requires_grad_(False)
+        if bias is not None:
+            self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+            self.bias.requires_grad_(False)
+        else:
+            self.register_parameter("bias", None)
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = float(lora_dropout)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        factory = {"device": weight.device, "dtype": lora_dtype if lora_dtype is not None else weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty((r, self.in_features), **factory))
+        self.lora_B = nn.Parameter(torch.empty((self.out_features, r), **factory))
+        self.merged = False
+        self.adapter_enabled = True
+        self.reset_lora_parameters(init_lora_weights)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init_lora_weights is False:
+            # Non-zero B so the adapter changes the output (tests, debugging).
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B)
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or not self.adapter_enabled:
+            return F.linear(x, self.weight, self.bias)
+        return fused_lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                                 dropout_p=self.lora_dropout, training=self.training)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Within the block the layer returns its base output only (a merged layer is unmerged for it)."""
+        was_merged, was_enabled = self.merged, self.adapter_enabled
+        if was_merged:
+            self.unmerge()
+        self.adapter_enabled = False
+        try:
+            yield self
+        finally:
+            self.adapter_enabled = was_enabled
+            if was_merged:
+                self.merge()
+
+    # -- merge ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """scaling·B·A in float32, the change the adapter makes to W."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← W + scaling·B·A, computed in float32 and cast back to W's dtype."""
+        if self.merged:
+            raise RuntimeError("FusedLoraLinear.merge(): the adapter is already merged")
+        self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W ← W - scaling·B·A; restores the base weight up to W's dtype rounding."""
+        if not self.merged:
+            raise RuntimeError("FusedLoraLinear.unmerge(): the adapter is not merged")
+        self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+        self.merged = False
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """An nn.Linear computing what this layer computes (eval mode), sharing its (merged) weight storage.
+
+        Merges in place first if needed; the returned module owns the same weight and bias Parameters.
+        """
+        if not self.merged and self.adapter_enabled:
+            self.merge()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = self.weight
+        linear.bias = self.bias
+        return linear
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
+                f"scaling={self.scaling:g}{', rslora' if self.use_rslora else ''}{', merged' if self.merged else ''}")

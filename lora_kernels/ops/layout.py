@@ -1,0 +1,49 @@
+"""Row addressing for activations of any shape and strides, without copies.
+
+Kernels see an activation of shape (*lead, C) as M = prod(lead) logical rows. Leading dims that
+can be merged are merged; at most two groups remain (e.g. a transposed (T, B, C) view of a (B, T, C)
+tensor), and row m lives at (m // inner) * stride_outer + (m % inner) * stride_inner.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+class Rows(NamedTuple):
+    M: int
+    inner: int
+    stride_outer: int
+    stride_inner: int
+    stride_col: int
+
+
+def rows_of(t: torch.Tensor) -> Optional[Rows]:
+    """The two-level row layout of `t`, or None when its leading dims need more than two groups."""
+    groups = []
+    for size, stride in zip(t.shape[:-1], t.stride()[:-1]):
+        if size == 1:
+            continue
+        if groups and groups[-1][1] == stride * size:
+            groups[-1] = (groups[-1][0] * size, stride)
+        else:
+            groups.append((size, stride))
+    if len(groups) > 2:
+        return None
+    M = 1
+    for size, _ in groups:
+        M *= size
+    stride_col = t.stride(-1)
+    if not groups:
+        return Rows(M, 1, 0, 0, stride_col)
+    if len(groups) == 1:
+        return Rows(M, M, 0, groups[0][1], stride_col)
+    return Rows(M, groups[1][0], groups[0][1], groups[1][1], stride_col)
+
+
+@triton.jit
+def row_offsets(rows, inner, stride_outer, stride_inner):
+    """int64 element offsets of logical rows `rows` (see module docstring)."""
+    rows = rows.to(tl.int64)
+    return (rows // inner) * stride_outer + (rows % inner) * stride_inner

@@ -1,0 +1,79 @@
+"""Backward pass 1: dyB = dy·B (M, r) and grad_B = s·dyᵀ·xa (N, r), in one pass over dy.
+
+Each program owns a block of rows and streams dy across N: the (BLOCK_M, r) dyB tile stays in
+registers, and each (BLOCK_N, r) slice of grad_B is added to a float32 buffer with atomics, so dy is
+read once for both products.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .configs import lora_block_r, rowblock_configs
+from .layout import Rows, row_offsets
+
+
+@triton.autotune(configs=rowblock_configs("BLOCK_N"), key=["M_BUCKET", "N", "R"], reset_to_zero=["grad_b_ptr"])
+@triton.jit
+def _lora_dy_b_kernel(
+    dy_ptr, b_ptr, xa_ptr, dyb_ptr, grad_b_ptr,
+    M, N, R, M_BUCKET,
+    dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn,
+    stride_bn, stride_br,
+    stride_xam, stride_xar,
+    stride_dbm, stride_dbr,
+    stride_gbn, stride_gbr,
+    scaling,
+    COMPUTE_DYB: tl.constexpr, COMPUTE_GRAD_B: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rn = tl.arange(0, BLOCK_N)
+    row_ok = rm < M
+    r_ok = rr < R
+    dy_rows = dy_ptr + row_offsets(rm, dy_inner, stride_dy_outer, stride_dy_inner)
+    dtype = dy_ptr.dtype.element_ty
+    if COMPUTE_GRAD_B:
+        xa = tl.load(xa_ptr + rm[:, None] * stride_xam + rr[None, :] * stride_xar,
+                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        xa = (xa * scaling).to(dtype)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        nn = n0 + rn
+        n_ok = nn < N
+        dy = tl.load(dy_rows[:, None] + nn[None, :] * stride_dyn, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        if COMPUTE_DYB:
+            b = tl.load(b_ptr + nn[:, None] * stride_bn + rr[None, :] * stride_br,
+                        mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+            acc = tl.dot(dy, b.to(dtype), acc, input_precision=DOT_PRECISION)
+        if COMPUTE_GRAD_B:
+            part = tl.dot(tl.trans(dy), xa, input_precision=DOT_PRECISION)
+            tl.atomic_add(grad_b_ptr + nn[:, None] * stride_gbn + rr[None, :] * stride_gbr, part,
+                          mask=n_ok[:, None] & r_ok[None, :])
+    if COMPUTE_DYB:
+        tl.store(dyb_ptr + rm[:, None] * stride_dbm + rr[None, :] * stride_dbr, acc,
+                 mask=row_ok[:, None] & r_ok[None, :])
+
+
+def lora_dy_b(dy: torch.Tensor, rows: Rows, lora_B: torch.Tensor, xa: torch.Tensor, scaling: float,
+              compute_dyb: bool, compute_grad_b: bool, dot_precision: str):
+    """(dyB (M, r) float32 or None, grad_B (N, r) float32 or None) for dy seen through `rows`."""
+    M, N, R = rows.M, dy.shape[-1], lora_B.shape[1]
+    dyb = torch.empty((M, R), dtype=torch.float32, device=dy.device) if compute_dyb else xa
+    grad_b = torch.zeros((N, R), dtype=torch.float32, device=dy.device) if compute_grad_b else xa
+    block_r = lora_block_r(R)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))  # noqa: E731
+    _lora_dy_b_kernel[grid](
+        dy, lora_B, xa, dyb, grad_b,
+        M, N, R, triton.next_power_of_2(M),
+        rows.inner, rows.stride_outer, rows.stride_inner, rows.stride_col,
+        lora_B.stride(0), lora_B.stride(1),
+        xa.stride(0), xa.stride(1),
+        dyb.stride(0), dyb.stride(1),
+        grad_b.stride(0), grad_b.stride(1),
+        scaling,
+        COMPUTE_DYB=compute_dyb, COMPUTE_GRAD_B=compute_grad_b, DOT_PRECISION=dot_precision,
+        BLOCK_R=block_r,
+    )
+    return (dyb if compute_dyb else None), (grad_b if compute_grad_b else None)

@@ -1,0 +1,114 @@
+"""Backward pass 2: grad_x = dy·W + s·(dyB·A)⊙mask/(1-p) and grad_A = s·dyBᵀ·dropout_p(x).
+
+One GEMM over (M, K) tiles streams dy and W across N; its epilogue adds the LoRA term with the
+dropout mask regenerated from the forward's seed. The same tile of x is then loaded once, masked,
+and multiplied with the dyB tile into grad_A (float32 atomics), so no (M, K) temporary exists.
+When x needs no gradient the GEMM is skipped and only grad_A is computed.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .configs import gemm_configs, lora_block_r
+from .dropout import dropout_keep
+from .layout import Rows, row_offsets
+from .lora_linear_fwd import grouped_tile
+
+
+@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "R"], reset_to_zero=["grad_a_ptr"])
+@triton.jit
+def _lora_linear_bwd_dx_kernel(
+    dy_ptr, w_ptr, dyb_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, grad_a_ptr,
+    M, N, K, R, M_BUCKET,
+    dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn,
+    stride_wn, stride_wk,
+    stride_dbm, stride_dbr,
+    stride_ar, stride_ak,
+    x_inner, stride_x_outer, stride_x_inner, stride_xk,
+    stride_dxm, stride_dxk,
+    stride_gar, stride_gak,
+    scaling, p, keep_scale,
+    COMPUTE_DX: tl.constexpr, COMPUTE_GRAD_A: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # The output tile is (BLOCK_M rows of x) × (BLOCK_K columns of x); BLOCK_N is the reduction step.
+    pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rm < M
+    k_ok = rk < K
+    tile_ok = row_ok[:, None] & k_ok[None, :]
+    dtype = x_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if COMPUTE_DX:
+        dy_rows = dy_ptr + row_offsets(rm, dy_inner, stride_dy_outer, stride_dy_inner)
+        rn = tl.arange(0, BLOCK_N)
+        for n0 in range(0, N, BLOCK_N):
+            nn = n0 + rn
+            n_ok = nn < N
+            dy = tl.load(dy_rows[:, None] + nn[None, :] * stride_dyn, mask=row_ok[:, None] & n_ok[None, :],
+                         other=0.0)
+            w = tl.load(w_ptr + nn[:, None] * stride_wn + rk[None, :] * stride_wk,
+                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+
+    if HAS_DROPOUT:
+        keep = dropout_keep(tl.load(seed_ptr), rm, rk, K, p)
+    if COMPUTE_GRAD_A:
+        x_rows = x_ptr + row_offsets(rm, x_inner, stride_x_outer, stride_x_inner)
+        x = tl.load(x_rows[:, None] + rk[None, :] * stride_xk, mask=tile_ok, other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(keep, x, 0.0)
+
+    lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    rr = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        r_idx = r0 + rr
+        r_ok = r_idx < R
+        dyb = tl.load(dyb_ptr + rm[:, None] * stride_dbm + r_idx[None, :] * stride_dbr,
+                      mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        dyb = (dyb * scaling).to(dtype)
+        if COMPUTE_DX:
+            a = tl.load(a_ptr + r_idx[:, None] * stride_ar + rk[None, :] * stride_ak,
+                        mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            lora = tl.dot(dyb, a.to(dtype), lora, input_precision=DOT_PRECISION)
+        if COMPUTE_GRAD_A:
+            part = tl.dot(tl.trans(dyb), x, input_precision=DOT_PRECISION)
+            if HAS_DROPOUT:
+                part = part * keep_scale
+            tl.atomic_add(grad_a_ptr + r_idx[:, None] * stride_gar + rk[None, :] * stride_gak, part,
+                          mask=r_ok[:, None] & k_ok[None, :])
+
+    if COMPUTE_DX:
+        if HAS_DROPOUT:
+            lora = tl.where(keep, lora * keep_scale, 0.0)
+        acc += lora
+        tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, acc.to(dtype), mask=tile_ok)
+
+
+def lora_linear_bwd_dx(dy: torch.Tensor, dy_rows: Rows, weight: torch.Tensor, dyb: torch.Tensor,
+                       lora_A: torch.Tensor, x: torch.Tensor, x_rows: Rows, seed: torch.Tensor,
+                       scaling: float, p: float, compute_dx: bool, compute_grad_a: bool, dot_precision: str):
+    """(grad_x shaped like x in x's dtype or None, grad_A (r, K) float32 or None)."""
+    M, N, K, R = x_rows.M, dy.shape[-1], x.shape[-1], lora_A.shape[0]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if compute_dx else None
+    dx2 = dx.view(M, K) if compute_dx else dyb
+    grad_a = torch.zeros((R, K), dtype=torch.float32, device=x.device) if compute_grad_a else dyb
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
+    _lora_linear_bwd_dx_kernel[grid](
+        dy, weight, dyb, lora_A, x, seed, dx2, grad_a,
+        M, N, K, R, triton.next_power_of_2(M),
+        dy_rows.inner, dy_rows.stride_outer, dy_rows.stride_inner, dy_rows.stride_col,
+        weight.stride(0), weight.stride(1),
+        dyb.stride(0), dyb.stride(1),
+        lora_A.stride(0), lora_A.stride(1),
+        x_rows.inner, x_rows.stride_outer, x_rows.stride_inner, x_rows.stride_col,
+        dx2.stride(0), dx2.stride(1),
+        grad_a.stride(0), grad_a.stride(1),
+        scaling, p, 1.0 / (1.0 - p),
+        COMPUTE_DX=compute_dx, COMPUTE_GRAD_A=compute_grad_a, HAS_DROPOUT=p > 0.0,
+        DOT_PRECISION=dot_precision, BLOCK_R=lora_block_r(R),
+    )
+    return dx, (grad_a if compute_grad_a else None)

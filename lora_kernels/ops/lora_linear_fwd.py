@@ -1,0 +1,95 @@
+"""Forward pass 2: y = x·Wᵀ + b + s·xa·Bᵀ in one GEMM.
+
+The base GEMM streams x and W over K; the LoRA expand (xa is (M, r), B is (N, r)) and the bias are
+added to the same float32 accumulator before the single store of y, so no (M, N) temporary exists.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .configs import gemm_configs, lora_block_r
+from .layout import Rows, row_offsets
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile (pid_m, pid_n) for program `pid`, in GROUP_M-row bands so neighbours share operands in L2."""
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * grid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % per_group) % group_rows)
+    pid_n = (pid % per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "R"])
+@triton.jit
+def _lora_linear_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr,
+    M, N, K, R, M_BUCKET,
+    x_inner, stride_x_outer, stride_x_inner, stride_xk,
+    stride_wn, stride_wk,
+    stride_xam, stride_xar,
+    stride_bn, stride_br,
+    stride_ym, stride_yn,
+    scaling,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    row_ok = rm < M
+    col_ok = rn < N
+    x_rows = x_ptr + row_offsets(rm, x_inner, stride_x_outer, stride_x_inner)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        x = tl.load(x_rows[:, None] + kk[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
+                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+
+    # LoRA expand: s·xa·Bᵀ in the activation dtype (as PEFT's lora_B runs), accumulated in float32.
+    rr = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        r_idx = r0 + rr
+        r_ok = r_idx < R
+        xa = tl.load(xa_ptr + rm[:, None] * stride_xam + r_idx[None, :] * stride_xar,
+                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + rn[None, :] * stride_bn + r_idx[:, None] * stride_br,
+                    mask=col_ok[None, :] & r_ok[:, None], other=0.0)
+        acc = tl.dot((xa * scaling).to(y_ptr.dtype.element_ty), b.to(y_ptr.dtype.element_ty), acc,
+                     input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def lora_linear_fwd(x: torch.Tensor, rows: Rows, weight: torch.Tensor, bias, xa: torch.Tensor,
+                    lora_B: torch.Tensor, scaling: float, dot_precision: str) -> torch.Tensor:
+    """y of shape (*x.shape[:-1], N) in x's dtype. weight (N, K) and bias (N,) are in x's dtype."""
+    M, K = rows.M, x.shape[-1]
+    N, R = weight.shape[0], lora_B.shape[1]
+    y = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
+    y2 = y.view(M, N)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _lora_linear_fwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, xa, lora_B, y2,
+        M, N, K, R, triton.next_power_of_2(M),
+        rows.inner, rows.stride_outer, rows.stride_inner, rows.stride_col,
+        weight.stride(0), weight.stride(1),
+        xa.stride(0), xa.stride(1),
+        lora_B.stride(0), lora_B.stride(1),
+        y2.stride(0), y2.stride(1),
+        scaling,
+        HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision, BLOCK_R=lora_block_r(R),
+    )
+    return y
