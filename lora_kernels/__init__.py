@@ -1,6 +1,10 @@
 """lora_kernels: fused Triton kernels for LoRA training, a drop-in nn.Linear that speaks PEFT's format."""
 from .functional import fused_lora_linear, resolve_backend
 from .layer import FusedLoraLinear
+from .config import LoraConfig
+from .inject import (add_new_trainable_to_optimizer, disable_adapter, inject_lora, merge_and_unload,
+                     print_trainable_parameters, set_trainable, trainable_parameters, unload)
+from .persistence import load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
@@ -8,4 +12,15 @@ __all__ = [
     "FusedLoraLinear",
     "fused_lora_linear",
     "resolve_backend",
+    "LoraConfig",
+    "inject_lora",
+    "trainable_parameters",
+    "print_trainable_parameters",
+    "merge_and_unload",
+    "unload",
+    "disable_adapter",
+    "set_trainable",
+    "add_new_trainable_to_optimizer",
+    "save_adapter",
+    "load_adapter",
 ]

@@ -1,0 +1,357 @@
+"""Putting FusedLoraLinear into a model and taking it out again, with PEFT's matching rules.
+
+inject_lora replaces matching nn.Linear modules in place by FusedLoraLinear layers that share the Linear's own
+weight and bias Parameters (no copy of W), and freezes everything that is not LoRA (or a bias / modules_to_save
+module the config asks to train). Calling it again adds adapters to new targets and leaves existing ones alone.
+The configs applied are kept on the model (attribute `_lora_kernels_configs`) so save_adapter can describe them.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .config import ALL_LINEAR, LoraConfig
+from .layer import FusedLoraLinear
+
+CONFIGS_ATTR = "_lora_kernels_configs"
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module listed in modules_to_save: a frozen original plus a trainable copy, as PEFT keeps them.
+
+    The copy (not the original) is trained, saved and used in forward; disable_adapter / unload go back to the
+    original, merge_and_unload keeps the copy.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.original_module = module
+        self.trained_module = copy.deepcopy(module)
+        self.original_module.requires_grad_(False)
+        self.trained_module.requires_grad_(True)
+        self.adapter_enabled = True
+
+    def forward(self, *args, **kwargs):
+        module = self.trained_module if self.adapter_enabled else self.original_module
+        return module(*args, **kwargs)
+
+    def __getattr__(self, name):
+        # Code that reads attributes of the wrapped module (e.g. lm_head.weight for tying checks) keeps working.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("trained_module"), name)
+
+
+# -- matching (PEFT's check_target_module_exists) -------------------------------------------------------
+
+def _list_match(names: Sequence[str], key: str) -> bool:
+    return key in names or any(key.endswith("." + n) for n in names)
+
+
+def _excluded(config: LoraConfig, key: str) -> bool:
+    ex = config.exclude_modules
+    if ex is not None:
+        if isinstance(ex, str):
+            if re.fullmatch(ex, key):
+                return True
+        elif _list_match(ex, key):
+            return True
+    # PEFT never puts an adapter on (or inside) a module it also trains in full.
+    return bool(config.modules_to_save) and any(re.match(rf"(^|.*\.){m}($|\..*)", key)
+                                                 for m in config.modules_to_save)
+
+
+def _output_head_name(model: nn.Module) -> Optional[str]:
+    """The output head "all-linear" skips: what a transformers model reports as its output embeddings."""
+    get = getattr(model, "get_output_embeddings", None)
+    if get is None:
+        return None
+    try:
+        head = get()
+    except (AttributeError, NotImplementedError):
+        return None
+    if head is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
+def _wrapped_names(model: nn.Module) -> List[str]:
+    """Names under which no adapter may go: the insides of modules_to_save wrappers."""
+    return [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+
+
+def _is_target(config: LoraConfig, key: str, all_linear: Optional[set]) -> bool:
+    if _excluded(config, key):
+        return False
+    tm = config.target_modules
+    if tm == ALL_LINEAR:
+        return key in all_linear
+    if isinstance(tm, str):
+        return re.fullmatch(tm, key) is not None
+    return _list_match(tm, key)
+
+
+def _linear_candidates(model: nn.Module, limit: int = 8) -> str:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    examples = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:2]
+    if not leaves:
+        return "the model has no nn.Linear module"
+    more = f" (+{len(leaves) - limit} more)" if len(leaves) > limit else ""
+    return f"nn.Linear names in the model include {leaves[:limit]}{more}, e.g. {examples}"
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> Tuple[List[str], List[str]]:
+    """(new, existing): qualified names of the nn.Linear modules `config` targets, and of the FusedLoraLinear
+    layers it matches that already exist. Raises ValueError when it matches nothing or a non-Linear module."""
+    wrapped = _wrapped_names(model)
+    all_linear = None
+    if config.target_modules == ALL_LINEAR:
+        head = _output_head_name(model)
+        all_linear = {n for n, m in model.named_modules()
+                      if isinstance(m, (nn.Linear, FusedLoraLinear)) and n != head}
+    new, existing = [], []
+    for name, module in model.named_modules():
+        if not name or any(name == w or name.startswith(w + ".") for w in wrapped):
+            continue
+        if not _is_target(config, name, all_linear):
+            continue
+        if isinstance(module, FusedLoraLinear):
+            existing.append(name)
+        elif isinstance(module, nn.Linear):
+            new.append(name)
+        else:
+            raise ValueError(f"target_modules={config.target_modules!r} matches {name!r}, a "
+                             f"{type(module).__name__}; only nn.Linear modules can take a LoRA adapter")
+    if not new and not existing:
+        raise ValueError(f"target_modules={config.target_modules!r}"
+                         + (f" (exclude_modules={config.exclude_modules!r})" if config.exclude_modules else "")
+                         + f" matched no module of {type(model).__name__}; {_linear_candidates(model)}")
+    return new, existing
+
+
+def find_modules_to_save(model: nn.Module, config: LoraConfig) -> List[str]:
+    """Names of the modules config.modules_to_save designates (PEFT: the qualified name ends with the entry)."""
+    if not config.modules_to_save:
+        return []
+    wrapped = _wrapped_names(model)
+    names = []
+    for name, module in model.named_modules():
+        if not name or isinstance(module, ModulesToSaveWrapper):
+            if name and any(name.endswith(m) for m in config.modules_to_save):
+                names.append(name)  # already wrapped by an earlier call: keep it as it is
+            continue
+        if any(name.startswith(w + ".") for w in wrapped):
+            continue
+        if any(name.endswith(m) for m in config.modules_to_save):
+            names.append(name)
+    if not names:
+        raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module of {type(model).__name__}")
+    # A match inside another match (e.g. "lm_head" and "lm_head.x") would be wrapped twice; keep the outer one.
+    return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+
+
+# -- module surgery -------------------------------------------------------------------------------------
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def lora_layers(model: nn.Module) -> Dict[str, FusedLoraLinear]:
+    """{qualified name: FusedLoraLinear} for every adapter layer in the model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, FusedLoraLinear)}
+
+
+def applied_configs(model: nn.Module) -> List[LoraConfig]:
+    return list(getattr(model, CONFIGS_ATTR, []))
+
+
+def _is_bias_name(name: str) -> bool:
+    return name == "bias" or name.endswith(".bias")
+
+
+def _freeze_all_but_adapters(model: nn.Module, new_layers: Iterable[FusedLoraLinear]) -> None:
+    """Freeze every non-LoRA parameter except what the applied configs train; new adapters train.
+
+    Existing adapters keep their requires_grad (set_trainable may have frozen some on purpose).
+    """
+    layers = lora_layers(model)
+    lora_ids = {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
+    configs = applied_configs(model)
+    bias_modes = {c.bias for c in configs}
+    lora_bias_ids = {id(layer.bias) for layer in layers.values() if layer.bias is not None}
+    saved_ids = {id(p) for m in model.modules() if isinstance(m, ModulesToSaveWrapper)
+                 for p in m.trained_module.parameters()}
+    for name, p in model.named_parameters():
+        if id(p) in lora_ids:
+            continue
+        train = id(p) in saved_ids
+        if "all" in bias_modes and _is_bias_name(name):
+            train = True
+        if "lora_only" in bias_modes and id(p) in lora_bias_ids:
+            train = True
+        p.requires_grad_(train)
+    for layer in new_layers:
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+
+
+def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """Add LoRA to the nn.Linear modules `config` targets, in place; returns `model`.
+
+    Each target becomes a FusedLoraLinear sharing the Linear's weight and bias Parameters. Everything else is
+    frozen except what config.bias / config.modules_to_save train. On a model that already has adapters, only
+    new targets get one; existing adapters (and their trainability) are left as they are.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(config, LoraConfig):
+        raise ValueError(f"config must be a lora_kernels.LoraConfig, got {type(config).__name__}")
+    new, _existing = find_targets(model, config)
+    to_save = find_modules_to_save(model, config)
+    new_layers = []
+    for name in new:
+        linear = model.get_submodule(name)
+        layer = FusedLoraLinear.from_linear(linear, r=config.rank_for(name), lora_alpha=config.alpha_for(name),
+                                            lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                                            init_lora_weights=config.init_lora_weights)
+        layer.train(linear.training)
+        _set_submodule(model, name, layer)
+        new_layers.append(layer)
+    for name in to_save:
+        module = model.get_submodule(name)
+        if not isinstance(module, ModulesToSaveWrapper):
+            _set_submodule(model, name, ModulesToSaveWrapper(module))
+    # Stored outside the module tree (a plain list attribute): it is bookkeeping, not state to move or save.
+    object.__setattr__(model, CONFIGS_ATTR, applied_configs(model) + [copy.deepcopy(config)])
+    _freeze_all_but_adapters(model, new_layers)
+    return model
+
+
+# -- trainability -------------------------------------------------------------------------------------
+
+def _name_matches(pattern: Union[str, Sequence[str]], name: str) -> bool:
+    if isinstance(pattern, str):
+        return name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
+    return any(_name_matches(p, name) for p in pattern)
+
+
+def set_trainable(model: nn.Module, pattern: Union[str, Sequence[str]], flag: bool = True) -> List[str]:
+    """Set requires_grad of lora_A / lora_B of the LoRA layers whose name matches `pattern`; returns their names.
+
+    pattern: a module name or suffix ("q_proj", "layers.0.self_attn.q_proj"), a regex that fullmatches the
+    qualified name, or a list of those.
+    """
+    if not isinstance(flag, bool):
+        raise ValueError(f"flag must be a bool, got {flag!r}")
+    if not (isinstance(pattern, str) or (isinstance(pattern, (list, tuple)) and all(isinstance(p, str) for p in pattern))):
+        raise ValueError(f"pattern must be a string or a list of strings, got {pattern!r}")
+    layers = lora_layers(model)
+    try:
+        names = [n for n in layers if _name_matches(pattern, n)]
+    except re.error as err:
+        raise ValueError(f"pattern={pattern!r} is not a valid regular expression: {err}") from None
+    if not names:
+        raise ValueError(f"pattern={pattern!r} matches none of the {len(layers)} LoRA layers"
+                         + (f", e.g. {list(layers)[:3]}" if layers else " (the model has no LoRA layer)"))
+    for n in names:
+        layers[n].lora_A.requires_grad_(flag)
+        layers[n].lora_B.requires_grad_(flag)
+    return names
+
+
+def add_new_trainable_to_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, **group_options) -> List[str]:
+    """Add the model's trainable parameters the optimizer does not hold yet, as one new param group.
+
+    Existing groups and their state (e.g. Adam moments) are untouched; group_options (lr=..., weight_decay=...)
+    override the optimizer's defaults for the new group. Returns the names of the parameters added.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    new = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+    if new:
+        optimizer.add_param_group({"params": [p for _, p in new], **group_options})
+    return [n for n, _ in new]
+
+
+def trainable_parameters(model: nn.Module) -> Tuple[int, int]:
+    """(trainable, total) parameter counts, each shared Parameter counted once (PEFT's numbers)."""
+    trainable = total = 0
+    for _, p in model.named_parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print the counts in PEFT's format."""
+    trainable, total = trainable_parameters(model)
+    pct = 100 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
+
+
+# -- removing adapters ----------------------------------------------------------------------------------
+
+def _base_linear(layer: FusedLoraLinear) -> nn.Linear:
+    """An nn.Linear owning the layer's (unmerged) weight and bias Parameters."""
+    if layer.merged:
+        layer.unmerge()
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    linear.weight = layer.weight
+    linear.bias = layer.bias
+    linear.train(layer.training)
+    return linear
+
+
+def _strip(model: nn.Module, merge: bool) -> nn.Module:
+    for name, layer in lora_layers(model).items():
+        if merge:
+            linear = layer.to_linear()
+            linear.train(layer.training)
+        else:
+            linear = _base_linear(layer)
+        _set_submodule(model, name, linear)
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]:
+        _set_submodule(model, name, m.trained_module if merge else m.original_module)
+    if hasattr(model, CONFIGS_ATTR):
+        object.__delattr__(model, CONFIGS_ATTR)
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter into its base weight (W += s·B·A) and replace each LoRA layer by a plain nn.Linear;
+    modules_to_save keep their trained copy. In place; returns `model`. A disabled adapter is not merged."""
+    return _strip(model, merge=True)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Drop every adapter without merging: LoRA layers become their base nn.Linear again (unmerged if they were
+    merged) and modules_to_save go back to their original. In place; returns `model`."""
+    return _strip(model, merge=False)
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module):
+    """Within the block the model computes its base output: every LoRA layer is bypassed and modules_to_save
+    use their original module."""
+    wrappers = [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
+    states = [w.adapter_enabled for w in wrappers]
+    with contextlib.ExitStack() as stack:
+        for layer in lora_layers(model).values():
+            stack.enter_context(layer.disable_adapter())
+        for w in wrappers:
+            w.adapter_enabled = False
+        try:
+            yield model
+        finally:
+            for w, s in zip(wrappers, states):
+                w.adapter_enabled = s

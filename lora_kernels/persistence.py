@@ -1,0 +1,279 @@
+"""save_adapter / load_adapter in PEFT's on-disk format.
+
+A directory holds adapter_config.json (PEFT's LoraConfig fields, peft_type "LORA") and adapter_model.safetensors
+with keys `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (plus `.base_layer.bias` for trained
+biases of adapted layers, `<path>.bias` for other trained biases and `<path>.<param>` for modules_to_save), in the
+tensors' own dtype. Either library reads what the other writes.
+
+Saving is atomic: files are written under temporary names and renamed into place. Loading validates the whole
+directory against the model (peft_type, every key, every shape) before it changes anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from typing import Dict, List, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .config import LoraConfig
+from .inject import (ModulesToSaveWrapper, applied_configs, find_modules_to_save, find_targets, inject_lora,
+                     lora_layers)
+from .layer import FusedLoraLinear
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+PathLike = Union[str, os.PathLike]
+
+
+# -- what the model holds, under PEFT's keys ------------------------------------------------------------
+
+def _bias_mode(configs: List[LoraConfig]) -> str:
+    modes = {c.bias for c in configs}
+    return "all" if "all" in modes else ("lora_only" if "lora_only" in modes else "none")
+
+
+def _bias_keys(model: nn.Module, mode: str, lora_names) -> Dict[str, Tuple[str, nn.Parameter]]:
+    """{file key: (parameter name, parameter)} for the biases `mode` trains. PEFT names an adapted layer's bias
+    `<path>.base_layer.bias` (its base Linear is a child there); other biases keep their own name."""
+    out = {}
+    if mode == "none":
+        return out
+    for name, p in model.named_parameters():
+        if not (name == "bias" or name.endswith(".bias")):
+            continue
+        owner = name[: -len(".bias")] if name.endswith(".bias") else ""
+        if owner in lora_names:
+            out[f"{PREFIX}{owner}.base_layer.bias"] = (name, p)
+        elif mode == "all":
+            out[f"{PREFIX}{name}"] = (name, p)
+    return out
+
+
+def _saved_module_keys(model: nn.Module, names: List[str]) -> Dict[str, torch.Tensor]:
+    """PEFT stores a modules_to_save copy's tensors under the module's own path (adapter name removed)."""
+    out = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, ModulesToSaveWrapper):
+            module = module.trained_module
+        for k, v in module.state_dict().items():
+            out[f"{PREFIX}{name}.{k}"] = v
+    return out
+
+
+def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's file keys (the tensors themselves, not copies)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"the model ({type(model).__name__}) has no LoRA layer to save; call inject_lora first")
+    sd: Dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        sd[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A
+        sd[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B
+    configs = applied_configs(model)
+    for key, (_, p) in _bias_keys(model, _bias_mode(configs), set(layers)).items():
+        sd[key] = p
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    sd.update(_saved_module_keys(model, wrapped))
+    return sd
+
+
+def adapter_config(model: nn.Module) -> LoraConfig:
+    """One LoraConfig describing every adapter in the model, even ones added by several inject_lora calls.
+
+    target_modules lists the adapted modules by qualified name; per-module ranks / alphas that differ from the
+    first config's are written as exact-name rank_pattern / alpha_pattern entries.
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"the model ({type(model).__name__}) has no LoRA layer to save; call inject_lora first")
+    configs = applied_configs(model)
+    for attr in ("lora_dropout", "use_rslora"):
+        values = {getattr(layer, attr) for layer in layers.values()}
+        if len(values) > 1:
+            raise ValueError(f"the LoRA layers have different {attr} values {sorted(values)}; PEFT's "
+                             f"adapter_config.json holds one {attr} per adapter, so this model cannot be saved as one")
+    first = next(iter(layers.values()))
+    r0 = configs[0].r if configs else Counter(l.r for l in layers.values()).most_common(1)[0][0]
+    a0 = configs[0].lora_alpha if configs else Counter(l.lora_alpha for l in layers.values()).most_common(1)[0][0]
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    return LoraConfig(
+        r=r0, lora_alpha=a0, lora_dropout=first.lora_dropout, use_rslora=first.use_rslora,
+        target_modules=sorted(layers), bias=_bias_mode(configs),
+        # re.escape: PEFT reads pattern keys as regexes; an escaped full name matches that module only.
+        rank_pattern={re.escape(n): l.r for n, l in layers.items() if l.r != r0},
+        alpha_pattern={re.escape(n): l.lora_alpha for n, l in layers.items() if l.lora_alpha != a0},
+        modules_to_save=wrapped or None,
+    )
+
+
+# -- save -------------------------------------------------------------------------------------------------
+
+def _write_files(directory: str, config_dict: dict, tensors: Dict[str, torch.Tensor]) -> None:
+    """Write both files under temporary names in `directory`, then rename each into place (weights first)."""
+    from safetensors.torch import save_file
+
+    tmp_weights = os.path.join(directory, f".{WEIGHTS_NAME}.tmp")
+    tmp_config = os.path.join(directory, f".{CONFIG_NAME}.tmp")
+    try:
+        save_file(tensors, tmp_weights, metadata={"format": "pt"})
+        with open(tmp_config, "w", encoding="utf-8") as f:
+            json.dump(config_dict, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_weights, os.path.join(directory, WEIGHTS_NAME))
+        os.replace(tmp_config, os.path.join(directory, CONFIG_NAME))
+    finally:
+        for tmp in (tmp_weights, tmp_config):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def save_adapter(model: nn.Module, path: PathLike) -> None:
+    """Write the model's adapter to directory `path` in PEFT's format (PeftModel.from_pretrained reads it).
+
+    A new directory is built under a temporary name and renamed into place, so it appears complete or not at
+    all; in an existing directory each file is written to a temporary name and renamed over the old one.
+    """
+    path = os.fspath(path)
+    config_dict = adapter_config(model).to_peft_dict()
+    # Contiguous CPU copies in the tensors' own dtype: safetensors needs contiguous, non-shared storage.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
+    if os.path.isdir(path):
+        _write_files(path, config_dict, tensors)
+        return
+    if os.path.exists(path):
+        raise ValueError(f"save_adapter: {path!r} exists and is not a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    try:
+        _write_files(staging, config_dict, tensors)
+        os.rename(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+# -- load -------------------------------------------------------------------------------------------------
+
+def read_adapter(path: PathLike) -> Tuple[LoraConfig, Dict[str, torch.Tensor]]:
+    """Read and check a PEFT LoRA adapter directory; errors name the file (and key) at fault."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"load_adapter: {path!r} is not a directory")
+    config_file = os.path.join(path, CONFIG_NAME)
+    weights_file = os.path.join(path, WEIGHTS_NAME)
+    for f in (config_file, weights_file):
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"load_adapter: {f} is missing")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file}: not valid JSON ({err})") from None
+    config = LoraConfig.from_peft_dict(raw, source=config_file)
+    from safetensors import safe_open
+
+    tensors = {}
+    try:
+        with safe_open(weights_file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    except Exception as err:  # safetensors raises its own error types for truncated / corrupt files
+        raise ValueError(f"{weights_file}: cannot read it as a safetensors file ({type(err).__name__}: {err})") from None
+    return config, tensors
+
+
+def _expected_shapes(model: nn.Module, config: LoraConfig) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """{file key: (shape the model needs, what it is for)} for loading `config` into `model`."""
+    new, existing = find_targets(model, config)
+    expected = {}
+    for name in new + existing:
+        module = model.get_submodule(name)
+        r = module.r if isinstance(module, FusedLoraLinear) else config.rank_for(name)
+        expected[f"{PREFIX}{name}.lora_A.weight"] = ((r, module.in_features), name)
+        expected[f"{PREFIX}{name}.lora_B.weight"] = ((module.out_features, r), name)
+    for key, (pname, p) in _bias_keys(model, config.bias, set(new + existing)).items():
+        expected[key] = (tuple(p.shape), pname)
+    for key, v in _saved_module_keys(model, find_modules_to_save(model, config)).items():
+        expected[key] = (tuple(v.shape), key[len(PREFIX):])
+    return expected
+
+
+def _check_existing(model: nn.Module, config: LoraConfig, source: str) -> None:
+    """An adapter already in the model can take the file's weights only if it computes the same function."""
+    _, existing = find_targets(model, config)
+    for name in existing:
+        layer = model.get_submodule(name)
+        want = (config.alpha_for(name), config.lora_dropout, config.use_rslora)
+        have = (layer.lora_alpha, layer.lora_dropout, layer.use_rslora)
+        if want != have:
+            raise ValueError(f"{source}: {name!r} already has a LoRA adapter with (lora_alpha, lora_dropout, "
+                             f"use_rslora)={have}, the file says {want}; unload() the model first")
+
+
+def load_adapter(model: nn.Module, path: PathLike, is_trainable: bool = True) -> nn.Module:
+    """Inject the adapter described by `path` (a PEFT or save_adapter directory) into `model` and load its weights.
+
+    Everything is validated first (peft_type, every key present and expected, every shape), so on any error
+    the model is exactly as it was. is_trainable=False freezes the loaded adapter (PEFT's inference mode).
+    Returns `model`.
+    """
+    config, tensors = read_adapter(path)
+    weights_file = os.path.join(os.fspath(path), WEIGHTS_NAME)
+    try:
+        expected = _expected_shapes(model, config)
+    except ValueError as err:
+        raise ValueError(f"{os.path.join(os.fspath(path), CONFIG_NAME)}: {err}") from None
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise ValueError(f"{weights_file}: missing {len(missing)} key(s) the config requires, e.g. {missing[:3]}")
+    unexpected = [k for k in tensors if k not in expected]
+    if unexpected:
+        raise ValueError(f"{weights_file}: {len(unexpected)} key(s) match nothing in the model, e.g. {unexpected[:3]}")
+    for key, (shape, what) in expected.items():
+        t = tensors[key]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{weights_file}: key {key!r} has shape {tuple(t.shape)} but {what!r} in the model "
+                             f"needs {shape}")
+        if not t.is_floating_point():
+            raise ValueError(f"{weights_file}: key {key!r} has dtype {t.dtype}; a floating-point tensor is needed")
+    _check_existing(model, config, os.path.join(os.fspath(path), CONFIG_NAME))
+
+    # Validated: from here on nothing depends on the file's contents being right.
+    inject_lora(model, config)
+    params = dict(model.named_parameters())
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for key, t in tensors.items():
+            target = _model_tensor(model, key, layers, params)
+            target.copy_(t.to(device=target.device, dtype=target.dtype))
+    if not is_trainable:
+        for layer in layers.values():
+            layer.lora_A.requires_grad_(False)
+            layer.lora_B.requires_grad_(False)
+    return model
+
+
+def _model_tensor(model, key: str, layers, params) -> torch.Tensor:
+    """The model tensor a file key loads into."""
+    name = key[len(PREFIX):]
+    for suffix, attr in ((".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B"), (".base_layer.bias", "bias")):
+        if name.endswith(suffix) and name[: -len(suffix)] in layers:
+            return getattr(layers[name[: -len(suffix)]], attr)
+    if name in params:
+        return params[name]
+    # modules_to_save: the file names the wrapped module's own tensors; they live in its trained copy now.
+    for wname, m in model.named_modules():
+        if isinstance(m, ModulesToSaveWrapper) and name.startswith(wname + "."):
+            return m.trained_module.state_dict(keep_vars=True)[name[len(wname) + 1:]]
+    raise KeyError(key)  # unreachable after validation
