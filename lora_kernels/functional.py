@@ -8,15 +8,14 @@ kernels do not implement). An explicitly requested backend that cannot run raise
 back silently. Every backend saves x and x·Aᵀ (plus a seed) for backward, never a dropout mask,
 a dropped copy or a cast copy of x.
 """
-from __future__ import annotations
-
 import math
 import os
 import warnings
+from typing import Optional, Tuple
 
 import torch
 
-from .reference import TorchLoraLinear, draw_seed
+from .reference import TorchLoraLinear, base_grads, draw_seed
 
 BACKENDS = ("auto", "triton", "torch", "cuda")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -156,58 +155,88 @@ def _rows_or_copy(t: torch.Tensor):
     return t, rows
 
 
+# The Triton passes are registered as torch.library custom ops so torch.compile sees them as opaque
+# nodes with known output shapes (fake implementations) instead of breaking the graph on a kernel launch.
+@torch.library.custom_op("lora_kernels::triton_lora_fwd", mutates_args=())
+def triton_lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                    lora_B: torch.Tensor, scaling: float, dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                    torch.Tensor]:
+    """(y, xa = dropout(x)·Aᵀ as (M, r) float32, seed): forward passes 1 and 2."""
+    from .ops.lora_linear_fwd import lora_linear_fwd
+    from .ops.lora_shrink import lora_shrink
+
+    x, rows = _rows_or_copy(x)
+    precision = _dot_precision(x.dtype)
+    seed = draw_seed(x.device) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64, device=x.device)
+    if rows.M == 0:
+        xa = torch.zeros((0, lora_A.shape[0]), dtype=torch.float32, device=x.device)
+        return torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device), xa, seed
+    xa = lora_shrink(x, rows, lora_A, seed, dropout_p, precision)
+    y = lora_linear_fwd(x, rows, weight, bias, xa, lora_B, scaling, precision)
+    return y, xa, seed
+
+
+@triton_lora_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    M = x.numel() // x.shape[-1]
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((M, lora_A.shape[0]), dtype=torch.float32),
+            x.new_empty((1,), dtype=torch.int64))
+
+
+@torch.library.custom_op("lora_kernels::triton_lora_bwd", mutates_args=())
+def triton_lora_bwd(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, seed: torch.Tensor, weight: torch.Tensor,
+                    lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout_p: float, need_x: bool,
+                    need_a: bool, need_b: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_A, grad_B), each empty when not needed: backward passes 1 and 2."""
+    from .ops.lora_dy_b import lora_dy_b
+    from .ops.lora_linear_bwd_dx import lora_linear_bwd_dx
+
+    grad_x, grad_a, grad_b = x.new_empty((0,)), lora_A.new_empty((0,)), lora_B.new_empty((0,))
+    dy, dy_rows = _rows_or_copy(dy.to(x.dtype))
+    if dy_rows.M == 0:
+        return (torch.zeros_like(x) if need_x else grad_x, torch.zeros_like(lora_A) if need_a else grad_a,
+                torch.zeros_like(lora_B) if need_b else grad_b)
+    x, x_rows = _rows_or_copy(x)
+    precision = _dot_precision(x.dtype)
+    dyb, grad_b32 = lora_dy_b(dy, dy_rows, lora_B, xa, scaling, compute_dyb=need_x or need_a,
+                              compute_grad_b=need_b, dot_precision=precision)
+    if need_x or need_a:
+        dx, grad_a32 = lora_linear_bwd_dx(dy, dy_rows, weight, dyb, lora_A, x, x_rows, seed, scaling, dropout_p,
+                                          compute_dx=need_x, compute_grad_a=need_a, dot_precision=precision)
+        if need_x:
+            grad_x = dx
+        if need_a:
+            grad_a = grad_a32.to(lora_A.dtype)
+    if need_b:
+        grad_b = grad_b32.to(lora_B.dtype)
+    return grad_x, grad_a, grad_b
+
+
+@triton_lora_bwd.register_fake
+def _(dy, x, xa, seed, weight, lora_A, lora_B, scaling, dropout_p, need_x, need_a, need_b):
+    return (x.new_empty(x.shape) if need_x else x.new_empty((0,)),
+            lora_A.new_empty(lora_A.shape) if need_a else lora_A.new_empty((0,)),
+            lora_B.new_empty(lora_B.shape) if need_b else lora_B.new_empty((0,)))
+
+
 class TritonLoraLinear(torch.autograd.Function):
     """Triton backend: 2 kernel launches forward, 2 backward (see lora_kernels/ops/)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float):
-        from .ops.lora_linear_fwd import lora_linear_fwd
-        from .ops.lora_shrink import lora_shrink
-
-        x, rows = _rows_or_copy(x)
-        precision = _dot_precision(x.dtype)
-        seed = draw_seed(x.device) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64, device=x.device)
-        if rows.M == 0:
-            xa = torch.zeros((0, lora_A.shape[0]), dtype=torch.float32, device=x.device)
-            y = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
-        else:
-            xa = lora_shrink(x, rows, lora_A, seed, dropout_p, precision)
-            y = lora_linear_fwd(x, rows, weight, bias, xa, lora_B, scaling, precision)
+        y, xa, seed = torch.ops.lora_kernels.triton_lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
         ctx.save_for_backward(x, xa, seed, weight, lora_A, lora_B)
-        ctx.scaling = scaling
-        ctx.dropout_p = dropout_p
+        ctx.scaling, ctx.dropout_p = scaling, dropout_p
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        from .ops.lora_dy_b import lora_dy_b
-        from .ops.lora_linear_bwd_dx import lora_linear_bwd_dx
-
         x, xa, seed, weight, lora_A, lora_B = ctx.saved_tensors
         need_x, need_w, need_b, need_a, need_bl = ctx.needs_input_grad[:5]
-        s, p = ctx.scaling, ctx.dropout_p
-        precision = _dot_precision(x.dtype)
-        dy, dy_rows = _rows_or_copy(dy.to(x.dtype))
-        grad_x = grad_w = grad_bias = grad_a = grad_bl = None
-        if dy_rows.M == 0:
-            grad_x = torch.zeros_like(x) if need_x else None
-            grad_a = torch.zeros_like(lora_A) if need_a else None
-            grad_bl = torch.zeros_like(lora_B) if need_bl else None
-        else:
-            x_rows = _rows_or_copy(x)[1]
-            dyb, grad_b32 = lora_dy_b(dy, dy_rows, lora_B, xa, s, compute_dyb=need_x or need_a,
-                                      compute_grad_b=need_bl, dot_precision=precision)
-            if need_x or need_a:
-                grad_x, grad_a32 = lora_linear_bwd_dx(dy, dy_rows, weight, dyb, lora_A, x, x_rows, seed, s, p,
-                                                      compute_dx=need_x, compute_grad_a=need_a,
-                                                      dot_precision=precision)
-                grad_a = grad_a32.to(lora_A.dtype) if need_a else None
-            grad_bl = grad_b32.to(lora_B.dtype) if need_bl else None
-        if need_w or need_b:
-            dy2 = dy.reshape(-1, dy.shape[-1])
-            if need_w:
-                grad_w = (dy2.t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype)
-            if need_b and ctx.bias_dtype is not None:
-                grad_bias = dy2.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_bias, grad_a, grad_bl, None, None
+        with torch.autocast(x.device.type, enabled=False):
+            grad_x, grad_a, grad_bl = torch.ops.lora_kernels.triton_lora_bwd(
+                dy, x, xa, seed, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, need_x, need_a, need_bl)
+            grad_w, grad_bias = base_grads(dy, x, need_w, need_b, weight.dtype, ctx.bias_dtype)
+        return (grad_x if need_x else None, grad_w, grad_bias, grad_a if need_a else None,
+                grad_bl if need_bl else None, None, None)

@@ -7,9 +7,7 @@
 the Triton one — it saves x and x·Aᵀ and a seed, never the mask or a dropped copy of x; the mask
 is regenerated in backward from a torch.Generator seeded with the forward's seed.
 """
-from __future__ import annotations
-
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,58 +42,99 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    # Custom ops return tensors, not None: an empty tensor stands for "not computed".
+    return like.new_empty((0,))
+
+
+@torch.library.custom_op("lora_kernels::torch_lora_fwd", mutates_args=())
+def torch_lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                   lora_B: torch.Tensor, scaling: float, dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]:
+    """(y, xa = dropout(x)·Aᵀ in x's dtype, seed) — the torch backend's forward."""
+    dt = x.dtype
+    A, B = lora_A.to(dt), lora_B.to(dt)
+    if dropout_p > 0.0:
+        seed = draw_seed(x.device)
+        keep = torch_keep_mask(int(seed.item()), x.shape, dropout_p, x.device)
+        xa = F.linear(x * keep.to(dt), A) * (1.0 / (1.0 - dropout_p))
+        del keep
+    else:
+        seed = torch.zeros(1, dtype=torch.int64, device=x.device)
+        xa = F.linear(x, A)
+    y = F.linear(x, weight, bias) + scaling * F.linear(xa, B)
+    return y, xa, seed
+
+
+@torch_lora_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return y, x.new_empty((*x.shape[:-1], lora_A.shape[0])), x.new_empty((1,), dtype=torch.int64)
+
+
+@torch.library.custom_op("lora_kernels::torch_lora_bwd", mutates_args=())
+def torch_lora_bwd(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, seed: torch.Tensor, weight: torch.Tensor,
+                   lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout_p: float, need_x: bool,
+                   need_a: bool, need_b: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_A, grad_B), each empty when not needed — the torch backend's backward."""
+    s, p, dt = scaling, dropout_p, x.dtype
+    dy = dy.to(dt)
+    A, B = lora_A.to(dt), lora_B.to(dt)
+    dy2, x2, xa2 = _flat(dy), _flat(x), _flat(xa)
+    keep = None
+    if p > 0.0 and (need_x or need_a):
+        keep = _flat(torch_keep_mask(int(seed.item()), x.shape, p, x.device)).to(dt) * (1.0 / (1.0 - p))
+    dyb = dy2 @ B if (need_x or need_a) else None
+    grad_x, grad_a, grad_b = _empty(x), _empty(lora_A), _empty(lora_B)
+    if need_x:
+        lora_dx = (dyb @ A) * s
+        if keep is not None:
+            lora_dx = lora_dx * keep
+        grad_x = (dy2 @ weight.to(dt) + lora_dx).reshape(x.shape)
+    if need_a:
+        xd = x2 if keep is None else x2 * keep
+        grad_a = ((dyb.t() @ xd) * s).to(lora_A.dtype)
+    if need_b:
+        grad_b = ((dy2.t() @ xa2) * s).to(lora_B.dtype)
+    return grad_x, grad_a, grad_b
+
+
+@torch_lora_bwd.register_fake
+def _(dy, x, xa, seed, weight, lora_A, lora_B, scaling, dropout_p, need_x, need_a, need_b):
+    return (x.new_empty(x.shape) if need_x else _empty(x), lora_A.new_empty(lora_A.shape) if need_a else _empty(lora_A),
+            lora_B.new_empty(lora_B.shape) if need_b else _empty(lora_B))
+
+
+def base_grads(dy, x, need_w: bool, need_b: bool, weight_dtype, bias_dtype):
+    """Gradients of a trainable base W and b (plain matmuls: rare, and nothing to fuse)."""
+    dy2 = _flat(dy)
+    grad_w = (dy2.t() @ _flat(x).to(dy2.dtype)).to(weight_dtype) if need_w else None
+    grad_b = dy2.sum(0).to(bias_dtype) if (need_b and bias_dtype is not None) else None
+    return grad_w, grad_b
+
+
+def _or_none(t: torch.Tensor, needed: bool):
+    return t if needed else None
+
+
 class TorchLoraLinear(torch.autograd.Function):
     """Torch backend. Inputs must already be validated and cast by functional.fused_lora_linear."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float):
-        dt = x.dtype
-        A = lora_A.to(dt)
-        B = lora_B.to(dt)
-        seed = None
-        if dropout_p > 0.0:
-            seed = int(draw_seed(x.device).item())
-            keep = torch_keep_mask(seed, x.shape, dropout_p, x.device)
-            xa = F.linear(x * keep.to(dt), A) * (1.0 / (1.0 - dropout_p))
-            del keep
-        else:
-            xa = F.linear(x, A)
-        y = F.linear(x, weight, bias) + scaling * F.linear(xa, B)
-        ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
-        ctx.scaling = scaling
-        ctx.dropout_p = dropout_p
-        ctx.seed = seed
+        y, xa, seed = torch.ops.lora_kernels.torch_lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+        ctx.save_for_backward(x, xa, seed, weight, lora_A, lora_B)
+        ctx.scaling, ctx.dropout_p = scaling, dropout_p
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, xa, weight, lora_A, lora_B = ctx.saved_tensors
-        s, p = ctx.scaling, ctx.dropout_p
-        dt = x.dtype
+        x, xa, seed, weight, lora_A, lora_B = ctx.saved_tensors
         need_x, need_w, need_b, need_a, need_bl = ctx.needs_input_grad[:5]
-        with torch.autocast(x.device.type, enabled=False):
-            dy = dy.to(dt)
-            A = lora_A.to(dt)
-            B = lora_B.to(dt)
-            dy2, x2, xa2 = _flat(dy), _flat(x), _flat(xa)
-            keep = None
-            if p > 0.0 and (need_x or need_a):
-                keep = _flat(torch_keep_mask(ctx.seed, x.shape, p, x.device)).to(dt) * (1.0 / (1.0 - p))
-            dyb = dy2 @ B if (need_x or need_a) else None
-            grad_x = grad_w = grad_b = grad_a = grad_bl = None
-            if need_x:
-                lora_dx = (dyb @ A) * s
-                if keep is not None:
-                    lora_dx = lora_dx * keep
-                grad_x = (dy2 @ weight.to(dt) + lora_dx).reshape(x.shape)
-            if need_w:
-                grad_w = (dy2.t() @ x2).to(weight.dtype)
-            if need_b and ctx.bias_dtype is not None:
-                grad_b = dy2.sum(0).to(ctx.bias_dtype)
-            if need_a:
-                xd = x2 if keep is None else x2 * keep
-                grad_a = ((dyb.t() @ xd) * s).to(lora_A.dtype)
-            if need_bl:
-                grad_bl = ((dy2.t() @ xa2) * s).to(lora_B.dtype)
-        return grad_x, grad_w, grad_b, grad_a, grad_bl, None, None
+        with torch.autocast(x.device.type, enabled=False):  # backward may be called inside an autocast region
+            grad_x, grad_a, grad_bl = torch.ops.lora_kernels.torch_lora_bwd(
+                dy, x, xa, seed, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, need_x, need_a, need_bl)
+            grad_w, grad_bias = base_grads(dy, x, need_w, need_b, weight.dtype, ctx.bias_dtype)
+        return (_or_none(grad_x, need_x), grad_w, grad_bias, _or_none(grad_a, need_a), _or_none(grad_bl, need_bl),
+                None, None)
