@@ -1,0 +1,307 @@
+"""The implementations measured side by side, all built on the same weights.
+
+    base        the bare frozen base linear, F.linear(x, W): forward x·Wᵀ, backward dy·W only. The floor.
+    fused       ours, FusedLoraLinear on the Triton backend (LORA_KERNELS_BACKEND=triton)
+    ours_torch  ours, FusedLoraLinear on the torch backend (reference.py)
+    ours_cuda   ours on the CUDA extension backend, measured only where lora_kernels accepts it
+    hybrid      BENCH-ONLY variant, not a lora_kernels backend: our Triton shrink pass for
+                xa = dropout(x)·Aᵀ, then cuBLAS computes the LoRA term s·xa·Bᵀ and adds the base GEMM
+                with it as the C operand (torch.addmm); backward: our Triton dy·B/grad_B and grad_A
+                passes, cuBLAS dy·W with the LoRA dx term as C (at p > 0 the mask is materialised)
+    hybrid_rev  BENCH-ONLY, the reverse order: cuBLAS y = x·Wᵀ first, then y += s·xa·Bᵀ in place
+    peft        PEFT's LoRA Linear (peft.tuners.lora.Linear) from get_peft_model
+    torch       a plain unfused PyTorch LoRA, as a user would write it: F.dropout, two F.linear, add
+
+The hybrids answer the issue's question "does a cuBLAS base GEMM plus a separate LoRA pass beat one
+fused Triton GEMM?" for each shape, so the dispatch can be decided from measurements.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .cases import Case
+
+IMPLS = ("base", "fused", "ours_torch", "ours_cuda", "hybrid", "hybrid_rev", "peft", "torch")
+LABELS = {
+    "base": "bare base linear (x·Wᵀ, dy·W)",
+    "fused": "ours, Triton backend",
+    "ours_torch": "ours, torch backend",
+    "ours_cuda": "ours, CUDA extension backend",
+    "hybrid": "bench-only hybrid: Triton shrink + cuBLAS addmm (LoRA term as C)",
+    "hybrid_rev": "bench-only hybrid: cuBLAS x·Wᵀ, then += s·xa·Bᵀ",
+    "peft": "PEFT LoRA Linear",
+    "torch": "plain unfused PyTorch LoRA",
+}
+# Which LORA_KERNELS_BACKEND each of our implementations runs under.
+OUR_BACKENDS = {"fused": "triton", "ours_torch": "torch", "ours_cuda": "cuda"}
+
+
+class Skip(Exception):
+    """An implementation that cannot run on this machine; the message says why."""
+
+
+@contextlib.contextmanager
+def backend_env(name: Optional[str]):
+    """Run with LORA_KERNELS_BACKEND=name (lora_kernels reads it at every call); None leaves it alone."""
+    if name is None:
+        yield
+        return
+    old = os.environ.get("LORA_KERNELS_BACKEND")
+    os.environ["LORA_KERNELS_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LORA_KERNELS_BACKEND", None)
+        else:
+            os.environ["LORA_KERNELS_BACKEND"] = old
+
+
+@dataclass
+class Tensors:
+    """The shared operands of one case: every implementation computes with these exact values."""
+    x: torch.Tensor    # (M, K), activation dtype
+    dy: torch.Tensor   # (M, N), activation dtype
+    W: torch.Tensor    # (N, K), activation dtype, frozen
+    A: torch.Tensor    # (r, K), adapter dtype
+    B: torch.Tensor    # (N, r), adapter dtype; non-zero so the LoRA term is not trivially zero
+
+
+def make_tensors(case: Case, device, seed: int = 0) -> Tensors:
+    torch.manual_seed(seed)
+    dt, at = case.torch_dtype(), case.torch_adapter_dtype()
+    # Scaled so activations stay O(1) through the GEMMs in half precision.
+    x = torch.randn(case.M, case.K, device=device, dtype=dt)
+    dy = torch.randn(case.M, case.N, device=device, dtype=dt)
+    W = (torch.randn(case.N, case.K, device=device) / case.K ** 0.5).to(dt)
+    A = (torch.randn(case.r, case.K, device=device) / case.K ** 0.5).to(at)
+    B = (torch.randn(case.N, case.r, device=device) / case.r ** 0.5).to(at)
+    return Tensors(x, dy, W, A, B)
+
+
+@dataclass
+class Built:
+    """A ready implementation: call it on x; grad_inputs lists what backward differentiates."""
+    name: str
+    module: nn.Module
+    backend: Optional[str] = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with backend_env(self.backend):
+            return self.module(x)
+
+    def params(self) -> List[torch.Tensor]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def grad_inputs(self, x: torch.Tensor) -> List[torch.Tensor]:
+        # x needs its gradient as in any layer that is not the first: dx = dy·W (+ the LoRA term).
+        return [x] + self.params()
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+def _linear_on(W: torch.Tensor) -> nn.Linear:
+    """An nn.Linear whose weight is W itself (built on meta first so no throwaway weight is allocated)."""
+    lin = nn.Linear(W.shape[1], W.shape[0], bias=False, device="meta")
+    lin.weight = _frozen(W)
+    return lin
+
+
+class BaseLinear(nn.Module):
+    def __init__(self, W):
+        super().__init__()
+        self.weight = _frozen(W)
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
+
+
+class UnfusedTorchLora(nn.Module):
+    """The textbook LoRA in the activation dtype; autograd keeps what it keeps (the dropped copy too)."""
+
+    def __init__(self, case: Case, t: Tensors):
+        super().__init__()
+        self.weight = _frozen(t.W)
+        self.lora_A = nn.Parameter(t.A.clone())
+        self.lora_B = nn.Parameter(t.B.clone())
+        self.p, self.scaling = case.dropout, case.lora_alpha / case.r
+
+    def forward(self, x):
+        dt = x.dtype
+        lora = F.linear(F.linear(F.dropout(x, self.p, self.training), self.lora_A.to(dt)), self.lora_B.to(dt))
+        return F.linear(x, self.weight) + self.scaling * lora
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # Same rule as lora_kernels.functional: float32 follows torch's TF32 switch for matmuls.
+    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
+class _HybridLora(torch.autograd.Function):
+    """BENCH-ONLY: our Triton LoRA passes around cuBLAS base GEMMs (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, W, A, B, scaling: float, p: float, c_operand: bool):
+        from lora_kernels.ops.layout import rows_of
+        from lora_kernels.ops.lora_shrink import lora_shrink
+        from lora_kernels.reference import draw_seed
+
+        dt = x.dtype
+        seed = draw_seed(x.device) if p > 0 else torch.zeros(1, dtype=torch.int64, device=x.device)
+        xa = lora_shrink(x, rows_of(x), A, seed, p, _dot_precision(dt))          # (M, r) float32
+        xa_s = (xa * scaling).to(dt)
+        if c_operand:
+            y = torch.addmm(xa_s @ B.to(dt).t(), x, W.t())                       # LoRA term as C
+        else:
+            y = (x @ W.t()).addmm_(xa_s, B.to(dt).t())                            # base first, then +=
+        ctx.save_for_backward(x, xa, seed, W, A, B)
+        ctx.scaling, ctx.p = scaling, p
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from lora_kernels.ops.dropout import dropout_mask
+        from lora_kernels.ops.layout import rows_of
+        from lora_kernels.ops.lora_dy_b import lora_dy_b
+        from lora_kernels.ops.lora_linear_bwd_dx import lora_linear_bwd_dx
+
+        x, xa, seed, W, A, B = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.p
+        dt = x.dtype
+        precision = _dot_precision(dt)
+        dy = dy.contiguous()
+        dyb, grad_b = lora_dy_b(dy, rows_of(dy), B, xa, s, compute_dyb=True, compute_grad_b=True,
+                                dot_precision=precision)
+        _, grad_a = lora_linear_bwd_dx(dy, rows_of(dy), W, dyb, A, x, rows_of(x), seed, s, p,
+                                       compute_dx=False, compute_grad_a=True, dot_precision=precision)
+        lora_dx = (dyb * s).to(dt) @ A.to(dt)                                      # (M, K)
+        if p > 0:
+            lora_dx.mul_(dropout_mask(seed, x.shape[0], x.shape[1], p)).mul_(1.0 / (1.0 - p))
+        grad_x = torch.addmm(lora_dx, dy, W)
+        return grad_x, None, grad_a.to(A.dtype), grad_b.to(B.dtype), None, None, None
+
+
+class HybridLora(nn.Module):
+    def __init__(self, case: Case, t: Tensors, c_operand: bool):
+        super().__init__()
+        self.weight = _frozen(t.W)
+        self.lora_A = nn.Parameter(t.A.clone())
+        self.lora_B = nn.Parameter(t.B.clone())
+        self.p, self.scaling, self.c_operand = case.dropout, case.lora_alpha / case.r, c_operand
+
+    def forward(self, x):
+        p = self.p if self.training else 0.0
+        return _HybridLora.apply(x, self.weight, self.lora_A, self.lora_B, self.scaling, p, self.c_operand)
+
+
+def _ours(case: Case, t: Tensors, name: str) -> Built:
+    import lora_kernels as lk
+
+    backend = OUR_BACKENDS[name]
+    with backend_env(backend):
+        try:
+            lk.resolve_backend(t.x)
+        except (RuntimeError, ValueError) as err:
+            raise Skip(str(err)) from err
+    layer = lk.FusedLoraLinear.from_linear(_linear_on(t.W), r=case.r, lora_alpha=case.lora_alpha,
+                                           lora_dropout=case.dropout, lora_dtype=case.torch_adapter_dtype())
+    with torch.no_grad():
+        layer.lora_A.copy_(t.A)
+        layer.lora_B.copy_(t.B)
+    return Built(name, layer, backend)
+
+
+class _Holder(nn.Module):
+    def __init__(self, lin):
+        super().__init__()
+        self.proj = lin
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _peft(case: Case, t: Tensors) -> Built:
+    import peft
+
+    cfg = peft.LoraConfig(r=case.r, lora_alpha=case.lora_alpha, lora_dropout=case.dropout,
+                          target_modules=["proj"], bias="none")
+    # autocast_adapter_dtype=True is PEFT's default: fp32 adapters on a half-precision base.
+    model = peft.get_peft_model(_Holder(_linear_on(t.W)), cfg,
+                                autocast_adapter_dtype=case.adapter_dtype == "fp32")
+    layer = model.base_model.model.proj  # the LoRA Linear itself: no PeftModel wrapper overhead in the timing
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    if A.dtype != t.A.dtype:
+        raise RuntimeError(f"PEFT built {A.dtype} adapters, the case asks for {t.A.dtype}")
+    with torch.no_grad():
+        A.copy_(t.A)
+        B.copy_(t.B)
+    return Built("peft", layer)
+
+
+def build(name: str, case: Case, t: Tensors) -> Built:
+    """Implementation `name` on the tensors of `case`, in training mode; raises Skip if it cannot run here."""
+    if name == "base":
+        built = Built(name, BaseLinear(t.W))
+    elif name in OUR_BACKENDS:
+        built = _ours(case, t, name)
+    elif name in ("hybrid", "hybrid_rev"):
+        built = Built(name, HybridLora(case, t, c_operand=name == "hybrid"))
+    elif name == "peft":
+        built = _peft(case, t)
+    elif name == "torch":
+        built = Built(name, UnfusedTorchLora(case, t))
+    else:
+        raise ValueError(f"unknown implementation {name!r}; known: {', '.join(IMPLS)}")
+    built.module.train()
+    return built
+
+
+def reference_output(case: Case, t: Tensors) -> torch.Tensor:
+    """y without dropout in float32, the yardstick for every LoRA implementation's output."""
+    from lora_kernels.reference import lora_linear_reference
+
+    f = lambda u: u.float()  # noqa: E731
+    return lora_linear_reference(f(t.x), f(t.W), None, f(t.A), f(t.B), case.lora_alpha / case.r)
+
+
+# Relative Frobenius error allowed against the float32 reference; half precision rounds y itself.
+TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 3e-2}
+
+
+def output_error(built: Built, x: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖y − ref‖ / ‖ref‖ with dropout off (eval mode), so every LoRA implementation must agree."""
+    built.module.eval()
+    try:
+        with torch.no_grad():
+            y = built(x).float()
+    finally:
+        built.module.train()
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def lora_impls() -> List[str]:
+    return [n for n in IMPLS if n != "base"]
+
+
+def names_from(spec: Optional[str]) -> List[str]:
+    """'a,b,c' -> validated implementation names (None or 'all' -> every one)."""
+    if not spec or spec == "all":
+        return list(IMPLS)
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in IMPLS]
+    if unknown:
+        raise ValueError(f"unknown implementation(s) {unknown}; known: {', '.join(IMPLS)}")
+    return names
+
+
+__all__ = ["IMPLS", "LABELS", "Skip", "Tensors", "Built", "make_tensors", "build", "reference_output",
+           "output_error", "TOLERANCE", "names_from", "lora_impls", "backend_env"]
