@@ -182,6 +182,9 @@ def main(argv=None) -> int:
     doc = load(args.results)
     md_path = args.md or args.results.with_suffix(".md")
     png_path = None if args.no_png else (args.png or args.results.with_suffix(".png"))
+    if png_path is not None and not doc["cases"]:
+        print("report.py: no op-level cases in the file, so no chart")
+        png_path = None
     if png_path is not None:
         n = chart(doc, png_path, args.chart_match)
         print(f"report.py: chart of {n} case(s) -> {png_path}")

@@ -89,6 +89,8 @@ def test_collector_writes_the_schema(smoke_runs):
     e2e = doc["e2e"][0]
     assert set(e2e["impls"]) == {"peft", "fused"}
     assert e2e["impls"]["fused"]["lora_kernels_backend"] == "triton"
+    # Same adapters on both sides, or the comparison would be unfair.
+    assert e2e["impls"]["fused"]["trainable_params"] == e2e["impls"]["peft"]["trainable_params"] > 0
     assert e2e["ratios"]["tokens_per_s_fused_over_peft"] > 0
 
 

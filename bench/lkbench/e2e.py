@@ -59,24 +59,12 @@ def build_model(p: Preset, device, seed: int = 0):
     cfg = LlamaConfig(hidden_size=p.hidden, intermediate_size=p.intermediate, num_hidden_layers=p.layers,
                       num_attention_heads=p.heads, num_key_value_heads=p.kv_heads, vocab_size=p.vocab,
                       max_position_embeddings=p.seq, attention_dropout=0.0)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(device=device, dtype=DTYPES[p.dtype])
+    torch.manual_seed(seed)  # same seed, same base weights for ours and PEFT
+    with torch.device(device):  # initialise on the GPU: a CPU init of the 4096 preset takes long
+        model = LlamaForCausalLM(cfg)
+    model = model.to(dtype=DTYPES[p.dtype])
     model.config.use_cache = False
     return model
-
-
-def _manual_inject(model, p: Preset) -> None:
-    """Fallback for a lora_kernels without inject_lora: swap the targeted nn.Linear by hand."""
-    import torch.nn as nn
-
-    import lora_kernels as lk
-
-    model.requires_grad_(False)
-    for name, mod in list(model.named_modules()):
-        for child_name, child in list(mod.named_children()):
-            if isinstance(child, nn.Linear) and child_name in TARGETS:
-                setattr(mod, child_name, lk.FusedLoraLinear.from_linear(child, r=p.r, lora_alpha=p.lora_alpha,
-                                                                        lora_dropout=p.dropout))
 
 
 def add_adapters(model, impl: str, p: Preset):
@@ -90,11 +78,8 @@ def add_adapters(model, impl: str, p: Preset):
     if impl == "fused":
         import lora_kernels as lk
 
-        if hasattr(lk, "inject_lora"):
-            cfg = lk.LoraConfig(r=p.r, lora_alpha=p.lora_alpha, lora_dropout=p.dropout, target_modules=TARGETS)
-            return lk.inject_lora(model, cfg), "lora_kernels.inject_lora"
-        _manual_inject(model, p)
-        return model, "bench fallback: FusedLoraLinear.from_linear on each target"
+        cfg = lk.LoraConfig(r=p.r, lora_alpha=p.lora_alpha, lora_dropout=p.dropout, target_modules=TARGETS)
+        return lk.inject_lora(model, cfg), "lora_kernels.inject_lora"
     raise ValueError(f"end-to-end implementation must be one of {E2E_IMPLS}, got {impl!r}")
 
 

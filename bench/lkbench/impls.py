@@ -288,10 +288,6 @@ def output_error(built: Built, x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def lora_impls() -> List[str]:
-    return [n for n in IMPLS if n != "base"]
-
-
 def names_from(spec: Optional[str]) -> List[str]:
     """'a,b,c' -> validated implementation names (None or 'all' -> every one)."""
     if not spec or spec == "all":
@@ -304,4 +300,4 @@ def names_from(spec: Optional[str]) -> List[str]:
 
 
 __all__ = ["IMPLS", "LABELS", "Skip", "Tensors", "Built", "make_tensors", "build", "reference_output",
-           "output_error", "TOLERANCE", "names_from", "lora_impls", "backend_env"]
+           "output_error", "TOLERANCE", "names_from", "backend_env"]
