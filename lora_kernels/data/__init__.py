@@ -1,0 +1,12 @@
+"""Training data: local JSONL / text loaders, packing, the byte tokenizer and the shipped demo set.
+
+demo.jsonl (DEMO_PATH) is a small English set written for this package: short prose about LoRA and
+training ({"text"} lines) and templated question/answer pairs ({"prompt", "response"} lines), enough
+for the built-in tiny model to show a falling loss within a couple of minutes on a laptop CPU.
+"""
+from .loader import (DEMO_PATH, IGNORE_INDEX, DataError, PackedDataset, Record, encode_record, load_packed, pack,
+                     read_records, split_eval)
+from .tokenizer import ByteTokenizer
+
+__all__ = ["DEMO_PATH", "IGNORE_INDEX", "ByteTokenizer", "DataError", "PackedDataset", "Record", "encode_record",
+           "load_packed", "pack", "read_records", "split_eval"]
