@@ -72,6 +72,9 @@ def main(argv=None) -> int:
     print(f"collect.py: {doc['device']}, torch {doc['torch']}, triton {doc['triton']}, commit {doc['commit']}"
           f"{' (dirty)' if doc.get('dirty') else ''} -> {path}", flush=True)
 
+    if not doc.get("commit"):
+        print("collect.py: WARNING: no git commit known (no .git here?); set LORA_BENCH_COMMIT so the results "
+              "say what code they measured", file=sys.stderr)
     t0 = time.monotonic()
     errors = []
     todo = [] if args.no_ops else C.select(grid, args.match)

@@ -66,7 +66,8 @@ def environment(device: torch.device) -> dict:
         "transformers": _version("transformers"),
         "peft": _version("peft"),
         "lora_kernels": _version("lora_kernels"),
-        "commit": _git("rev-parse", "HEAD"),
+        # LORA_BENCH_COMMIT: for copies of the tree without .git (e.g. a work tree shipped to a GPU box).
+        "commit": _git("rev-parse", "HEAD") or os.environ.get("LORA_BENCH_COMMIT"),
         # Uncommitted changes to tracked files mean the commit alone does not reproduce the numbers.
         "dirty": None if dirty is None else bool(dirty),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
