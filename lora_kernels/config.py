@@ -87,7 +87,8 @@ def _check_alpha(name, v):
 class LoraConfig:
     """Which nn.Linear modules get a LoRA adapter and with what hyper-parameters (PEFT's semantics).
 
-    target_modules: list (a module matches if its qualified name equals an entry or ends with "." + entry),
+    target_modules: None (PEFT's default targets for the model type, e.g. q_proj and v_proj for Llama), a
+    list (a module matches if its qualified name equals an entry or ends with "." + entry),
     regex string (must fullmatch the qualified name), or "all-linear" (every nn.Linear but the output head).
     rank_pattern / alpha_pattern: {pattern: value}; a module takes the value of the first pattern p for which
     re.match(rf"(.*\\.)?({p})$", name) succeeds (PEFT's get_pattern_key), else r / lora_alpha.
@@ -115,9 +116,10 @@ class LoraConfig:
                 or not 0.0 <= self.lora_dropout < 1.0):
             raise ValueError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
         self.target_modules = _check_name_list("target_modules", self.target_modules, allow_all_linear=True)
-        if self.target_modules is None or (isinstance(self.target_modules, list) and not self.target_modules):
-            raise ValueError(f"target_modules must name at least one module (a list, a regex or 'all-linear'), "
-                             f"got {self.target_modules!r}")
+        # None is allowed, as in PEFT: inject_lora then takes PEFT's default targets for the model's type.
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules must name at least one module (a list, a regex or 'all-linear'), "
+                             "got an empty list")
         self.exclude_modules = _check_name_list("exclude_modules", self.exclude_modules, allow_all_linear=False)
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")

@@ -106,9 +106,26 @@ def _linear_candidates(model: nn.Module, limit: int = 8) -> str:
     return f"nn.Linear names in the model include {leaves[:limit]}{more}, e.g. {examples}"
 
 
+def _default_targets(model: nn.Module) -> List[str]:
+    """PEFT's default target_modules for a transformers model type (used when target_modules is None)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+    except ImportError:
+        defaults = {}
+    if model_type not in defaults:
+        raise ValueError(f"target_modules=None: no default targets known for {type(model).__name__} "
+                         f"(model_type={model_type!r}{'' if defaults else ', peft not installed'}); "
+                         f"set target_modules; {_linear_candidates(model)}")
+    return list(defaults[model_type])
+
+
 def find_targets(model: nn.Module, config: LoraConfig) -> Tuple[List[str], List[str]]:
     """(new, existing): qualified names of the nn.Linear modules `config` targets, and of the FusedLoraLinear
     layers it matches that already exist. Raises ValueError when it matches nothing or a non-Linear module."""
+    if config.target_modules is None:
+        config = copy.copy(config)
+        config.target_modules = _default_targets(model)
     wrapped = _wrapped_names(model)
     all_linear = None
     if config.target_modules == ALL_LINEAR:

@@ -13,7 +13,6 @@ from lora_kernels import LoraConfig
     ({"lora_alpha": "16"}, "lora_alpha"),
     ({"lora_dropout": 1.0}, "lora_dropout"),
     ({"lora_dropout": -0.1}, "lora_dropout"),
-    ({"target_modules": None}, "target_modules"),
     ({"target_modules": []}, "target_modules"),
     ({"target_modules": ["q_proj", ""]}, "target_modules"),
     ({"target_modules": "(unclosed"}, "target_modules"),

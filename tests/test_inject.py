@@ -35,6 +35,7 @@ def _both(**kwargs):
     {"target_modules": ALL_PROJ, "rank_pattern": {"q_proj": 2, r"layers\.1\.mlp\.down_proj": 6},
      "alpha_pattern": {"v_proj": 3, "gate_proj": 32}},
     {"target_modules": ["q_proj", "v_proj"], "use_rslora": True, "r": 16},
+    {"target_modules": None},
 ])
 def test_targets_ranks_and_scalings_match_peft(kwargs):
     pm, m = _both(r=kwargs.pop("r", 4), lora_alpha=8, **kwargs)
@@ -210,6 +211,12 @@ def test_bad_targets_raise_and_leave_model_alone(kwargs, match):
         lk.inject_lora(m, lk.LoraConfig(**kwargs))
     assert [(n, type(mod)) for n, mod in m.named_modules()] == before
     assert all(p.requires_grad for p in m.parameters())
+
+
+def test_default_targets_need_a_known_model_type():
+    net = nn.Sequential(nn.Linear(8, 16))
+    with pytest.raises(ValueError, match="target_modules=None"):
+        lk.inject_lora(net, lk.LoraConfig())
 
 
 def test_bad_arguments():
