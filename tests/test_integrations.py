@@ -177,8 +177,8 @@ def test_apply_fused_lora_arguments():
         apply_fused_lora(tiny_llama(), r=2)
 
 
-@pytest.mark.parametrize("backend", ["torch", "auto"])
-def test_gradient_checkpointing_reuses_the_dropout_mask(monkeypatch, backend):
+@pytest.mark.parametrize("backend, reentrant", [("torch", False), ("torch", True), ("auto", False)])
+def test_gradient_checkpointing_reuses_the_dropout_mask(monkeypatch, backend, reentrant):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", backend)
     x = tokens(batch=1, seq=5) if backend == "auto" else tokens()
     cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.3,
@@ -187,10 +187,13 @@ def test_gradient_checkpointing_reuses_the_dropout_mask(monkeypatch, backend):
     def grads(checkpointing, p=0.3):
         m = apply_fused_lora(tiny_llama(), **{**cfg, "lora_dropout": p})
         if checkpointing:
-            m.gradient_checkpointing_enable()
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         m.train()
+        calls = []
+        lora_layers(m)["model.layers.0.self_attn.q_proj"].register_forward_hook(lambda *a: calls.append(1))
         torch.manual_seed(1234)
         m(x, labels=x).loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)  # checkpointing did recompute the forward
         return {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
 
     plain, ckpt = grads(False), grads(True)
