@@ -1,0 +1,462 @@
+"""`lora-kernels`: finetune, merge, check and bench from the command line.
+
+    lora-kernels finetune --output-dir out/demo            # built-in tiny Llama on the shipped demo data
+    lora-kernels finetune --model path/to/hf-model --data train.jsonl --output-dir out/run
+    lora-kernels merge --model path/to/hf-model --adapter out/run --output-dir out/merged
+    lora-kernels check                                     # kernels vs the float64 reference, here
+    lora-kernels bench                                     # base vs fused vs PEFT timing, here
+
+Heavy imports (torch, transformers, triton via lora_kernels) happen inside the commands, so `--help`
+is instant and `check` can switch on Triton's interpreter before Triton compiles anything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import List, Optional
+
+TINY = "tiny"
+BASE_SUBDIR = "base_model"
+TINY_LR, DEFAULT_LR = 2e-3, 2e-4
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as `lora-kernels <cmd>: error: ...` with exit status 2."""
+
+
+# -- models --------------------------------------------------------------------------------------
+def tiny_llama_config(seq_len: int):
+    """The built-in default: a 2-layer, 128-wide Llama over the byte tokenizer (about 0.5M parameters).
+
+    initializer_range=0.1 (HF's default is 0.02) gives the frozen random base logits large enough that an
+    adapter on its linear layers can move the loss a long way in a few hundred CPU steps.
+    """
+    from transformers import LlamaConfig
+
+    from .data import ByteTokenizer
+
+    tok = ByteTokenizer()
+    return LlamaConfig(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=320, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max(seq_len, 128),
+                       initializer_range=0.1, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def build_tiny_model(seq_len: int, seed: int = 0):
+    """The tiny Llama with weights drawn from `seed` only (the global RNG is left untouched), + its tokenizer."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from .data import ByteTokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(tiny_llama_config(seq_len))
+    return model, ByteTokenizer()
+
+
+def load_model(path: str, dtype=None):
+    """A local transformers causal-LM directory (no download) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import ByteTokenizer
+
+    if not os.path.exists(path):
+        raise CLIError(f"--model {path!r}: no such directory (give a local transformers model directory, "
+                       f"or {TINY!r} for the built-in default)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CLIError(f"--model {path!r}: not a transformers model directory (no config.json)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise CLIError(f"--model {path!r}: cannot load the model: {err}") from None
+    if ByteTokenizer.is_saved_in(path):
+        tok = ByteTokenizer.from_pretrained(path)
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise CLIError(f"--model {path!r}: cannot load the tokenizer: {err}") from None
+    return model, tok
+
+
+def _target_modules(value: str):
+    """'all-linear', a comma list (q_proj,v_proj) or a regex (anything with regex characters)."""
+    if value == "all-linear" or any(c in value for c in "\\^$*+?()[]{}|"):
+        return value
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"--target-modules {value!r} names no module")
+    return items
+
+
+def _positive_int(v: str) -> int:
+    try:
+        i = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {v!r}") from None
+    if i < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {i}")
+    return i
+
+
+def _nonneg_int(v: str) -> int:
+    try:
+        i = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {v!r}") from None
+    if i < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {i}")
+    return i
+
+
+def _fraction(v: str) -> float:
+    try:
+        f = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {v!r}") from None
+    if not 0.0 <= f < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {f}")
+    return f
+
+
+def _positive_float(v: str) -> float:
+    try:
+        f = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {v!r}") from None
+    if not f > 0 or f == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {v}")
+    return f
+
+
+# -- finetune ------------------------------------------------------------------------------------
+def cmd_finetune(args) -> int:
+    import torch
+
+    from . import LoraConfig, inject_lora, save_adapter, trainable_parameters
+    from .data import DEMO_PATH, DataError, load_packed, split_eval
+    from .trainer import TrainConfig, Trainer, init_distributed
+
+    rank, world, device = init_distributed()
+    if args.device:
+        device = torch.device(args.device)
+    main = rank == 0
+    say = print if main else (lambda *a, **k: None)
+    data_path = args.data or DEMO_PATH
+    for flag, path in (("--data", data_path), ("--eval-data", args.eval_data)):
+        if path is not None and not os.path.isfile(path):
+            raise CLIError(f"{flag} {path!r}: no such file")
+    if args.resume not in (None, "latest") and not os.path.isdir(args.resume):
+        raise CLIError(f"--resume {args.resume!r}: no such checkpoint directory")
+    precision = args.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+    torch.manual_seed(args.seed)  # LoRA init: the same on every rank (DDP also broadcasts rank 0's)
+    if args.model == TINY:
+        model, tok = build_tiny_model(args.seq_len, seed=args.seed)
+        base_dir = os.path.join(args.output_dir, BASE_SUBDIR)
+        if main:  # the random base is part of the result: merge and PEFT need it
+            model.save_pretrained(base_dir)
+            tok.save_pretrained(base_dir)
+        lr = args.lr if args.lr is not None else TINY_LR
+    else:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.load_dtype)
+        model, tok = load_model(args.model, dtype=dtype)
+        base_dir = os.path.abspath(args.model)
+        lr = args.lr if args.lr is not None else DEFAULT_LR
+
+    try:
+        cfg = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                         target_modules=args.target_modules, use_rslora=args.use_rslora)
+        inject_lora(model, cfg)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    trainable, total = trainable_parameters(model)
+    say(f"model: {args.model} ({total / 1e6:.2f}M parameters, {trainable / 1e3:.1f}K trainable = "
+        f"{100 * trainable / total:.2f}%), device {device}, precision {precision}, {world} process(es)")
+
+    try:
+        train_ds = load_packed(data_path, tok, args.seq_len)
+        eval_ds = None
+        if args.eval_data:
+            eval_ds = load_packed(args.eval_data, tok, args.seq_len)
+        elif args.eval_fraction > 0:
+            train_ds, eval_ds = split_eval(train_ds, args.eval_fraction, seed=args.seed)
+    except DataError as err:
+        raise CLIError(str(err)) from None
+    say(f"data: {data_path}: {len(train_ds)} rows of {args.seq_len} tokens for training"
+        + (f", {len(eval_ds)} for eval" if eval_ds is not None else ""))
+
+    tcfg = TrainConfig(output_dir=args.output_dir, max_steps=args.max_steps, batch_size=args.batch_size,
+                       grad_accum=args.grad_accum, lr=lr, weight_decay=args.weight_decay,
+                       warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm, precision=precision,
+                       eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
+                       progress=not args.no_progress, strategy=args.strategy)
+
+    def save(m, directory):
+        save_adapter(m, directory)
+        _describe_base(directory, base_dir)
+
+    trainer = Trainer(model, train_ds, tcfg, eval_data=eval_ds, save_adapter=save, device=device)
+    try:
+        result = trainer.train(resume_from=args.resume)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    if main:
+        first = result.history[0]["loss"] if result.history else float("nan")
+        say(f"done: {result.step} steps in {result.seconds:.1f}s, loss {first:.3f} -> {result.loss:.3f}"
+            + (f", eval loss {result.eval_loss:.3f}" if result.eval_loss is not None else "")
+            + (f", {result.skipped_steps} non-finite steps skipped" if result.skipped_steps else ""))
+        say(f"adapter (PEFT format): {args.output_dir}/adapter_config.json, adapter_model.safetensors")
+        say(f"metrics: {result.metrics_path}" + (f"; loss curve: {result.plot_path}" if result.plot_path else ""))
+        say(_how_to_load(base_dir, args.output_dir))
+    return 0
+
+
+def _describe_base(adapter_dir: str, base_dir: str) -> None:
+    """Record the base model in adapter_config.json, as PEFT does, so PeftModel finds it."""
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    with open(path, encoding="utf-8") as f:
+        d = json.load(f)
+    d["base_model_name_or_path"] = os.path.abspath(base_dir)
+    d["task_type"] = "CAUSAL_LM"
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(d, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def _how_to_load(base_dir: str, adapter_dir: str) -> str:
+    return (
+        "load it with PEFT:\n"
+        "    from transformers import AutoModelForCausalLM\n"
+        "    from peft import PeftModel\n"
+        f"    base = AutoModelForCausalLM.from_pretrained({base_dir!r})\n"
+        f"    model = PeftModel.from_pretrained(base, {adapter_dir!r})\n"
+        "or with lora_kernels (fused layers):  lk.load_adapter(base, "
+        f"{adapter_dir!r})\n"
+        f"merge it:  lora-kernels merge --model {base_dir} --adapter {adapter_dir} --output-dir {adapter_dir}/merged")
+
+
+# -- merge ---------------------------------------------------------------------------------------
+def cmd_merge(args) -> int:
+    from . import load_adapter, merge_and_unload
+
+    if not os.path.isdir(args.adapter) or not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
+        raise CLIError(f"--adapter {args.adapter!r}: not an adapter directory (no adapter_config.json)")
+    model, tok = load_model(args.model)
+    try:
+        load_adapter(model, args.adapter, is_trainable=False)
+    except (ValueError, OSError) as err:
+        raise CLIError(str(err)) from None
+    model = merge_and_unload(model)
+    model.save_pretrained(args.output_dir)
+    if hasattr(tok, "save_pretrained"):
+        tok.save_pretrained(args.output_dir)
+    print(f"merged {args.adapter} into {args.model}: {args.output_dir} "
+          "(load with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+# -- check ---------------------------------------------------------------------------------------
+CHECK_SHAPES = [(3, 17, 33, 29, 4, True), (2, 40, 64, 48, 8, False), (1, 31, 19, 70, 1, True)]
+CHECK_TOL = {"float32": (1e-4, 1e-3), "float16": (3e-2, 3e-2), "bfloat16": (8e-2, 8e-2)}
+
+
+def cmd_check(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        # Must precede the first kernel import: @triton.jit picks the interpreter at decoration time.
+        os.environ["TRITON_INTERPRET"] = "1"
+    from .functional import fused_lora_linear, resolve_backend
+    from .reference import lora_linear_reference
+
+    os.environ["LORA_KERNELS_BACKEND"] = args.backend
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = args.dtype or (["float32", "float16", "bfloat16"] if device.type == "cuda" else ["float32", "float16"])
+    torch.manual_seed(0)
+    worst_fail = False
+    for dt_name in dtypes:
+        dt = getattr(torch, dt_name)
+        atol, rtol = CHECK_TOL[dt_name]
+        for (b, s, k, n, r, has_bias) in CHECK_SHAPES:
+            x = torch.randn(b, s, k, device=device, dtype=dt, requires_grad=True)
+            w = torch.randn(n, k, device=device, dtype=dt) / k ** 0.5
+            bias = torch.randn(n, device=device, dtype=dt) if has_bias else None
+            a = (torch.randn(r, k, device=device) / k ** 0.5).requires_grad_(True)
+            bl = (torch.randn(n, r, device=device) / r ** 0.5).requires_grad_(True)
+            backend = resolve_backend(x)
+            y = fused_lora_linear(x, w, bias, a, bl, 2.0, dropout_p=0.0, training=True)
+            dy = torch.randn_like(y)
+            gx, ga, gb = torch.autograd.grad(y, (x, a, bl), dy)
+            x64, a64, b64 = (t.detach().double().requires_grad_(True) for t in (x, a, bl))
+            y64 = lora_linear_reference(x64, w.double(), None if bias is None else bias.double(), a64, b64, 2.0)
+            rx, ra, rb = torch.autograd.grad(y64, (x64, a64, b64), dy.double())
+            errs = []
+            for name, got, ref in (("y", y, y64), ("grad_x", gx, rx), ("grad_A", ga, ra), ("grad_B", gb, rb)):
+                diff = (got.double() - ref.detach()).abs()
+                abs_err = float(diff.max())
+                rel_err = float((diff / (ref.detach().abs() + 1.0)).max())  # relative to magnitude, floor 1
+                ok = abs_err <= atol + rtol * float(ref.abs().max())
+                worst_fail |= not ok
+                errs.append(f"{name} abs {abs_err:.2e} rel {rel_err:.2e}{'' if ok else ' FAIL'}")
+            print(f"backend={backend} device={device} dtype={dt_name} shape=(M={b * s}, K={k}, N={n}, r={r}"
+                  f"{', bias' if has_bias else ''}): " + "; ".join(errs))
+    interp = " (Triton interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else ""
+    print(("FAILED: errors above tolerance" if worst_fail else "OK: all within tolerance") + interp)
+    return 1 if worst_fail else 0
+
+
+# -- bench ---------------------------------------------------------------------------------------
+def cmd_bench(args) -> int:
+    import torch
+    import torch.nn as nn
+    from torch.utils import benchmark
+
+    from . import FusedLoraLinear
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tokens = args.tokens or (8192 if device.type == "cuda" else 512)
+    k = args.in_features or (4096 if device.type == "cuda" else 512)
+    n = args.out_features or k
+    torch.manual_seed(0)
+    base = nn.Linear(k, n, bias=False, device=device, dtype=dtype).requires_grad_(False)
+    fused = FusedLoraLinear.from_linear(base, r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout)
+    cases = {"base nn.Linear": base, "FusedLoraLinear": fused}
+    try:
+        from peft import LoraConfig as PeftConfig, get_peft_model
+
+        holder = nn.Sequential(nn.Linear(k, n, bias=False, device=device, dtype=dtype))
+        peft_model = get_peft_model(holder, PeftConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
+                                                       target_modules=["0"]))
+        cases["PEFT LoRA Linear"] = peft_model
+    except ImportError:
+        print("peft is not installed: skipping the PEFT comparison (pip install peft)")
+    x = torch.randn(tokens, k, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(tokens, n, device=device, dtype=dtype)
+
+    def fwd_bwd(mod):
+        y = mod(x)
+        y.backward(dy)
+
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
+          f"dtype {dtype}, x ({tokens}, {k}) -> {n}, r={args.r}, dropout={args.dropout}, "
+          f"backend {__import__('lora_kernels').resolve_backend(x)}")
+    times = {}
+    for name, mod in cases.items():
+        mod.train()
+        fwd_bwd(mod)  # warm-up (and Triton compilation)
+        t = benchmark.Timer(stmt="fwd_bwd(mod)", globals={"fwd_bwd": fwd_bwd, "mod": mod}).blocked_autorange(
+            min_run_time=args.min_time)
+        times[name] = t.median
+        print(f"  {name:18s} fwd+bwd {t.median * 1e3:9.3f} ms")
+    if "PEFT LoRA Linear" in times:
+        print(f"  PEFT / fused = {times['PEFT LoRA Linear'] / times['FusedLoraLinear']:.2f}x, "
+              f"fused / base = {times['FusedLoraLinear'] / times['base nn.Linear']:.2f}x")
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lora-kernels", description="LoRA fine-tuning on fused Triton kernels.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    f = sub.add_parser("finetune", formatter_class=fmt, help="LoRA fine-tune a causal LM; writes a PEFT adapter",
+                       description="LoRA fine-tune a causal language model on local data. Writes a PEFT-format "
+                       "adapter (adapter_config.json, adapter_model.safetensors), metrics.jsonl, loss_curve.png and "
+                       "checkpoints/ into --output-dir. Run under torchrun for DistributedDataParallel.")
+    f.add_argument("--model", default=TINY, help="a local transformers causal-LM directory, or 'tiny' for the "
+                   "built-in 2-layer Llama with a byte tokenizer (random weights, saved to OUTPUT_DIR/base_model)")
+    f.add_argument("--data", default=None, help="training data: .jsonl with {'text'} or {'prompt','response'} lines "
+                   "(loss on the response only), or plain text (documents split by blank lines); default: the "
+                   "shipped demo set")
+    f.add_argument("--eval-data", default=None, help="evaluation data (same formats); default: hold out "
+                   "--eval-fraction of --data")
+    f.add_argument("--eval-fraction", type=_fraction, default=0.05, help="share of packed rows held out for eval")
+    f.add_argument("--output-dir", default="out/finetune", help="where the adapter, metrics, plot and checkpoints go")
+    f.add_argument("--max-steps", type=_positive_int, default=300, help="optimizer steps")
+    f.add_argument("--r", type=_positive_int, default=8, help="LoRA rank")
+    f.add_argument("--lora-alpha", type=_positive_float, default=16.0, help="LoRA alpha (scaling = alpha / r)")
+    f.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter input, in [0, 1)")
+    f.add_argument("--use-rslora", action="store_true", help="scaling = alpha / sqrt(r)")
+    f.add_argument("--target-modules", type=_target_modules, default="all-linear",
+                   help="'all-linear', a comma list (q_proj,v_proj) or a regex matching full module names")
+    f.add_argument("--lr", type=_positive_float, default=None,
+                   help=f"peak learning rate (default {TINY_LR:g} for 'tiny', {DEFAULT_LR:g} otherwise)")
+    f.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    f.add_argument("--warmup-steps", type=_nonneg_int, default=10, help="linear warmup before the cosine decay")
+    f.add_argument("--batch-size", type=_positive_int, default=8, help="rows per micro-batch per process")
+    f.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step")
+    f.add_argument("--seq-len", type=_positive_int, default=128, help="packed sequence length in tokens")
+    f.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0: no clipping)")
+    f.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 autocast on a GPU that has it, fp32 on CPU; fp16 uses a GradScaler")
+    f.add_argument("--load-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="dtype of the frozen base weights when loading --model (adapters stay fp32)")
+    f.add_argument("--eval-every", type=_nonneg_int, default=50, help="evaluate every N steps (0: at the end only)")
+    f.add_argument("--save-every", type=_nonneg_int, default=100, help="checkpoint every N steps (0: at the end only)")
+    f.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="resume from a checkpoint directory; without a value, the latest in OUTPUT_DIR/checkpoints")
+    f.add_argument("--seed", type=int, default=0, help="seed for the tiny model, LoRA init, data order, dropout")
+    f.add_argument("--strategy", choices=["auto", "ddp", "fsdp", "none"], default="auto",
+                   help="under torchrun: auto = DDP; fsdp = FSDP2 fully_shard per transformer block")
+    f.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cuda if available, else cpu)")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.set_defaults(func=cmd_finetune)
+
+    m = sub.add_parser("merge", formatter_class=fmt, help="merge an adapter into its base model",
+                       description="Load a base model, apply an adapter (PEFT format) and save the merged model "
+                       "with save_pretrained; the result loads with AutoModelForCausalLM alone.")
+    m.add_argument("--model", required=True, help="the base model directory (for a 'tiny' run: OUTPUT_DIR/base_model)")
+    m.add_argument("--adapter", required=True, help="the adapter directory (a finetune --output-dir or a PEFT save)")
+    m.add_argument("--output-dir", required=True, help="where to write the merged model")
+    m.set_defaults(func=cmd_merge)
+
+    c = sub.add_parser("check", formatter_class=fmt, help="compare the kernels with the reference on this machine",
+                       description="Run the fused forward and backward on small odd shapes and compare y, grad_x, "
+                       "grad_A, grad_B with the float64 reference. Without a GPU the Triton kernels run under "
+                       "Triton's interpreter (slow but real). Exit status 1 if any error exceeds its tolerance.")
+    c.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto",
+                   help="LORA_KERNELS_BACKEND for the check (auto: Triton on GPU and under the interpreter)")
+    c.add_argument("--dtype", action="append", choices=sorted(CHECK_TOL),
+                   help="dtype to check (repeatable); default fp32+fp16 on CPU, plus bf16 on GPU")
+    c.set_defaults(func=cmd_check)
+
+    b = sub.add_parser("bench", formatter_class=fmt, help="time base vs fused vs PEFT LoRA on this machine",
+                       description="Forward+backward timing (torch.utils.benchmark) of nn.Linear, FusedLoraLinear "
+                       "and PEFT's LoRA Linear on one shape; defaults are small on CPU, LLM-sized on GPU.")
+    b.add_argument("--tokens", type=_positive_int, default=None, help="rows of x (default 512 CPU, 8192 GPU)")
+    b.add_argument("--in-features", type=_positive_int, default=None, help="default 512 CPU, 4096 GPU")
+    b.add_argument("--out-features", type=_positive_int, default=None, help="default: in-features")
+    b.add_argument("--r", type=_positive_int, default=16, help="LoRA rank")
+    b.add_argument("--dropout", type=float, default=0.1, help="LoRA dropout")
+    b.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="default bfloat16 on GPU, float32 on CPU")
+    b.add_argument("--device", default=None, help="default cuda if available, else cpu")
+    b.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per case")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "finetune" and not 0.0 <= args.lora_dropout < 1.0:
+        parser.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    try:
+        return args.func(args)
+    except CLIError as err:
+        print(f"lora-kernels {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
