@@ -93,7 +93,7 @@ def test_bias_and_modules_to_save_round_trip_with_peft(tmp_path, bias, monkeypat
     pm = peft.get_peft_model(tiny_llama(attention_bias=True), peft.LoraConfig(**kw))
     with torch.no_grad():  # make the trained biases and the saved head differ from the base
         for n, p in pm.named_parameters():
-            if p.requires_grad and not ".lora_" in n:
+            if p.requires_grad and ".lora_" not in n:
                 p.add_(0.5)
     pm.save_pretrained(tmp_path / "p")
     m = lk.load_adapter(tiny_llama(attention_bias=True), tmp_path / "p")
