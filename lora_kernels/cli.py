@@ -270,9 +270,13 @@ CHECK_TOL = {"float32": (1e-4, 1e-3), "float16": (3e-2, 3e-2), "bfloat16": (8e-2
 def cmd_check(args) -> int:
     import torch
 
-    if not torch.cuda.is_available():
-        # Must precede the first kernel import: @triton.jit picks the interpreter at decoration time.
-        os.environ["TRITON_INTERPRET"] = "1"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton picks its interpreter when it is first imported (triton.language's own jit helpers are
+        # decorated then), and importing lora_kernels has already imported it: re-run in a child process.
+        import subprocess
+
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        return subprocess.call([sys.executable, "-m", "lora_kernels.cli", "check", *args.argv], env=env)
     from .functional import fused_lora_linear, resolve_backend
     from .reference import lora_linear_reference
 
@@ -448,7 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv[argv.index(args.command) + 1:]  # the subcommand's own flags, for a re-run
     if args.command == "finetune" and not 0.0 <= args.lora_dropout < 1.0:
         parser.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     try:
