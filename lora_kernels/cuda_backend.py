@@ -32,7 +32,7 @@ def _load_extension():
     except ImportError as err:
         raise RuntimeError(
             "the lora_kernels CUDA backend needs the compiled extension lora_kernels._cuda, which is not built "
-            f"({err}). It is built by `pip install .` when torch has CUDA and nvcc is on PATH (or with "
+            f"or cannot be loaded ({err}). It is built by `pip install .` when torch has CUDA and nvcc is on PATH (or with "
             "LORA_KERNELS_BUILD_CUDA=1); otherwise use LORA_KERNELS_BACKEND=triton or torch"
         ) from err
     return _cuda
@@ -65,26 +65,26 @@ def _lora_a(lora_A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return lora_A if lora_A.dtype in (torch.float32, dtype) else lora_A.to(torch.float32)
 
 
-_MM_OUT_DTYPE_OK = None  # whether torch.mm(..., out_dtype=torch.float32) works for half inputs here
+_MM_OUT_DTYPE_OK = {}  # device type -> whether torch.mm(..., out_dtype=torch.float32) works for half inputs
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with float32 output; half-precision inputs are multiplied by cuBLAS with float32 accumulation
     and, where torch supports out_dtype, no rounding of the result to half precision."""
-    global _MM_OUT_DTYPE_OK
     if a.dtype == torch.float32:
         return torch.mm(a, b)
-    if _MM_OUT_DTYPE_OK is not False:
+    ok = _MM_OUT_DTYPE_OK.get(a.device.type)
+    if ok is not False:
         try:
             out = torch.mm(a, b, out_dtype=torch.float32)
         except torch.OutOfMemoryError:
             raise
         except (TypeError, RuntimeError, NotImplementedError):
-            if _MM_OUT_DTYPE_OK:
+            if ok:
                 raise
-            _MM_OUT_DTYPE_OK = False
+            _MM_OUT_DTYPE_OK[a.device.type] = False
         else:
-            _MM_OUT_DTYPE_OK = True
+            _MM_OUT_DTYPE_OK[a.device.type] = True
             return out
     return torch.mm(a, b).float()
 
@@ -126,27 +126,28 @@ class CudaLoraLinear(torch.autograd.Function):
         s, p = ctx.scaling, ctx.dropout_p
         dt = x.dtype
         N = weight.shape[0]
-        x2 = _rows(x)
-        dy2 = dy.to(dt).reshape(-1, N)
-        grad_x = grad_w = grad_bias = grad_a = grad_bl = None
-        if x2.shape[0] == 0:
-            grad_x = torch.zeros_like(x) if need_x else None
-            grad_a = torch.zeros_like(lora_A) if need_a else None
-            grad_bl = torch.zeros_like(lora_B) if need_bl else None
-        else:
-            ext = _load_extension()
-            if need_x or need_a:
-                dyb = _mm_f32(dy2, lora_B.to(dt))  # (M, r) float32
-            if need_bl:
-                grad_bl = _mm_f32(dy2.t(), (xa * s).to(dt)).to(lora_B.dtype)
-            if need_x:
-                gx = torch.mm(dy2, weight.to(dt))  # (M, K), fresh and contiguous: the epilogue adds into it
-                ext.lora_dx_epilogue(gx, dyb, _lora_a(lora_A, dt), seed, float(p), float(s))
-                grad_x = gx.view(x.shape)
-            if need_a:
-                grad_a = ext.dropout_grad_a(dyb, x2, seed, float(p), float(s)).to(lora_A.dtype)
-        if need_w:
-            grad_w = (dy2.t() @ x2).to(weight.dtype)
-        if need_b and ctx.bias_dtype is not None:
-            grad_bias = dy2.sum(0).to(ctx.bias_dtype)
+        with torch.autocast(x.device.type, enabled=False):  # backward may run under autocast
+            x2 = _rows(x)
+            dy2 = dy.to(dt).reshape(-1, N)
+            grad_x = grad_w = grad_bias = grad_a = grad_bl = None
+            if x2.shape[0] == 0:
+                grad_x = torch.zeros_like(x) if need_x else None
+                grad_a = torch.zeros_like(lora_A) if need_a else None
+                grad_bl = torch.zeros_like(lora_B) if need_bl else None
+            else:
+                ext = _load_extension()
+                if need_x or need_a:
+                    dyb = _mm_f32(dy2, lora_B.to(dt))  # (M, r) float32
+                if need_bl:
+                    grad_bl = _mm_f32(dy2.t(), (xa * s).to(dt)).to(lora_B.dtype)
+                if need_x:
+                    gx = torch.mm(dy2, weight.to(dt))  # (M, K), fresh and contiguous: the epilogue adds into it
+                    ext.lora_dx_epilogue(gx, dyb, _lora_a(lora_A, dt), seed, float(p), float(s))
+                    grad_x = gx.view(x.shape)
+                if need_a:
+                    grad_a = ext.dropout_grad_a(dyb, x2, seed, float(p), float(s)).to(lora_A.dtype)
+            if need_w:
+                grad_w = (dy2.t() @ x2).to(weight.dtype)
+            if need_b and ctx.bias_dtype is not None:
+                grad_bias = dy2.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_bias, grad_a, grad_bl, None, None

@@ -367,6 +367,33 @@ def test_cuda_lora_linear_glue_matches_oracle(stand_in, p, bias):
     assert rel_err(B.grad, g_ref["lora_B"]) < tol
 
 
+@pytest.mark.parametrize("lead,transpose", [((3, 4), True), ((), False), ((0, 5), False)])
+def test_cuda_lora_linear_glue_layouts_and_half(stand_in, lead, transpose):
+    """float16 activations with float32 adapters; a transposed (T, B, K) view, a 1-D x and an empty batch."""
+    case = make_case(lead, K=16, N=12, r=3, dtype=torch.float16, ab_dtype=torch.float32, seed=5)
+    x = case["x"].transpose(0, 1) if transpose else case["x"]
+    case["x"] = x
+    x.requires_grad_(True)
+    A = case["lora_A"].requires_grad_(True)
+    B = case["lora_B"].requires_grad_(True)
+    seed = seed_for(3)
+    torch.manual_seed(3)
+    y = cuda_backend.CudaLoraLinear.apply(x, case["weight"], case["bias"], A, B, case["scaling"], 0.25)
+    assert y.shape == (*x.shape[:-1], 12) and y.dtype == torch.float16
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert x.grad.shape == x.shape and A.grad.dtype == torch.float32 and B.grad.dtype == torch.float32
+    if x.numel() == 0:
+        assert not A.grad.any() and not B.grad.any()
+        return
+    mask = keep_mask("triton", seed, x.shape, 0.25)
+    y_ref, g_ref = oracle(case, mask=mask, p=0.25, dy=dy)
+    tol = TOL[torch.float16]
+    assert rel_err(y, y_ref) < tol
+    for got, name in ((x.grad, "x"), (A.grad, "lora_A"), (B.grad, "lora_B")):
+        assert rel_err(got, g_ref[name]) < tol, name
+
+
 def test_cuda_lora_linear_glue_saves_no_mask_or_copy(stand_in):
     case = make_case((3,), K=16, N=8, r=2, dtype=torch.float32, seed=1)
     x = case["x"].requires_grad_(True)
