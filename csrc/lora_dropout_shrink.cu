@@ -15,8 +15,8 @@
 // All three GEMM-shaped kernels share one scheme: a 256-thread block owns an output tile, stages
 // float32 operand tiles (dropout already applied, inputs converted) in shared memory and
 // accumulates a TM x TN register micro-tile per thread with FMAs in float32. The shapes involved
-// have one small dimension (r <= a few hundred), so this SIMT scheme is bandwidth- and Philox-bound,
-// not FMA-bound, for the ranks LoRA uses.
+// have one small dimension (r <= a few hundred), so this SIMT scheme is expected to be bound by memory
+// bandwidth and Philox, not by FMAs, at the ranks LoRA uses (not yet measured on a GPU).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
