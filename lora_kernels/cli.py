@@ -215,6 +215,8 @@ def cmd_finetune(args) -> int:
         say(f"adapter (PEFT format): {args.output_dir}/adapter_config.json, adapter_model.safetensors")
         say(f"metrics: {result.metrics_path}" + (f"; loss curve: {result.plot_path}" if result.plot_path else ""))
         say(_how_to_load(base_dir, args.output_dir))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
 
 

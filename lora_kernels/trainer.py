@@ -553,7 +553,12 @@ class _nullcontext:
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="finetune", unit="step", dynamic_ncols=True)
+    import sys
+
+    # In a log file (CI, nohup) redraws pile up as \r-joined text: refresh at most every 10 s there.
+    interval = 0.1 if sys.stderr.isatty() else 10.0
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="finetune", unit="step", dynamic_ncols=True,
+                mininterval=interval)
 
 
 def plot_loss_curve(history: List[dict], path: str) -> Optional[str]:
