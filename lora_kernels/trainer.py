@@ -460,6 +460,19 @@ class Trainer:
         done = sorted(d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp"))
         return os.path.join(root, done[-1]) if done else None
 
+    def _start_fresh(self) -> None:
+        """A new run in a used directory: stale metrics and checkpoints of the old run would mix with ours
+        (pruning keeps the highest step numbers, which could be the old run's), so they go, with a note."""
+        if self.is_main:
+            root = os.path.join(self.cfg.output_dir, CHECKPOINT_DIR)
+            if os.path.isdir(root) and os.listdir(root):
+                print(f"note: starting a new run in {self.cfg.output_dir}: removing the previous run's checkpoints "
+                      "(pass resume_from / --resume to continue it instead)")
+                shutil.rmtree(root)
+            if os.path.exists(self.metrics_path):
+                os.remove(self.metrics_path)
+        self._barrier()
+
     def _save_adapter(self, directory: str) -> None:
         self.save_adapter_fn(_unwrap(self.model), directory)
 
@@ -499,8 +512,7 @@ class Trainer:
             self._truncate_metrics()
         else:
             seed_everything(cfg.seed + self.rank)  # distinct dropout draws per rank, same data order
-            if self.is_main and os.path.exists(self.metrics_path):
-                os.remove(self.metrics_path)
+            self._start_fresh()
         bar = _progress(cfg.max_steps, self.step, enabled=cfg.progress and self.is_main)
         start, last, last_eval = time.perf_counter(), {}, None
         while self.step < cfg.max_steps:

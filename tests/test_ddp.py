@@ -18,6 +18,7 @@ SCRIPT = textwrap.dedent("""
     from lora_kernels.trainer import Trainer, TrainConfig, trainable_state_dict
 
     out, strategy, device = sys.argv[1], sys.argv[2], sys.argv[3]
+    resume = sys.argv[4] if len(sys.argv) > 4 else None
     torch.manual_seed(0)
     model, tok = build_tiny_model(32, seed=0)
     lk.inject_lora(model, lk.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"))
@@ -27,7 +28,9 @@ SCRIPT = textwrap.dedent("""
                       progress=False, plot=False, strategy=strategy, save_every=2)
     trainer = Trainer(model, ds, cfg, device=torch.device(device))
     first_rows = trainer.batches._order[:2].tolist()
-    res = trainer.train()
+    if resume:
+        torch.manual_seed(1234 + dist.get_rank())  # restoring the checkpoint must undo this
+    res = trainer.train(resume_from=resume)
     rank = dist.get_rank()
     torch.save({"final": trainable_state_dict(trainer.model), "init": init, "rows": first_rows,
                 "loss": res.loss}, os.path.join(out, f"rank{rank}_result.pt"))
@@ -35,7 +38,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _torchrun(tmp_path, strategy, device="cpu", nproc=2):
+def _torchrun(tmp_path, strategy, device="cpu", nproc=2, resume=None):
     tmp_path.mkdir(parents=True, exist_ok=True)
     script = tmp_path / "train_rank.py"
     script.write_text(SCRIPT)
@@ -43,7 +46,7 @@ def _torchrun(tmp_path, strategy, device="cpu", nproc=2):
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None) if device != "cpu" else None
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(script), str(tmp_path / "out"), strategy, device]
+           str(script), str(tmp_path / "out"), strategy, device] + ([resume] if resume else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [torch.load(tmp_path / "out" / f"rank{r}_result.pt") for r in range(nproc)]
@@ -64,6 +67,20 @@ def test_ddp_two_ranks_end_with_identical_adapters(tmp_path):
     assert results[0]["loss"] == results[1]["loss"]  # the logged loss is the mean over ranks
     ckpt = tmp_path / "out" / "checkpoints" / "step-0000004"
     assert (ckpt / "rank0.pt").is_file() and (ckpt / "rank1.pt").is_file()
+
+
+def test_ddp_resume_reproduces_uninterrupted_run(tmp_path):
+    """Per-rank RNG states and data cursors: two ranks resumed from step 2 end exactly where the full run did."""
+    import shutil
+
+    full = _torchrun(tmp_path / "full", "ddp")
+    ckpt = tmp_path / "full" / "out" / "checkpoints" / "step-0000002"
+    shutil.copytree(ckpt, tmp_path / "resumed" / "out" / "checkpoints" / "step-0000002")
+    resumed = _torchrun(tmp_path / "resumed", "ddp", resume="latest")
+    for n in full[0]["final"]:
+        assert torch.equal(full[0]["final"][n], resumed[0]["final"][n]), n
+        assert torch.equal(full[1]["final"][n], resumed[1]["final"][n]), n
+    assert full[0]["loss"] == resumed[0]["loss"]
 
 
 def test_fsdp2_two_ranks_cpu(tmp_path):
