@@ -388,9 +388,8 @@ class Trainer:
                         "scaler": self.scaler.state_dict(), "step": self.step, "skipped": self.skipped,
                         "tokens_seen": self.tokens_seen, "world_size": self.world,
                         "config": asdict(self.cfg)}, os.path.join(tmp, "trainer_state.pt"))
-            if self.save_adapter_fn is not None:
-                self._save_adapter(os.path.join(tmp, "adapter"))
         self._barrier()
+        self._save_adapter(os.path.join(tmp, "adapter"))
         # Each rank's own RNG and data cursor: ranks draw different dropout seeds and read different rows.
         torch.save({"rng": get_rng_state(), "data": self.batches.state()}, os.path.join(tmp, f"rank{self.rank}.pt"))
         self._barrier()
@@ -474,7 +473,33 @@ class Trainer:
         self._barrier()
 
     def _save_adapter(self, directory: str) -> None:
-        self.save_adapter_fn(_unwrap(self.model), directory)
+        """Call save_adapter_fn on rank 0; every rank must call this (FSDP2 gathers collectively).
+
+        Under FSDP2 the trainable parameters are DTensor shards: they are gathered into full tensors and
+        swapped in for the duration of the save, so the save function sees an ordinary model.
+        """
+        if self.save_adapter_fn is None:
+            return
+        model = _unwrap(self.model)
+        sharded = any(hasattr(p, "full_tensor") for p in self.params)
+        full = trainable_state_dict(model) if sharded else None  # collective: all ranks
+        if self.is_main:
+            if not sharded:
+                self.save_adapter_fn(model, directory)
+            else:
+                swapped = []
+                for name, p in model.named_parameters():
+                    if p.requires_grad:
+                        owner_name, _, attr = name.rpartition(".")
+                        owner = model.get_submodule(owner_name) if owner_name else model
+                        swapped.append((owner, attr, owner._parameters[attr]))
+                        owner._parameters[attr] = nn.Parameter(full[name], requires_grad=True)
+                try:
+                    self.save_adapter_fn(model, directory)
+                finally:
+                    for owner, attr, param in swapped:
+                        owner._parameters[attr] = param
+        self._barrier()
 
     def _barrier(self) -> None:
         if self.world > 1:
@@ -541,9 +566,7 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         self.save_checkpoint()
-        if self.is_main and self.save_adapter_fn is not None:
-            self._save_adapter(cfg.output_dir)
-        self._barrier()
+        self._save_adapter(cfg.output_dir)
         plot_path = None
         history = self._read_metrics() if self.is_main else []
         if self.is_main and cfg.plot:

@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent("""
     ds = load_packed(DEMO_PATH, tok, 32)
     cfg = TrainConfig(output_dir=out, max_steps=4, batch_size=2, lr=5e-3, warmup_steps=0, eval_every=0,
                       progress=False, plot=False, strategy=strategy, save_every=2)
-    trainer = Trainer(model, ds, cfg, device=torch.device(device))
+    trainer = Trainer(model, ds, cfg, device=torch.device(device), save_adapter=lk.save_adapter)
     first_rows = trainer.batches._order[:2].tolist()
     if resume:
         torch.manual_seed(1234 + dist.get_rank())  # restoring the checkpoint must undo this
@@ -90,6 +90,14 @@ def test_fsdp2_two_ranks_cpu(tmp_path):
     ddp = _torchrun(tmp_path / "ddp", "ddp")
     for n in ddp[0]["final"]:
         torch.testing.assert_close(fsdp[0]["final"][n], ddp[0]["final"][n], rtol=1e-4, atol=1e-5)
+    # The PEFT-format adapter written under FSDP2 holds the gathered full tensors, like the DDP one.
+    from safetensors.torch import load_file
+
+    files = [load_file(str(tmp_path / d / "out" / "adapter_model.safetensors")) for d in ("fsdp", "ddp")]
+    assert set(files[0]) == set(files[1]) and files[0]
+    for key in files[0]:
+        assert files[0][key].shape == files[1][key].shape, key
+        torch.testing.assert_close(files[0][key], files[1][key], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.gpu
