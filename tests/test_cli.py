@@ -158,3 +158,17 @@ def test_bench_prints_device_and_three_timings(capsys):
     out = capsys.readouterr().out
     assert "device cpu" in out and "FusedLoraLinear" in out and "base nn.Linear" in out
     assert "PEFT LoRA Linear" in out or "peft is not installed" in out
+
+
+def test_finetune_a_local_model_directory(finetuned, tmp_path, capsys):
+    """--model PATH: a saved transformers model (here the tiny base), a comma list of targets, bf16 autocast."""
+    out = tmp_path / "local"
+    rc = main(["finetune", "--model", str(finetuned / "base_model"), "--output-dir", str(out),
+               "--target-modules", "q_proj,v_proj", "--r", "2", "--lora-alpha", "4", "--precision", "bf16", *QUICK])
+    assert rc == 0
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    targets = cfg["target_modules"]
+    assert len(targets) == 4 and all(t.endswith(("q_proj", "v_proj")) for t in targets) and cfg["r"] == 2
+    assert cfg["base_model_name_or_path"] == str(finetuned / "base_model")
+    assert not (out / "base_model").exists()  # a user's model is referenced, not copied
+    assert "PeftModel.from_pretrained" in capsys.readouterr().out
