@@ -165,7 +165,7 @@ def cmd_finetune(args) -> int:
             tok.save_pretrained(base_dir)
         lr = args.lr if args.lr is not None else TINY_LR
     else:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.load_dtype)
+        dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.load_dtype]
         model, tok = load_model(args.model, dtype=dtype)
         base_dir = os.path.abspath(args.model)
         lr = args.lr if args.lr is not None else DEFAULT_LR
@@ -250,7 +250,7 @@ def cmd_merge(args) -> int:
 
     if not os.path.isdir(args.adapter) or not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
         raise CLIError(f"--adapter {args.adapter!r}: not an adapter directory (no adapter_config.json)")
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype="auto")  # merge in the checkpoint's own dtype, as PEFT does
     try:
         load_adapter(model, args.adapter, is_trainable=False)
     except (ValueError, OSError) as err:
@@ -405,8 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0: no clipping)")
     f.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 autocast on a GPU that has it, fp32 on CPU; fp16 uses a GradScaler")
-    f.add_argument("--load-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="dtype of the frozen base weights when loading --model (adapters stay fp32)")
+    f.add_argument("--load-dtype", choices=["fp32", "bf16", "fp16", "auto"], default="fp32",
+                   help="dtype of the frozen base weights when loading --model (auto: the checkpoint's own); "
+                   "adapters are float32 either way")
     f.add_argument("--eval-every", type=_nonneg_int, default=50, help="evaluate every N steps (0: at the end only)")
     f.add_argument("--save-every", type=_nonneg_int, default=100, help="checkpoint every N steps (0: at the end only)")
     f.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",

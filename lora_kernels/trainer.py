@@ -264,7 +264,10 @@ class Trainer:
         self.device = torch.device(device) if device is not None else default_device
         self.is_main = self.rank == 0
         self.save_adapter_fn = save_adapter
-        model.to(self.device)
+        if config.strategy != "fsdp":
+            model.to(self.device)
+        # FSDP2: fully_shard moves each block to the mesh's device as it shards it, so the whole model never
+        # has to fit on one GPU at once.
         self.model = self._wrap(model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
