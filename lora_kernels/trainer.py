@@ -313,7 +313,7 @@ class Trainer:
         micro = [self.batches.next() for _ in range(cfg.grad_accum)]
         n_tok = sum(_n_loss_tokens(lab) for _, lab in micro)
         denom = max(n_tok, 1)  # a step with no loss token contributes zero gradient, not NaN
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # one host sync per step, not per micro
         for i, (ids, labels) in enumerate(micro):
             ids, labels = ids.to(self.device), labels.to(self.device)
             last = i == len(micro) - 1
@@ -323,7 +323,7 @@ class Trainer:
                     logits = _logits(self.model, ids)
                 loss = causal_lm_loss_sum(logits, labels) / denom
                 self.scaler.scale(loss).backward()
-            loss_sum += float(loss.detach())
+            loss_sum += loss.detach()
         self.scaler.unscale_(self.optimizer)
         clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(self.params, clip)))
@@ -340,7 +340,7 @@ class Trainer:
             self.skipped += 1
         tokens = sum(ids.numel() for ids, _ in micro) * self.world
         self.tokens_seen += tokens
-        return {"loss": self._mean_over_ranks(loss_sum), "lr": lr, "grad_norm": grad_norm,
+        return {"loss": self._mean_over_ranks(float(loss_sum)), "lr": lr, "grad_norm": grad_norm,
                 "skipped": not finite, "tokens": tokens}
 
     def _mean_over_ranks(self, value: float) -> float:
