@@ -192,18 +192,21 @@ def cmd_finetune(args) -> int:
     say(f"data: {data_path}: {len(train_ds)} rows of {args.seq_len} tokens for training"
         + (f", {len(eval_ds)} for eval" if eval_ds is not None else ""))
 
-    tcfg = TrainConfig(output_dir=args.output_dir, max_steps=args.max_steps, batch_size=args.batch_size,
-                       grad_accum=args.grad_accum, lr=lr, weight_decay=args.weight_decay,
-                       warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm, precision=precision,
-                       eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
-                       progress=not args.no_progress, strategy=args.strategy)
+    try:
+        tcfg = TrainConfig(output_dir=args.output_dir, max_steps=args.max_steps, batch_size=args.batch_size,
+                           grad_accum=args.grad_accum, lr=lr, weight_decay=args.weight_decay,
+                           warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm, precision=precision,
+                           eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
+                           progress=not args.no_progress, strategy=args.strategy)
+    except ValueError as err:  # e.g. a negative --weight-decay ("weight_decay must be ...")
+        raise CLIError(f"invalid option: {err}") from None
 
     def save(m, directory):
         save_adapter(m, directory)
         _describe_base(directory, base_dir)
 
-    trainer = Trainer(model, train_ds, tcfg, eval_data=eval_ds, save_adapter=save, device=device)
     try:
+        trainer = Trainer(model, train_ds, tcfg, eval_data=eval_ds, save_adapter=save, device=device)
         result = trainer.train(resume_from=args.resume)
     except ValueError as err:
         raise CLIError(str(err)) from None

@@ -129,6 +129,11 @@ def test_bad_flag_values(tmp_path, capsys, flags, expected):
     assert exc.value.code == 2 and expected in capsys.readouterr().err
 
 
+def test_out_of_range_training_option_is_a_clear_error(tmp_path, capsys):
+    rc = main(["finetune", "--weight-decay", "-1", "--output-dir", str(tmp_path / "o"), *QUICK])
+    assert rc == 2 and "weight_decay must be a finite number >= 0" in capsys.readouterr().err
+
+
 def test_unknown_target_module_is_a_clear_error(tmp_path, capsys):
     rc = main(["finetune", "--target-modules", "no_such_proj", "--output-dir", str(tmp_path / "o"), *QUICK])
     assert rc == 2 and "no_such_proj" in capsys.readouterr().err
