@@ -8,12 +8,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def gemm_configs():
-    """For the two GEMM-shaped kernels (forward y, backward grad_x)."""
+def gemm_configs(out_block: str, reduce_block: str):
+    """For the two GEMM-shaped kernels: forward y (output cols BLOCK_N, reduction BLOCK_K) and backward
+    grad_x (output cols BLOCK_K, reduction BLOCK_N). Tiles are given as (rows, output cols, reduction)."""
     if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": 16, out_block: 32, reduce_block: 32, "GROUP_M": 4}, num_warps=4)]
     shapes = [
-        # BM, BN, BK, warps, stages
+        # BM, B_out, B_red, warps, stages
         (128, 256, 64, 8, 3),
         (256, 128, 64, 8, 3),
         (128, 128, 64, 8, 4),
@@ -23,8 +24,8 @@ def gemm_configs():
         (64, 64, 64, 4, 5),
     ]
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in shapes
+        triton.Config({"BLOCK_M": bm, out_block: bo, reduce_block: br, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bo, br, w, s in shapes
     ]
 
 

@@ -15,7 +15,8 @@ from .layout import Rows, row_offsets
 from .lora_linear_fwd import grouped_tile
 
 
-@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "R"], reset_to_zero=["grad_a_ptr"])
+@triton.autotune(configs=gemm_configs(out_block="BLOCK_K", reduce_block="BLOCK_N"), key=["M_BUCKET", "N", "K", "R"],
+                 reset_to_zero=["grad_a_ptr"])
 @triton.jit
 def _lora_linear_bwd_dx_kernel(
     dy_ptr, w_ptr, dyb_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, grad_a_ptr,

@@ -24,7 +24,8 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     return pid_m, pid_n
 
 
-@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "R"])
+@triton.autotune(configs=gemm_configs(out_block="BLOCK_N", reduce_block="BLOCK_K"),
+                 key=["M_BUCKET", "N", "K", "R"])
 @triton.jit
 def _lora_linear_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr,
