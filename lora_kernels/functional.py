@@ -4,7 +4,8 @@
 
 Backends (LORA_KERNELS_BACKEND): auto | triton | torch | cuda. `auto` picks Triton for CUDA tensors
 (and on CPU under TRITON_INTERPRET=1) and the torch reference otherwise (and for float64, which the
-kernels do not implement). An explicitly requested backend that cannot run raises; nothing falls
+kernels do not implement); it does not pick `cuda` (the optional csrc/ extension: CUDA dropout kernels
+around cuBLAS GEMMs) until GPU measurements show where it wins. An explicitly requested backend that cannot run raises; nothing falls
 back silently. Every backend saves x and x·Aᵀ (plus a seed) for backward, never a dropout mask,
 a dropped copy or a cast copy of x.
 """
@@ -32,14 +33,6 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _cuda_extension():
-    try:
-        from . import _cuda  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return _cuda
-
-
 def requested_backend() -> str:
     name = os.environ.get("LORA_KERNELS_BACKEND", "auto").strip().lower()
     if name not in BACKENDS:
@@ -65,8 +58,15 @@ def resolve_backend(x: torch.Tensor) -> str:
                              "(use LORA_KERNELS_BACKEND=torch for float64)")
         return "triton"
     if name == "cuda":
-        raise RuntimeError("LORA_KERNELS_BACKEND=cuda: the CUDA extension provides only the dropout-shrink "
-                           "kernel (lora_kernels._cuda), not a full backend yet; use triton or torch")
+        from .cuda_backend import cuda_extension
+
+        cuda_extension()  # raises with the reason when the extension is not built
+        if not x.is_cuda:
+            raise RuntimeError(f"LORA_KERNELS_BACKEND=cuda needs CUDA tensors, got device {x.device}")
+        if x.dtype not in _KERNEL_DTYPES:
+            raise ValueError(f"x has dtype {x.dtype}: the CUDA backend supports float16, bfloat16 and float32 "
+                             "(use LORA_KERNELS_BACKEND=torch for float64)")
+        return "cuda"
     return "torch"
 
 
@@ -131,7 +131,10 @@ def fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p: float
                          + ": the base layer must be in the activation dtype (or run under torch.autocast)")
     p = float(dropout_p) if training else 0.0
     backend = resolve_backend(x)
-    fn = TritonLoraLinear if backend == "triton" else TorchLoraLinear
+    if backend == "cuda":
+        from .cuda_backend import CudaLoraLinear as fn
+    else:
+        fn = TritonLoraLinear if backend == "triton" else TorchLoraLinear
     with torch.autocast(device_type, enabled=False):
         return fn.apply(x, weight, bias, lora_A, lora_B, float(scaling), p)
 

@@ -89,3 +89,13 @@ def test_auto_backend_choice(monkeypatch):
     assert lk.resolve_backend(x.double()) == "torch"
     monkeypatch.delenv("TRITON_INTERPRET")
     assert lk.resolve_backend(x) == "torch"
+
+
+def test_cuda_backend_without_extension_raises(monkeypatch):
+    from lora_kernels.cuda_backend import extension_available
+
+    if extension_available():
+        pytest.skip("the CUDA extension is built here")
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="not built"):
+        lk.fused_lora_linear(**args())
