@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import draw_seed
+from .reference import base_grads, draw_seed
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -146,8 +146,5 @@ class CudaLoraLinear(torch.autograd.Function):
                     grad_x = gx.view(x.shape)
                 if need_a:
                     grad_a = ext.dropout_grad_a(dyb, x2, seed, float(p), float(s)).to(lora_A.dtype)
-            if need_w:
-                grad_w = (dy2.t() @ x2).to(weight.dtype)
-            if need_b and ctx.bias_dtype is not None:
-                grad_bias = dy2.sum(0).to(ctx.bias_dtype)
+            grad_w, grad_bias = base_grads(dy2, x2, need_w, need_b, weight.dtype, ctx.bias_dtype)
         return grad_x, grad_w, grad_bias, grad_a, grad_bl, None, None

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .reference import TorchLoraLinear, base_grads, draw_seed
+from .reference import TorchLoraLinear, draw_seed, lora_function
 
 BACKENDS = ("auto", "triton", "torch", "cuda")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -222,24 +222,6 @@ def _(dy, x, xa, seed, weight, lora_A, lora_B, scaling, dropout_p, need_x, need_
             lora_B.new_empty(lora_B.shape) if need_b else lora_B.new_empty((0,)))
 
 
-class TritonLoraLinear(torch.autograd.Function):
-    """Triton backend: 2 kernel launches forward, 2 backward (see lora_kernels/ops/)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float):
-        y, xa, seed = torch.ops.lora_kernels.triton_lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-        ctx.save_for_backward(x, xa, seed, weight, lora_A, lora_B)
-        ctx.scaling, ctx.dropout_p = scaling, dropout_p
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, xa, seed, weight, lora_A, lora_B = ctx.saved_tensors
-        need_x, need_w, need_b, need_a, need_bl = ctx.needs_input_grad[:5]
-        with torch.autocast(x.device.type, enabled=False):
-            grad_x, grad_a, grad_bl = torch.ops.lora_kernels.triton_lora_bwd(
-                dy, x, xa, seed, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, need_x, need_a, need_bl)
-            grad_w, grad_bias = base_grads(dy, x, need_w, need_b, weight.dtype, ctx.bias_dtype)
-        return (grad_x if need_x else None, grad_w, grad_bias, grad_a if need_a else None,
-                grad_bl if need_bl else None, None, None)
+TritonLoraLinear = lora_function(
+    "TritonLoraLinear", torch.ops.lora_kernels.triton_lora_fwd, torch.ops.lora_kernels.triton_lora_bwd,
+    "Triton backend: 2 kernel launches forward, 2 backward (see lora_kernels/ops/).")

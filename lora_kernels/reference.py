@@ -113,28 +113,32 @@ def base_grads(dy, x, need_w: bool, need_b: bool, weight_dtype, bias_dtype):
     return grad_w, grad_b
 
 
-def _or_none(t: torch.Tensor, needed: bool):
-    return t if needed else None
+def lora_function(name: str, fwd_op, bwd_op, doc: str):
+    """An autograd Function over a backend's (fwd_op, bwd_op) custom-op pair, with the shared contract:
+    it saves x, xa and the seed (plus the parameters), and computes only the gradients that are needed."""
 
-
-class TorchLoraLinear(torch.autograd.Function):
-    """Torch backend. Inputs must already be validated and cast by functional.fused_lora_linear."""
-
-    @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float):
-        y, xa, seed = torch.ops.lora_kernels.torch_lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+        y, xa, seed = fwd_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
         ctx.save_for_backward(x, xa, seed, weight, lora_A, lora_B)
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
-    @staticmethod
     def backward(ctx, dy):
         x, xa, seed, weight, lora_A, lora_B = ctx.saved_tensors
         need_x, need_w, need_b, need_a, need_bl = ctx.needs_input_grad[:5]
         with torch.autocast(x.device.type, enabled=False):  # backward may be called inside an autocast region
-            grad_x, grad_a, grad_bl = torch.ops.lora_kernels.torch_lora_bwd(
-                dy, x, xa, seed, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, need_x, need_a, need_bl)
+            grad_x, grad_a, grad_bl = bwd_op(dy, x, xa, seed, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p,
+                                             need_x, need_a, need_bl)
             grad_w, grad_bias = base_grads(dy, x, need_w, need_b, weight.dtype, ctx.bias_dtype)
-        return (_or_none(grad_x, need_x), grad_w, grad_bias, _or_none(grad_a, need_a), _or_none(grad_bl, need_bl),
-                None, None)
+        # The ops return empty tensors for gradients that were not asked for; autograd wants None.
+        return (grad_x if need_x else None, grad_w, grad_bias, grad_a if need_a else None,
+                grad_bl if need_bl else None, None, None)
+
+    return type(name, (torch.autograd.Function,), {"__doc__": doc, "forward": staticmethod(forward),
+                                                   "backward": staticmethod(backward)})
+
+
+TorchLoraLinear = lora_function(
+    "TorchLoraLinear", torch.ops.lora_kernels.torch_lora_fwd, torch.ops.lora_kernels.torch_lora_bwd,
+    "Torch backend. Inputs must already be validated and cast by functional.fused_lora_linear.")
