@@ -12,7 +12,6 @@ is instant and `check` can switch on Triton's interpreter before Triton compiles
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import List, Optional
@@ -201,8 +200,8 @@ def cmd_finetune(args) -> int:
         raise CLIError(f"invalid option: {err}") from None
 
     def save(m, directory):
-        save_adapter(m, directory)
-        _describe_base(directory, base_dir)
+        # Record the base model as PEFT does, so PeftModel.from_pretrained(adapter) finds it.
+        save_adapter(m, directory, base_model_name_or_path=os.path.abspath(base_dir), task_type="CAUSAL_LM")
 
     try:
         trainer = Trainer(model, train_ds, tcfg, eval_data=eval_ds, save_adapter=save, device=device)
@@ -220,18 +219,6 @@ def cmd_finetune(args) -> int:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
-
-
-def _describe_base(adapter_dir: str, base_dir: str) -> None:
-    """Record the base model in adapter_config.json, as PEFT does, so PeftModel finds it."""
-    path = os.path.join(adapter_dir, "adapter_config.json")
-    with open(path, encoding="utf-8") as f:
-        d = json.load(f)
-    d["base_model_name_or_path"] = os.path.abspath(base_dir)
-    d["task_type"] = "CAUSAL_LM"
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(d, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
 
 
 def _how_to_load(base_dir: str, adapter_dir: str) -> str:

@@ -22,11 +22,14 @@ BACKENDS = ("auto", "triton", "torch", "cuda")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-try:  # Triton is optional: the torch backend must import and run without it.
-    import triton  # noqa: F401
-    _TRITON_IMPORT_ERROR = None
-except ImportError as err:  # pragma: no cover - depends on the machine
-    _TRITON_IMPORT_ERROR = err
+def _triton_import_error():
+    """None if triton imports, else the ImportError. Imported on first use, not with the package: Triton picks
+    its interpreter (TRITON_INTERPRET=1) when it is first imported, and the torch backend needs no Triton."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:  # pragma: no cover - depends on the machine
+        return err
+    return None
 
 
 def _interpreting() -> bool:
@@ -44,12 +47,13 @@ def resolve_backend(x: torch.Tensor) -> str:
     """The backend that will run for input `x`, or a RuntimeError saying why the requested one cannot."""
     name = requested_backend()
     if name == "auto":
-        if x.dtype == torch.float64 or _TRITON_IMPORT_ERROR is not None:
+        if x.dtype == torch.float64 or _triton_import_error() is not None:
             return "torch"
         return "triton" if (x.is_cuda or _interpreting()) else "torch"
     if name == "triton":
-        if _TRITON_IMPORT_ERROR is not None:
-            raise RuntimeError(f"LORA_KERNELS_BACKEND=triton but triton cannot be imported: {_TRITON_IMPORT_ERROR}")
+        err = _triton_import_error()
+        if err is not None:
+            raise RuntimeError(f"LORA_KERNELS_BACKEND=triton but triton cannot be imported: {err}")
         if not (x.is_cuda or _interpreting()):
             raise RuntimeError(f"LORA_KERNELS_BACKEND=triton needs CUDA tensors (got device {x.device}) "
                                "or TRITON_INTERPRET=1 to run the kernels on CPU")

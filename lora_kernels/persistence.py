@@ -16,7 +16,7 @@ import re
 import shutil
 import tempfile
 from collections import Counter
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -137,14 +137,19 @@ def _write_files(directory: str, config_dict: dict, tensors: Dict[str, torch.Ten
                 os.remove(tmp)
 
 
-def save_adapter(model: nn.Module, path: PathLike) -> None:
+def save_adapter(model: nn.Module, path: PathLike, *, base_model_name_or_path: Optional[str] = None,
+                 task_type: Optional[str] = None) -> None:
     """Write the model's adapter to directory `path` in PEFT's format (PeftModel.from_pretrained reads it).
 
+    base_model_name_or_path and task_type (e.g. "CAUSAL_LM") go into adapter_config.json as PEFT writes them;
+    the base path defaults to a transformers model's own `name_or_path`, when it has one.
     A new directory is built under a temporary name and renamed into place, so it appears complete or not at
     all; in an existing directory each file is written to a temporary name and renamed over the old one.
     """
     path = os.fspath(path)
     config_dict = adapter_config(model).to_peft_dict()
+    config_dict["base_model_name_or_path"] = base_model_name_or_path or getattr(model, "name_or_path", None) or None
+    config_dict["task_type"] = task_type
     # Contiguous CPU copies in the tensors' own dtype: safetensors needs contiguous, non-shared storage.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
     if os.path.isdir(path):

@@ -22,7 +22,6 @@ import pytest
 import torch
 
 from lora_kernels import cuda_backend
-from lora_kernels.reference import draw_seed
 
 from helpers import TOL, keep_mask, make_case, oracle, rel_err, seed_for
 

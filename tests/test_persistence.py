@@ -268,3 +268,14 @@ def test_loading_into_existing_adapter_of_other_shape_leaves_it(tmp_path):
     lk.load_adapter(model, tmp_path / "a")  # same hyper-parameters: loads into the existing layers
     for name, layer in lora_layers(model).items():
         torch.testing.assert_close(layer.lora_B, lora_layers(src)[name].lora_B, rtol=0, atol=0)
+
+
+def test_save_adapter_records_base_model_and_task_type(tmp_path):
+    import json
+
+    from tiny_models import tiny_llama
+
+    model = lk.inject_lora(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    lk.save_adapter(model, tmp_path / "a", base_model_name_or_path="/models/base", task_type="CAUSAL_LM")
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "/models/base" and saved["task_type"] == "CAUSAL_LM"
