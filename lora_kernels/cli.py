@@ -91,44 +91,26 @@ def _target_modules(value: str):
     return items
 
 
-def _positive_int(v: str) -> int:
-    try:
-        i = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {v!r}") from None
-    if i < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {i}")
-    return i
+def _arg_type(cast, accept, rule: str):
+    """An argparse `type` that parses with `cast` and accepts values for which `accept` holds."""
+    expected = "an integer" if cast is int else "a number"
+
+    def parse(v: str):
+        try:
+            n = cast(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {v!r}") from None
+        if not accept(n):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {n}")
+        return n
+
+    return parse
 
 
-def _nonneg_int(v: str) -> int:
-    try:
-        i = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {v!r}") from None
-    if i < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {i}")
-    return i
-
-
-def _fraction(v: str) -> float:
-    try:
-        f = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {v!r}") from None
-    if not 0.0 <= f < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {f}")
-    return f
-
-
-def _positive_float(v: str) -> float:
-    try:
-        f = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {v!r}") from None
-    if not f > 0 or f == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {v}")
-    return f
+_positive_int = _arg_type(int, lambda i: i >= 1, ">= 1")
+_nonneg_int = _arg_type(int, lambda i: i >= 0, ">= 0")
+_fraction = _arg_type(float, lambda f: 0.0 <= f < 1.0, "in [0, 1)")
+_positive_float = _arg_type(float, lambda f: 0.0 < f < float("inf"), "a finite number > 0")
 
 
 # -- finetune ------------------------------------------------------------------------------------
