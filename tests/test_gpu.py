@@ -82,3 +82,22 @@ def test_same_seed_same_step_on_gpu(monkeypatch):
     assert torch.equal(results[0][0], results[1][0])
     # grad_B is summed with float32 atomics across row blocks: equal up to summation order.
     assert torch.allclose(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
+
+
+def test_deterministic_mode_bitwise_on_gpu(monkeypatch):
+    """With torch.use_deterministic_algorithms(True), grad_A and grad_B are summed without atomics."""
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    layer = lk.FusedLoraLinear(1024, 768, r=16, lora_dropout=0.1, init_lora_weights=False, device="cuda",
+                               dtype=torch.bfloat16)
+    x = torch.randn(8, 256, 1024, device="cuda", dtype=torch.bfloat16)
+    grads = []
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(2):
+            layer.zero_grad()
+            torch.manual_seed(3)
+            layer(x).float().square().sum().backward()
+            grads.append((layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])

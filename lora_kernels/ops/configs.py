@@ -42,3 +42,9 @@ def rowblock_configs(col_block: str):
 def lora_block_r(r: int) -> int:
     """Tile width over the rank dim: tl.dot wants >= 16; ranks above 64 are looped in 64-wide chunks."""
     return max(16, min(64, triton.next_power_of_2(r)))
+
+
+def min_block_m(kernel) -> int:
+    """The smallest BLOCK_M among an autotuned kernel's configs: sizes per-row-block partial buffers so they
+    fit whichever config the autotuner picks."""
+    return min(cfg.kwargs["BLOCK_M"] for cfg in kernel.configs)

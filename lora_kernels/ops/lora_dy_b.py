@@ -2,13 +2,14 @@
 
 Each program owns a block of rows and streams dy across N: the (BLOCK_M, r) dyB tile stays in
 registers, and each (BLOCK_N, r) slice of grad_B is added to a float32 buffer with atomics, so dy is
-read once for both products.
+read once for both products. Under torch.use_deterministic_algorithms(True) each row block writes its own
+partial grad_B instead and torch sums the partials in a fixed order.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .configs import lora_block_r, rowblock_configs
+from .configs import lora_block_r, min_block_m, rowblock_configs
 from .layout import Rows, row_offsets
 
 
@@ -21,12 +22,13 @@ def _lora_dy_b_kernel(
     stride_bn, stride_br,
     stride_xam, stride_xar,
     stride_dbm, stride_dbr,
-    stride_gbn, stride_gbr,
+    stride_gbs, stride_gbn, stride_gbr,
     scaling,
-    COMPUTE_DYB: tl.constexpr, COMPUTE_GRAD_B: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COMPUTE_DYB: tl.constexpr, COMPUTE_GRAD_B: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m = tl.program_id(0)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     rn = tl.arange(0, BLOCK_N)
     row_ok = rm < M
@@ -49,8 +51,12 @@ def _lora_dy_b_kernel(
             acc = tl.dot(dy, b.to(dtype), acc, input_precision=DOT_PRECISION)
         if COMPUTE_GRAD_B:
             part = tl.dot(tl.trans(dy), xa, input_precision=DOT_PRECISION)
-            tl.atomic_add(grad_b_ptr + nn[:, None] * stride_gbn + rr[None, :] * stride_gbr, part,
-                          mask=n_ok[:, None] & r_ok[None, :])
+            gb = (grad_b_ptr + pid_m.to(tl.int64) * stride_gbs
+                  + nn[:, None] * stride_gbn + rr[None, :] * stride_gbr)
+            if DETERMINISTIC:
+                tl.store(gb, part, mask=n_ok[:, None] & r_ok[None, :])
+            else:
+                tl.atomic_add(gb, part, mask=n_ok[:, None] & r_ok[None, :])
     if COMPUTE_DYB:
         tl.store(dyb_ptr + rm[:, None] * stride_dbm + rr[None, :] * stride_dbr, acc,
                  mask=row_ok[:, None] & r_ok[None, :])
@@ -61,7 +67,9 @@ def lora_dy_b(dy: torch.Tensor, rows: Rows, lora_B: torch.Tensor, xa: torch.Tens
     """(dyB (M, r) float32 or None, grad_B (N, r) float32 or None) for dy seen through `rows`."""
     M, N, R = rows.M, dy.shape[-1], lora_B.shape[1]
     dyb = torch.empty((M, R), dtype=torch.float32, device=dy.device) if compute_dyb else xa
-    grad_b = torch.zeros((N, R), dtype=torch.float32, device=dy.device) if compute_grad_b else xa
+    deterministic = compute_grad_b and torch.are_deterministic_algorithms_enabled()
+    splits = triton.cdiv(M, min_block_m(_lora_dy_b_kernel)) if deterministic else 1
+    grad_b = torch.zeros((splits, N, R), dtype=torch.float32, device=dy.device) if compute_grad_b else xa[None]
     block_r = lora_block_r(R)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))  # noqa: E731
     _lora_dy_b_kernel[grid](
@@ -71,9 +79,9 @@ def lora_dy_b(dy: torch.Tensor, rows: Rows, lora_B: torch.Tensor, xa: torch.Tens
         lora_B.stride(0), lora_B.stride(1),
         xa.stride(0), xa.stride(1),
         dyb.stride(0), dyb.stride(1),
-        grad_b.stride(0), grad_b.stride(1),
+        grad_b.stride(0) if deterministic else 0, grad_b.stride(1), grad_b.stride(2),
         scaling,
-        COMPUTE_DYB=compute_dyb, COMPUTE_GRAD_B=compute_grad_b, DOT_PRECISION=dot_precision,
-        BLOCK_R=block_r,
+        COMPUTE_DYB=compute_dyb, COMPUTE_GRAD_B=compute_grad_b, DETERMINISTIC=deterministic,
+        DOT_PRECISION=dot_precision, BLOCK_R=block_r,
     )
-    return (dyb if compute_dyb else None), (grad_b if compute_grad_b else None)
+    return (dyb if compute_dyb else None), (grad_b.sum(0) if compute_grad_b else None)

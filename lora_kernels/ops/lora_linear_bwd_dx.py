@@ -3,13 +3,15 @@
 One GEMM over (M, K) tiles streams dy and W across N; its epilogue adds the LoRA term with the
 dropout mask regenerated from the forward's seed. The same tile of x is then loaded once, masked,
 and multiplied with the dyB tile into grad_A (float32 atomics), so no (M, K) temporary exists.
-When x needs no gradient the GEMM is skipped and only grad_A is computed.
+When x needs no gradient the GEMM is skipped and only grad_A is computed. Under
+torch.use_deterministic_algorithms(True) each row block writes its own partial grad_A instead of using
+atomics, and torch sums the partials in a fixed order.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .configs import gemm_configs, lora_block_r
+from .configs import gemm_configs, lora_block_r, min_block_m
 from .dropout import dropout_keep
 from .layout import Rows, row_offsets
 from .lora_linear_fwd import grouped_tile
@@ -27,9 +29,9 @@ def _lora_linear_bwd_dx_kernel(
     stride_ar, stride_ak,
     x_inner, stride_x_outer, stride_x_inner, stride_xk,
     stride_dxm, stride_dxk,
-    stride_gar, stride_gak,
+    stride_gas, stride_gar, stride_gak,
     scaling, p, keep_scale,
-    COMPUTE_DX: tl.constexpr, COMPUTE_GRAD_A: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    COMPUTE_DX: tl.constexpr, COMPUTE_GRAD_A: tl.constexpr, HAS_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -79,14 +81,19 @@ def _lora_linear_bwd_dx_kernel(
             part = tl.dot(tl.trans(dyb), x, input_precision=DOT_PRECISION)
             if HAS_DROPOUT:
                 part = part * keep_scale
-            tl.atomic_add(grad_a_ptr + r_idx[:, None] * stride_gar + rk[None, :] * stride_gak, part,
-                          mask=r_ok[:, None] & k_ok[None, :])
+            ga = (grad_a_ptr + pid_m.to(tl.int64) * stride_gas
+                  + r_idx[:, None] * stride_gar + rk[None, :] * stride_gak)
+            if DETERMINISTIC:
+                tl.store(ga, part, mask=r_ok[:, None] & k_ok[None, :])
+            else:
+                tl.atomic_add(ga, part, mask=r_ok[:, None] & k_ok[None, :])
 
     if COMPUTE_DX:
         if HAS_DROPOUT:
             lora = tl.where(keep, lora * keep_scale, 0.0)
         acc += lora
-        tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, acc.to(dtype), mask=tile_ok)
+        dx_ptrs = dx_ptr + rm.to(tl.int64)[:, None] * stride_dxm + rk[None, :] * stride_dxk  # M * K may pass 2**31
+        tl.store(dx_ptrs, acc.to(dtype), mask=tile_ok)
 
 
 def lora_linear_bwd_dx(dy: torch.Tensor, dy_rows: Rows, weight: torch.Tensor, dyb: torch.Tensor,
@@ -96,7 +103,9 @@ def lora_linear_bwd_dx(dy: torch.Tensor, dy_rows: Rows, weight: torch.Tensor, dy
     M, N, K, R = x_rows.M, dy.shape[-1], x.shape[-1], lora_A.shape[0]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if compute_dx else None
     dx2 = dx.view(M, K) if compute_dx else dyb
-    grad_a = torch.zeros((R, K), dtype=torch.float32, device=x.device) if compute_grad_a else dyb
+    deterministic = compute_grad_a and torch.are_deterministic_algorithms_enabled()
+    splits = triton.cdiv(M, min_block_m(_lora_linear_bwd_dx_kernel)) if deterministic else 1
+    grad_a = torch.zeros((splits, R, K), dtype=torch.float32, device=x.device) if compute_grad_a else dyb[None]
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
     _lora_linear_bwd_dx_kernel[grid](
         dy, weight, dyb, lora_A, x, seed, dx2, grad_a,
@@ -107,9 +116,9 @@ def lora_linear_bwd_dx(dy: torch.Tensor, dy_rows: Rows, weight: torch.Tensor, dy
         lora_A.stride(0), lora_A.stride(1),
         x_rows.inner, x_rows.stride_outer, x_rows.stride_inner, x_rows.stride_col,
         dx2.stride(0), dx2.stride(1),
-        grad_a.stride(0), grad_a.stride(1),
+        grad_a.stride(0) if deterministic else 0, grad_a.stride(1), grad_a.stride(2),
         scaling, p, 1.0 / (1.0 - p),
-        COMPUTE_DX=compute_dx, COMPUTE_GRAD_A=compute_grad_a, HAS_DROPOUT=p > 0.0,
+        COMPUTE_DX=compute_dx, COMPUTE_GRAD_A=compute_grad_a, HAS_DROPOUT=p > 0.0, DETERMINISTIC=deterministic,
         DOT_PRECISION=dot_precision, BLOCK_R=lora_block_r(R),
     )
-    return dx, (grad_a if compute_grad_a else None)
+    return dx, (grad_a.sum(0) if compute_grad_a else None)

@@ -70,8 +70,9 @@ def _lora_linear_fwd_kernel(
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    # int64 row offsets: M * N may pass 2**31 elements.
+    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 def lora_linear_fwd(x: torch.Tensor, rows: Rows, weight: torch.Tensor, bias, xa: torch.Tensor,
