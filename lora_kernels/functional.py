@@ -5,9 +5,13 @@
 Backends (LORA_KERNELS_BACKEND): auto | triton | torch | cuda. `auto` picks Triton for CUDA tensors
 (and on CPU under TRITON_INTERPRET=1) and the torch reference otherwise (and for float64, which the
 kernels do not implement); it does not pick `cuda` (the optional csrc/ extension: CUDA dropout kernels
-around cuBLAS GEMMs) until GPU measurements show where it wins. An explicitly requested backend that cannot run raises; nothing falls
-back silently. Every backend saves x and x·Aᵀ (plus a seed) for backward, never a dropout mask,
-a dropped copy or a cast copy of x.
+around cuBLAS GEMMs) until GPU measurements show where it wins. An explicitly requested backend that
+cannot run raises; nothing falls back silently. Every backend saves x and x·Aᵀ (plus a seed) for
+backward, never a dropout mask, a dropped copy or a cast copy of x.
+
+On the Triton backend the base GEMM of each GEMM-shaped pass runs either inside the fused Triton kernel
+or in torch's matmul with the LoRA term added by the same kernel in place (LORA_KERNELS_GEMM, chosen per
+shape by measurement: gemm_dispatch.py).
 """
 import math
 import os
@@ -16,6 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .gemm_dispatch import choose as choose_gemm
 from .reference import TorchLoraLinear, draw_seed, lora_function
 
 BACKENDS = ("auto", "triton", "torch", "cuda")
@@ -146,6 +151,11 @@ def fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p: float
 _warned_copy = False
 
 
+def triton_bucket(m: int) -> int:
+    """Row counts share autotune results and GEMM-path choices within a power of two, like the kernels' M_BUCKET."""
+    return 1 << max(m - 1, 0).bit_length()
+
+
 def _rows_or_copy(t: torch.Tensor):
     """The kernels' row layout of t; a layout they cannot address is copied once, with a warning."""
     from .ops.layout import rows_of
@@ -179,8 +189,10 @@ def triton_lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         xa = torch.zeros((0, lora_A.shape[0]), dtype=torch.float32, device=x.device)
         return torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device), xa, seed
     xa = lora_shrink(x, rows, lora_A, seed, dropout_p, precision)
-    y = lora_linear_fwd(x, rows, weight, bias, xa, lora_B, scaling, precision)
-    return y, xa, seed
+    run = lambda gemm: lora_linear_fwd(x, rows, weight, bias, xa, lora_B, scaling, precision, gemm)  # noqa: E731
+    key = ("fwd", x.device, x.dtype, triton_bucket(rows.M), weight.shape[0], x.shape[-1], lora_A.shape[0],
+           bias is not None)
+    return run(choose_gemm(key, x.device, run)), xa, seed
 
 
 @triton_lora_fwd.register_fake
@@ -208,8 +220,13 @@ def triton_lora_bwd(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, seed: t
     dyb, grad_b32 = lora_dy_b(dy, dy_rows, lora_B, xa, scaling, compute_dyb=need_x or need_a,
                               compute_grad_b=need_b, dot_precision=precision)
     if need_x or need_a:
-        dx, grad_a32 = lora_linear_bwd_dx(dy, dy_rows, weight, dyb, lora_A, x, x_rows, seed, scaling, dropout_p,
-                                          compute_dx=need_x, compute_grad_a=need_a, dot_precision=precision)
+        run = lambda gemm: lora_linear_bwd_dx(  # noqa: E731
+            dy, dy_rows, weight, dyb, lora_A, x, x_rows, seed, scaling, dropout_p, compute_dx=need_x,
+            compute_grad_a=need_a, dot_precision=precision, gemm=gemm)
+        # Without grad_x there is no base GEMM to place.
+        key = ("bwd", x.device, x.dtype, triton_bucket(x_rows.M), dy.shape[-1], x.shape[-1], lora_A.shape[0],
+               dropout_p > 0.0, need_a)
+        dx, grad_a32 = run(choose_gemm(key, x.device, run) if need_x else "fused")
         if need_x:
             grad_x = dx
         if need_a:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import lora_kernels as lk
+from lora_kernels import gemm_dispatch
 from helpers import TOL, keep_mask, make_case, oracle, rel_err, seed_for
 
 pytestmark = pytest.mark.gpu
@@ -23,8 +24,10 @@ def _run(case, p, dy, manual_seed=1234):
                                             (torch.float16, torch.float32), (torch.float32, torch.float32)])
 @pytest.mark.parametrize("lead,K,N,r", [((37,), 53, 29, 5), ((2, 129), 257, 191, 16), ((3, 5), 96, 80, 200)])
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_triton_matches_oracle_on_gpu(dtype, ab_dtype, lead, K, N, r, p, monkeypatch):
+@pytest.mark.parametrize("gemm", ["fused", "split"])
+def test_triton_matches_oracle_on_gpu(dtype, ab_dtype, lead, K, N, r, p, gemm, monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    monkeypatch.setenv("LORA_KERNELS_GEMM", gemm)
     case = make_case(lead, K, N, r, dtype, ab_dtype=ab_dtype, device="cuda")
     dy = torch.randn(*lead, N, device="cuda", dtype=dtype)
     y, grads = _run(case, p, dy)
@@ -101,3 +104,38 @@ def test_deterministic_mode_bitwise_on_gpu(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(False)
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_auto_gemm_measures_each_pass_once_on_gpu(monkeypatch):
+    """auto times fused against split (cuBLAS + the in-place LoRA pass) on the first call of a shape, keeps
+    the faster, and the chosen path's results match the oracle."""
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    monkeypatch.delenv("LORA_KERNELS_GEMM", raising=False)
+    gemm_dispatch.clear_gemm_choices()
+    M, K, N, r = 1024, 2048, 1536, 16
+    case = make_case((M,), K, N, r, torch.bfloat16, ab_dtype=torch.float32, device="cuda")
+    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    y, grads = _run(case, 0.1, dy)
+    choices = gemm_dispatch.gemm_choices()
+    assert sorted(k[0] for k in choices) == ["bwd", "fwd"]
+    for path, times in choices.values():
+        assert path in ("fused", "split") and times[path] == min(times.values()) > 0
+    mask = keep_mask("triton", seed_for(1234, "cuda"), case["x"].shape, 0.1, "cuda")
+    c32 = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    y_ref, g_ref = oracle(c32, mask, 0.1, dy.float())
+    assert rel_err(y, y_ref) < 2e-2
+    for name in grads:
+        assert rel_err(grads[name], g_ref[name]) < 3e-2, name
+    y2, _ = _run(case, 0.1, dy)  # same keys: nothing re-measured, the same path gives the same y
+    assert gemm_dispatch.gemm_choices() == choices and torch.equal(y, y2)
+    gemm_dispatch.clear_gemm_choices()
+
+
+def test_no_gemm_measuring_while_capturing_a_cuda_graph():
+    graph, seen = torch.cuda.CUDAGraph(), []
+    buf = torch.zeros(4, device="cuda")
+    with torch.cuda.graph(graph):
+        seen.append(gemm_dispatch._measurable(torch.device("cuda")))
+        buf.add_(1)
+    assert seen == [False]
+    assert gemm_dispatch._measurable(torch.device("cuda"))

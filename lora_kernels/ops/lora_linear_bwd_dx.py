@@ -6,6 +6,10 @@ and multiplied with the dyB tile into grad_A (float32 atomics), so no (M, K) tem
 When x needs no gradient the GEMM is skipped and only grad_A is computed. Under
 torch.use_deterministic_algorithms(True) each row block writes its own partial grad_A instead of using
 atomics, and torch sums the partials in a fixed order.
+
+On the split path (gemm="split", see lora_kernels/gemm_dispatch.py) torch's matmul (cuBLAS on a GPU)
+writes dy·W into grad_x first; the kernel then skips its reduction loop, starts from that tile of grad_x
+and adds the masked LoRA term in place.
 """
 import torch
 import triton
@@ -14,11 +18,11 @@ import triton.language as tl
 from .configs import gemm_configs, lora_block_r, min_block_m
 from .dropout import dropout_keep
 from .layout import Rows, row_offsets
-from .lora_linear_fwd import grouped_tile
+from .lora_linear_fwd import GEMM_PATHS, grouped_tile
 
 
-@triton.autotune(configs=gemm_configs(out_block="BLOCK_K", reduce_block="BLOCK_N"), key=["M_BUCKET", "N", "K", "R"],
-                 reset_to_zero=["grad_a_ptr"])
+@triton.autotune(configs=gemm_configs(out_block="BLOCK_K", reduce_block="BLOCK_N"),
+                 key=["M_BUCKET", "N", "K", "R", "BASE_IN_DX"], reset_to_zero=["grad_a_ptr"])
 @triton.jit
 def _lora_linear_bwd_dx_kernel(
     dy_ptr, w_ptr, dyb_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, grad_a_ptr,
@@ -31,7 +35,8 @@ def _lora_linear_bwd_dx_kernel(
     stride_dxm, stride_dxk,
     stride_gas, stride_gar, stride_gak,
     scaling, p, keep_scale,
-    COMPUTE_DX: tl.constexpr, COMPUTE_GRAD_A: tl.constexpr, HAS_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    COMPUTE_DX: tl.constexpr, BASE_IN_DX: tl.constexpr, COMPUTE_GRAD_A: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -43,9 +48,13 @@ def _lora_linear_bwd_dx_kernel(
     k_ok = rk < K
     tile_ok = row_ok[:, None] & k_ok[None, :]
     dtype = x_ptr.dtype.element_ty
+    dx_ptrs = dx_ptr + rm.to(tl.int64)[:, None] * stride_dxm + rk[None, :] * stride_dxk  # M * K may pass 2**31
 
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    if COMPUTE_DX:
+    if BASE_IN_DX:
+        acc = tl.load(dx_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if COMPUTE_DX and not BASE_IN_DX:
         dy_rows = dy_ptr + row_offsets(rm, dy_inner, stride_dy_outer, stride_dy_inner)
         rn = tl.arange(0, BLOCK_N)
         for n0 in range(0, N, BLOCK_N):
@@ -92,17 +101,25 @@ def _lora_linear_bwd_dx_kernel(
         if HAS_DROPOUT:
             lora = tl.where(keep, lora * keep_scale, 0.0)
         acc += lora
-        dx_ptrs = dx_ptr + rm.to(tl.int64)[:, None] * stride_dxm + rk[None, :] * stride_dxk  # M * K may pass 2**31
         tl.store(dx_ptrs, acc.to(dtype), mask=tile_ok)
 
 
 def lora_linear_bwd_dx(dy: torch.Tensor, dy_rows: Rows, weight: torch.Tensor, dyb: torch.Tensor,
                        lora_A: torch.Tensor, x: torch.Tensor, x_rows: Rows, seed: torch.Tensor,
-                       scaling: float, p: float, compute_dx: bool, compute_grad_a: bool, dot_precision: str):
-    """(grad_x shaped like x in x's dtype or None, grad_A (r, K) float32 or None)."""
+                       scaling: float, p: float, compute_dx: bool, compute_grad_a: bool, dot_precision: str,
+                       gemm: str = "fused"):
+    """(grad_x shaped like x in x's dtype or None, grad_A (r, K) float32 or None).
+
+    gemm="fused": the Triton kernel computes dy·W; "split": torch.mm does, and the kernel adds to it.
+    """
+    if gemm not in GEMM_PATHS:
+        raise ValueError(f"gemm={gemm!r} is not one of {GEMM_PATHS}")
     M, N, K, R = x_rows.M, dy.shape[-1], x.shape[-1], lora_A.shape[0]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if compute_dx else None
     dx2 = dx.view(M, K) if compute_dx else dyb
+    base_in_dx = compute_dx and gemm == "split"
+    if base_in_dx:
+        torch.mm(dy.reshape(M, N), weight, out=dx2)
     deterministic = compute_grad_a and torch.are_deterministic_algorithms_enabled()
     splits = triton.cdiv(M, min_block_m(_lora_linear_bwd_dx_kernel)) if deterministic else 1
     grad_a = torch.zeros((splits, R, K), dtype=torch.float32, device=x.device) if compute_grad_a else dyb[None]
@@ -118,7 +135,8 @@ def lora_linear_bwd_dx(dy: torch.Tensor, dy_rows: Rows, weight: torch.Tensor, dy
         dx2.stride(0), dx2.stride(1),
         grad_a.stride(0) if deterministic else 0, grad_a.stride(1), grad_a.stride(2),
         scaling, p, 1.0 / (1.0 - p),
-        COMPUTE_DX=compute_dx, COMPUTE_GRAD_A=compute_grad_a, HAS_DROPOUT=p > 0.0, DETERMINISTIC=deterministic,
+        COMPUTE_DX=compute_dx, BASE_IN_DX=base_in_dx, COMPUTE_GRAD_A=compute_grad_a, HAS_DROPOUT=p > 0.0,
+        DETERMINISTIC=deterministic,
         DOT_PRECISION=dot_precision, BLOCK_R=lora_block_r(R),
     )
     return dx, (grad_a.sum(0) if compute_grad_a else None)

@@ -2,6 +2,11 @@
 
 The base GEMM streams x and W over K; the LoRA expand (xa is (M, r), B is (N, r)) and the bias are
 added to the same float32 accumulator before the single store of y, so no (M, N) temporary exists.
+
+The split path (gemm="split", chosen per shape by lora_kernels/gemm_dispatch.py) lets torch's matmul
+(cuBLAS on a GPU) write x·Wᵀ into y first; the same kernel then skips its k-loop, starts its accumulator
+from that tile of y and adds the LoRA term and bias in place. That costs one more read and write of y,
+and wins where cuBLAS's GEMM beats Triton's by more than that.
 """
 import torch
 import triton
@@ -25,7 +30,7 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.autotune(configs=gemm_configs(out_block="BLOCK_N", reduce_block="BLOCK_K"),
-                 key=["M_BUCKET", "N", "K", "R"])
+                 key=["M_BUCKET", "N", "K", "R", "BASE_IN_Y"])
 @triton.jit
 def _lora_linear_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr,
@@ -36,7 +41,7 @@ def _lora_linear_fwd_kernel(
     stride_bn, stride_br,
     stride_ym, stride_yn,
     scaling,
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BASE_IN_Y: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -45,16 +50,22 @@ def _lora_linear_fwd_kernel(
     rk = tl.arange(0, BLOCK_K)
     row_ok = rm < M
     col_ok = rn < N
-    x_rows = x_ptr + row_offsets(rm, x_inner, stride_x_outer, stride_x_inner)
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    # int64 row offsets: M * N may pass 2**31 elements.
+    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        k_ok = kk < K
-        x = tl.load(x_rows[:, None] + kk[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
-                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+    if BASE_IN_Y:
+        acc = tl.load(y_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+    else:
+        x_rows = x_ptr + row_offsets(rm, x_inner, stride_x_outer, stride_x_inner)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            k_ok = kk < K
+            x = tl.load(x_rows[:, None] + kk[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
+                        mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
 
     # LoRA expand: s·xa·Bᵀ in the activation dtype (as PEFT's lora_B runs), accumulated in float32.
     rr = tl.arange(0, BLOCK_R)
@@ -70,18 +81,27 @@ def _lora_linear_fwd_kernel(
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    # int64 row offsets: M * N may pass 2**31 elements.
-    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=tile_ok)
+
+
+GEMM_PATHS = ("fused", "split")
 
 
 def lora_linear_fwd(x: torch.Tensor, rows: Rows, weight: torch.Tensor, bias, xa: torch.Tensor,
-                    lora_B: torch.Tensor, scaling: float, dot_precision: str) -> torch.Tensor:
-    """y of shape (*x.shape[:-1], N) in x's dtype. weight (N, K) and bias (N,) are in x's dtype."""
+                    lora_B: torch.Tensor, scaling: float, dot_precision: str, gemm: str = "fused") -> torch.Tensor:
+    """y of shape (*x.shape[:-1], N) in x's dtype. weight (N, K) and bias (N,) are in x's dtype.
+
+    gemm="fused": the Triton kernel computes x·Wᵀ; "split": torch.mm does, and the kernel adds to it.
+    """
+    if gemm not in GEMM_PATHS:
+        raise ValueError(f"gemm={gemm!r} is not one of {GEMM_PATHS}")
     M, K = rows.M, x.shape[-1]
     N, R = weight.shape[0], lora_B.shape[1]
     y = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
     y2 = y.view(M, N)
+    if gemm == "split":
+        # reshape is a view for every layout rows_of accepts with one row group; otherwise torch copies x.
+        torch.mm(x.reshape(M, K), weight.t(), out=y2)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _lora_linear_fwd_kernel[grid](
         x, weight, bias if bias is not None else weight, xa, lora_B, y2,
@@ -92,6 +112,7 @@ def lora_linear_fwd(x: torch.Tensor, rows: Rows, weight: torch.Tensor, bias, xa:
         lora_B.stride(0), lora_B.stride(1),
         y2.stride(0), y2.stride(1),
         scaling,
-        HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision, BLOCK_R=lora_block_r(R),
+        HAS_BIAS=bias is not None, BASE_IN_Y=gemm == "split", DOT_PRECISION=dot_precision,
+        BLOCK_R=lora_block_r(R),
     )
     return y

@@ -1,0 +1,104 @@
+"""Which path runs the base GEMM on the Triton backend, chosen per shape: fused or split.
+
+    fused  the Triton GEMM with the LoRA term folded into its epilogue (ops/lora_linear_fwd.py for y,
+           ops/lora_linear_bwd_dx.py for grad_x): the output is written once.
+    split  torch's matmul (cuBLAS on a GPU) writes the base product, then the same Triton kernel, without
+           its k-loop, adds the LoRA term (and bias) in place: one more read and write of the output,
+           but the GEMM is cuBLAS's.
+
+The base GEMM is about 98 % of a LoRA layer's FLOPs, so whichever GEMM is faster for a shape decides the
+layer's speed, and neither wins everywhere. LORA_KERNELS_GEMM = auto (default) | fused | split.
+
+auto measures both paths the first time a shape key is seen (pass, device, dtypes, M rounded up to a power
+of two, N, K, r, dropout on/off, bias), on the real operands, with CUDA events, and keeps the faster for the
+rest of the process, as Triton's autotuner does for tile sizes; `gemm_choices()` lists what was chosen.
+auto takes fused without measuring where a measurement would mean nothing or do harm:
+  - off CUDA (the CPU under TRITON_INTERPRET=1): interpreter timings say nothing about a GPU;
+  - while a CUDA graph is being captured (timing synchronises); a key measured before capture keeps its choice;
+  - under torch.use_deterministic_algorithms(True): the two paths round differently, and a timing-based
+    choice could differ between two runs.
+"""
+import logging
+import os
+import statistics
+import time
+from typing import Callable, Dict, Hashable, Tuple
+
+import torch
+
+GEMM_CHOICES = ("auto", "fused", "split")
+PATHS = ("fused", "split")
+# First calls compile and autotune the kernels (and warm cuBLAS's heuristics): never timed.
+WARMUP = 2
+REPS = 5
+
+_log = logging.getLogger(__name__)
+_chosen: Dict[Hashable, Tuple[str, Dict[str, float]]] = {}
+
+
+def requested_gemm() -> str:
+    name = os.environ.get("LORA_KERNELS_GEMM", "auto").strip().lower()
+    if name not in GEMM_CHOICES:
+        raise ValueError(f"LORA_KERNELS_GEMM={name!r} is not one of {', '.join(GEMM_CHOICES)}")
+    return name
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def measure(run: Callable[[str], object], device: torch.device) -> Dict[str, float]:
+    """Median milliseconds of run(path) for each path; the paths alternate so drifting clocks hit both alike."""
+    for _ in range(WARMUP):
+        for path in PATHS:
+            run(path)
+    times = {path: [] for path in PATHS}
+    for _ in range(REPS):
+        for path in PATHS:
+            times[path].append(_time_ms(lambda: run(path), device))
+    return {path: statistics.median(ts) for path, ts in times.items()}
+
+
+def _measurable(device: torch.device) -> bool:
+    if device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def choose(key: Hashable, device: torch.device, run: Callable[[str], object]) -> str:
+    """The path for shape `key`: LORA_KERNELS_GEMM when it names one, else the cached or measured faster one.
+
+    run(path) must compute the pass on the real operands without side effects beyond its own outputs.
+    """
+    requested = requested_gemm()
+    if requested != "auto":
+        return requested
+    if key in _chosen:
+        return _chosen[key][0]
+    if not _measurable(device):
+        return "fused"
+    times = measure(run, device)
+    path = min(PATHS, key=lambda p: (times[p], p != "fused"))  # a tie keeps fused: one pass over the output
+    _chosen[key] = (path, times)
+    _log.info("lora_kernels: %s -> %s gemm (fused %.3f ms, split %.3f ms)", key, path, times["fused"],
+              times["split"])
+    return path
+
+
+def gemm_choices() -> Dict[Hashable, Tuple[str, Dict[str, float]]]:
+    """{shape key: (path, {path: median ms})} for every key auto has measured in this process."""
+    return dict(_chosen)
+
+
+def clear_gemm_choices() -> None:
+    """Forget the measured choices (e.g. after changing GPU clocks); the next call of each shape re-measures."""
+    _chosen.clear()
