@@ -89,15 +89,28 @@ def markdown(doc, png_name=None) -> str:
     if doc["cases"]:
         out += ["## Op level: forward + backward", "",
                 "| case | M | K→N | r | p | dtype | A | base ms | fused ms | fused/base | PEFT ms | PEFT/fused "
-                "| torch ms | torch/fused | hybrid/fused | hybrid_rev/fused | ours_torch/fused |",
-                "|---|---:|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "| torch ms | torch/fused | ours_torch/fused |",
+                "|---|---:|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for c in doc["cases"]:
             out.append(f"| `{c['shape']}` | {c['M']} | {c['K']}→{c['N']} | {c['r']} | {c['dropout']:g} | {c['dtype']} "
                        f"| {c['adapter_dtype']} | {_f(c.get('base_ms'))} | {_f(c.get('fused_ms'))} "
                        f"| {_f(_ratio(c, 'fused_over_base'))} | {_f(c.get('peft_ms'))} | {_f(_ratio(c, 'peft_over_fused'))} "
                        f"| {_f(c.get('torch_ms'))} | {_f(_ratio(c, 'torch_over_fused'))} "
-                       f"| {_f(_ratio(c, 'hybrid_over_fused'))} | {_f(_ratio(c, 'hybrid_rev_over_fused'))} "
                        f"| {_f(_ratio(c, 'ours_torch_over_fused'))} |")
+        out += ["", "## Base GEMM: Triton (fused) or cuBLAS (split), forward + backward", "",
+                "`fused` runs with `LORA_KERNELS_GEMM=auto`, which times both paths per pass on first use and "
+                "keeps the faster; the last columns say what it chose (— where it did not measure, e.g. off "
+                "CUDA). `hybrid` is the bench-only variant with the LoRA term as cuBLAS's C operand.", "",
+                "| case | fused_gemm ms | split_gemm ms | split/fused_gemm | hybrid ms | auto (fused) ms "
+                "| auto fwd | auto bwd |", "|---|---:|---:|---:|---:|---:|---|---|"]
+        for c in doc["cases"]:
+            gemm = (c.get("impls", {}).get("fused") or {}).get("gemm") or {}
+            pick = lambda p: ("—" if p not in gemm else  # noqa: E731
+                              f"{gemm[p]['path']} ({_f(gemm[p].get('fused_ms'))} / {_f(gemm[p].get('split_ms'))})")
+            out.append(f"| `{c['name']}` | {_f(c.get('fused_gemm_ms'))} | {_f(c.get('split_gemm_ms'))} "
+                       f"| {_f(_ratio(c, 'split_gemm_over_fused_gemm'))} | {_f(c.get('hybrid_ms'))} "
+                       f"| {_f(c.get('fused_ms'))} | {pick('fwd')} | {pick('bwd')} |")
+        out += ["", "auto fwd / bwd: the path taken, then the fused / split medians (ms) it measured for that pass."]
         out += ["", "## Op level: forward and backward separately (ms)", "",
                 "| case | fused fwd | fused bwd | base fwd | base bwd | PEFT fwd | PEFT bwd | hybrid fwd | hybrid bwd |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -21,6 +21,7 @@ from typing import Optional, Tuple
 import torch
 
 from .gemm_dispatch import choose as choose_gemm
+from .gemm_dispatch import gemm_key
 from .reference import TorchLoraLinear, draw_seed, lora_function
 
 BACKENDS = ("auto", "triton", "torch", "cuda")
@@ -151,11 +152,6 @@ def fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p: float
 _warned_copy = False
 
 
-def triton_bucket(m: int) -> int:
-    """Row counts share autotune results and GEMM-path choices within a power of two, like the kernels' M_BUCKET."""
-    return 1 << max(m - 1, 0).bit_length()
-
-
 def _rows_or_copy(t: torch.Tensor):
     """The kernels' row layout of t; a layout they cannot address is copied once, with a warning."""
     from .ops.layout import rows_of
@@ -190,8 +186,7 @@ def triton_lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         return torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device), xa, seed
     xa = lora_shrink(x, rows, lora_A, seed, dropout_p, precision)
     run = lambda gemm: lora_linear_fwd(x, rows, weight, bias, xa, lora_B, scaling, precision, gemm)  # noqa: E731
-    key = ("fwd", x.device, x.dtype, triton_bucket(rows.M), weight.shape[0], x.shape[-1], lora_A.shape[0],
-           bias is not None)
+    key = gemm_key("fwd", x, rows.M, x.shape[-1], weight.shape[0], lora_A.shape[0], bias=bias is not None)
     return run(choose_gemm(key, x.device, run)), xa, seed
 
 
@@ -224,8 +219,8 @@ def triton_lora_bwd(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, seed: t
             dy, dy_rows, weight, dyb, lora_A, x, x_rows, seed, scaling, dropout_p, compute_dx=need_x,
             compute_grad_a=need_a, dot_precision=precision, gemm=gemm)
         # Without grad_x there is no base GEMM to place.
-        key = ("bwd", x.device, x.dtype, triton_bucket(x_rows.M), dy.shape[-1], x.shape[-1], lora_A.shape[0],
-               dropout_p > 0.0, need_a)
+        key = gemm_key("bwd", x, x_rows.M, x.shape[-1], dy.shape[-1], lora_A.shape[0], dropout=dropout_p > 0.0,
+                       grad_A=need_a)
         dx, grad_a32 = run(choose_gemm(key, x.device, run) if need_x else "fused")
         if need_x:
             grad_x = dx

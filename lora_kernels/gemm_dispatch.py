@@ -9,8 +9,8 @@
 The base GEMM is about 98 % of a LoRA layer's FLOPs, so whichever GEMM is faster for a shape decides the
 layer's speed, and neither wins everywhere. LORA_KERNELS_GEMM = auto (default) | fused | split.
 
-auto measures both paths the first time a shape key is seen (pass, device, dtypes, M rounded up to a power
-of two, N, K, r, dropout on/off, bias), on the real operands, with CUDA events, and keeps the faster for the
+auto measures both paths the first time a shape key is seen (GemmKey: pass, device, dtype, M rounded up to a
+power of two, K, N, r, bias / dropout / grad_A), on the real operands, with CUDA events, and keeps the faster for the
 rest of the process, as Triton's autotuner does for tile sizes; `gemm_choices()` lists what was chosen.
 auto takes fused without measuring where a measurement would mean nothing or do harm:
   - off CUDA (the CPU under TRITON_INTERPRET=1): interpreter timings say nothing about a GPU;
@@ -22,7 +22,7 @@ import logging
 import os
 import statistics
 import time
-from typing import Callable, Dict, Hashable, Tuple
+from typing import Callable, Dict, NamedTuple, Tuple
 
 import torch
 
@@ -32,8 +32,32 @@ PATHS = ("fused", "split")
 WARMUP = 2
 REPS = 5
 
+
+
+class GemmKey(NamedTuple):
+    """What a choice is made for: one pass of one layer shape. Row counts share a choice within a power of two."""
+    pass_name: str      # "fwd" (y = x·Wᵀ + ...) or "bwd" (grad_x = dy·W + ...)
+    device: str
+    dtype: str
+    m_bucket: int       # the row count rounded up to a power of two
+    in_features: int    # K
+    out_features: int   # N
+    r: int
+    flags: str          # what else changes the kernel: "bias" (fwd), "dropout" and "grad_A" (bwd), comma-joined
+
+    def describe(self) -> str:
+        return (f"{self.pass_name} {self.dtype} M<={self.m_bucket} {self.in_features}->{self.out_features} "
+                f"r{self.r}" + (f" {self.flags}" if self.flags else ""))
+
+
+def gemm_key(pass_name: str, x: "torch.Tensor", rows: int, in_features: int, out_features: int, r: int,
+             **flags: bool) -> GemmKey:
+    return GemmKey(pass_name, str(x.device), str(x.dtype).replace("torch.", ""), 1 << max(rows - 1, 0).bit_length(),
+                   in_features, out_features, r, ",".join(name for name, on in flags.items() if on))
+
+
 _log = logging.getLogger(__name__)
-_chosen: Dict[Hashable, Tuple[str, Dict[str, float]]] = {}
+_chosen: Dict[GemmKey, Tuple[str, Dict[str, float]]] = {}
 
 
 def requested_gemm() -> str:
@@ -74,7 +98,7 @@ def _measurable(device: torch.device) -> bool:
     return not torch.cuda.is_current_stream_capturing()
 
 
-def choose(key: Hashable, device: torch.device, run: Callable[[str], object]) -> str:
+def choose(key: GemmKey, device: torch.device, run: Callable[[str], object]) -> str:
     """The path for shape `key`: LORA_KERNELS_GEMM when it names one, else the cached or measured faster one.
 
     run(path) must compute the pass on the real operands without side effects beyond its own outputs.
@@ -89,12 +113,12 @@ def choose(key: Hashable, device: torch.device, run: Callable[[str], object]) ->
     times = measure(run, device)
     path = min(PATHS, key=lambda p: (times[p], p != "fused"))  # a tie keeps fused: one pass over the output
     _chosen[key] = (path, times)
-    _log.info("lora_kernels: %s -> %s gemm (fused %.3f ms, split %.3f ms)", key, path, times["fused"],
+    _log.info("lora_kernels: %s -> %s gemm (fused %.3f ms, split %.3f ms)", key.describe(), path, times["fused"],
               times["split"])
     return path
 
 
-def gemm_choices() -> Dict[Hashable, Tuple[str, Dict[str, float]]]:
+def gemm_choices() -> Dict[GemmKey, Tuple[str, Dict[str, float]]]:
     """{shape key: (path, {path: median ms})} for every key auto has measured in this process."""
     return dict(_chosen)
 

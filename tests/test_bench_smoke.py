@@ -21,7 +21,7 @@ pytest.importorskip("transformers", reason="transformers is in the [test] extra"
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 # Every implementation must run; only ours_cuda may be skipped, and only when lora_kernels refuses it.
-MUST_RUN = ["base", "fused", "ours_torch", "hybrid", "hybrid_rev", "peft", "torch"]
+MUST_RUN = ["base", "fused", "fused_gemm", "split_gemm", "ours_torch", "hybrid", "peft", "torch"]
 SCHEMA_TOP = ["device", "torch", "triton", "commit", "date", "cases"]
 SCHEMA_CASE = ["name", "M", "K", "N", "r", "dropout", "dtype", "base_ms", "fused_ms", "peft_ms", "torch_ms",
                "fused_peak_mb", "peft_peak_mb", "fused_saved_mb", "peft_saved_mb"]
@@ -30,6 +30,7 @@ SCHEMA_CASE = ["name", "M", "K", "N", "r", "dropout", "dtype", "base_ms", "fused
 def _env():
     env = dict(os.environ, LORA_BENCH_GRID="smoke", LORA_BENCH_E2E="smoke")
     env.pop("LORA_KERNELS_BACKEND", None)
+    env.pop("LORA_KERNELS_GEMM", None)
     env.pop("LORA_BENCH_MATCH", None)
     return env
 
@@ -83,6 +84,9 @@ def test_collector_writes_the_schema(smoke_runs):
             for p in ("fwd_ms", "bwd_ms", "fwdbwd_ms"):
                 assert d[p] is not None and d[p] > 0
             assert d["saved_mb"] is not None
+        # Off CUDA LORA_KERNELS_GEMM=auto takes the fused path without measuring, so there is nothing to record.
+        assert case["impls"]["fused"]["gemm"] == {}
+        assert case["ratios"]["split_gemm_over_fused_gemm"] > 0
         cuda = case["impls"]["ours_cuda"]
         assert "skipped" in cuda or cuda.get("fwdbwd_ms"), cuda
         assert case["errors"] == [], case["errors"]
@@ -118,8 +122,9 @@ def test_report_and_regression_gate(smoke_runs, tmp_path):
     assert _run(["bench/compare.py", str(worse), "--baseline", str(out)]).returncode == 1
 
 
-def test_bench_hybrid_matches_fused_gradients():
-    """The bench-only hybrid regenerates the same dropout mask as ours, so with one seed all grads agree."""
+def test_bench_hybrid_and_gemm_paths_match_fused_gradients():
+    """The bench-only hybrid and both GEMM paths regenerate the same dropout mask as ours, so with one seed all
+    gradients agree."""
     import torch
 
     sys.path.insert(0, str(BENCH))
@@ -131,11 +136,12 @@ def test_bench_hybrid_matches_fused_gradients():
     case = C.Case(C.SMOKE_SHAPES[0], 32, 4, 0.1, "fp32", "fp32")
     t = I.make_tensors(case, "cpu")
     grads = {}
-    for name in ("fused", "hybrid", "hybrid_rev"):
+    others = ("hybrid", "fused_gemm", "split_gemm")
+    for name in ("fused",) + others:
         built = I.build(name, case, t)
         x = t.x.detach().requires_grad_(True)
         torch.manual_seed(7)
         grads[name] = torch.autograd.grad(built(x), built.grad_inputs(x), t.dy)
-    for name in ("hybrid", "hybrid_rev"):
+    for name in others:
         for g_ref, g in zip(grads["fused"], grads[name]):
             torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)

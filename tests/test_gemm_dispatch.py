@@ -160,36 +160,40 @@ def _sleepy(slow_path, seconds=0.004):
     return run, calls
 
 
+K1 = gemm_dispatch.GemmKey("fwd", "cpu", "float32", 64, 32, 16, 4, "")
+K2 = K1._replace(pass_name="bwd", flags="grad_A")
+
+
 def test_choose_measures_once_per_key_and_keeps_the_faster(monkeypatch):
     monkeypatch.setattr(gemm_dispatch, "_measurable", lambda device: True)
     cpu = torch.device("cpu")
     run, calls = _sleepy("fused")
-    assert gemm_dispatch.choose("k1", cpu, run) == "split"
+    assert gemm_dispatch.choose(K1, cpu, run) == "split"
     per_path = gemm_dispatch.WARMUP + gemm_dispatch.REPS
     assert calls.count("fused") == per_path and calls.count("split") == per_path
-    path, times = gemm_dispatch.gemm_choices()["k1"]
+    path, times = gemm_dispatch.gemm_choices()[K1]
     assert path == "split" and times["fused"] > times["split"] + 3.0  # ms: the sleep was measured
 
     def must_not_run(path):
         raise AssertionError("a measured key is not measured again")
 
-    assert gemm_dispatch.choose("k1", cpu, must_not_run) == "split"
+    assert gemm_dispatch.choose(K1, cpu, must_not_run) == "split"
     run2, _ = _sleepy("split")
-    assert gemm_dispatch.choose("k2", cpu, run2) == "fused"  # another key is measured on its own
-    assert set(gemm_dispatch.gemm_choices()) == {"k1", "k2"}
+    assert gemm_dispatch.choose(K2, cpu, run2) == "fused"  # another key is measured on its own
+    assert set(gemm_dispatch.gemm_choices()) == {K1, K2}
 
     monkeypatch.setenv("LORA_KERNELS_GEMM", "fused")  # an explicit setting beats a measured choice
-    assert gemm_dispatch.choose("k1", cpu, must_not_run) == "fused"
+    assert gemm_dispatch.choose(K1, cpu, must_not_run) == "fused"
     monkeypatch.setenv("LORA_KERNELS_GEMM", "auto")
     gemm_dispatch.clear_gemm_choices()
     run3, calls3 = _sleepy("fused")
-    assert gemm_dispatch.choose("k1", cpu, run3) == "split" and calls3
+    assert gemm_dispatch.choose(K1, cpu, run3) == "split" and calls3
 
 
 def test_choose_keeps_fused_on_a_tie(monkeypatch):
     monkeypatch.setattr(gemm_dispatch, "_measurable", lambda device: True)
     monkeypatch.setattr(gemm_dispatch, "_time_ms", lambda fn, device: (fn(), 1.0)[1])
-    assert gemm_dispatch.choose("tie", torch.device("cpu"), lambda path: None) == "fused"
+    assert gemm_dispatch.choose(K1, torch.device("cpu"), lambda path: None) == "fused"
 
 
 def test_auto_measures_both_passes_with_the_real_kernels(monkeypatch, mm_calls):
@@ -203,10 +207,12 @@ def test_auto_measures_both_passes_with_the_real_kernels(monkeypatch, mm_calls):
     dy = torch.randn(2, 9, 14, generator=torch.Generator().manual_seed(8)).half()
     y, grads = _run(case, 0.2, dy)
     choices = gemm_dispatch.gemm_choices()
-    fwd = [k for k in choices if k[0] == "fwd"]
-    bwd = [k for k in choices if k[0] == "bwd"]
+    fwd = [k for k in choices if k.pass_name == "fwd"]
+    bwd = [k for k in choices if k.pass_name == "bwd"]
     assert len(fwd) == 1 and len(bwd) == 1
-    assert fwd[0][2:] == (torch.float16, 32, 14, 20, 4, True)  # dtype, M bucket, N, K, r, bias
+    assert fwd[0] == gemm_dispatch.GemmKey("fwd", "cpu", "float16", 32, 20, 14, 4, "bias")
+    assert bwd[0] == gemm_dispatch.GemmKey("bwd", "cpu", "float16", 32, 20, 14, 4, "dropout,grad_A")
+    assert bwd[0].describe() == "bwd float16 M<=32 20->14 r4 dropout,grad_A"
     # Per pass: one split run per warm-up and per rep while measuring, plus one if split was chosen.
     expected = sum(2 + (choices[k][0] == "split") for k in fwd + bwd)
     assert len(mm_calls) == expected

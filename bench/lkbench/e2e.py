@@ -118,9 +118,14 @@ def run_one(impl: str, p: Preset, device, warmup: int, steps: int) -> dict:
     """Median step time, tokens/s and peak memory of `impl` on preset `p`."""
     device = torch.device(device)
     cuda = device.type == "cuda"
+    from lora_kernels import gemm_dispatch
+
+    gemm_dispatch.clear_gemm_choices()
     step, info = prepare(impl, p, device)
-    for _ in range(warmup):  # also autotunes the Triton kernels and allocates AdamW's state
+    for _ in range(warmup):  # also autotunes the Triton kernels, picks GEMM paths, allocates AdamW's state
         step()
+    if impl == "fused":  # which GEMM path LORA_KERNELS_GEMM=auto took for each projection shape and pass
+        info["gemm"] = {k.describe(): path for k, (path, _) in gemm_dispatch.gemm_choices().items()}
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -1,26 +1,29 @@
 """The implementations measured side by side, all built on the same weights.
 
     base        the bare frozen base linear, F.linear(x, W): forward x·Wᵀ, backward dy·W only. The floor.
-    fused       ours, FusedLoraLinear on the Triton backend (LORA_KERNELS_BACKEND=triton)
+    fused       ours, FusedLoraLinear on the Triton backend as users get it: LORA_KERNELS_GEMM=auto picks,
+                per shape and pass, the faster of the two GEMM paths below by measuring both on first use
+    fused_gemm  ours with LORA_KERNELS_GEMM=fused: the base GEMM inside our Triton kernels
+    split_gemm  ours with LORA_KERNELS_GEMM=split: cuBLAS's base GEMM, then our kernel adds the LoRA term
+                (and bias) in place; the dropout mask is regenerated in registers as on the fused path
     ours_torch  ours, FusedLoraLinear on the torch backend (reference.py)
     ours_cuda   ours on the CUDA extension backend, measured only where lora_kernels accepts it
-    hybrid      BENCH-ONLY variant, not a lora_kernels backend: our Triton shrink pass for
+    hybrid      BENCH-ONLY variant, not a lora_kernels path: our Triton shrink pass for
                 xa = dropout(x)·Aᵀ, then cuBLAS computes the LoRA term s·xa·Bᵀ and adds the base GEMM
                 with it as the C operand (torch.addmm); backward: our Triton dy·B/grad_B and grad_A
                 passes, cuBLAS dy·W with the LoRA dx term as C (at p > 0 the mask is materialised)
-    hybrid_rev  BENCH-ONLY, the reverse order: cuBLAS y = x·Wᵀ first, then y += s·xa·Bᵀ in place
     peft        PEFT's LoRA Linear (peft.tuners.lora.Linear) from get_peft_model
     torch       a plain unfused PyTorch LoRA, as a user would write it: F.dropout, two F.linear, add
 
-The hybrids answer the issue's question "does a cuBLAS base GEMM plus a separate LoRA pass beat one
-fused Triton GEMM?" for each shape, so the dispatch can be decided from measurements.
+fused_gemm, split_gemm and hybrid answer the issue's question "does a cuBLAS base GEMM plus a separate LoRA
+pass beat one fused Triton GEMM?" for each shape; `fused` shows what the automatic choice makes of it.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -28,19 +31,26 @@ import torch.nn.functional as F
 
 from .cases import Case
 
-IMPLS = ("base", "fused", "ours_torch", "ours_cuda", "hybrid", "hybrid_rev", "peft", "torch")
+IMPLS = ("base", "fused", "fused_gemm", "split_gemm", "ours_torch", "ours_cuda", "hybrid", "peft", "torch")
 LABELS = {
     "base": "bare base linear (x·Wᵀ, dy·W)",
-    "fused": "ours, Triton backend",
+    "fused": "ours, Triton backend, GEMM path chosen per shape",
+    "fused_gemm": "ours, Triton backend, Triton base GEMM",
+    "split_gemm": "ours, Triton backend, cuBLAS base GEMM + in-place LoRA pass",
     "ours_torch": "ours, torch backend",
     "ours_cuda": "ours, CUDA extension backend",
     "hybrid": "bench-only hybrid: Triton shrink + cuBLAS addmm (LoRA term as C)",
-    "hybrid_rev": "bench-only hybrid: cuBLAS x·Wᵀ, then += s·xa·Bᵀ",
     "peft": "PEFT LoRA Linear",
     "torch": "plain unfused PyTorch LoRA",
 }
-# Which LORA_KERNELS_BACKEND each of our implementations runs under.
-OUR_BACKENDS = {"fused": "triton", "ours_torch": "torch", "ours_cuda": "cuda"}
+# The environment each of our implementations runs under (lora_kernels reads it at every call).
+OUR_ENV = {
+    "fused": {"LORA_KERNELS_BACKEND": "triton"},
+    "fused_gemm": {"LORA_KERNELS_BACKEND": "triton", "LORA_KERNELS_GEMM": "fused"},
+    "split_gemm": {"LORA_KERNELS_BACKEND": "triton", "LORA_KERNELS_GEMM": "split"},
+    "ours_torch": {"LORA_KERNELS_BACKEND": "torch"},
+    "ours_cuda": {"LORA_KERNELS_BACKEND": "cuda"},
+}
 
 
 class Skip(Exception):
@@ -48,20 +58,18 @@ class Skip(Exception):
 
 
 @contextlib.contextmanager
-def backend_env(name: Optional[str]):
-    """Run with LORA_KERNELS_BACKEND=name (lora_kernels reads it at every call); None leaves it alone."""
-    if name is None:
-        yield
-        return
-    old = os.environ.get("LORA_KERNELS_BACKEND")
-    os.environ["LORA_KERNELS_BACKEND"] = name
+def lora_env(env: Optional[Dict[str, str]]):
+    """Run with these environment variables set (None or {} leaves the environment alone)."""
+    old = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("LORA_KERNELS_BACKEND", None)
-        else:
-            os.environ["LORA_KERNELS_BACKEND"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @dataclass
@@ -91,10 +99,10 @@ class Built:
     """A ready implementation: call it on x; grad_inputs lists what backward differentiates."""
     name: str
     module: nn.Module
-    backend: Optional[str] = None
+    env: Optional[Dict[str, str]] = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        with backend_env(self.backend):
+        with lora_env(self.env):
             return self.module(x)
 
     def params(self) -> List[torch.Tensor]:
@@ -150,7 +158,7 @@ class _HybridLora(torch.autograd.Function):
     """BENCH-ONLY: our Triton LoRA passes around cuBLAS base GEMMs (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, W, A, B, scaling: float, p: float, c_operand: bool):
+    def forward(ctx, x, W, A, B, scaling: float, p: float):
         from lora_kernels.ops.layout import rows_of
         from lora_kernels.ops.lora_shrink import lora_shrink
         from lora_kernels.reference import draw_seed
@@ -159,10 +167,7 @@ class _HybridLora(torch.autograd.Function):
         seed = draw_seed(x.device) if p > 0 else torch.zeros(1, dtype=torch.int64, device=x.device)
         xa = lora_shrink(x, rows_of(x), A, seed, p, _dot_precision(dt))          # (M, r) float32
         xa_s = (xa * scaling).to(dt)
-        if c_operand:
-            y = torch.addmm(xa_s @ B.to(dt).t(), x, W.t())                       # LoRA term as C
-        else:
-            y = (x @ W.t()).addmm_(xa_s, B.to(dt).t())                            # base first, then +=
+        y = torch.addmm(xa_s @ B.to(dt).t(), x, W.t())                           # LoRA term as C
         ctx.save_for_backward(x, xa, seed, W, A, B)
         ctx.scaling, ctx.p = scaling, p
         return y
@@ -187,27 +192,27 @@ class _HybridLora(torch.autograd.Function):
         if p > 0:
             lora_dx.mul_(dropout_mask(seed, x.shape[0], x.shape[1], p)).mul_(1.0 / (1.0 - p))
         grad_x = torch.addmm(lora_dx, dy, W)
-        return grad_x, None, grad_a.to(A.dtype), grad_b.to(B.dtype), None, None, None
+        return grad_x, None, grad_a.to(A.dtype), grad_b.to(B.dtype), None, None
 
 
 class HybridLora(nn.Module):
-    def __init__(self, case: Case, t: Tensors, c_operand: bool):
+    def __init__(self, case: Case, t: Tensors):
         super().__init__()
         self.weight = _frozen(t.W)
         self.lora_A = nn.Parameter(t.A.clone())
         self.lora_B = nn.Parameter(t.B.clone())
-        self.p, self.scaling, self.c_operand = case.dropout, case.lora_alpha / case.r, c_operand
+        self.p, self.scaling = case.dropout, case.lora_alpha / case.r
 
     def forward(self, x):
         p = self.p if self.training else 0.0
-        return _HybridLora.apply(x, self.weight, self.lora_A, self.lora_B, self.scaling, p, self.c_operand)
+        return _HybridLora.apply(x, self.weight, self.lora_A, self.lora_B, self.scaling, p)
 
 
 def _ours(case: Case, t: Tensors, name: str) -> Built:
     import lora_kernels as lk
 
-    backend = OUR_BACKENDS[name]
-    with backend_env(backend):
+    env = OUR_ENV[name]
+    with lora_env(env):
         try:
             lk.resolve_backend(t.x)
         except (RuntimeError, ValueError) as err:
@@ -217,7 +222,7 @@ def _ours(case: Case, t: Tensors, name: str) -> Built:
     with torch.no_grad():
         layer.lora_A.copy_(t.A)
         layer.lora_B.copy_(t.B)
-    return Built(name, layer, backend)
+    return Built(name, layer, env)
 
 
 class _Holder(nn.Module):
@@ -251,10 +256,10 @@ def build(name: str, case: Case, t: Tensors) -> Built:
     """Implementation `name` on the tensors of `case`, in training mode; raises Skip if it cannot run here."""
     if name == "base":
         built = Built(name, BaseLinear(t.W))
-    elif name in OUR_BACKENDS:
+    elif name in OUR_ENV:
         built = _ours(case, t, name)
-    elif name in ("hybrid", "hybrid_rev"):
-        built = Built(name, HybridLora(case, t, c_operand=name == "hybrid"))
+    elif name == "hybrid":
+        built = Built(name, HybridLora(case, t))
     elif name == "peft":
         built = _peft(case, t)
     elif name == "torch":
@@ -300,4 +305,4 @@ def names_from(spec: Optional[str]) -> List[str]:
 
 
 __all__ = ["IMPLS", "LABELS", "Skip", "Tensors", "Built", "make_tensors", "build", "reference_output",
-           "output_error", "TOLERANCE", "names_from", "backend_env"]
+           "output_error", "TOLERANCE", "names_from", "lora_env"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Dict, Iterable, List
 
 import torch
+from lora_kernels import gemm_dispatch
 
 from . import impls as I
 from .cases import Case
@@ -19,15 +20,25 @@ from .memory import MB, free, peak_bytes, saved_bytes
 from .timing import Timer
 
 PASSES = ("fwd", "bwd", "fwdbwd")
-# Field names in the results file: "fused" is ours on Triton, the others keep their implementation name.
+# Field names in the results file: "fused" is ours on Triton (GEMM path chosen per shape), the others keep
+# their implementation name.
 RATIOS = {  # name: (numerator impl, denominator impl), on forward+backward medians
     "fused_over_base": ("fused", "base"),
     "peft_over_fused": ("peft", "fused"),
     "torch_over_fused": ("torch", "fused"),
     "ours_torch_over_fused": ("ours_torch", "fused"),
+    "split_gemm_over_fused_gemm": ("split_gemm", "fused_gemm"),
     "hybrid_over_fused": ("hybrid", "fused"),
-    "hybrid_rev_over_fused": ("hybrid_rev", "fused"),
 }
+
+
+def _gemm_choices() -> Dict[str, dict]:
+    """{"fwd"/"bwd": {"path", "fused_ms", "split_ms"}} as LORA_KERNELS_GEMM=auto measured them; empty where auto
+    does not measure (off CUDA), or a pass the case did not run."""
+    out = {}
+    for key, (path, times) in gemm_dispatch.gemm_choices().items():
+        out[key.pass_name] = {"key": key.describe(), "path": path, **{f"{p}_ms": _r(ms) for p, ms in times.items()}}
+    return out
 
 
 def _r(v, digits=4):
@@ -73,6 +84,8 @@ def measure_case(case: Case, names: List[str], timer: Timer, passes: Iterable[st
             detail[name] = {"skipped": str(why)}
             continue
         d: Dict[str, object] = {}
+        if name == "fused":
+            gemm_dispatch.clear_gemm_choices()  # so the choices recorded below are this case's
         if check and name != "base":
             err = I.output_error(built, t.x, ref)
             d["rel_err"] = float(f"{err:.3g}")
@@ -82,6 +95,8 @@ def measure_case(case: Case, names: List[str], timer: Timer, passes: Iterable[st
         for p, m in _passes(built, t, timer, passes).items():
             d[f"{p}_ms"] = _r(m["median_ms"])
             d[f"{p}_min_ms"] = _r(m["min_ms"])
+        if name == "fused":
+            d["gemm"] = _gemm_choices()
         x = t.x.detach().requires_grad_(True)
         nbytes, y = saved_bytes(lambda: built(x), exclude=list(built.module.parameters()))
         del y
