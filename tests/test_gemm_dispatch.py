@@ -4,6 +4,7 @@ import time
 
 import pytest
 import torch
+import triton
 
 import lora_kernels as lk
 from lora_kernels import gemm_dispatch
@@ -221,3 +222,40 @@ def test_auto_measures_both_passes_with_the_real_kernels(monkeypatch, mm_calls):
     assert rel_err(y, y_ref) < TOL[torch.float16]
     for name in ("x", "lora_A", "lora_B"):
         assert rel_err(grads[name], g_ref[name]) < TOL[torch.float16], name
+
+
+def test_autotuning_leaves_every_output_intact(monkeypatch):
+    """On a GPU the autotuner runs each config several times before the real launch; the split path adds to y
+    and grad_x in place and grad_A / grad_B accumulate with atomics, so the autotuner must restore or zero them
+    between runs. The interpreter has one config and no benchmarker, so this test gives every kernel two
+    configs and a CPU stand-in for do_bench that calls the kernel three times, as a benchmark would."""
+    from lora_kernels.ops.lora_dy_b import _lora_dy_b_kernel
+    from lora_kernels.ops.lora_linear_bwd_dx import _lora_linear_bwd_dx_kernel
+    from lora_kernels.ops.lora_linear_fwd import _lora_linear_fwd_kernel
+    from lora_kernels.ops.lora_shrink import _lora_shrink_kernel
+
+    kernels = (_lora_shrink_kernel, _lora_linear_fwd_kernel, _lora_dy_b_kernel, _lora_linear_bwd_dx_kernel)
+
+    def bench_three_times(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        return [1.0] * len(quantiles)
+
+    for kernel in kernels:
+        cfg = kernel.configs[0]
+        monkeypatch.setattr(kernel, "configs", [cfg, triton.Config(dict(cfg.kwargs), num_warps=cfg.num_warps)])
+        monkeypatch.setattr(kernel, "cache", {})
+        monkeypatch.setitem(kernel.__dict__, "do_bench", bench_three_times)  # do_bench is a cached_property
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    for gemm in ("split", "fused"):
+        monkeypatch.setenv("LORA_KERNELS_GEMM", gemm)
+        for kernel in kernels:
+            kernel.cache.clear()
+        case = make_case((23,), 40, 33, 8, torch.float32)
+        dy = torch.randn(23, 33, generator=torch.Generator().manual_seed(6))
+        y, grads = _run(case, 0.2, dy)
+        assert all(kernel.cache for kernel in kernels)  # the autotuner did run
+        y_ref, g_ref = oracle(case, keep_mask("triton", seed_for(1234), case["x"].shape, 0.2), 0.2, dy)
+        assert rel_err(y, y_ref) < TOL[torch.float32], gemm
+        for name in ("x", "lora_A", "lora_B"):
+            assert rel_err(grads[name], g_ref[name]) < TOL[torch.float32], (gemm, name)

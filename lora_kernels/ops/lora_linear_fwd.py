@@ -29,8 +29,9 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     return pid_m, pid_n
 
 
+# restore_value: on the split path the kernel adds to y in place, and autotuning runs it many times.
 @triton.autotune(configs=gemm_configs(out_block="BLOCK_N", reduce_block="BLOCK_K"),
-                 key=["M_BUCKET", "N", "K", "R", "BASE_IN_Y"])
+                 key=["M_BUCKET", "N", "K", "R", "BASE_IN_Y"], restore_value=["y_ptr"])
 @triton.jit
 def _lora_linear_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr,
