@@ -259,3 +259,44 @@ def test_autotuning_leaves_every_output_intact(monkeypatch):
         assert rel_err(y, y_ref) < TOL[torch.float32], gemm
         for name in ("x", "lora_A", "lora_B"):
             assert rel_err(grads[name], g_ref[name]) < TOL[torch.float32], (gemm, name)
+
+
+def test_every_gpu_tile_config_computes_the_same(monkeypatch):
+    """The GPU's autotune configs (tiles up to 256 wide, much larger than these shapes) run here under the
+    interpreter, one config at a time for every kernel, on both GEMM paths: the edge masks and the rank loop
+    must be right for each tile shape the autotuner may pick on a GPU."""
+    from lora_kernels.ops import configs as C
+    from lora_kernels.ops.lora_dy_b import _lora_dy_b_kernel
+    from lora_kernels.ops.lora_linear_bwd_dx import _lora_linear_bwd_dx_kernel
+    from lora_kernels.ops.lora_linear_fwd import _lora_linear_fwd_kernel
+    from lora_kernels.ops.lora_shrink import _lora_shrink_kernel
+
+    monkeypatch.setattr(C, "interpreting", lambda: False)
+    gpu = {
+        _lora_shrink_kernel: C.rowblock_configs("BLOCK_K"),
+        _lora_dy_b_kernel: C.rowblock_configs("BLOCK_N"),
+        _lora_linear_fwd_kernel: C.gemm_configs(out_block="BLOCK_N", reduce_block="BLOCK_K"),
+        _lora_linear_bwd_dx_kernel: C.gemm_configs(out_block="BLOCK_K", reduce_block="BLOCK_N"),
+    }
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    case = make_case((70,), 72, 66, 70, torch.float16, ab_dtype=torch.float32)  # r = 70: two rank chunks
+    dy = torch.randn(70, 66, generator=torch.Generator().manual_seed(2)).half()
+    y_ref, g_ref = oracle(case, keep_mask("triton", seed_for(1234), case["x"].shape, 0.1), 0.1, dy)
+    for i in range(max(len(c) for c in gpu.values())):
+        for kernel, cfgs in gpu.items():
+            monkeypatch.setattr(kernel, "configs", [cfgs[i % len(cfgs)]])
+            monkeypatch.setattr(kernel, "cache", {})
+        # The deterministic partial-sum buffers are sized from the configs' smallest BLOCK_M: check them too.
+        for gemm, deterministic in (("fused", False), ("split", True)):
+            monkeypatch.setenv("LORA_KERNELS_GEMM", gemm)
+            torch.use_deterministic_algorithms(deterministic)
+            try:
+                y, grads = _run(case, 0.1, dy)
+            finally:
+                torch.use_deterministic_algorithms(False)
+            for kernel in gpu:
+                assert kernel.best_config is kernel.configs[0]
+            where = f"config {i}, {gemm}, deterministic={deterministic}"
+            assert rel_err(y, y_ref) < TOL[torch.float16], where
+            for name in ("x", "lora_A", "lora_B"):
+                assert rel_err(grads[name], g_ref[name]) < TOL[torch.float16], (where, name)
