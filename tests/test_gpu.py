@@ -40,20 +40,26 @@ def test_triton_matches_oracle_on_gpu(dtype, ab_dtype, lead, K, N, r, p, gemm, m
         assert rel_err(grads[name], g_ref[name]) < tol, name
 
 
+def _assert_matches_fp32_oracle(case, p, dy, y, grads, manual_seed=1234):
+    """The oracle in float32 on device (float64 at these sizes is slow), with the mask the run used."""
+    mask = keep_mask("triton", seed_for(manual_seed, "cuda"), case["x"].shape, p, "cuda") if p > 0 else None
+    c32 = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    y_ref, g_ref = oracle(c32, mask, p, dy.float())
+    assert rel_err(y, y_ref) < 2e-2
+    for name in grads:
+        assert rel_err(grads[name], g_ref[name]) < 3e-2, name
+
+
 @pytest.mark.parametrize("K,N", [(4096, 4096), (4096, 14336), (14336, 4096)])
-def test_llama_shapes_bf16(K, N, monkeypatch):
+@pytest.mark.parametrize("gemm", ["fused", "split"])
+def test_llama_shapes_bf16(K, N, gemm, monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    monkeypatch.setenv("LORA_KERNELS_GEMM", gemm)
     M, r = 2048, 16
     case = make_case((M,), K, N, r, torch.bfloat16, ab_dtype=torch.float32, device="cuda")
     dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
     y, grads = _run(case, 0.1, dy)
-    # The oracle in float32 on device (float64 at this size is slow), same mask.
-    mask = keep_mask("triton", seed_for(1234, "cuda"), case["x"].shape, 0.1, "cuda")
-    c32 = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
-    y_ref, g_ref = oracle(c32, mask, 0.1, dy.float())
-    assert rel_err(y, y_ref) < 2e-2
-    for name in grads:
-        assert rel_err(grads[name], g_ref[name]) < 3e-2, name
+    _assert_matches_fp32_oracle(case, 0.1, dy, y, grads)
 
 
 def test_autocast_bf16_on_gpu():
@@ -120,12 +126,7 @@ def test_auto_gemm_measures_each_pass_once_on_gpu(monkeypatch):
     assert sorted(k.pass_name for k in choices) == ["bwd", "fwd"]
     for path, times in choices.values():
         assert path in ("fused", "split") and times[path] == min(times.values()) > 0
-    mask = keep_mask("triton", seed_for(1234, "cuda"), case["x"].shape, 0.1, "cuda")
-    c32 = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
-    y_ref, g_ref = oracle(c32, mask, 0.1, dy.float())
-    assert rel_err(y, y_ref) < 2e-2
-    for name in grads:
-        assert rel_err(grads[name], g_ref[name]) < 3e-2, name
+    _assert_matches_fp32_oracle(case, 0.1, dy, y, grads)
     y2, _ = _run(case, 0.1, dy)  # same keys: nothing re-measured, the same path gives the same y
     assert gemm_dispatch.gemm_choices() == choices and torch.equal(y, y2)
     gemm_dispatch.clear_gemm_choices()
