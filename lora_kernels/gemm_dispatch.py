@@ -9,9 +9,10 @@
 The base GEMM is about 98 % of a LoRA layer's FLOPs, so whichever GEMM is faster for a shape decides the
 layer's speed, and neither wins everywhere. LORA_KERNELS_GEMM = auto (default) | fused | split.
 
-auto measures both paths the first time a shape key is seen (GemmKey: pass, device, dtype, M rounded up to a
-power of two, K, N, r, bias / dropout / grad_A), on the real operands, with CUDA events, and keeps the faster for the
-rest of the process, as Triton's autotuner does for tile sizes; `gemm_choices()` lists what was chosen.
+auto measures both paths the first time a shape key is seen (GemmKey: pass, device, dtype, M rounded up to
+a power of two, K, N, r, bias / dropout / grad_A), on the real operands, with CUDA events, and keeps the
+faster for the rest of the process, as Triton's autotuner does for tile sizes; `gemm_choices()` lists what
+was chosen.
 auto takes fused without measuring where a measurement would mean nothing or do harm:
   - off CUDA (the CPU under TRITON_INTERPRET=1): interpreter timings say nothing about a GPU;
   - while a CUDA graph is being captured (timing synchronises); a key measured before capture keeps its choice;
@@ -27,11 +28,10 @@ from typing import Callable, Dict, NamedTuple, Tuple
 import torch
 
 GEMM_CHOICES = ("auto", "fused", "split")
-PATHS = ("fused", "split")
+PATHS = ("fused", "split")  # the launchers' gemm= values (ops/lora_linear_fwd.py GEMM_PATHS; not imported: triton)
 # First calls compile and autotune the kernels (and warm cuBLAS's heuristics): never timed.
 WARMUP = 2
 REPS = 5
-
 
 
 class GemmKey(NamedTuple):
@@ -52,8 +52,9 @@ class GemmKey(NamedTuple):
 
 def gemm_key(pass_name: str, x: "torch.Tensor", rows: int, in_features: int, out_features: int, r: int,
              **flags: bool) -> GemmKey:
-    return GemmKey(pass_name, str(x.device), str(x.dtype).replace("torch.", ""), 1 << max(rows - 1, 0).bit_length(),
-                   in_features, out_features, r, ",".join(name for name, on in flags.items() if on))
+    m_bucket = 1 << max(rows - 1, 0).bit_length()
+    return GemmKey(pass_name, str(x.device), str(x.dtype).replace("torch.", ""), m_bucket, in_features,
+                   out_features, r, ",".join(name for name, on in flags.items() if on))
 
 
 _log = logging.getLogger(__name__)
