@@ -24,6 +24,7 @@
 #include <cstdint>
 
 #include "lora_dropout.h"
+#include "philox.cuh"
 
 namespace lora_kernels {
 namespace {
@@ -83,7 +84,7 @@ DropoutArgs dropout_args(const at::Tensor& seed, double p, const char* fn, const
               ": seed must be an int64 tensor with at least one element, got ", seed.scalar_type(), " with ",
               seed.numel(), " elements");
   // The kernels read element 0 through a raw pointer.
-  return DropoutArgs{seed.data_ptr<int64_t>(), static_cast<float>(p), p > 0.0};
+  return DropoutArgs{seed.data_ptr<int64_t>(), drop_threshold(p), p > 0.0};
 }
 
 // A (r, K) in float32 or x's dtype. A is small: a layout the kernels cannot address is copied.

@@ -18,7 +18,7 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 struct DropoutArgs {
   const int64_t* seed;  // 1-element device buffer
-  float p;              // float32 p, as the Triton kernels see it
+  int32_t threshold;    // drop_threshold(p) (philox.cuh): an element is kept iff its top 24 random bits >= it
   bool has_dropout;
 };
 

@@ -7,7 +7,8 @@
 //   dropout_mask      the (M, K) keep-mask itself, for tests
 //
 // The mask is lora_kernels::dropout_keep (philox.cuh), bit-identical to the Triton backend's
-// tl.rand(seed, row * K + col) >= p, generated in registers and never stored.
+// (ops/dropout.py), generated in registers and never stored. (These kernels make one Philox call per
+// element and use one of its four words; the Triton kernels use all four.)
 //
 // This file deliberately includes no torch header: argument checks, allocation, the stream and the
 // Python binding are in bindings.cpp, which calls the launchers declared in lora_dropout.h.
@@ -87,7 +88,7 @@ __device__ __forceinline__ void tile_fma(const float* Sa, const float* Sb, float
 // VEC > 1 requires K % VEC == 0, ld % VEC == 0 and a (sizeof(T) * VEC)-aligned x.
 template <typename T, int ROWS, int COLS, int VEC, int ROW_STEP, int COL_STEP>
 __device__ __forceinline__ void stage_dropped_x(float* S, const T* __restrict__ x, int64_t ld, int64_t M, int64_t K,
-                                                int64_t m0, int64_t k0, bool has_dropout, uint64_t seed, float p) {
+                                                int64_t m0, int64_t k0, bool has_dropout, uint64_t seed, int32_t threshold) {
   constexpr int kChunksPerRow = COLS / VEC;
   static_assert(COLS % VEC == 0, "tile width must be a multiple of the vector width");
   for (int c = threadIdx.x; c < ROWS * kChunksPerRow; c += kThreads) {
@@ -105,7 +106,7 @@ __device__ __forceinline__ void stage_dropped_x(float* S, const T* __restrict__ 
       if (has_dropout) {
 #pragma unroll
         for (int e = 0; e < VEC; ++e)
-          if (!dropout_keep(seed, m, k + e, K, p)) v[e] = 0.f;
+          if (!dropout_keep(seed, m, k + e, K, threshold)) v[e] = 0.f;
       }
     } else {
 #pragma unroll
@@ -139,7 +140,7 @@ template <typename T, typename TA, int BM, int BR, int VEC>
 __global__ void __launch_bounds__(kThreads)
 dropout_shrink_kernel(const T* __restrict__ x, int64_t ldx, const TA* __restrict__ A, int64_t lda,
                       float* __restrict__ xa, int64_t M, int64_t K, int64_t R, const int64_t* __restrict__ seed_ptr,
-                      float p, float keep_scale, bool has_dropout) {
+                      int32_t threshold, float keep_scale, bool has_dropout) {
   constexpr int BK = kShrinkBK;
   constexpr int TN = 4;
   constexpr int TX = BR / TN;
@@ -164,7 +165,7 @@ dropout_shrink_kernel(const T* __restrict__ x, int64_t ldx, const TA* __restrict
     for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
 
   for (int64_t k0 = 0; k0 < K; k0 += BK) {
-    stage_dropped_x<T, BM, BK, VEC, 1, LDX>(Sx, x, ldx, M, K, m0, k0, has_dropout, seed, p);
+    stage_dropped_x<T, BM, BK, VEC, 1, LDX>(Sx, x, ldx, M, K, m0, k0, has_dropout, seed, threshold);
     stage_matrix<TA, BR, BK, 1, LDA_S>(Sa, A, lda, R, K, j0, k0);  // Sa[k][j] = A[j0 + j, k0 + k]
     __syncthreads();
     tile_fma<BK, LDX, LDA_S, TM, TN, TY, TX>(Sx, Sa, acc, ty, tx);
@@ -193,7 +194,7 @@ template <typename T, int BR, int VEC>
 __global__ void __launch_bounds__(kThreads)
 dropout_grad_a_kernel(const float* __restrict__ dyb, int64_t lddyb, const T* __restrict__ x, int64_t ldx,
                       float* __restrict__ partial, int64_t M, int64_t K, int64_t R, int64_t rows_per_split,
-                      const int64_t* __restrict__ seed_ptr, float p, float out_scale, bool has_dropout) {
+                      const int64_t* __restrict__ seed_ptr, int32_t threshold, float out_scale, bool has_dropout) {
   constexpr int BK = kGradABK;
   constexpr int BMR = kGradABM;  // reduction step over rows of x
   constexpr int TN = 4;
@@ -221,7 +222,7 @@ dropout_grad_a_kernel(const float* __restrict__ dyb, int64_t lddyb, const T* __r
   for (int64_t m0 = m_begin; m0 < m_end; m0 += BMR) {
     // rows >= m_end belong to the next split (or are past M): M' = m_end masks them out.
     stage_matrix<float, BMR, BR, BR, 1>(Sd, dyb, lddyb, m_end, R, m0, j0);
-    stage_dropped_x<T, BMR, BK, VEC, BK, 1>(Sx, x, ldx, m_end, K, m0, k0, has_dropout, seed, p);
+    stage_dropped_x<T, BMR, BK, VEC, BK, 1>(Sx, x, ldx, m_end, K, m0, k0, has_dropout, seed, threshold);
     __syncthreads();
     tile_fma<BMR, BR, BK, TM, TN, TY, TX>(Sd, Sx, acc, ty, tx);
     __syncthreads();
@@ -250,7 +251,7 @@ template <typename T, typename TA>
 __global__ void __launch_bounds__(kThreads)
 lora_dx_epilogue_kernel(T* __restrict__ grad_x, int64_t ldg, const float* __restrict__ dyb, int64_t lddyb,
                         const TA* __restrict__ A, int64_t lda, int64_t M, int64_t K, int64_t R,
-                        const int64_t* __restrict__ seed_ptr, float p, float out_scale, bool has_dropout) {
+                        const int64_t* __restrict__ seed_ptr, int32_t threshold, float out_scale, bool has_dropout) {
   constexpr int BM = kDxBM, BK = kDxBK, BR = kDxBR;
   constexpr int TN = 4;
   constexpr int TX = BK / TN;
@@ -288,7 +289,7 @@ lora_dx_epilogue_kernel(T* __restrict__ grad_x, int64_t ldg, const float* __rest
     for (int j = 0; j < TN; ++j) {
       const int64_t k = k0 + tx + TX * j;
       if (k >= K) continue;
-      if (has_dropout && !dropout_keep(seed, m, k, K, p)) continue;  // dropped: grad_x unchanged
+      if (has_dropout && !dropout_keep(seed, m, k, K, threshold)) continue;  // dropped: grad_x unchanged
       T* g = grad_x + m * ldg + k;
       *g = from_float<T>(to_float(*g) + acc[i][j] * out_scale);
     }
@@ -299,13 +300,13 @@ lora_dx_epilogue_kernel(T* __restrict__ grad_x, int64_t ldg, const float* __rest
 // dropout_mask (tests/debugging)
 // ---------------------------------------------------------------------------------------------
 __global__ void dropout_mask_kernel(bool* __restrict__ out, int64_t M, int64_t K, int64_t row_start,
-                                    const int64_t* __restrict__ seed_ptr, float p) {
+                                    const int64_t* __restrict__ seed_ptr, int32_t threshold) {
   const uint64_t seed = static_cast<uint64_t>(seed_ptr[0]);
   const int64_t n = M * K;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t m = i / K;
-    out[i] = dropout_keep(seed, row_start + m, i - m * K, K, p);
+    out[i] = dropout_keep(seed, row_start + m, i - m * K, K, threshold);
   }
 }
 
@@ -349,10 +350,10 @@ void shrink_tile(const T* x, int64_t ldx, const TA* A, int64_t lda, float* xa, i
   const dim3 grid(static_cast<unsigned>(ceil_div(M, BM)), static_cast<unsigned>(ceil_div(R, BR)));
   if (vectorize) {
     dropout_shrink_kernel<T, TA, BM, BR, 16 / sizeof(T)><<<grid, kThreads, 0, stream>>>(
-        x, ldx, A, lda, xa, M, K, R, d.seed, d.p, keep_scale, d.has_dropout);
+        x, ldx, A, lda, xa, M, K, R, d.seed, d.threshold, keep_scale, d.has_dropout);
   } else {
     dropout_shrink_kernel<T, TA, BM, BR, 1><<<grid, kThreads, 0, stream>>>(
-        x, ldx, A, lda, xa, M, K, R, d.seed, d.p, keep_scale, d.has_dropout);
+        x, ldx, A, lda, xa, M, K, R, d.seed, d.threshold, keep_scale, d.has_dropout);
   }
 }
 
@@ -364,10 +365,10 @@ void grad_a_tile(const float* dyb, int64_t lddyb, const T* x, int64_t ldx, float
                   static_cast<unsigned>(splits));
   if (vectorize) {
     dropout_grad_a_kernel<T, BR, 16 / sizeof(T)><<<grid, kThreads, 0, stream>>>(
-        dyb, lddyb, x, ldx, partial, M, K, R, rows_per_split, d.seed, d.p, out_scale, d.has_dropout);
+        dyb, lddyb, x, ldx, partial, M, K, R, rows_per_split, d.seed, d.threshold, out_scale, d.has_dropout);
   } else {
     dropout_grad_a_kernel<T, BR, 1><<<grid, kThreads, 0, stream>>>(
-        dyb, lddyb, x, ldx, partial, M, K, R, rows_per_split, d.seed, d.p, out_scale, d.has_dropout);
+        dyb, lddyb, x, ldx, partial, M, K, R, rows_per_split, d.seed, d.threshold, out_scale, d.has_dropout);
   }
 }
 
@@ -438,7 +439,7 @@ cudaError_t launch_lora_dx_epilogue(DType g_dtype, DType a_dtype, void* grad_x, 
     const dim3 grid(static_cast<unsigned>(ceil_div(M, kDxBM)), static_cast<unsigned>(ceil_div(K, kDxBK)));
     lora_dx_epilogue_kernel<T, TA><<<grid, kThreads, 0, stream>>>(static_cast<T*>(grad_x), ldg, dyb, lddyb,
                                                                   static_cast<const TA*>(A), lda, M, K, R, d.seed,
-                                                                  d.p, out_scale, d.has_dropout);
+                                                                  d.threshold, out_scale, d.has_dropout);
     return cudaGetLastError();
   });
 }
@@ -447,7 +448,7 @@ cudaError_t launch_dropout_mask(bool* out, int64_t M, int64_t K, int64_t row_sta
                                 cudaStream_t stream) {
   if (M <= 0 || K <= 0) return cudaSuccess;
   const int64_t blocks = ceil_div(M * K, kThreads) < 65535 ? ceil_div(M * K, kThreads) : 65535;
-  dropout_mask_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(out, M, K, row_start, d.seed, d.p);
+  dropout_mask_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(out, M, K, row_start, d.seed, d.threshold);
   return cudaGetLastError();
 }
 

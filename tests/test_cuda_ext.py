@@ -2,8 +2,8 @@
 
 On CPU (no GPU, CPU torch), what can be checked is checked:
   * csrc/philox.cuh, compiled with g++ into a tiny driver, reproduces Triton's dropout mask bit for bit:
-    the uniform floats of tl.rand and the keep decisions of ops/dropout.py's dropout_keep, run under
-    Triton's interpreter, for several seeds (also > 2**32) and offsets row*K + col beyond 2**32;
+    the random words of ops/dropout.py's dropout_bits and the keep decisions of its dropout_keep, run under
+    Triton's interpreter, for several seeds (also > 2**32) and Philox counters beyond 2**32;
   * every csrc source compiles with the flags torch's BuildExtension passes (nvcc for .cu, the host
     compiler for .cpp) against the installed torch's headers; skipped when nvcc is absent;
   * CudaLoraLinear's autograd glue, with a stand-in for the compiled module that implements its functions
@@ -31,7 +31,7 @@ CSRC = ROOT / "csrc"
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from lora_kernels.ops.dropout import dropout_keep, dropout_mask  # noqa: E402
+from lora_kernels.ops.dropout import drop_threshold, dropout_bits, dropout_keep, dropout_mask  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -40,27 +40,22 @@ from lora_kernels.ops.dropout import dropout_keep, dropout_mask  # noqa: E402
 
 _DRIVER = r"""
 #include <cstdio>
-#include <cstring>
 #include "philox.cuh"
-// stdin: queries "seed row_start M K p"; stdout per query: M*K uniform float bit patterns (hex), then
-// M*K keep flags (0/1), for rows [row_start, row_start + M) of a logical (*, K) tensor.
+// stdin: queries "seed row_start M K p"; stdout per query: M*K random words (hex), then M*K keep flags
+// (0/1), for rows [row_start, row_start + M) of a logical (*, K) tensor.
 int main() {
   long long seed, row_start, M, K;
   double p;
   while (std::scanf("%lld %lld %lld %lld %lf", &seed, &row_start, &M, &K, &p) == 5) {
-    const float pf = static_cast<float>(p);
+    const int32_t threshold = lora_kernels::drop_threshold(p);
     for (long long m = 0; m < M; ++m)
-      for (long long k = 0; k < K; ++k) {
-        const unsigned long long offset = static_cast<unsigned long long>((row_start + m) * K + k);
-        const float u = lora_kernels::philox_uniform(static_cast<uint64_t>(seed), offset);
-        unsigned int bits;
-        std::memcpy(&bits, &u, 4);
-        std::printf("%08x ", bits);
-      }
+      for (long long k = 0; k < K; ++k)
+        std::printf("%08x ", lora_kernels::dropout_bits(static_cast<uint64_t>(seed), row_start + m, k, K));
     std::printf("\n");
     for (long long m = 0; m < M; ++m)
       for (long long k = 0; k < K; ++k)
-        std::printf("%d", lora_kernels::dropout_keep(static_cast<uint64_t>(seed), row_start + m, k, K, pf) ? 1 : 0);
+        std::printf("%d", lora_kernels::dropout_keep(static_cast<uint64_t>(seed), row_start + m, k, K, threshold)
+                              ? 1 : 0);
     std::printf("\n");
   }
   return 0;
@@ -87,28 +82,30 @@ def philox_cpp(builds):
 
 
 @triton.jit
-def _rand_rows_kernel(seed_ptr, u_ptr, keep_ptr, row_start, M, K, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """tl.rand and dropout_keep for rows [row_start, row_start + M) of a logical (*, K) tensor."""
+def _rand_rows_kernel(seed_ptr, bits_ptr, keep_ptr, row_start, M, K, threshold, BLOCK_M: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """dropout_bits and dropout_keep for rows [row_start, row_start + M) of a logical (*, K) tensor."""
     local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col0 = tl.program_id(1) * BLOCK_K
+    cols = col0 + tl.arange(0, BLOCK_K)
     rows = row_start + local.to(tl.int64)
     seed = tl.load(seed_ptr)
-    u = tl.rand(seed, rows[:, None] * K + cols[None, :])
-    keep = dropout_keep(seed, rows, cols, K, p)
+    bits = dropout_bits(seed, rows, col0, K, BLOCK_K)
+    keep = dropout_keep(seed, rows, col0, K, threshold, BLOCK_K)
     ok = (local < M)[:, None] & (cols < K)[None, :]
     out = local.to(tl.int64)[:, None] * K + cols[None, :]
-    tl.store(u_ptr + out, u, mask=ok)
+    tl.store(bits_ptr + out, bits.to(tl.int64), mask=ok)
     tl.store(keep_ptr + out, keep.to(tl.int8), mask=ok)
 
 
 def triton_rand_rows(seed, row_start, M, K, p, device="cpu"):
-    """(uniform bits int64 (M, K), keep bool (M, K)) from Triton (the interpreter on CPU)."""
-    u = torch.empty((M, K), dtype=torch.float32, device=device)
+    """(random words int64 (M, K), keep bool (M, K)) from Triton (the interpreter on CPU)."""
+    bits = torch.empty((M, K), dtype=torch.int64, device=device)
     keep = torch.empty((M, K), dtype=torch.int8, device=device)
     seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
     grid = (triton.cdiv(M, 16), triton.cdiv(K, 32))
-    _rand_rows_kernel[grid](seed_t, u, keep, row_start, M, K, p, BLOCK_M=16, BLOCK_K=32)
-    return u.view(torch.int32).to(torch.int64) & 0xFFFFFFFF, keep.bool()
+    _rand_rows_kernel[grid](seed_t, bits, keep, row_start, M, K, drop_threshold(p), BLOCK_M=16, BLOCK_K=32)
+    return bits, keep.bool()
 
 
 MASK_CASES = [  # (seed, M, K, p)
@@ -127,34 +124,36 @@ def test_philox_header_reproduces_triton_dropout_mask(philox_cpp):
         assert 0 < keep.sum() < keep.numel()
 
 
-LARGE_OFFSET_CASES = [  # (seed, row_start, M, K, p): offsets row*K + col at and far beyond 2**32
-    (7, 2**32 // 1000 - 2, 5, 1000, 0.3),  # crosses 2**32 inside the block
-    (2**31 - 2, 2**33 // 77 - 1, 3, 77, 0.5),
-    (424242, 2**45 // 1000, 2, 1000, 0.1),
-    (2**40 + 3, 2**36 // 96, 3, 96, 0.2),  # a seed above 2**32: both key words in play
+LARGE_OFFSET_CASES = [  # (seed, row_start, M, K, p): Philox counters row*ceil(K/4) + col//4 at and far beyond 2**32
+    (7, 2**32 // 250 - 2, 5, 1000, 0.3),  # crosses 2**32 inside the block
+    (2**31 - 2, 2**33 // 20 - 1, 3, 77, 0.5),
+    (424242, 2**45 // 250, 2, 1000, 0.1),
+    (2**40 + 3, 2**36 // 24, 3, 96, 0.2),  # a seed above 2**32: both key words in play
     (-5, 12, 4, 40, 0.6),  # a negative int64 seed is reinterpreted as uint64 by both
 ]
 
 
 def test_philox_header_reproduces_triton_rand_bits_beyond_2_32(philox_cpp):
     # One block straddles 2**32 (both 32-bit counters change inside it); others lie far beyond it.
-    assert any(r0 * K < 2**32 <= (r0 + M) * K for _, r0, M, K, _ in LARGE_OFFSET_CASES)
+    assert any(r0 * -(-K // 4) < 2**32 <= (r0 + M) * -(-K // 4) for _, r0, M, K, _ in LARGE_OFFSET_CASES)
     results = philox_cpp(LARGE_OFFSET_CASES)
     for (seed, r0, M, K, p), (bits, keep) in zip(LARGE_OFFSET_CASES, results):
         want_bits, want_keep = triton_rand_rows(seed, r0, M, K, p)
-        assert torch.equal(bits, want_bits), f"tl.rand bits differ for seed={seed} rows {r0}+{M} K={K}"
+        assert torch.equal(bits, want_bits), f"random words differ for seed={seed} rows {r0}+{M} K={K}"
         assert torch.equal(keep, want_keep), f"keep differs for seed={seed} rows {r0}+{M} K={K}"
 
 
-def test_philox_header_keep_is_rand_ge_p_at_the_boundary(philox_cpp):
-    """p equal to an element's uniform value keeps it (>=), in both implementations."""
+def test_philox_header_keep_at_the_threshold(philox_cpp):
+    """An element whose top 24 random bits equal drop_threshold(p) is kept (>=), one above is dropped, in both
+    implementations."""
     seed, K = 99, 64
     (bits, _), = philox_cpp([(seed, 0, 1, K, 0.5)])
-    u = bits[0, 10].to(torch.int32).view(torch.float32).item()  # an exact float32, also exact as a double
-    (_, keep), = philox_cpp([(seed, 0, 1, K, u)])
-    want = dropout_mask(torch.tensor([seed]), 1, K, u)
-    assert keep[0, 10] and want[0, 10]
-    assert torch.equal(keep, want)
+    top = int(bits[0, 10]) >> 8
+    for p, kept in ((top / 2**24, True), ((top + 1) / 2**24, False)):  # exact doubles: the threshold is top (+1)
+        (_, keep), = philox_cpp([(seed, 0, 1, K, p)])
+        want = dropout_mask(torch.tensor([seed]), 1, K, p)
+        assert bool(keep[0, 10]) == kept and bool(want[0, 10]) == kept
+        assert torch.equal(keep, want)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """The dropout contract: seeded, reproducible, the right rate and scale, regenerated (not stored) for backward."""
 import pytest
 import torch
+import triton  # imported after conftest, which picks Triton's interpreter on a machine without CUDA
+import triton.language as tl
 
 import lora_kernels as lk
+from lora_kernels.ops.dropout import _dropout_mask_kernel, drop_threshold, dropout_bits, dropout_mask
 from helpers import TOL, keep_mask, make_case, oracle, rel_err, seed_for
 
 BACKENDS = ["triton", "torch"]
@@ -99,11 +102,52 @@ def test_backward_regenerates_the_forward_mask(backend, monkeypatch):
 
 
 def test_triton_mask_independent_of_tiles():
-    """The mask is a function of (seed, row * K + col) only: any sub-block of it agrees with the whole."""
-    from lora_kernels.ops.dropout import dropout_mask
-
+    """The mask is a function of (seed, row, col) only: every tiling of the same (M, K) gives the same mask."""
     seed = torch.tensor([12345], dtype=torch.int64)
-    full = dropout_mask(seed, 70, 45, 0.3)
-    flat = dropout_mask(seed, 1, 70 * 45, 0.3).reshape(70, 45)
-    assert torch.equal(full, flat)
-    assert not torch.equal(full, dropout_mask(seed + 1, 70, 45, 0.3))
+    M, K = 70, 45
+    full = dropout_mask(seed, M, K, 0.3)
+    for bm, bk in ((16, 64), (64, 16), (8, 128)):
+        out = torch.empty((M, K), dtype=torch.int8)
+        _dropout_mask_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](seed, out, M, K, drop_threshold(0.3),
+                                                                       BLOCK_M=bm, BLOCK_K=bk)
+        assert torch.equal(out.bool(), full), (bm, bk)
+    assert not torch.equal(full, dropout_mask(seed + 1, M, K, 0.3))
+
+
+@triton.jit
+def _bits_tiled_and_direct(seed_ptr, tiled_ptr, direct_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col0 = tl.program_id(1) * BLOCK_K
+    cols = col0 + tl.arange(0, BLOCK_K)
+    seed = tl.load(seed_ptr)
+    tiled = dropout_bits(seed, rows, col0, K, BLOCK_K)
+    counters = rows.to(tl.int64)[:, None] * ((K + 3) // 4) + (cols // 4)[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    lane = (cols % 4)[None, :]
+    direct = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+    ok = (rows < M)[:, None] & (cols < K)[None, :]
+    at = rows.to(tl.int64)[:, None] * K + cols[None, :]
+    tl.store(tiled_ptr + at, tiled.to(tl.int64), mask=ok)
+    tl.store(direct_ptr + at, direct.to(tl.int64), mask=ok)
+
+
+def test_triton_mask_is_the_documented_function():
+    """Element (row, col) uses word col % 4 of tl.randint4x(seed, row * ceil(K / 4) + col // 4), and is kept
+    when its top 24 bits reach floor(p * 2**24): checked element by element against the tiled, interleaved
+    dropout_bits that the kernels use."""
+    M, K = 9, 43  # K % 4 != 0: each row's last group is partly unused
+    for seed_value in (7, 2**31 - 2, 2**40 + 3):
+        seed = torch.tensor([seed_value], dtype=torch.int64)
+        tiled, direct = torch.empty((M, K), dtype=torch.int64), torch.empty((M, K), dtype=torch.int64)
+        _bits_tiled_and_direct[(triton.cdiv(M, 4), triton.cdiv(K, 32))](seed, tiled, direct, M, K, BLOCK_M=4, BLOCK_K=32)
+        assert torch.equal(tiled, direct)
+        assert tiled.min() >= 0 and tiled.max() < 2**32 and tiled.unique().numel() == M * K
+        for p in (0.1, 0.5):
+            keep = (tiled >> 8) >= drop_threshold(p)
+            assert torch.equal(keep, dropout_mask(seed, M, K, p))
+
+
+def test_drop_threshold_resolution():
+    assert drop_threshold(0.0) == 0 and drop_threshold(0.5) == 2**23
+    for p in (0.05, 0.1, 0.3, 0.999):
+        assert 0 <= p - drop_threshold(p) / 2**24 < 2**-24

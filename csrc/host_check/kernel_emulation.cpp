@@ -86,7 +86,7 @@ void report(const char* what, const char* detail, double err, double tol) {
 
 double keep_factor(uint64_t seed, int64_t m, int64_t k, int64_t K, float p, bool has) {
   if (!has) return 1.0;
-  return dropout_keep(seed, m, k, K, p) ? 1.0 / (1.0 - (double)p) : 0.0;
+  return dropout_keep(seed, m, k, K, drop_threshold(p)) ? 1.0 / (1.0 - (double)p) : 0.0;
 }
 
 template <typename T, typename TA, int BM, int BR, int VEC>
@@ -100,7 +100,7 @@ void check_shrink(const char* name, int64_t M, int64_t K, int64_t R, int64_t pad
   const bool has = p > 0;
   const float keep_scale = has ? (float)(1.0 / (1.0 - p)) : 1.f;
   launch((unsigned)((M + BM - 1) / BM), (unsigned)((R + BR - 1) / BR), 1, [&] {
-    dropout_shrink_kernel<T, TA, BM, BR, VEC>(x.data(), ldx, A.data(), K, xa.data(), M, K, R, &seed, p, keep_scale, has);
+    dropout_shrink_kernel<T, TA, BM, BR, VEC>(x.data(), ldx, A.data(), K, xa.data(), M, K, R, &seed, drop_threshold(p), keep_scale, has);
   });
   double err = 0, mx = 1;
   for (int64_t m = 0; m < M; ++m)
@@ -128,14 +128,14 @@ void check_grad_a(const char* name, int64_t M, int64_t K, int64_t R, int64_t pad
   const bool has = p > 0;
   const float s = 1.5f, out_scale = has ? (float)(1.5 / (1.0 - p)) : 1.5f;
   launch((unsigned)((K + 63) / 64), (unsigned)((R + BR - 1) / BR), (unsigned)splits, [&] {
-    dropout_grad_a_kernel<T, BR, VEC>(dyb.data(), lddyb, x.data(), ldx, partial.data(), M, K, R, rows_per_split, &seed, p, out_scale, has);
+    dropout_grad_a_kernel<T, BR, VEC>(dyb.data(), lddyb, x.data(), ldx, partial.data(), M, K, R, rows_per_split, &seed, drop_threshold(p), out_scale, has);
   });
   double err = 0, mx = 1;
   for (int64_t j = 0; j < R; ++j)
     for (int64_t k = 0; k < K; ++k) {
       double ref = 0, got = 0;
       for (int64_t m = 0; m < M; ++m)
-        ref += dyb[m * lddyb + j] * host_to_double(x[m * ldx + k]) * (has ? (dropout_keep(seed, m, k, K, p) ? 1.0 : 0.0) : 1.0);
+        ref += dyb[m * lddyb + j] * host_to_double(x[m * ldx + k]) * (has ? (dropout_keep(seed, m, k, K, drop_threshold(p)) ? 1.0 : 0.0) : 1.0);
       ref *= has ? s / (1.0 - p) : s;
       for (int64_t z = 0; z < splits; ++z) got += partial[(z * R + j) * K + k];
       err = std::max(err, std::fabs(ref - got));
@@ -158,7 +158,7 @@ void check_dx(const char* name, int64_t M, int64_t K, int64_t R, float p, double
   const bool has = p > 0;
   const float out_scale = has ? (float)(0.75 / (1.0 - p)) : 0.75f;
   launch((unsigned)((M + 63) / 64), (unsigned)((K + 63) / 64), 1, [&] {
-    lora_dx_epilogue_kernel<T, TA>(grad.data(), ldg, dyb.data(), lddyb, A.data(), lda, M, K, R, &seed, p, out_scale, has);
+    lora_dx_epilogue_kernel<T, TA>(grad.data(), ldg, dyb.data(), lddyb, A.data(), lda, M, K, R, &seed, drop_threshold(p), out_scale, has);
   });
   double err = 0, mx = 1;
   int64_t untouched_bad = 0;
@@ -169,7 +169,7 @@ void check_dx(const char* name, int64_t M, int64_t K, int64_t R, float p, double
       const double ref = host_to_double(before[m * ldg + k]) + 0.75 * t * keep_factor(seed, m, k, K, p, has);
       err = std::max(err, std::fabs(ref - host_to_double(grad[m * ldg + k])));
       mx = std::max(mx, std::fabs(ref));
-      if (has && !dropout_keep(seed, m, k, K, p) && host_to_double(grad[m * ldg + k]) != host_to_double(before[m * ldg + k])) ++untouched_bad;
+      if (has && !dropout_keep(seed, m, k, K, drop_threshold(p)) && host_to_double(grad[m * ldg + k]) != host_to_double(before[m * ldg + k])) ++untouched_bad;
     }
     for (int64_t k = K; k < ldg; ++k)  // padding between rows is never written
       if (host_to_double(grad[m * ldg + k]) != host_to_double(before[m * ldg + k])) ++untouched_bad;
@@ -182,10 +182,10 @@ void check_dx(const char* name, int64_t M, int64_t K, int64_t R, float p, double
 void check_mask(int64_t M, int64_t K, int64_t row_start, float p) {
   const int64_t seed = 2024;
   std::vector<unsigned char> out(M * K, 2);
-  launch(3, 1, 1, [&] { dropout_mask_kernel(reinterpret_cast<bool*>(out.data()), M, K, row_start, &seed, p); });
+  launch(3, 1, 1, [&] { dropout_mask_kernel(reinterpret_cast<bool*>(out.data()), M, K, row_start, &seed, drop_threshold(p)); });
   int64_t bad = 0;
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) bad += out[m * K + k] != (dropout_keep(seed, row_start + m, k, K, p) ? 1 : 0);
+    for (int64_t k = 0; k < K; ++k) bad += out[m * K + k] != (dropout_keep(seed, row_start + m, k, K, drop_threshold(p)) ? 1 : 0);
   char d[128];
   std::snprintf(d, sizeof d, "M=%ld K=%ld row_start=%ld", (long)M, (long)K, (long)row_start);
   report("dropout_mask", d, (double)bad, 0);

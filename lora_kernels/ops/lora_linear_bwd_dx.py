@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .configs import gemm_configs, lora_block_r, min_block_m
-from .dropout import dropout_keep
+from .dropout import drop_threshold, dropout_keep
 from .layout import Rows, row_offsets
 from .lora_linear_fwd import GEMM_PATHS, grouped_tile
 
@@ -36,7 +36,7 @@ def _lora_linear_bwd_dx_kernel(
     x_inner, stride_x_outer, stride_x_inner, stride_xk,
     stride_dxm, stride_dxk,
     stride_gas, stride_gar, stride_gak,
-    scaling, p, keep_scale,
+    scaling, threshold, keep_scale,
     COMPUTE_DX: tl.constexpr, BASE_IN_DX: tl.constexpr, COMPUTE_GRAD_A: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -69,7 +69,7 @@ def _lora_linear_bwd_dx_kernel(
             acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
 
     if HAS_DROPOUT:
-        keep = dropout_keep(tl.load(seed_ptr), rm, rk, K, p)
+        keep = dropout_keep(tl.load(seed_ptr), rm, pid_k * BLOCK_K, K, threshold, BLOCK_K)
     if COMPUTE_GRAD_A:
         x_rows = x_ptr + row_offsets(rm, x_inner, stride_x_outer, stride_x_inner)
         x = tl.load(x_rows[:, None] + rk[None, :] * stride_xk, mask=tile_ok, other=0.0)
@@ -136,7 +136,7 @@ def lora_linear_bwd_dx(dy: torch.Tensor, dy_rows: Rows, weight: torch.Tensor, dy
         x_rows.inner, x_rows.stride_outer, x_rows.stride_inner, x_rows.stride_col,
         dx2.stride(0), dx2.stride(1),
         grad_a.stride(0) if deterministic else 0, grad_a.stride(1), grad_a.stride(2),
-        scaling, p, 1.0 / (1.0 - p),
+        scaling, drop_threshold(p), 1.0 / (1.0 - p),
         COMPUTE_DX=compute_dx, BASE_IN_DX=base_in_dx, COMPUTE_GRAD_A=compute_grad_a, HAS_DROPOUT=p > 0.0,
         DETERMINISTIC=deterministic,
         DOT_PRECISION=dot_precision, BLOCK_R=lora_block_r(R),

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .configs import lora_block_r, rowblock_configs
-from .dropout import dropout_keep
+from .dropout import drop_threshold, dropout_keep
 from .layout import Rows, row_offsets
 
 
@@ -20,7 +20,7 @@ def _lora_shrink_kernel(
     x_inner, stride_x_outer, stride_x_inner, stride_xk,
     stride_ar, stride_ak,
     stride_xam, stride_xar,
-    p, keep_scale,
+    threshold, keep_scale,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -39,7 +39,7 @@ def _lora_shrink_kernel(
         k_ok = kk < K
         x = tl.load(x_rows[:, None] + kk[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(dropout_keep(seed, rm, kk, K, p), x, 0.0)
+            x = tl.where(dropout_keep(seed, rm, k0, K, threshold, BLOCK_K), x, 0.0)
         a = tl.load(a_ptr + rr[None, :] * stride_ar + kk[:, None] * stride_ak,
                     mask=r_ok[None, :] & k_ok[:, None], other=0.0)
         acc = tl.dot(x, a.to(x.dtype), acc, input_precision=DOT_PRECISION)
@@ -62,7 +62,7 @@ def lora_shrink(x: torch.Tensor, rows: Rows, lora_A: torch.Tensor, seed: torch.T
         rows.inner, rows.stride_outer, rows.stride_inner, rows.stride_col,
         lora_A.stride(0), lora_A.stride(1),
         xa.stride(0), xa.stride(1),
-        p, 1.0 / (1.0 - p),
+        drop_threshold(p), 1.0 / (1.0 - p),
         HAS_DROPOUT=p > 0.0, DOT_PRECISION=dot_precision, BLOCK_R=block_r,
     )
     return xa
