@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, Optional
 
 import torch
+from lora_kernels import gemm_dispatch
 
 from .memory import MB, free
 
@@ -118,8 +119,6 @@ def run_one(impl: str, p: Preset, device, warmup: int, steps: int) -> dict:
     """Median step time, tokens/s and peak memory of `impl` on preset `p`."""
     device = torch.device(device)
     cuda = device.type == "cuda"
-    from lora_kernels import gemm_dispatch
-
     gemm_dispatch.clear_gemm_choices()
     step, info = prepare(impl, p, device)
     for _ in range(warmup):  # also autotunes the Triton kernels, picks GEMM paths, allocates AdamW's state
