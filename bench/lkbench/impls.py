@@ -133,8 +133,8 @@ class BaseLinear(nn.Module):
         return F.linear(x, self.weight)
 
 
-class UnfusedTorchLora(nn.Module):
-    """The textbook LoRA in the activation dtype; autograd keeps what it keeps (the dropped copy too)."""
+class _LoraOnTensors(nn.Module):
+    """The frozen W and trainable copies of A and B of a case, for the bench-only LoRA modules below."""
 
     def __init__(self, case: Case, t: Tensors):
         super().__init__()
@@ -142,6 +142,10 @@ class UnfusedTorchLora(nn.Module):
         self.lora_A = nn.Parameter(t.A.clone())
         self.lora_B = nn.Parameter(t.B.clone())
         self.p, self.scaling = case.dropout, case.lora_alpha / case.r
+
+
+class UnfusedTorchLora(_LoraOnTensors):
+    """The textbook LoRA in the activation dtype; autograd keeps what it keeps (the dropped copy too)."""
 
     def forward(self, x):
         dt = x.dtype
@@ -195,14 +199,7 @@ class _HybridLora(torch.autograd.Function):
         return grad_x, None, grad_a.to(A.dtype), grad_b.to(B.dtype), None, None
 
 
-class HybridLora(nn.Module):
-    def __init__(self, case: Case, t: Tensors):
-        super().__init__()
-        self.weight = _frozen(t.W)
-        self.lora_A = nn.Parameter(t.A.clone())
-        self.lora_B = nn.Parameter(t.B.clone())
-        self.p, self.scaling = case.dropout, case.lora_alpha / case.r
-
+class HybridLora(_LoraOnTensors):
     def forward(self, x):
         p = self.p if self.training else 0.0
         return _HybridLora.apply(x, self.weight, self.lora_A, self.lora_B, self.scaling, p)
