@@ -25,7 +25,7 @@ from lkbench import e2e as E
 from lkbench import impls as I
 from lkbench import results as R
 from lkbench.ops_bench import PASSES, measure_case
-from lkbench.timing import L2_FLUSH_BYTES, Timer
+from lora_kernels.timing import L2_FLUSH_BYTES, Timer
 
 
 def parse_args(argv=None):

@@ -15,7 +15,7 @@ from lkbench import cases as C
 from lkbench import impls as I
 from lkbench.memory import MB, peak_bytes
 from lkbench.ops_bench import PASSES
-from lkbench.timing import L2_FLUSH_BYTES
+from lora_kernels.timing import L2_FLUSH_BYTES
 
 CUDA = torch.cuda.is_available()
 ROUNDS = int(os.environ.get("LORA_BENCH_ROUNDS", "20" if CUDA else "1"))

@@ -21,11 +21,11 @@ auto takes fused without measuring where a measurement would mean nothing or do 
 """
 import logging
 import os
-import statistics
-import time
 from typing import Callable, Dict, NamedTuple, Tuple
 
 import torch
+
+from .timing import Timer
 
 GEMM_CHOICES = ("auto", "fused", "split")
 PATHS = ("fused", "split")  # the launchers' gemm= values (ops/lora_linear_fwd.py GEMM_PATHS; not imported: triton)
@@ -68,29 +68,11 @@ def requested_gemm() -> str:
     return name
 
 
-def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
 def measure(run: Callable[[str], object], device: torch.device) -> Dict[str, float]:
-    """Median milliseconds of run(path) for each path; the paths alternate so drifting clocks hit both alike."""
-    for _ in range(WARMUP):
-        for path in PATHS:
-            run(path)
-    times = {path: [] for path in PATHS}
-    for _ in range(REPS):
-        for path in PATHS:
-            times[path].append(_time_ms(lambda: run(path), device))
-    return {path: statistics.median(ts) for path, ts in times.items()}
+    """Median milliseconds of run(path) for each path (the timer interleaves the paths' repetitions)."""
+    timer = Timer(device, WARMUP, REPS, flush_l2=False)
+    stats = timer.compare({path: (lambda _, path=path: run(path), None) for path in PATHS})
+    return {path: stats[path]["median_ms"] for path in PATHS}
 
 
 def _measurable(device: torch.device) -> bool:

@@ -193,7 +193,7 @@ def test_choose_measures_once_per_key_and_keeps_the_faster(monkeypatch):
 
 def test_choose_keeps_fused_on_a_tie(monkeypatch):
     monkeypatch.setattr(gemm_dispatch, "_measurable", lambda device: True)
-    monkeypatch.setattr(gemm_dispatch, "_time_ms", lambda fn, device: (fn(), 1.0)[1])
+    monkeypatch.setattr(gemm_dispatch, "measure", lambda run, device: {"fused": 1.0, "split": 1.0})
     assert gemm_dispatch.choose(K1, torch.device("cpu"), lambda path: None) == "fused"
 
 

@@ -17,7 +17,7 @@ from lora_kernels import gemm_dispatch
 from . import impls as I
 from .cases import Case
 from .memory import MB, free, peak_bytes, saved_bytes
-from .timing import Timer
+from lora_kernels.timing import Timer
 
 PASSES = ("fwd", "bwd", "fwdbwd")
 # Field names in the results file: "fused" is ours on Triton (GEMM path chosen per shape), the others keep
