@@ -6,7 +6,7 @@ nvcc is on the machine (or LORA_KERNELS_BUILD_CUDA=1 forces it). A CPU-only inst
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def _cuda_extension():
@@ -37,8 +37,7 @@ setup(
     long_description=open(os.path.join(os.path.dirname(__file__), "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["lora_kernels", "lora_kernels.ops", "lora_kernels.data", "lora_kernels.integrations"],
-    package_dir={"lora_kernels.integrations": "integrations"},
+    packages=find_packages(include=["lora_kernels", "lora_kernels.*"]),
     package_data={"lora_kernels.data": ["*.jsonl", "*.txt"]},
     install_requires=[
         "torch>=2.4,<3",

@@ -15,9 +15,9 @@ from typing import Optional
 import torch.nn as nn
 from transformers import PreTrainedModel, TrainerCallback
 
-from lora_kernels.config import LoraConfig
-from lora_kernels.inject import inject_lora
-from lora_kernels.persistence import save_adapter
+from ..config import LoraConfig
+from ..inject import inject_lora
+from ..persistence import save_adapter
 
 
 def apply_fused_lora(model: PreTrainedModel, config: Optional[LoraConfig] = None, **config_kwargs) -> PreTrainedModel:

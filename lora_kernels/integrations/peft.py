@@ -15,7 +15,7 @@ import torch.nn as nn
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer
 
-from lora_kernels.functional import fused_lora_linear
+from ..functional import fused_lora_linear
 
 
 def _unservable_reason(layer: PeftLoraLinear, adapter: Optional[str] = None) -> Optional[str]:
