@@ -38,6 +38,46 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, keep_mask: O
     return F.linear(x, weight, bias) + scaling * F.linear(F.linear(dropped, lora_A), lora_B)
 
 
+# Max error relative to the oracle's largest magnitude, per activation dtype.
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-12}
+
+
+def make_case(lead, K, N, r, dtype, ab_dtype=None, bias=True, seed=0, device="cpu"):
+    """Random inputs of fused_lora_linear for x of shape (*lead, K), scaled so outputs are O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    ab_dtype = ab_dtype or dtype
+
+    def rnd(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dt)
+
+    return {
+        "x": rnd(*lead, K),
+        "weight": rnd(N, K, scale=K ** -0.5),
+        "bias": rnd(N) if bias else None,
+        "lora_A": rnd(r, K, scale=K ** -0.5, dt=ab_dtype),
+        "lora_B": rnd(N, r, scale=r ** -0.5, dt=ab_dtype),
+        "scaling": 1.5,
+    }
+
+
+def oracle(case, mask=None, p=0.0, dy=None):
+    """float64 y and, if dy is given, grads of x, lora_A, lora_B."""
+    t = {k: (v.detach().double() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    for k in ("x", "lora_A", "lora_B"):
+        t[k].requires_grad_(True)
+    y = lora_linear_reference(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["scaling"],
+                              keep_mask=mask, dropout_p=p)
+    if dy is None:
+        return y.detach(), None
+    y.backward(dy.double())
+    return y.detach(), {k: t[k].grad for k in ("x", "lora_A", "lora_B")}
+
+
+def rel_err(got, want):
+    """Max error of `got` against the float64 `want`, relative to want's largest magnitude (floor 1)."""
+    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1.0)).item()
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
