@@ -1,5 +1,6 @@
 """lora_kernels: fused Triton kernels for LoRA training, a drop-in nn.Linear that speaks PEFT's format."""
-from .functional import fused_lora_linear, resolve_backend
+from .backends import resolve_backend
+from .functional import fused_lora_linear
 from .layer import FusedLoraLinear
 from .config import LoraConfig
 from .inject import (add_new_trainable_to_optimizer, disable_adapter, inject_lora, merge_and_unload,

@@ -336,7 +336,7 @@ def cmd_bench(args) -> int:
     if "PEFT LoRA Linear" in times:
         print(f"  PEFT / fused = {times['PEFT LoRA Linear'] / times['FusedLoraLinear']:.2f}x, "
               f"fused / base = {times['FusedLoraLinear'] / times['base nn.Linear']:.2f}x")
-    from .gemm_dispatch import gemm_choices
+    from .backends.gemm_dispatch import gemm_choices
 
     for key, (path, ms) in gemm_choices().items():  # empty unless LORA_KERNELS_GEMM=auto measured (on a GPU)
         print(f"  GEMM path {key.describe()}: {path} (fused {ms['fused']:.3f} ms, split {ms['split']:.3f} ms)")

@@ -1,7 +1,9 @@
 """Shared test helpers: the dropout mask a backend used; inputs, oracle and tolerances come from reference.py."""
 import torch
 
-from lora_kernels.reference import TOL, draw_seed, make_case, oracle, rel_err, torch_keep_mask  # noqa: F401
+from lora_kernels.backends.base import draw_seed
+from lora_kernels.backends.torch import torch_keep_mask
+from lora_kernels.reference import TOL, make_case, oracle, rel_err  # noqa: F401
 
 
 def seed_for(manual_seed, device="cpu"):

@@ -1,4 +1,4 @@
-"""The optional CUDA extension (csrc/, lora_kernels._cuda) and its autograd Function (cuda_backend.py).
+"""The optional CUDA extension (csrc/, lora_kernels._cuda) and its backend (lora_kernels/backends/cuda.py).
 
 On CPU (no GPU, CPU torch), what can be checked is checked:
   * csrc/philox.cuh, compiled with g++ into a tiny driver, reproduces Triton's dropout mask bit for bit:
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_kernels import cuda_backend
+from lora_kernels.backends import cuda as cuda_backend
 
 from helpers import TOL, keep_mask, make_case, oracle, rel_err, seed_for
 
@@ -561,7 +561,7 @@ def test_gpu_cuda_lora_linear_matches_oracle(ext, dtype, p, bias):
 
 @pytest.mark.gpu
 def test_gpu_cuda_and_triton_backends_drop_the_same_elements(ext):
-    from lora_kernels.functional import TritonLoraLinear
+    from lora_kernels.backends.triton import TritonLoraLinear
 
     case = make_case((64,), K=96, N=48, r=8, dtype=torch.float32, seed=4, device="cuda")
     outs = []
@@ -575,3 +575,24 @@ def test_gpu_cuda_and_triton_backends_drop_the_same_elements(ext):
     assert rel_err(outs[0][0], outs[1][0].double()) < 2e-3
     assert rel_err(outs[0][1], outs[1][1].double()) < 2e-3
 
+
+
+def test_cuda_backend_compiles_fullgraph_through_its_custom_ops(stand_in):
+    """The CUDA backend goes through the shared custom-op contract: torch.compile(fullgraph=True) traces it
+    (fake implementations) and gives the eager results."""
+    case = make_case((3, 4), K=16, N=12, r=4, dtype=torch.float32, seed=5)
+
+    def step(x, A, B):
+        return cuda_backend.CudaLoraLinear.apply(x, case["weight"], case["bias"], A, B, case["scaling"], 0.2)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, step):
+        x, A, B = (case[k].clone().requires_grad_(True) for k in ("x", "lora_A", "lora_B"))
+        torch.manual_seed(3)
+        y = fn(x, A, B)
+        y.square().sum().backward()
+        results.append([y.detach(), x.grad, A.grad, B.grad])
+    torch._dynamo.reset()
+    for got, want in zip(*results):
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-6)

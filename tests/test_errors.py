@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import lora_kernels as lk
-from lora_kernels import functional
+from lora_kernels.backends import FUNCTIONS
 
 
 def args(**over):
@@ -41,8 +41,8 @@ def test_bad_layer_sizes_and_init():
 def test_mismatched_last_dim_names_both_sizes(backend, monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", backend)
     launched = []
-    monkeypatch.setattr(functional.TritonLoraLinear, "apply", lambda *a: launched.append(a))
-    monkeypatch.setattr(functional.TorchLoraLinear, "apply", lambda *a: launched.append(a))
+    for fn in FUNCTIONS.values():
+        monkeypatch.setattr(fn, "apply", lambda *a: launched.append(a))
     layer = lk.FusedLoraLinear(8, 4, r=2)
     with pytest.raises(ValueError, match=r"last dimension is 7 but weight has in_features=8"):
         layer(torch.randn(3, 7))
@@ -91,8 +91,23 @@ def test_auto_backend_choice(monkeypatch):
     assert lk.resolve_backend(x) == "torch"
 
 
+def test_bfloat16_on_cpu_never_runs_the_interpreter(monkeypatch):
+    """Triton's interpreter computes bfloat16 tl.dot wrongly (garbage, not rounding): auto takes the torch
+    backend for bf16 on CPU, and an explicit triton request says why it cannot."""
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    assert lk.resolve_backend(x) == "torch"
+    assert lk.resolve_backend(x.half()) == "triton"
+    bf16 = {k: (v.bfloat16() if isinstance(v, torch.Tensor) else v) for k, v in args(dropout_p=0.0).items()}
+    want = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in bf16.items()}
+    y = lk.fused_lora_linear(**bf16)
+    assert torch.allclose(y.double(), lk.fused_lora_linear(**want), atol=5e-2, rtol=5e-2)
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    with pytest.raises(ValueError, match="interpreter.*bfloat16"):
+        lk.fused_lora_linear(**bf16)
+
+
 def test_cuda_backend_without_extension_raises(monkeypatch):
-    from lora_kernels.cuda_backend import extension_available
+    from lora_kernels.backends.cuda import extension_available
 
     if extension_available():
         pytest.skip("the CUDA extension is built here")

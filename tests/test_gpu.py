@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lora_kernels as lk
-from lora_kernels import gemm_dispatch
+from lora_kernels.backends import gemm_dispatch
 from helpers import TOL, keep_mask, make_case, oracle, rel_err, seed_for
 
 pytestmark = pytest.mark.gpu

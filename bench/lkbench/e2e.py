@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, Optional
 
 import torch
-from lora_kernels import gemm_dispatch
+from lora_kernels.backends import gemm_dispatch
 
 from .memory import MB, free
 

@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lora_kernels.backends.triton import dot_precision
+
 from .cases import Case
 
 IMPLS = ("base", "fused", "fused_gemm", "split_gemm", "ours_torch", "ours_cuda", "hybrid", "peft", "torch")
@@ -153,23 +155,18 @@ class UnfusedTorchLora(_LoraOnTensors):
         return F.linear(x, self.weight) + self.scaling * lora
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # Same rule as lora_kernels.functional: float32 follows torch's TF32 switch for matmuls.
-    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-
-
 class _HybridLora(torch.autograd.Function):
     """BENCH-ONLY: our Triton LoRA passes around cuBLAS base GEMMs (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, x, W, A, B, scaling: float, p: float):
+        from lora_kernels.backends.base import draw_seed
         from lora_kernels.ops.layout import rows_of
         from lora_kernels.ops.lora_shrink import lora_shrink
-        from lora_kernels.reference import draw_seed
 
         dt = x.dtype
         seed = draw_seed(x.device) if p > 0 else torch.zeros(1, dtype=torch.int64, device=x.device)
-        xa = lora_shrink(x, rows_of(x), A, seed, p, _dot_precision(dt))          # (M, r) float32
+        xa = lora_shrink(x, rows_of(x), A, seed, p, dot_precision(dt))          # (M, r) float32
         xa_s = (xa * scaling).to(dt)
         y = torch.addmm(xa_s @ B.to(dt).t(), x, W.t())                           # LoRA term as C
         ctx.save_for_backward(x, xa, seed, W, A, B)
@@ -186,7 +183,7 @@ class _HybridLora(torch.autograd.Function):
         x, xa, seed, W, A, B = ctx.saved_tensors
         s, p = ctx.scaling, ctx.p
         dt = x.dtype
-        precision = _dot_precision(dt)
+        precision = dot_precision(dt)
         dy = dy.contiguous()
         dyb, grad_b = lora_dy_b(dy, rows_of(dy), B, xa, s, compute_dyb=True, compute_grad_b=True,
                                 dot_precision=precision)

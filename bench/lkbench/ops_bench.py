@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Dict, Iterable, List
 
 import torch
-from lora_kernels import gemm_dispatch
+from lora_kernels.backends import gemm_dispatch
 
 from . import impls as I
 from .cases import Case

@@ -1,11 +1,7 @@
 """Autotune configs: Hopper/Ampere-sized tiles on a GPU, one small tile under the interpreter."""
-import os
-
 import triton
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ..settings import interpreting
 
 
 def gemm_configs(out_block: str, reduce_block: str):

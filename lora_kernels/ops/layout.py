@@ -1,4 +1,4 @@
-"""Row addressing for activations of any shape and strides, without copies.
+"""Where a program's data is: rows of activations of any shape and strides (no copies), and tile order.
 
 Kernels see an activation of shape (*lead, C) as M = prod(lead) logical rows. Leading dims that
 can be merged are merged; at most two groups remain (e.g. a transposed (T, B, C) view of a (B, T, C)
@@ -47,3 +47,16 @@ def row_offsets(rows, inner, stride_outer, stride_inner):
     """int64 element offsets of logical rows `rows` (see module docstring)."""
     rows = rows.to(tl.int64)
     return (rows // inner) * stride_outer + (rows % inner) * stride_inner
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile (pid_m, pid_n) for program `pid`, in GROUP_M-row bands so neighbours share operands in L2."""
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * grid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % per_group) % group_rows)
+    pid_n = (pid % per_group) // group_rows
+    return pid_m, pid_n

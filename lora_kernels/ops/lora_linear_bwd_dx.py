@@ -7,7 +7,7 @@ When x needs no gradient the GEMM is skipped and only grad_A is computed. Under
 torch.use_deterministic_algorithms(True) each row block writes its own partial grad_A instead of using
 atomics, and torch sums the partials in a fixed order.
 
-On the split path (gemm="split", see lora_kernels/gemm_dispatch.py) torch's matmul (cuBLAS on a GPU)
+On the split path (gemm="split", see lora_kernels/backends/gemm_dispatch.py) torch's matmul (cuBLAS on a GPU)
 writes dy·W into grad_x first; the kernel then skips its reduction loop, starts from that tile of grad_x
 and adds the masked LoRA term in place.
 """
@@ -15,10 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..settings import GEMM_PATHS
 from .configs import gemm_configs, lora_block_r, min_block_m
 from .dropout import drop_threshold, dropout_keep
-from .layout import Rows, row_offsets
-from .lora_linear_fwd import GEMM_PATHS, grouped_tile
+from .layout import Rows, grouped_tile, row_offsets
 
 
 # Autotuning runs the kernel many times: grad_A accumulates with atomics, and the split path adds to grad_x

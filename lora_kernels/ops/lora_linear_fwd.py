@@ -3,7 +3,7 @@
 The base GEMM streams x and W over K; the LoRA expand (xa is (M, r), B is (N, r)) and the bias are
 added to the same float32 accumulator before the single store of y, so no (M, N) temporary exists.
 
-The split path (gemm="split", chosen per shape by lora_kernels/gemm_dispatch.py) lets torch's matmul
+The split path (gemm="split", chosen per shape by lora_kernels/backends/gemm_dispatch.py) lets torch's matmul
 (cuBLAS on a GPU) write x·Wᵀ into y first; the same kernel then skips its k-loop, starts its accumulator
 from that tile of y and adds the LoRA term and bias in place. That costs one more read and write of y,
 and wins where cuBLAS's GEMM beats Triton's by more than that.
@@ -12,21 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..settings import GEMM_PATHS
 from .configs import gemm_configs, lora_block_r
-from .layout import Rows, row_offsets
-
-
-@triton.jit
-def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Tile (pid_m, pid_n) for program `pid`, in GROUP_M-row bands so neighbours share operands in L2."""
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * grid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % per_group) % group_rows)
-    pid_n = (pid % per_group) // group_rows
-    return pid_m, pid_n
+from .layout import Rows, grouped_tile, row_offsets
 
 
 # restore_value: on the split path the kernel adds to y in place, and autotuning runs it many times.
@@ -85,7 +73,6 @@ def _lora_linear_fwd_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=tile_ok)
 
 
-GEMM_PATHS = ("fused", "split")
 
 
 def lora_linear_fwd(x: torch.Tensor, rows: Rows, weight: torch.Tensor, bias, xa: torch.Tensor,

@@ -20,15 +20,13 @@ auto takes fused without measuring where a measurement would mean nothing or do 
     choice could differ between two runs.
 """
 import logging
-import os
 from typing import Callable, Dict, NamedTuple, Tuple
 
 import torch
 
-from .timing import Timer
+from ..settings import GEMM_PATHS, requested_gemm
+from ..timing import Timer
 
-GEMM_CHOICES = ("auto", "fused", "split")
-PATHS = ("fused", "split")  # the launchers' gemm= values (ops/lora_linear_fwd.py GEMM_PATHS; not imported: triton)
 # First calls compile and autotune the kernels (and warm cuBLAS's heuristics): never timed.
 WARMUP = 2
 REPS = 5
@@ -61,18 +59,11 @@ _log = logging.getLogger(__name__)
 _chosen: Dict[GemmKey, Tuple[str, Dict[str, float]]] = {}
 
 
-def requested_gemm() -> str:
-    name = os.environ.get("LORA_KERNELS_GEMM", "auto").strip().lower()
-    if name not in GEMM_CHOICES:
-        raise ValueError(f"LORA_KERNELS_GEMM={name!r} is not one of {', '.join(GEMM_CHOICES)}")
-    return name
-
-
 def measure(run: Callable[[str], object], device: torch.device) -> Dict[str, float]:
     """Median milliseconds of run(path) for each path (the timer interleaves the paths' repetitions)."""
     timer = Timer(device, WARMUP, REPS, flush_l2=False)
-    stats = timer.compare({path: (lambda _, path=path: run(path), None) for path in PATHS})
-    return {path: stats[path]["median_ms"] for path in PATHS}
+    stats = timer.compare({path: (lambda _, path=path: run(path), None) for path in GEMM_PATHS})
+    return {path: stats[path]["median_ms"] for path in GEMM_PATHS}
 
 
 def _measurable(device: torch.device) -> bool:
@@ -94,7 +85,7 @@ def choose(key: GemmKey, device: torch.device, run: Callable[[str], object]) -> 
     if not _measurable(device):
         return "fused"
     times = measure(run, device)
-    path = min(PATHS, key=lambda p: (times[p], p != "fused"))  # a tie keeps fused: one pass over the output
+    path = min(GEMM_PATHS, key=lambda p: (times[p], p != "fused"))  # a tie keeps fused: one pass over the output
     _chosen[key] = (path, times)
     _log.info("lora_kernels: %s -> %s gemm (fused %.3f ms, split %.3f ms)", key.describe(), path, times["fused"],
               times["split"])

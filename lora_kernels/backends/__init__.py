@@ -1,0 +1,37 @@
+"""Backends: each registers a forward/backward pair of custom ops behind one LoraLinearFunction (base.py).
+
+    torch   backends/torch.py    plain PyTorch, any device and dtype; the CPU default
+    triton  backends/triton.py   the fused kernels of lora_kernels/ops/; CUDA tensors, or CPU under TRITON_INTERPRET=1
+    cuda    backends/cuda.py     csrc/'s CUDA kernels around cuBLAS; experimental, explicit request only
+
+LORA_KERNELS_BACKEND=auto takes Triton where its kernels compute the input correctly (CUDA tensors, or
+float16/float32 on CPU under the interpreter) and torch otherwise. A backend asked for explicitly that cannot
+run the input raises its reason; nothing falls back silently.
+"""
+from typing import Dict, Type
+
+# No `import torch` here: importing the submodule backends/torch.py binds the name `torch` in this namespace.
+from ..settings import requested_backend
+from . import cuda, triton
+from . import torch as torch_backend
+from .base import LoraLinearFunction
+
+_MODULES = {"triton": triton, "torch": torch_backend, "cuda": cuda}
+
+FUNCTIONS: Dict[str, Type[LoraLinearFunction]] = {
+    "triton": triton.TritonLoraLinear,
+    "torch": torch_backend.TorchLoraLinear,
+    "cuda": cuda.CudaLoraLinear,
+}
+
+
+def resolve_backend(x) -> str:
+    """The backend that will run for input `x`; the requested one's error when it cannot."""
+    name = requested_backend()
+    if name == "auto":
+        # cuda is never auto-picked until GPU measurements show where it wins.
+        return "triton" if triton.unavailable_reason(x) is None else "torch"
+    reason = _MODULES[name].unavailable_reason(x)
+    if reason is not None:
+        raise reason
+    return name

@@ -1,0 +1,98 @@
+"""The contract every backend implements, and the pieces all of them share.
+
+A backend is a pair of torch.library custom ops (so torch.compile sees opaque nodes with known shapes
+instead of breaking the graph on a kernel launch) wrapped by a subclass of LoraLinearFunction:
+
+    fwd_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> (y, xa, seed)
+        xa = dropout(x)·Aᵀ (r columns, any layout the backend's bwd_op reads back), seed: int64 (1,)
+    bwd_op(dy, x, xa, seed, weight, lora_A, lora_B, scaling, dropout_p, need_x, need_lora_a, need_lora_b)
+        -> (grad_x, grad_A, grad_B), each an empty tensor when not asked for (custom ops cannot return None)
+
+LoraLinearFunction saves x, xa and the seed (plus the parameters) for backward — never a dropout mask,
+a dropped copy or a cast copy of x — and computes the rare gradients of a trainable base W and b itself.
+Inputs arrive validated and cast by functional.fused_lora_linear.
+"""
+import torch
+
+# What the kernels compute in; float64 is the torch backend's alone (the tests' oracle runs in it).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
+
+# Seeds are drawn in [0, SEED_BOUND) from torch's generator of x's device.
+SEED_BOUND = 2**31 - 1
+
+
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """One int64 seed from the default generator of `device`, left on that device (no host sync)."""
+    return torch.randint(0, SEED_BOUND, (1,), device=device, dtype=torch.int64)
+
+
+def no_seed(device: torch.device) -> torch.Tensor:
+    """The seed saved when there is no dropout (eval mode or p = 0): no RNG draw, so no RNG state advances."""
+    return torch.zeros(1, dtype=torch.int64, device=device)
+
+
+def not_computed(like: torch.Tensor) -> torch.Tensor:
+    """The empty tensor a custom op returns for a gradient nobody asked for."""
+    return like.new_empty((0,))
+
+
+def fake_bwd(dy, x, xa, seed, weight, lora_A, lora_B, scaling, dropout_p, need_x, need_lora_a, need_lora_b):
+    """Shapes of bwd_op's outputs for torch.compile's fake tensors (the same for every backend)."""
+    return (x.new_empty(x.shape) if need_x else not_computed(x),
+            lora_A.new_empty(lora_A.shape) if need_lora_a else not_computed(lora_A),
+            lora_B.new_empty(lora_B.shape) if need_lora_b else not_computed(lora_B))
+
+
+def flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def base_grads(dy, x, need_weight: bool, need_bias: bool, weight_dtype, bias_dtype):
+    """Gradients of a trainable base W and b (plain matmuls: rare, and nothing to fuse)."""
+    dy2 = flat(dy)
+    grad_w = (dy2.t() @ flat(x).to(dy2.dtype)).to(weight_dtype) if need_weight else None
+    grad_b = dy2.sum(0).to(bias_dtype) if (need_bias and bias_dtype is not None) else None
+    return grad_w, grad_b
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """Base of the backends' autograd Functions. A subclass names its custom ops:
+
+        class TritonLoraLinear(LoraLinearFunction):
+            fwd_op = torch.ops.lora_kernels.triton_lora_fwd
+            bwd_op = torch.ops.lora_kernels.triton_lora_bwd
+
+    and gets forward/backward with the shared contract (module docstring). They are built per subclass
+    as closures over its ops because torch's autograd Functions call forward/backward as staticmethods.
+    """
+
+    fwd_op = None
+    bwd_op = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        fwd_op, bwd_op = cls.fwd_op, cls.bwd_op
+        if fwd_op is None or bwd_op is None:
+            raise TypeError(f"{cls.__name__} must set both fwd_op and bwd_op")
+
+        def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float):
+            y, xa, seed = fwd_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+            ctx.save_for_backward(x, xa, seed, weight, lora_A, lora_B)
+            ctx.scaling, ctx.dropout_p = scaling, dropout_p
+            ctx.bias_dtype = None if bias is None else bias.dtype
+            return y
+
+        def backward(ctx, dy):
+            x, xa, seed, weight, lora_A, lora_B = ctx.saved_tensors
+            need_x, need_weight, need_bias, need_lora_a, need_lora_b = ctx.needs_input_grad[:5]
+            with torch.autocast(x.device.type, enabled=False):  # backward may be called inside an autocast region
+                grad_x, grad_a, grad_b = bwd_op(dy, x, xa, seed, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p,
+                                                need_x, need_lora_a, need_lora_b)
+                grad_w, grad_bias = base_grads(dy, x, need_weight, need_bias, weight.dtype, ctx.bias_dtype)
+            # The ops return empty tensors for gradients that were not asked for; autograd wants None.
+            return (grad_x if need_x else None, grad_w, grad_bias, grad_a if need_lora_a else None,
+                    grad_b if need_lora_b else None, None, None)
+
+        cls.forward = staticmethod(forward)
+        cls.backward = staticmethod(backward)

@@ -1,0 +1,89 @@
+"""The torch backend: the LoRA linear in plain PyTorch, on any device and in float64 too.
+
+    y = x·Wᵀ + b + s · (dropout_p(x)·Aᵀ)·Bᵀ
+
+Same memory contract as the kernels: it saves x, xa = dropout(x)·Aᵀ and a seed, never the mask or a
+dropped copy of x; backward regenerates the mask from a torch.Generator seeded with the forward's seed.
+Its mask is not the kernels' Philox mask (torch's CPU and CUDA generators differ): the same seed drops
+the same elements only within this backend and device type.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .base import LoraLinearFunction, draw_seed, fake_bwd, flat, no_seed, not_computed
+
+
+def torch_keep_mask(seed: int, shape, p: float, device) -> torch.Tensor:
+    """This backend's dropout keep-mask: a pure function of (seed, shape, device type)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    return torch.rand(shape, generator=gen, device=device) >= p
+
+
+@torch.library.custom_op("lora_kernels::torch_lora_fwd", mutates_args=())
+def torch_lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                   lora_B: torch.Tensor, scaling: float, dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]:
+    """(y, xa = dropout(x)·Aᵀ in x's dtype and shape (..., r), seed)."""
+    dt = x.dtype
+    A, B = lora_A.to(dt), lora_B.to(dt)
+    if dropout_p > 0.0:
+        seed = draw_seed(x.device)
+        keep = torch_keep_mask(int(seed.item()), x.shape, dropout_p, x.device)
+        xa = F.linear(x * keep.to(dt), A) * (1.0 / (1.0 - dropout_p))
+        del keep
+    else:
+        seed = no_seed(x.device)
+        xa = F.linear(x, A)
+    y = F.linear(x, weight, bias) + scaling * F.linear(xa, B)
+    return y, xa, seed
+
+
+@torch_lora_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return y, x.new_empty((*x.shape[:-1], lora_A.shape[0])), x.new_empty((1,), dtype=torch.int64)
+
+
+@torch.library.custom_op("lora_kernels::torch_lora_bwd", mutates_args=())
+def torch_lora_bwd(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, seed: torch.Tensor, weight: torch.Tensor,
+                   lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout_p: float, need_x: bool,
+                   need_lora_a: bool, need_lora_b: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_A, grad_B), each empty when not needed."""
+    s, p, dt = scaling, dropout_p, x.dtype
+    dy = dy.to(dt)
+    A, B = lora_A.to(dt), lora_B.to(dt)
+    dy2, x2, xa2 = flat(dy), flat(x), flat(xa)
+    keep = None
+    if p > 0.0 and (need_x or need_lora_a):
+        keep = flat(torch_keep_mask(int(seed.item()), x.shape, p, x.device)).to(dt) * (1.0 / (1.0 - p))
+    dyb = dy2 @ B if (need_x or need_lora_a) else None
+    grad_x, grad_a, grad_b = not_computed(x), not_computed(lora_A), not_computed(lora_B)
+    if need_x:
+        lora_dx = (dyb @ A) * s
+        if keep is not None:
+            lora_dx = lora_dx * keep
+        grad_x = (dy2 @ weight.to(dt) + lora_dx).reshape(x.shape)
+    if need_lora_a:
+        xd = x2 if keep is None else x2 * keep
+        grad_a = ((dyb.t() @ xd) * s).to(lora_A.dtype)
+    if need_lora_b:
+        grad_b = ((dy2.t() @ xa2) * s).to(lora_B.dtype)
+    return grad_x, grad_a, grad_b
+
+
+torch_lora_bwd.register_fake(fake_bwd)
+
+
+class TorchLoraLinear(LoraLinearFunction):
+    """Torch backend: plain PyTorch ops, any device, float16/bfloat16/float32/float64."""
+
+    fwd_op = torch.ops.lora_kernels.torch_lora_fwd
+    bwd_op = torch.ops.lora_kernels.torch_lora_bwd
+
+
+def unavailable_reason(x: torch.Tensor):
+    """The torch backend runs anything fused_lora_linear accepts."""
+    return None

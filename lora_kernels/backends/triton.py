@@ -1,0 +1,147 @@
+"""The Triton backend: two fused kernel launches forward, two backward (lora_kernels/ops/).
+
+    forward   xa = dropout(x)·Aᵀ                      ops/lora_shrink.py
+              y  = x·Wᵀ + b + s·xa·Bᵀ                 ops/lora_linear_fwd.py
+    backward  dyB = dy·B, grad_B = s·dyᵀ·xa            ops/lora_dy_b.py
+              grad_x = dy·W + s·(dyB·A)⊙mask/(1-p),    ops/lora_linear_bwd_dx.py
+              grad_A = s·dyBᵀ·dropout(x)
+
+The base GEMM of each GEMM-shaped pass runs either inside the fused kernel or in torch's matmul with the
+LoRA term added by the same kernel in place, chosen per shape (gemm_dispatch.py). Triton is imported on
+first use, not with the package: it picks its interpreter (TRITON_INTERPRET=1) when it is first imported.
+"""
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+from ..settings import interpreting
+from .base import KERNEL_DTYPES, LoraLinearFunction, draw_seed, fake_bwd, no_seed, not_computed
+from .gemm_dispatch import choose as choose_gemm
+from .gemm_dispatch import gemm_key
+
+
+def triton_import_error() -> Optional[ImportError]:
+    """None if triton imports, else the ImportError."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:  # pragma: no cover - depends on the machine
+        return err
+    return None
+
+
+def unavailable_reason(x: torch.Tensor) -> Optional[Exception]:
+    """Why the Triton kernels cannot compute x (the error an explicit request raises), or None when they can."""
+    err = triton_import_error()
+    if err is not None:
+        return RuntimeError(f"LORA_KERNELS_BACKEND=triton but triton cannot be imported: {err}")
+    if not (x.is_cuda or interpreting()):
+        return RuntimeError(f"LORA_KERNELS_BACKEND=triton needs CUDA tensors (got device {x.device}) "
+                            "or TRITON_INTERPRET=1 to run the kernels on CPU")
+    if x.dtype not in KERNEL_DTYPES:
+        return ValueError(f"x has dtype {x.dtype}: the Triton backend supports float16, bfloat16 and float32 "
+                          "(use LORA_KERNELS_BACKEND=torch for float64)")
+    if x.dtype == torch.bfloat16 and not x.is_cuda:
+        # Triton's interpreter multiplies raw bit patterns for bfloat16 tl.dot: the results are garbage, not
+        # rounding error (relative error ~1e9), and nothing warns.
+        return ValueError("x is bfloat16 on CPU: Triton's interpreter (TRITON_INTERPRET=1) computes bfloat16 "
+                          "tl.dot wrongly; use LORA_KERNELS_BACKEND=torch (or auto) for bfloat16 on CPU")
+    return None
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Follow torch's own TF32 switch for float32 matmuls, so fp32 results match nn.Linear's."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+_warned_copy = False
+
+
+def _rows_or_copy(t: torch.Tensor):
+    """The kernels' row layout of t; a layout they cannot address is copied once, with a warning."""
+    from ..ops.layout import rows_of
+
+    rows = rows_of(t)
+    if rows is None:
+        global _warned_copy
+        if not _warned_copy:
+            warnings.warn(f"lora_kernels: a tensor of shape {tuple(t.shape)} and strides {t.stride()} has leading "
+                          "dims that cannot be addressed as rows without a copy; copying it", stacklevel=3)
+            _warned_copy = True
+        t = t.contiguous()
+        rows = rows_of(t)
+    return t, rows
+
+
+@torch.library.custom_op("lora_kernels::triton_lora_fwd", mutates_args=())
+def triton_lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                    lora_B: torch.Tensor, scaling: float, dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                    torch.Tensor]:
+    """(y, xa = dropout(x)·Aᵀ as (M, r) float32, seed): forward passes 1 and 2."""
+    from ..ops.lora_linear_fwd import lora_linear_fwd
+    from ..ops.lora_shrink import lora_shrink
+
+    x, rows = _rows_or_copy(x)
+    precision = dot_precision(x.dtype)
+    seed = draw_seed(x.device) if dropout_p > 0.0 else no_seed(x.device)
+    if rows.M == 0:
+        xa = torch.zeros((0, lora_A.shape[0]), dtype=torch.float32, device=x.device)
+        return torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device), xa, seed
+    xa = lora_shrink(x, rows, lora_A, seed, dropout_p, precision)
+    run = lambda gemm: lora_linear_fwd(x, rows, weight, bias, xa, lora_B, scaling, precision, gemm)  # noqa: E731
+    key = gemm_key("fwd", x, rows.M, x.shape[-1], weight.shape[0], lora_A.shape[0], bias=bias is not None)
+    return run(choose_gemm(key, x.device, run)), xa, seed
+
+
+@triton_lora_fwd.register_fake
+def fake_fwd_flat_xa(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    """Forward output shapes when xa is kept as an (M, r) float32 matrix (the Triton and CUDA backends)."""
+    M = x.numel() // x.shape[-1]
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((M, lora_A.shape[0]), dtype=torch.float32),
+            x.new_empty((1,), dtype=torch.int64))
+
+
+@torch.library.custom_op("lora_kernels::triton_lora_bwd", mutates_args=())
+def triton_lora_bwd(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, seed: torch.Tensor, weight: torch.Tensor,
+                    lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout_p: float, need_x: bool,
+                    need_lora_a: bool, need_lora_b: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_A, grad_B), each empty when not needed: backward passes 1 and 2."""
+    from ..ops.lora_dy_b import lora_dy_b
+    from ..ops.lora_linear_bwd_dx import lora_linear_bwd_dx
+
+    grad_x, grad_a, grad_b = not_computed(x), not_computed(lora_A), not_computed(lora_B)
+    dy, dy_rows = _rows_or_copy(dy.to(x.dtype))
+    if dy_rows.M == 0:
+        return (torch.zeros_like(x) if need_x else grad_x, torch.zeros_like(lora_A) if need_lora_a else grad_a,
+                torch.zeros_like(lora_B) if need_lora_b else grad_b)
+    x, x_rows = _rows_or_copy(x)
+    precision = dot_precision(x.dtype)
+    dyb, grad_b32 = lora_dy_b(dy, dy_rows, lora_B, xa, scaling, compute_dyb=need_x or need_lora_a,
+                              compute_grad_b=need_lora_b, dot_precision=precision)
+    if need_x or need_lora_a:
+        run = lambda gemm: lora_linear_bwd_dx(  # noqa: E731
+            dy, dy_rows, weight, dyb, lora_A, x, x_rows, seed, scaling, dropout_p, compute_dx=need_x,
+            compute_grad_a=need_lora_a, dot_precision=precision, gemm=gemm)
+        key = gemm_key("bwd", x, x_rows.M, x.shape[-1], dy.shape[-1], lora_A.shape[0], dropout=dropout_p > 0.0,
+                       grad_A=need_lora_a)
+        # Without grad_x there is no base GEMM to place.
+        dx, grad_a32 = run(choose_gemm(key, x.device, run) if need_x else "fused")
+        if need_x:
+            grad_x = dx
+        if need_lora_a:
+            grad_a = grad_a32.to(lora_A.dtype)
+    if need_lora_b:
+        grad_b = grad_b32.to(lora_B.dtype)
+    return grad_x, grad_a, grad_b
+
+
+triton_lora_bwd.register_fake(fake_bwd)
+
+
+class TritonLoraLinear(LoraLinearFunction):
+    """Triton backend: 2 kernel launches forward, 2 backward (see lora_kernels/ops/)."""
+
+    fwd_op = torch.ops.lora_kernels.triton_lora_fwd
+    bwd_op = torch.ops.lora_kernels.triton_lora_bwd
