@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .config import ALL_LINEAR, LoraConfig
-from .layer import FusedLoraLinear
+from .layer import FusedLoraLinear, linear_sharing
 
 CONFIGS_ATTR = "_lora_kernels_configs"
 
@@ -322,9 +322,7 @@ def _base_linear(layer: FusedLoraLinear) -> nn.Linear:
     """An nn.Linear owning the layer's (unmerged) weight and bias Parameters."""
     if layer.merged:
         layer.unmerge()
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-    linear.weight = layer.weight
-    linear.bias = layer.bias
+    linear = linear_sharing(layer.weight, layer.bias)
     linear.train(layer.training)
     return linear
 

@@ -28,6 +28,16 @@ def _check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights):
         raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
 
 
+def linear_sharing(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
+    """An nn.Linear whose weight and bias are these very tensors (Parameters are kept, not copied); built on
+    the meta device first so no throwaway weight is allocated."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+    return linear
+
+
 class FusedLoraLinear(nn.Module):
     """y = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ with W, b frozen and A, B trainable.
 
@@ -151,10 +161,7 @@ class FusedLoraLinear(nn.Module):
         """
         if not self.merged and self.adapter_enabled:
             self.merge()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        linear.weight = self.weight
-        linear.bias = self.bias
-        return linear
+        return linear_sharing(self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora_kernels.backends.triton import dot_precision
+from lora_kernels.layer import linear_sharing
 
 from .cases import Case
 
@@ -119,13 +120,6 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
-def _linear_on(W: torch.Tensor) -> nn.Linear:
-    """An nn.Linear whose weight is W itself (built on meta first so no throwaway weight is allocated)."""
-    lin = nn.Linear(W.shape[1], W.shape[0], bias=False, device="meta")
-    lin.weight = _frozen(W)
-    return lin
-
-
 class BaseLinear(nn.Module):
     def __init__(self, W):
         super().__init__()
@@ -211,7 +205,7 @@ def _ours(case: Case, t: Tensors, name: str) -> Built:
             lk.resolve_backend(t.x)
         except (RuntimeError, ValueError) as err:
             raise Skip(str(err)) from err
-    layer = lk.FusedLoraLinear.from_linear(_linear_on(t.W), r=case.r, lora_alpha=case.lora_alpha,
+    layer = lk.FusedLoraLinear.from_linear(linear_sharing(t.W, None), r=case.r, lora_alpha=case.lora_alpha,
                                            lora_dropout=case.dropout, lora_dtype=case.torch_adapter_dtype())
     with torch.no_grad():
         layer.lora_A.copy_(t.A)
@@ -234,7 +228,7 @@ def _peft(case: Case, t: Tensors) -> Built:
     cfg = peft.LoraConfig(r=case.r, lora_alpha=case.lora_alpha, lora_dropout=case.dropout,
                           target_modules=["proj"], bias="none")
     # autocast_adapter_dtype=True is PEFT's default: fp32 adapters on a half-precision base.
-    model = peft.get_peft_model(_Holder(_linear_on(t.W)), cfg,
+    model = peft.get_peft_model(_Holder(linear_sharing(t.W, None)), cfg,
                                 autocast_adapter_dtype=case.adapter_dtype == "fp32")
     layer = model.base_model.model.proj  # the LoRA Linear itself: no PeftModel wrapper overhead in the timing
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
