@@ -40,8 +40,12 @@ def _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         raise ValueError(f"bias must be None or a tensor of shape ({N},), got {shape}")
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= float(dropout_p) < 1.0):
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    if not (isinstance(scaling, (int, float)) and math.isfinite(float(scaling))):
-        raise ValueError(f"scaling must be a finite number, got {scaling!r}")
+    if isinstance(scaling, torch.Tensor):
+        if scaling.dim() != 0 or not scaling.dtype.is_floating_point:
+            raise ValueError("scaling must be a finite number or a 0-dim floating-point tensor, got a tensor of "
+                             f"shape {tuple(scaling.shape)} and dtype {scaling.dtype}")
+    elif isinstance(scaling, bool) or not (isinstance(scaling, (int, float)) and math.isfinite(float(scaling))):
+        raise ValueError(f"scaling must be a finite number or a 0-dim floating-point tensor, got {scaling!r}")
     for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
@@ -54,6 +58,11 @@ def fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p: float
     float32 while x is half precision (they are cast inside the kernels). The output has x's dtype.
     Dropout applies only when `training` and dropout_p > 0; its seed comes from torch's generator of
     x's device, so torch.manual_seed reproduces a step.
+
+    scaling is a number, or a 0-dim tensor on any device (PEFT's compiled hotswap keeps it as one so a new
+    adapter's scaling is a fill_, not a recompile). A tensor is never read on the host: it scales lora_B
+    (an out×r product, on device, differentiable) and the kernels run with scaling 1. Its finiteness is
+    not checked, since that would cost a device sync per call.
     """
     _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     device_type = x.device.type
@@ -69,4 +78,9 @@ def fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p: float
     p = float(dropout_p) if training else 0.0
     fn = FUNCTIONS[resolve_backend(x)]
     with torch.autocast(device_type, enabled=False):
+        if isinstance(scaling, torch.Tensor):
+            # s·xa·Bᵀ = xa·(s·B)ᵀ; autograd turns the gradient of s·B into s·grad_B. Kept in at least float32
+            # so a half-precision lora_B is not rounded twice.
+            dt = torch.promote_types(lora_B.dtype, torch.float32)
+            lora_B, scaling = lora_B.to(dt) * scaling.to(device=x.device, dtype=dt), 1.0
         return fn.apply(x, weight, bias, lora_A, lora_B, float(scaling), p)

@@ -61,6 +61,8 @@ def test_non_floating_input(dtype):
     (dict(bias=torch.randn(5)), r"bias must be None or a tensor of shape \(6,\)"),
     (dict(weight=torch.randn(6, 8, 1)), "weight must be 2-D"),
     (dict(scaling=float("nan")), "scaling must be a finite number"),
+    (dict(scaling=torch.ones(2)), r"0-dim floating-point tensor, got a tensor of shape \(2,\)"),
+    (dict(scaling=True), "scaling must be a finite number"),
     (dict(x=torch.randn(4, 8, dtype=torch.float16)), "x has dtype torch.float16 but weight has torch.float32"),
 ])
 def test_bad_arguments(over, message):
