@@ -2,7 +2,7 @@
 
 The field names and meanings are PEFT's (peft.LoraConfig), so an adapter_config.json written by either library
 reads in the other. Only the LoRA flavour the fused kernels compute is representable: settings PEFT supports but
-we do not (DoRA, lora_bias, fan_in_fan_out, layers_to_transform, ...) are rejected by `from_peft_dict` rather than
+we do not (DoRA, lora_bias, layers_to_transform, ...) are rejected by `from_peft_dict` rather than
 silently ignored, because ignoring them would load a different model than the one that was trained.
 """
 from __future__ import annotations
@@ -21,7 +21,6 @@ BIAS_MODES = ("none", "all", "lora_only")
 _PEFT_OFF_VALUES: Dict[str, tuple] = {
     "use_dora": (False, None),
     "lora_bias": (False, None),
-    "fan_in_fan_out": (False, None),
     "layers_to_transform": (None, [],),
     "layers_pattern": (None, [], ""),
     "layer_replication": (None, []),
@@ -95,6 +94,8 @@ class LoraConfig:
     bias: "none" | "all" (every bias in the model trains) | "lora_only" (biases of the adapted layers train).
     modules_to_save: names (suffix match) of extra modules trained in full, kept as a trainable copy beside the
     frozen original, as PEFT does.
+    fan_in_fan_out: whether the targets store their weight (in, out), as transformers' Conv1D (GPT-2) does.
+    As in PEFT, the targets' type decides: inject_lora records True when it wraps Conv1D layers.
     """
 
     r: int = 8
@@ -108,6 +109,7 @@ class LoraConfig:
     rank_pattern: Dict[str, int] = field(default_factory=dict)
     alpha_pattern: Dict[str, float] = field(default_factory=dict)
     modules_to_save: Optional[List[str]] = None
+    fan_in_fan_out: bool = False
 
     def __post_init__(self):
         _check_rank("r", self.r)
@@ -125,6 +127,8 @@ class LoraConfig:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"use_rslora must be a bool, got {self.use_rslora!r}")
+        if not isinstance(self.fan_in_fan_out, bool):
+            raise ValueError(f"fan_in_fan_out must be a bool, got {self.fan_in_fan_out!r}")
         if not (self.init_lora_weights is True or self.init_lora_weights is False
                 or self.init_lora_weights == "gaussian"):
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
@@ -169,7 +173,7 @@ class LoraConfig:
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
             "modules_to_save": copy.copy(self.modules_to_save),
-            "fan_in_fan_out": False,
+            "fan_in_fan_out": self.fan_in_fan_out,
             "use_dora": False,
             "lora_bias": False,
             "layers_to_transform": None,
@@ -195,7 +199,7 @@ class LoraConfig:
             init = True
         kwargs = {}
         for key in ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias", "use_rslora",
-                    "rank_pattern", "alpha_pattern", "modules_to_save"):
+                    "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out"):
             if key in d and d[key] is not None:
                 kwargs[key] = d[key]
         try:

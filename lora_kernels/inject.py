@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .config import ALL_LINEAR, LoraConfig
-from .layer import FusedLoraLinear, linear_sharing
+from .layer import FusedLoraLinear, is_conv1d, linear_sharing
 
 CONFIGS_ATTR = "_lora_kernels_configs"
 
@@ -97,13 +97,19 @@ def _is_target(config: LoraConfig, key: str, all_linear: Optional[set]) -> bool:
     return _list_match(tm, key)
 
 
+def _is_linear(module: nn.Module) -> bool:
+    """What can take an adapter: nn.Linear, and transformers' Conv1D (a linear layer with its weight transposed,
+    which PEFT's all-linear also matches)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
 def _linear_candidates(model: nn.Module, limit: int = 8) -> str:
-    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-    examples = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:2]
+    linears = [n for n, m in model.named_modules() if _is_linear(m)]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in linears})
     if not leaves:
-        return "the model has no nn.Linear module"
+        return "the model has no nn.Linear or Conv1D module"
     more = f" (+{len(leaves) - limit} more)" if len(leaves) > limit else ""
-    return f"nn.Linear names in the model include {leaves[:limit]}{more}, e.g. {examples}"
+    return f"nn.Linear/Conv1D names in the model include {leaves[:limit]}{more}, e.g. {linears[:2]}"
 
 
 def _default_targets(model: nn.Module) -> List[str]:
@@ -131,7 +137,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> Tuple[List[str], List[
     if config.target_modules == ALL_LINEAR:
         head = _output_head_name(model)
         all_linear = {n for n, m in model.named_modules()
-                      if isinstance(m, (nn.Linear, FusedLoraLinear)) and n != head}
+                      if (_is_linear(m) or isinstance(m, FusedLoraLinear)) and n != head}
     new, existing = [], []
     for name, module in model.named_modules():
         if not name or any(name == w or name.startswith(w + ".") for w in wrapped):
@@ -140,11 +146,12 @@ def find_targets(model: nn.Module, config: LoraConfig) -> Tuple[List[str], List[
             continue
         if isinstance(module, FusedLoraLinear):
             existing.append(name)
-        elif isinstance(module, nn.Linear):
+        elif _is_linear(module):
             new.append(name)
         else:
             raise ValueError(f"target_modules={config.target_modules!r} matches {name!r}, a "
-                             f"{type(module).__name__}; only nn.Linear modules can take a LoRA adapter")
+                             f"{type(module).__name__}; only nn.Linear and transformers Conv1D modules can take "
+                             "a LoRA adapter")
     if not new and not existing:
         raise ValueError(f"target_modules={config.target_modules!r}"
                          + (f" (exclude_modules={config.exclude_modules!r})" if config.exclude_modules else "")
@@ -246,8 +253,11 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSaveWrapper):
             _set_submodule(model, name, ModulesToSaveWrapper(module))
+    config = copy.deepcopy(config)
+    # PEFT's rule: the layout of the weights decides, the flag follows (it is what adapter_config.json records).
+    config.fan_in_fan_out = any(layer.fan_in_fan_out for layer in new_layers) if new_layers else config.fan_in_fan_out
     # Stored outside the module tree (a plain list attribute): it is bookkeeping, not state to move or save.
-    object.__setattr__(model, CONFIGS_ATTR, applied_configs(model) + [copy.deepcopy(config)])
+    object.__setattr__(model, CONFIGS_ATTR, applied_configs(model) + [config])
     _freeze_all_but_adapters(model, new_layers)
     return model
 
@@ -322,7 +332,7 @@ def _base_linear(layer: FusedLoraLinear) -> nn.Linear:
     """An nn.Linear owning the layer's (unmerged) weight and bias Parameters."""
     if layer.merged:
         layer.unmerge()
-    linear = linear_sharing(layer.weight, layer.bias)
+    linear = linear_sharing(layer.weight, layer.bias, layer.fan_in_fan_out)
     linear.train(layer.training)
     return linear
 

@@ -3,12 +3,17 @@
 The module only holds parameters and does init, merge and repr; the math is in functional.py.
 Parameter names follow nn.Linear for the frozen base (`weight`, `bias`, so base checkpoints load
 unchanged) and PEFT's tensor layouts for the adapter (`lora_A` is (r, in), `lora_B` is (out, r)).
+
+GPT-2's projections are transformers' Conv1D, a linear layer whose weight is stored (in, out). Wrapped,
+the layer keeps that weight as it is (fan_in_fan_out=True, PEFT's name for it) and hands the kernels its
+transposed view: the launchers take any strides, so nothing is copied.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional, Union
+import sys
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -28,13 +33,42 @@ def _check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights):
         raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
 
 
-def linear_sharing(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
-    """An nn.Linear whose weight and bias are these very tensors (Parameters are kept, not copied); built on
-    the meta device first so no throwaway weight is allocated."""
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 family). transformers is not imported for it: if it was never imported,
+    no module can be one."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
+
+
+def linear_features(module: nn.Module) -> Tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear, a Conv1D or a FusedLoraLinear."""
+    if is_conv1d(module):
+        return module.nx, module.nf
+    return module.in_features, module.out_features
+
+
+def _param(t: torch.Tensor) -> nn.Parameter:
+    return t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+
+
+def linear_sharing(weight: torch.Tensor, bias: Optional[torch.Tensor], fan_in_fan_out: bool = False) -> nn.Module:
+    """A base layer whose weight and bias are these very tensors (Parameters are kept, not copied): an
+    nn.Linear, or with fan_in_fan_out a transformers Conv1D (weight (in, out)). Built without allocating a
+    throwaway weight."""
+    if fan_in_fan_out:
+        from transformers.pytorch_utils import Conv1D
+
+        if bias is None:
+            raise ValueError("a Conv1D always has a bias; got bias=None with fan_in_fan_out=True")
+        conv = Conv1D.__new__(Conv1D)
+        nn.Module.__init__(conv)
+        conv.nx, conv.nf = weight.shape
+        conv.weight, conv.bias = _param(weight), _param(bias)
+        return conv
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    linear.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+    linear.weight = _param(weight)
     if bias is not None:
-        linear.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+        linear.bias = _param(bias)
     return linear
 
 
@@ -59,26 +93,30 @@ class FusedLoraLinear(nn.Module):
                              lora_dtype=dtype)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
+    def from_linear(cls, linear: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
                     use_rslora: bool = False, init_lora_weights: Union[bool, str] = True,
                     lora_dtype: Optional[torch.dtype] = None) -> "FusedLoraLinear":
-        """Wrap `linear` without copying: the new layer's weight and bias are linear's own Parameters.
+        """Wrap `linear` (an nn.Linear, or a transformers Conv1D) without copying: the new layer's weight and
+        bias are linear's own Parameters.
 
         lora_dtype defaults to PEFT's choice: float32 adapters for a half-precision base, else the base dtype.
         """
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        conv1d = is_conv1d(linear)
+        if not (isinstance(linear, nn.Linear) or conv1d):
+            raise ValueError(f"from_linear expects an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         if lora_dtype is None:
             lora_dtype = torch.float32 if linear.weight.dtype in (torch.float16, torch.bfloat16) else linear.weight.dtype
         layer._init_from_base(linear.weight, linear.bias, r, lora_alpha, lora_dropout, use_rslora,
-                              init_lora_weights, lora_dtype=lora_dtype)
+                              init_lora_weights, lora_dtype=lora_dtype, fan_in_fan_out=conv1d)
         return layer
 
-    def _init_from_base(self, weight, bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype):
+    def _init_from_base(self, weight, bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype,
+                        fan_in_fan_out=False):
         _check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights)
-        self.out_features, self.in_features = weight.shape
+        self.fan_in_fan_out = fan_in_fan_out
+        self.out_features, self.in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
         self.weight.requires_grad_(False)
         if bias is not None:
@@ -111,10 +149,15 @@ class FusedLoraLinear(nn.Module):
             nn.init.zeros_(self.lora_B)
 
     # -- forward ----------------------------------------------------------------------------------
+    def linear_weight(self) -> torch.Tensor:
+        """The base weight as (out_features, in_features): the Parameter itself, or a Conv1D weight's
+        transposed view (no copy)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.adapter_enabled:
-            return F.linear(x, self.weight, self.bias)
-        return fused_lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+            return F.linear(x, self.linear_weight(), self.bias)
+        return fused_lora_linear(x, self.linear_weight(), self.bias, self.lora_A, self.lora_B, self.scaling,
                                  dropout_p=self.lora_dropout, training=self.training)
 
     @contextlib.contextmanager
@@ -134,8 +177,9 @@ class FusedLoraLinear(nn.Module):
     # -- merge ------------------------------------------------------------------------------------
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        """scaling·B·A in float32, the change the adapter makes to W."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        """scaling·B·A in float32, the change the adapter makes to W, in W's own layout."""
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        return delta.t() if self.fan_in_fan_out else delta
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -154,16 +198,18 @@ class FusedLoraLinear(nn.Module):
         self.merged = False
 
     @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        """An nn.Linear computing what this layer computes (eval mode), sharing its (merged) weight storage.
+    def to_linear(self) -> nn.Module:
+        """The base layer type (nn.Linear, or Conv1D) computing what this layer computes (eval mode), sharing
+        its (merged) weight storage.
 
         Merges in place first if needed; the returned module owns the same weight and bias Parameters.
         """
         if not self.merged and self.adapter_enabled:
             self.merge()
-        return linear_sharing(self.weight, self.bias)
+        return linear_sharing(self.weight, self.bias, self.fan_in_fan_out)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
-                f"scaling={self.scaling:g}{', rslora' if self.use_rslora else ''}{', merged' if self.merged else ''}")
+                f"scaling={self.scaling:g}{', rslora' if self.use_rslora else ''}"
+                f"{', fan_in_fan_out' if self.fan_in_fan_out else ''}{', merged' if self.merged else ''}")

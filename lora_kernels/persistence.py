@@ -24,7 +24,7 @@ import torch.nn as nn
 from .config import LoraConfig
 from .inject import (ModulesToSaveWrapper, applied_configs, find_modules_to_save, find_targets, inject_lora,
                      lora_layers)
-from .layer import FusedLoraLinear
+from .layer import FusedLoraLinear, linear_features
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -96,7 +96,7 @@ def adapter_config(model: nn.Module) -> LoraConfig:
     if not layers:
         raise ValueError(f"the model ({type(model).__name__}) has no LoRA layer to save; call inject_lora first")
     configs = applied_configs(model)
-    for attr in ("lora_dropout", "use_rslora"):
+    for attr in ("lora_dropout", "use_rslora", "fan_in_fan_out"):
         values = {getattr(layer, attr) for layer in layers.values()}
         if len(values) > 1:
             raise ValueError(f"the LoRA layers have different {attr} values {sorted(values)}; PEFT's "
@@ -111,7 +111,7 @@ def adapter_config(model: nn.Module) -> LoraConfig:
         # re.escape: PEFT reads pattern keys as regexes; an escaped full name matches that module only.
         rank_pattern={re.escape(n): l.r for n, l in layers.items() if l.r != r0},
         alpha_pattern={re.escape(n): l.lora_alpha for n, l in layers.items() if l.lora_alpha != a0},
-        modules_to_save=wrapped or None,
+        modules_to_save=wrapped or None, fan_in_fan_out=first.fan_in_fan_out,
     )
 
 
@@ -205,8 +205,9 @@ def _expected_shapes(model: nn.Module, config: LoraConfig) -> Dict[str, Tuple[Tu
     for name in new + existing:
         module = model.get_submodule(name)
         r = module.r if isinstance(module, FusedLoraLinear) else config.rank_for(name)
-        expected[f"{PREFIX}{name}.lora_A.weight"] = ((r, module.in_features), name)
-        expected[f"{PREFIX}{name}.lora_B.weight"] = ((module.out_features, r), name)
+        in_features, out_features = linear_features(module)
+        expected[f"{PREFIX}{name}.lora_A.weight"] = ((r, in_features), name)
+        expected[f"{PREFIX}{name}.lora_B.weight"] = ((out_features, r), name)
     for key, (pname, p) in _bias_keys(model, config.bias, set(new + existing)).items():
         expected[key] = (tuple(p.shape), pname)
     for key, v in _saved_module_keys(model, find_modules_to_save(model, config)).items():

@@ -78,7 +78,7 @@ def test_from_peft_config_written_by_peft():
     ({"peft_type": None}, "peft_type"),
     ({"use_dora": True}, "use_dora"),
     ({"lora_bias": True}, "lora_bias"),
-    ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+    ({"fan_in_fan_out": "yes"}, "fan_in_fan_out must be a bool"),
     ({"layers_to_transform": [0]}, "layers_to_transform"),
     ({"r": -1}, "r"),
 ])
