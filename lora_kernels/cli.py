@@ -211,13 +211,13 @@ def cmd_check(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = args.dtype or (list(DTYPES) if device.type == "cuda" else ["float32", "float16"])
     results = check_parity(dtypes, device)
+    print("fused forward/backward vs the float64 reference; error = max |fused - reference| / max(max |reference|, 1)")
     for res in results:
         errors = "; ".join(f"{name} {err:.2e}{'' if err < res.tol else ' FAIL'}" for name, err in res.errors.items())
         print(f"backend={res.backend} device={res.device} dtype={res.dtype} shape=(M={res.M}, K={res.K}, N={res.N}, "
               f"r={res.r}{', bias' if res.bias else ''}): {errors} (tolerance {res.tol:.0e})")
     failed = not all(res.ok for res in results)
     interp = " (Triton interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else ""
-    print("errors: max |fused - float64 reference| / max(max |reference|, 1), per tensor")
     print(("FAILED: errors above tolerance" if failed else "OK: all within tolerance") + interp)
     return 1 if failed else 0
 

@@ -1,4 +1,4 @@
-"""Training data: local JSONL / text loaders, packing, the byte tokenizer and the shipped demo set.
+"""Training data: local JSONL / text loaders, packing, the per-rank batch order, the byte tokenizer, the demo set.
 
 demo.jsonl (DEMO_PATH) is a small English set written for this package: short prose about LoRA and
 training ({"text"} lines) and templated question/answer pairs ({"prompt", "response"} lines), enough
