@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, TrainerCallback
 from ..config import LoraConfig
 from ..inject import inject_lora
 from ..persistence import save_adapter
+from ..training.distributed import unwrap
 
 
 def apply_fused_lora(model: PreTrainedModel, config: Optional[LoraConfig] = None, **config_kwargs) -> PreTrainedModel:
@@ -43,17 +44,10 @@ class AdapterCheckpointCallback(TrainerCallback):
     def on_save(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
         if state.is_world_process_zero and model is not None:
             directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            save_adapter(_unwrap(model), directory)
+            save_adapter(unwrap(model), directory)
         return control
 
     def on_train_end(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
         if state.is_world_process_zero and model is not None:
-            save_adapter(_unwrap(model), args.output_dir)
+            save_adapter(unwrap(model), args.output_dir)
         return control
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP / accelerate wrap the model in `.module`.
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
