@@ -37,6 +37,13 @@ def not_computed(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
 
 
+def fake_fwd_flat_xa(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    """Forward output shapes when xa is kept as an (M, r) float32 matrix (the Triton and CUDA backends)."""
+    M = x.numel() // x.shape[-1]
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((M, lora_A.shape[0]), dtype=torch.float32),
+            x.new_empty((1,), dtype=torch.int64))
+
+
 def fake_bwd(dy, x, xa, seed, weight, lora_A, lora_B, scaling, dropout_p, need_x, need_lora_a, need_lora_b):
     """Shapes of bwd_op's outputs for torch.compile's fake tensors (the same for every backend)."""
     return (x.new_empty(x.shape) if need_x else not_computed(x),

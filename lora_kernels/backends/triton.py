@@ -16,7 +16,8 @@ from typing import Optional, Tuple
 import torch
 
 from ..settings import interpreting
-from .base import KERNEL_DTYPES, LoraLinearFunction, draw_seed, fake_bwd, no_seed, not_computed
+from .base import (KERNEL_DTYPES, LoraLinearFunction, draw_seed, fake_bwd, fake_fwd_flat_xa, no_seed,
+                   not_computed)
 from .gemm_dispatch import choose as choose_gemm
 from .gemm_dispatch import gemm_key
 
@@ -95,12 +96,7 @@ def triton_lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     return run(choose_gemm(key, x.device, run)), xa, seed
 
 
-@triton_lora_fwd.register_fake
-def fake_fwd_flat_xa(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
-    """Forward output shapes when xa is kept as an (M, r) float32 matrix (the Triton and CUDA backends)."""
-    M = x.numel() // x.shape[-1]
-    return (x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((M, lora_A.shape[0]), dtype=torch.float32),
-            x.new_empty((1,), dtype=torch.int64))
+triton_lora_fwd.register_fake(fake_fwd_flat_xa)
 
 
 @torch.library.custom_op("lora_kernels::triton_lora_bwd", mutates_args=())
