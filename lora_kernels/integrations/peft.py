@@ -17,7 +17,9 @@ back when any of these holds:
 - `base_layer`, `lora_A[adapter]`, `lora_B[adapter]` or `lora_dropout[adapter]` would not run its class's plain
   forward when called: it is not an nn.Linear (resp. Dropout/Identity) whose class keeps nn.Linear's forward, it
   carries forward or backward (pre-)hooks, its `forward` is replaced on the instance, or it has an accelerate
-  `_hf_hook` (accelerate's offloading and device alignment patch `forward` and load weights in the hook);
+  `_hf_hook` (accelerate patches `forward` and, when offloading, loads the weights in the hook) other than a
+  non-offloading AlignDevicesHook whose execution device is x's device (dispatch_model puts those on every
+  module; for a module already on that device they move nothing);
 - torch has global module forward or backward hooks registered (they would run around those sub-module calls);
 - a weight or bias of base_layer, lora_A or lora_B is not on x's device (meta or offloaded tensors included);
 - `cast_input_dtype_enabled` is False and x's dtype differs from lora_A's or lora_B's (PEFT then feeds the
@@ -28,6 +30,7 @@ base bias passed to the kernels (its gradient flows back to lora_B.bias through 
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -47,18 +50,41 @@ def _is_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
 
 
-def _hooked(m: nn.Module) -> Optional[str]:
-    """Why calling `m` would run more than its class's forward (hooks, a patched forward), or None."""
+def _is_bound_class_forward(f, m: nn.Module) -> bool:
+    return getattr(f, "__self__", None) is m and getattr(f, "__func__", None) is type(m).forward
+
+
+def _accelerate_hook_is_identity(m: nn.Module, hook, device: torch.device) -> bool:
+    """True for accelerate's AlignDevicesHook that neither offloads nor moves anything for an input on `device`.
+
+    dispatch_model puts one on every sub-module, offloaded or not; for a module whose weights already live on the
+    execution device it only sends x and the output to devices they are already on, so calling the weights
+    directly computes the same thing. Anything else accelerate may hang there (offloading, SequentialHook, user
+    ModelHooks) is not understood here.
+    """
+    hooks = sys.modules.get("accelerate.hooks")
+    if hooks is None or type(hook) is not hooks.AlignDevicesHook or hook.offload or hook.no_grad:
+        return False
+    if hook.execution_device is not None and torch.device(hook.execution_device) != device:
+        return False
+    return _is_bound_class_forward(m.__dict__.get("_old_forward"), m)
+
+
+def _hooked(m: nn.Module, device: torch.device) -> Optional[str]:
+    """Why calling `m` on an input on `device` would run more than its class's forward (hooks, a patched
+    forward), or None."""
     if m._forward_pre_hooks or m._forward_hooks:
         return "forward hooks"
     if m._backward_pre_hooks or m._backward_hooks:
         return "backward hooks"
     d = m.__dict__
-    if "_hf_hook" in d:
-        return "an accelerate hook"
+    hf_hook = d.get("_hf_hook")
+    if hf_hook is not None:
+        # accelerate's hook replaces m.forward with a wrapper around m._old_forward
+        return None if _accelerate_hook_is_identity(m, hf_hook, device) else f"an accelerate hook ({hf_hook!r})"
     f = d.get("forward")
     # remove_hook_from_module puts back the bound class method as an instance attribute: that one is harmless.
-    if f is not None and not (getattr(f, "__self__", None) is m and getattr(f, "__func__", None) is type(m).forward):
+    if f is not None and not _is_bound_class_forward(f, m):
         return "a replaced forward"
     return None
 
@@ -110,7 +136,7 @@ def _call_fallback_reason(layer: PeftLoraLinear, x: torch.Tensor) -> Optional[st
     base, lora_A, lora_B = layer.base_layer, layer.lora_A[adapter], layer.lora_B[adapter]
     for what, m in (("base_layer", base), ("lora_A", lora_A), ("lora_B", lora_B),
                     ("lora_dropout", layer.lora_dropout[adapter])):
-        hooked = _hooked(m)
+        hooked = _hooked(m, x.device)
         if hooked is not None:
             return f"{what} has {hooked}"
     for what, t in (("base_layer.weight", base.weight), ("base_layer.bias", base.bias), ("lora_A.weight", lora_A.weight),
