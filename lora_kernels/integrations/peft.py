@@ -10,7 +10,7 @@ runs PEFT's original forward for that call (decided per call, from a few attribu
 back when any of these holds:
 
 - the call passes extra arguments (e.g. mixed-batch `adapter_names`), the adapters are disabled or merged, or not
-  exactly one adapter is active;
+  exactly one of the active adapters has weights in this layer (PEFT skips the others);
 - the active adapter uses a LoRA variant (DoRA, ...), fan_in_fan_out is set, its `scaling` is not a Python
   number (PEFT's prepare_model_for_compiled_hotswap makes it a tensor), or its dropout module is neither
   nn.Dropout nor nn.Identity;
@@ -89,18 +89,38 @@ def _hooked(m: nn.Module, device: torch.device) -> Optional[str]:
     return None
 
 
-def _unservable_reason(layer: PeftLoraLinear, adapter: Optional[str] = None) -> Optional[str]:
-    """Why `layer` cannot run `adapter` (default: its only active adapter) on the kernels, or None if it can.
+def _served_adapter(layer: PeftLoraLinear):
+    """(adapter, None) when the kernels can run `layer`'s active adapter, else (None, why not).
 
-    Structural reasons only (they do not depend on the input); also used by fuse_peft_model to report skips.
+    Structural reasons only (they do not depend on the input); fuse_peft_model reports them as skips.
     """
-    if adapter is None:
-        active = list(layer.active_adapters)
-        if len(active) != 1:
-            return f"{len(active)} active adapters {active} (the kernels compute one)"
-        adapter = active[0]
-    if adapter not in layer.lora_A:
-        return f"no LoRA weights for active adapter {adapter!r}"
+    # PEFT's forward skips active adapters the layer has no weights for (adapters that target other modules).
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        if not active:
+            return None, f"no LoRA weights for the active adapters {list(layer.active_adapters)}"
+        return None, f"{len(active)} active adapters {active} (the kernels compute one)"
+    adapter = active[0]
+    reason = _adapter_unservable_reason(layer, adapter)
+    return (None, reason) if reason is not None else (adapter, None)
+
+
+def _fuse_time_reason(layer: PeftLoraLinear) -> Optional[str]:
+    """Why fuse_peft_model leaves `layer` on PEFT's path, or None.
+
+    Judged for the active adapters; a layer that holds none of them (they target other modules) is fused when one
+    of its own adapters is servable, so that a later set_adapter to that adapter runs on the kernels.
+    """
+    _, reason = _served_adapter(layer)
+    if reason is None or any(a in layer.lora_A for a in layer.active_adapters):
+        return reason
+    if any(_adapter_unservable_reason(layer, a) is None for a in layer.lora_A):
+        return None
+    return reason
+
+
+def _adapter_unservable_reason(layer: PeftLoraLinear, adapter: str) -> Optional[str]:
+    """Why the kernels cannot compute `adapter` of `layer` (whatever the input), or None."""
     if adapter in layer.lora_variant or layer.use_dora.get(adapter, False):
         return f"adapter {adapter!r} uses a LoRA variant ({type(layer.lora_variant.get(adapter)).__name__}, e.g. DoRA)"
     if getattr(layer, "fan_in_fan_out", False):
@@ -112,10 +132,10 @@ def _unservable_reason(layer: PeftLoraLinear, adapter: Optional[str] = None) -> 
     # base_layer itself, not get_base_layer(): a wrapped tuner layer in between would add its own delta.
     base = layer.base_layer
     if not _is_linear(base):
-        return f"base layer is a {type(base).__name__}, not an nn.Linear"
+        return f"base layer is a {type(base).__module__}.{type(base).__name__}, not an nn.Linear"
     for what, m in (("lora_A", layer.lora_A[adapter]), ("lora_B", layer.lora_B[adapter])):
         if not _is_linear(m):
-            return f"{what}[{adapter!r}] is a {type(m).__name__}, not an nn.Linear"
+            return f"{what}[{adapter!r}] is a {type(m).__module__}.{type(m).__name__}, not an nn.Linear"
     if layer.lora_A[adapter].bias is not None:
         return f"lora_A[{adapter!r}] has a bias"
     dropout = layer.lora_dropout[adapter]
@@ -124,38 +144,40 @@ def _unservable_reason(layer: PeftLoraLinear, adapter: Optional[str] = None) -> 
     return None
 
 
-def _call_fallback_reason(layer: PeftLoraLinear, x: torch.Tensor) -> Optional[str]:
-    """Why this call of `layer` on `x` must run PEFT's forward, or None if the kernels compute what PEFT would."""
-    reason = _unservable_reason(layer)
+def _call_plan(layer: PeftLoraLinear, x: torch.Tensor):
+    """(adapter, None) when the kernels compute what PEFT's forward would for this call on `x`, else
+    (None, why PEFT's forward must run)."""
+    adapter, reason = _served_adapter(layer)
     if reason is not None:
-        return reason
+        return None, reason
     if (_torch_module._global_forward_pre_hooks or _torch_module._global_forward_hooks
             or _torch_module._global_backward_pre_hooks or _torch_module._global_backward_hooks):
-        return "global module hooks are registered"
-    adapter = layer.active_adapters[0]
+        return None, "global module hooks are registered"
     base, lora_A, lora_B = layer.base_layer, layer.lora_A[adapter], layer.lora_B[adapter]
     for what, m in (("base_layer", base), ("lora_A", lora_A), ("lora_B", lora_B),
                     ("lora_dropout", layer.lora_dropout[adapter])):
         hooked = _hooked(m, x.device)
         if hooked is not None:
-            return f"{what} has {hooked}"
+            return None, f"{what} has {hooked}"
     for what, t in (("base_layer.weight", base.weight), ("base_layer.bias", base.bias), ("lora_A.weight", lora_A.weight),
                     ("lora_B.weight", lora_B.weight), ("lora_B.bias", lora_B.bias)):
         if t is not None and t.device != x.device:
-            return f"{what} is on {t.device}, x on {x.device}"
+            return None, f"{what} is on {t.device}, x on {x.device}"
     if not getattr(layer, "cast_input_dtype_enabled", True) and (lora_A.weight.dtype != x.dtype
                                                                  or lora_B.weight.dtype != x.dtype):
-        return "cast_input_dtype_enabled=False and x's dtype differs from the adapter's"
-    return None
+        return None, "cast_input_dtype_enabled=False and x's dtype differs from the adapter's"
+    return adapter, None
 
 
 class FusedPeftLinear(PeftLoraLinear):
     """A peft.tuners.lora.Linear whose forward runs on lora_kernels when it can (never constructed directly)."""
 
     def forward(self, x, *args, **kwargs):
-        if args or kwargs or self.disable_adapters or self.merged or _call_fallback_reason(self, x) is not None:
+        if args or kwargs or self.disable_adapters or self.merged:
             return super().forward(x, *args, **kwargs)
-        adapter = self.active_adapters[0]
+        adapter, reason = _call_plan(self, x)
+        if reason is not None:
+            return super().forward(x, *args, **kwargs)
         base = self.base_layer
         lora_B = self.lora_B[adapter]
         scaling = self.scaling[adapter]
@@ -195,8 +217,9 @@ def fuse_peft_model(peft_model: nn.Module, verbose: bool = False) -> FuseReport:
     """Switch every eligible PEFT LoRA Linear layer of `peft_model` to the fused kernels, in place.
 
     Eligible: exactly peft.tuners.lora.Linear over an nn.Linear (subclasses that keep nn.Linear's forward too),
-    one active adapter, no DoRA / fan_in_fan_out / tensor scaling. A fused layer still falls back to PEFT's forward
-    per call (see the module docstring). Others (conv, embedding, quantized, DoRA, several active adapters) are
+    holding one of the active adapters (or none of them, and an adapter of its own it could serve), without DoRA /
+    fan_in_fan_out / tensor scaling. A fused layer still falls back to PEFT's forward per call (see the module
+    docstring). Others (conv, embedding, quantized, DoRA, several active adapters) are
     left as they are and listed in the returned report's `skipped`. Undo with unfuse_peft_model.
     """
     if not isinstance(peft_model, nn.Module):
@@ -211,7 +234,7 @@ def fuse_peft_model(peft_model: nn.Module, verbose: bool = False) -> FuseReport:
         if type(module) is not PeftLoraLinear:
             report.skipped[name] = f"{type(module).__module__}.{type(module).__name__} is not served by the kernels"
             continue
-        reason = _unservable_reason(module)
+        reason = _fuse_time_reason(module)
         if reason is not None:
             report.skipped[name] = reason
             continue
