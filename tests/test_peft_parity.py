@@ -281,9 +281,10 @@ def test_save_pretrained_from_pretrained_roundtrip(tmp_path, monkeypatch, kernel
     pm.save_pretrained(fused_dir, selected_adapters=["default", "second"])
     # file for file what PEFT writes: same keys, same tensors, same config
     for sub in ("", "second"):
-        a, b = load_file(unfused_dir / sub / "adapter_model.safetensors"), load_file(fused_dir / sub / "adapter_model.safetensors")
+        a, b = (load_file(d / sub / "adapter_model.safetensors") for d in (unfused_dir, fused_dir))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-        assert (unfused_dir / sub / "adapter_config.json").read_text() == (fused_dir / sub / "adapter_config.json").read_text()
+        configs = [(d / sub / "adapter_config.json").read_text() for d in (unfused_dir, fused_dir)]
+        assert configs[0] == configs[1]
     loaded = peft.PeftModel.from_pretrained(net(), fused_dir)
     loaded.load_adapter(fused_dir / "second", adapter_name="second")
     fuse_peft_model(loaded)

@@ -81,7 +81,7 @@ def _hooked(m: nn.Module, device: torch.device) -> Optional[str]:
     hf_hook = d.get("_hf_hook")
     if hf_hook is not None:
         # accelerate's hook replaces m.forward with a wrapper around m._old_forward
-        return None if _accelerate_hook_is_identity(m, hf_hook, device) else f"an accelerate hook ({hf_hook!r})"
+        return None if _accelerate_hook_is_identity(m, hf_hook, device) else f"an accelerate {type(hf_hook).__name__}"
     f = d.get("forward")
     # remove_hook_from_module puts back the bound class method as an instance attribute: that one is harmless.
     if f is not None and not _is_bound_class_forward(f, m):
@@ -159,8 +159,8 @@ def _call_plan(layer: PeftLoraLinear, x: torch.Tensor):
         hooked = _hooked(m, x.device)
         if hooked is not None:
             return None, f"{what} has {hooked}"
-    for what, t in (("base_layer.weight", base.weight), ("base_layer.bias", base.bias), ("lora_A.weight", lora_A.weight),
-                    ("lora_B.weight", lora_B.weight), ("lora_B.bias", lora_B.bias)):
+    for what, t in (("base_layer.weight", base.weight), ("base_layer.bias", base.bias),
+                    ("lora_A.weight", lora_A.weight), ("lora_B.weight", lora_B.weight), ("lora_B.bias", lora_B.bias)):
         if t is not None and t.device != x.device:
             return None, f"{what} is on {t.device}, x on {x.device}"
     if not getattr(layer, "cast_input_dtype_enabled", True) and (lora_A.weight.dtype != x.dtype
