@@ -57,7 +57,7 @@ def net(seed=0):
 
 def llama(seed=0):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, attention_bias=True,
                       mlp_bias=True)
     return LlamaForCausalLM(cfg)
@@ -239,14 +239,14 @@ def test_merge_unmerge_and_merge_and_unload(monkeypatch, kernel_calls):
     fuse_peft_model(pm)
     with torch.no_grad():
         fused = pm(x).logits
-        assert len(kernel_calls) == 6
+        assert len(kernel_calls) == 3
         pm.merge_adapter()
         merged = pm(x).logits
-        assert len(kernel_calls) == 6  # merged: PEFT's path, the base layer holds the delta
+        assert len(kernel_calls) == 3  # merged: PEFT's path, the base layer holds the delta
         torch.testing.assert_close(merged, fused, rtol=1e-5, atol=1e-5)
         pm.unmerge_adapter()
         torch.testing.assert_close(pm(x).logits, fused, rtol=1e-5, atol=1e-5)
-        assert len(kernel_calls) == 12
+        assert len(kernel_calls) == 6
         unloaded = pm.merge_and_unload()
         assert not any(isinstance(m, (FusedPeftLinear, peft.tuners.lora.LoraLayer)) for m in unloaded.modules())
         torch.testing.assert_close(unloaded(x).logits, fused, rtol=1e-5, atol=1e-5)
