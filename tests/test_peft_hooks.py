@@ -368,3 +368,26 @@ def test_repr_and_layer_status_say_lora_linear():
     assert [s.module_type for s in status] == ["lora.Linear"] * 3
     assert status == reference.get_layer_status()
     assert pm.get_model_status() == reference.get_model_status()
+
+
+def test_hook_decisions_hold_under_torch_compile(kernel_calls):
+    """Dynamo traces the per-call checks as guards: a hook added after compiling is honoured (recompiling), and
+    without hooks the compiled graph holds the kernels' custom op without graph breaks."""
+    pm = _peft_mlp()
+    reference = copy.deepcopy(pm)
+    x = _x()
+
+    def shift(mod, args, out):
+        return out - 1.0
+
+    with torch.no_grad():
+        want = reference(x)
+        fuse_peft_model(pm)
+        compiled = torch.compile(pm.base_model.model, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), want, rtol=1e-6, atol=1e-6)
+        handle = _layer(pm, "fc2").base_layer.register_forward_hook(shift)
+        _layer(reference, "fc2").base_layer.register_forward_hook(shift)
+        torch.testing.assert_close(compiled(x), reference(x), rtol=1e-6, atol=1e-6)
+        handle.remove()
+        torch.testing.assert_close(compiled(x), want, rtol=1e-6, atol=1e-6)
+    torch._dynamo.reset()
