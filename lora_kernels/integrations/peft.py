@@ -11,9 +11,8 @@ back when any of these holds:
 
 - the call passes extra arguments (e.g. mixed-batch `adapter_names`), the adapters are disabled or merged, or not
   exactly one of the active adapters has weights in this layer (PEFT skips the others);
-- the active adapter uses a LoRA variant (DoRA, ...), fan_in_fan_out is set, its `scaling` is not a Python
-  number (PEFT's prepare_model_for_compiled_hotswap makes it a tensor), or its dropout module is neither
-  nn.Dropout nor nn.Identity;
+- the active adapter uses a LoRA variant (DoRA, ...), or its dropout module is neither nn.Dropout nor
+  nn.Identity;
 - `base_layer`, `lora_A[adapter]`, `lora_B[adapter]` or `lora_dropout[adapter]` would not run its class's plain
   forward when called: it is not an nn.Linear (resp. Dropout/Identity) whose class keeps nn.Linear's forward, it
   carries forward or backward (pre-)hooks, its `forward` is replaced on the instance, or it has an accelerate
@@ -24,6 +23,9 @@ back when any of these holds:
 - a weight or bias of base_layer, lora_A or lora_B is not on x's device (meta or offloaded tensors included);
 - `cast_input_dtype_enabled` is False and x's dtype differs from lora_A's or lora_B's (PEFT then feeds the
   adapters x uncast; with equal dtypes the cast is a no-op and the kernels compute the same thing).
+
+A transformers Conv1D base (GPT-2, fan_in_fan_out=True) is served through its weight's transposed view, and a
+tensor `scaling` (PEFT's prepare_model_for_compiled_hotswap) is handled by fused_lora_linear without a host sync.
 
 `lora_bias=True` is computed on the kernels: PEFT adds scaling·lora_B.bias to the output, which is folded into the
 base bias passed to the kernels (its gradient flows back to lora_B.bias through autograd).
@@ -40,6 +42,7 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer
 
 from ..functional import fused_lora_linear
+from ..layer import is_conv1d
 
 # torch keeps the global module hooks in these dicts of torch.nn.modules.module, mutated in place.
 _torch_module = torch.nn.modules.module
@@ -48,6 +51,11 @@ _torch_module = torch.nn.modules.module
 def _is_linear(m: nn.Module) -> bool:
     """An nn.Linear (or subclass such as NonDynamicallyQuantizableLinear) whose class computes F.linear."""
     return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    """transformers' Conv1D itself (GPT-2's projections: weight stored (in, out)), not a subclass with its own forward."""
+    return is_conv1d(m) and type(m).forward is sys.modules["transformers.pytorch_utils"].Conv1D.forward
 
 
 def _is_bound_class_forward(f, m: nn.Module) -> bool:
@@ -123,16 +131,13 @@ def _adapter_unservable_reason(layer: PeftLoraLinear, adapter: str) -> Optional[
     """Why the kernels cannot compute `adapter` of `layer` (whatever the input), or None."""
     if adapter in layer.lora_variant or layer.use_dora.get(adapter, False):
         return f"adapter {adapter!r} uses a LoRA variant ({type(layer.lora_variant.get(adapter)).__name__}, e.g. DoRA)"
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out=True (Conv1D-style weight)"
-    scaling = layer.scaling[adapter]
-    if not isinstance(scaling, (int, float)):
-        # TODO(issue 17, item 2): serve tensor scaling (compiled hotswap) on the kernels instead.
-        return f"adapter {adapter!r} has a {type(scaling).__name__} scaling (e.g. prepared for compiled hotswap)"
     # base_layer itself, not get_base_layer(): a wrapped tuner layer in between would add its own delta.
     base = layer.base_layer
-    if not _is_linear(base):
-        return f"base layer is a {type(base).__module__}.{type(base).__name__}, not an nn.Linear"
+    if getattr(layer, "fan_in_fan_out", False) != _is_conv1d(base):
+        return (f"fan_in_fan_out={getattr(layer, 'fan_in_fan_out', False)} over a "
+                f"{type(base).__module__}.{type(base).__name__}")
+    if not (_is_linear(base) or _is_conv1d(base)):
+        return f"base layer is a {type(base).__module__}.{type(base).__name__}, not an nn.Linear or a Conv1D"
     for what, m in (("lora_A", layer.lora_A[adapter]), ("lora_B", layer.lora_B[adapter])):
         if not _is_linear(m):
             return f"{what}[{adapter!r}] is a {type(m).__module__}.{type(m).__name__}, not an nn.Linear"
@@ -189,7 +194,9 @@ class FusedPeftLinear(PeftLoraLinear):
         dropout = self.lora_dropout[adapter]
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
         # dropout.training, not self.training: PEFT's nn.Dropout decides by its own mode.
-        return fused_lora_linear(x, base.weight, bias, self.lora_A[adapter].weight, lora_B.weight,
+        # A Conv1D base (fan_in_fan_out) stores W as (in, out): its transposed view, no copy.
+        weight = base.weight.t() if self.fan_in_fan_out else base.weight
+        return fused_lora_linear(x, weight, bias, self.lora_A[adapter].weight, lora_B.weight,
                                  scaling, dropout_p=p, training=dropout.training)
 
     def _get_name(self) -> str:
@@ -217,8 +224,8 @@ def fuse_peft_model(peft_model: nn.Module, verbose: bool = False) -> FuseReport:
     """Switch every eligible PEFT LoRA Linear layer of `peft_model` to the fused kernels, in place.
 
     Eligible: exactly peft.tuners.lora.Linear over an nn.Linear (subclasses that keep nn.Linear's forward too),
-    holding one of the active adapters (or none of them, and an adapter of its own it could serve), without DoRA /
-    fan_in_fan_out / tensor scaling. A fused layer still falls back to PEFT's forward per call (see the module
+    or a transformers Conv1D (GPT-2, fan_in_fan_out), holding one of the active adapters (or none of them, and an
+    adapter of its own it could serve), without DoRA. A fused layer still falls back to PEFT's forward per call (see the module
     docstring). Others (conv, embedding, quantized, DoRA, several active adapters) are
     left as they are and listed in the returned report's `skipped`. Undo with unfuse_peft_model.
     """
