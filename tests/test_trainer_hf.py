@@ -1,5 +1,6 @@
 """transformers.Trainer with a fused-LoRA model and no callback: adapter-only checkpoints in PEFT's format, and
 resume_from_checkpoint that continues exactly where the uninterrupted run was."""
+import copy
 import json
 import os
 import shutil
@@ -170,3 +171,21 @@ def test_save_pretrained_takes_the_adapter_from_a_given_state_dict(tmp_path):
     torch.testing.assert_close(saved[key], sd["model.layers.1.self_attn.v_proj.lora_B"])
     assert not torch.equal(saved[key], model.model.layers[1].self_attn.v_proj.lora_B.detach())
     assert set(os.listdir(tmp_path)) == ADAPTER_FILES | {INDEX_NAME}
+
+
+def test_a_deep_copy_saves_its_own_adapter(tmp_path):
+    # TRL and accelerate deep-copy models (e.g. a reference model): the copy's save_pretrained must write the
+    # copy's adapter, not the original's.
+    model = fused_model()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.model.layers[0].self_attn.q_proj.lora_B.add_(1.0)
+    twin.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    torch.testing.assert_close(saved[key], twin.model.layers[0].self_attn.q_proj.lora_B.detach())
+    assert not torch.equal(saved[key], model.model.layers[0].self_attn.q_proj.lora_B.detach())
+    # and the copy's load hook fills the copy
+    fresh = copy.deepcopy(model)
+    fresh.load_state_dict(saved, strict=False)
+    torch.testing.assert_close(fresh.model.layers[0].self_attn.q_proj.lora_B, saved[key])

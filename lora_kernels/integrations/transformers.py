@@ -42,9 +42,9 @@ same mask. model.generate works as on the base model (eval mode: no dropout).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
-import types
 from typing import Dict, Optional
 
 import torch
@@ -87,9 +87,11 @@ def enable_adapter_checkpoints(model: PreTrainedModel) -> PreTrainedModel:
         raise ValueError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     if getattr(model, _HOOKED_ATTR, False):
         return model
-    # An instance attribute shadows the class's method for this model only. A bound method survives
-    # copy.deepcopy (rebound to the copy) and pickling, unlike a swapped-in subclass.
-    model.save_pretrained = types.MethodType(_save_pretrained, model)
+    # An instance attribute shadows the class's method for this model only. A partial of a module-level function
+    # follows the model through copy.deepcopy (bound to the copy) and torch.save of the whole module; a bound
+    # method would be restored as the class's own save_pretrained, and a swapped-in subclass (named like the
+    # original) could not be serialised at all.
+    model.save_pretrained = functools.partial(_save_pretrained, model)
     model.register_load_state_dict_pre_hook(_load_peft_keys)
     object.__setattr__(model, _HOOKED_ATTR, True)
     return model
