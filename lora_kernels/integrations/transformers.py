@@ -49,7 +49,7 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
-from transformers import PreTrainedModel, TrainerCallback
+from transformers import PreTrainedModel
 
 from ..config import LoraConfig
 from ..inject import ModulesToSaveWrapper, inject_lora, lora_layers
@@ -196,26 +196,44 @@ def _load_peft_keys(module: nn.Module, state_dict, prefix, local_metadata, stric
 
 # -- callback -------------------------------------------------------------------------------------------------
 
-class AdapterCheckpointCallback(TrainerCallback):
-    """Writes the adapter (PEFT format, via save_adapter) into every checkpoint-<step> directory Trainer saves,
-    and into `output_dir` at the end of training, so each checkpoint is loadable with load_adapter or
-    PeftModel.from_pretrained.
+def _callback_class():
+    from transformers import TrainerCallback
 
-    A model from apply_fused_lora / inject_lora no longer needs it (its own save_pretrained writes the adapter
-    into each checkpoint, see the module docstring); it stays for plain nn.Module models, which Trainer saves
-    as a bare state dict, and for code written before.
-    """
+    class AdapterCheckpointCallback(TrainerCallback):
+        """Writes the adapter (PEFT format, via save_adapter) into every checkpoint-<step> directory Trainer saves,
+        and into `output_dir` at the end of training, so each checkpoint is loadable with load_adapter or
+        PeftModel.from_pretrained.
 
-    def on_save(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
-        if state.is_world_process_zero and model is not None:
-            directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            save_adapter(_unwrap(model), directory)
-        return control
+        A model from apply_fused_lora / inject_lora no longer needs it (its own save_pretrained writes the adapter
+        into each checkpoint, see the module docstring); it stays for plain nn.Module models, which Trainer saves
+        as a bare state dict, and for code written before.
+        """
 
-    def on_train_end(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
-        if state.is_world_process_zero and model is not None:
-            save_adapter(_unwrap(model), args.output_dir)
-        return control
+        def on_save(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
+            if state.is_world_process_zero and model is not None:
+                directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+                save_adapter(_unwrap(model), directory)
+            return control
+
+        def on_train_end(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
+            if state.is_world_process_zero and model is not None:
+                save_adapter(_unwrap(model), args.output_dir)
+            return control
+
+    # Named as if defined at module level (repr, and lookup by name resolves through __getattr__ below).
+    AdapterCheckpointCallback.__module__ = __name__
+    AdapterCheckpointCallback.__qualname__ = "AdapterCheckpointCallback"
+    return AdapterCheckpointCallback
+
+
+def __getattr__(name):
+    # inject_lora imports this module for every transformers model, and TrainerCallback's import pulls in
+    # Trainer's whole stack (training_args, accelerate: some 850 modules, seconds on a small machine). The
+    # callback class is therefore built on first use (`from ... import AdapterCheckpointCallback` included).
+    if name == "AdapterCheckpointCallback":
+        cls = globals()[name] = _callback_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
