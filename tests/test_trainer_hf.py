@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME as INDEX_NAME
 
 import lora_kernels as lk
-from lora_kernels.integrations.transformers import apply_fused_lora
+from lora_kernels.integrations.transformers import apply_fused_lora, disable_adapter_checkpoints
 from tiny_models import assert_rel_close
 
 VOCAB = 64
@@ -189,3 +189,20 @@ def test_a_deep_copy_saves_its_own_adapter(tmp_path):
     fresh = copy.deepcopy(model)
     fresh.load_state_dict(saved, strict=False)
     torch.testing.assert_close(fresh.model.layers[0].self_attn.q_proj.lora_B, saved[key])
+
+
+def test_load_best_model_at_end_needs_full_model_checkpoints(tmp_path):
+    # Trainer's best-model loader only takes an adapter checkpoint from a PeftModel; ours fails, as transformers'
+    # own PeftAdapterMixin adapters do. disable_adapter_checkpoints goes back to full-model checkpoints.
+    kw = {"max_steps": 2, "save_steps": 1, "eval_strategy": "steps", "eval_steps": 1, "load_best_model_at_end": True}
+    with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
+        Trainer(model=fused_model(), args=args(tmp_path / "adapter", **kw), train_dataset=dataset(),
+                eval_dataset=dataset(n=2)).train()
+    model = disable_adapter_checkpoints(fused_model())
+    trainer = Trainer(model=model, args=args(tmp_path / "full", **kw), train_dataset=dataset(),
+                      eval_dataset=dataset(n=2))
+    trainer.train()
+    assert "model.safetensors" in os.listdir(trainer.state.best_model_checkpoint)
+    lk.inject_lora(model, lk.LoraConfig(r=2, target_modules=["k_proj"]))  # stays off
+    model.save_pretrained(tmp_path / "again")
+    assert "model.safetensors" in os.listdir(tmp_path / "again")

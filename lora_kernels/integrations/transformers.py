@@ -33,8 +33,10 @@ any PreTrainedModel, both on this one model instance (never on the class, never 
 `enable_adapter_checkpoints` when the model is a PreTrainedModel). `AdapterCheckpointCallback` predates them; it
 still works (it writes the same adapter files again) and is still what a plain nn.Module trained with Trainer
 needs, since Trainer saves such a module with a bare state dict, not save_pretrained.
-Not covered: `load_best_model_at_end=True` (Trainer's best-model loader looks for model.safetensors outside the
-PEFT branch, as it does for transformers' own PeftAdapterMixin adapters).
+Not covered: `load_best_model_at_end=True`. Trainer's best-model loader, seeing adapter files in a model that is
+not a PeftModel, reads model.safetensors or pytorch_model.bin and fails at the end of training (transformers' own
+PeftAdapterMixin adapters fail the same way). `disable_adapter_checkpoints(model)` goes back to full-model
+checkpoints for such runs; a PEFT model passed through fuse_peft_model has both.
 
 Gradient checkpointing needs nothing special: the dropout seed is drawn from torch's RNG at forward, and
 torch.utils.checkpoint restores the RNG state before recomputing, so the recomputed forward regenerates the very
@@ -47,7 +49,6 @@ import json
 import os
 from typing import Dict, Optional
 
-import torch
 import torch.nn as nn
 from transformers import PreTrainedModel
 
@@ -57,7 +58,7 @@ from ..persistence import PREFIX, WEIGHTS_NAME, _write_files, adapter_config, ad
 
 # transformers' SAFE_WEIGHTS_INDEX_NAME: the file Trainer's resume path reads when there is no model.safetensors.
 INDEX_NAME = "model.safetensors.index.json"
-_HOOKED_ATTR = "_lora_kernels_checkpoint_hooks"
+_HOOKS_ATTR = "_lora_kernels_adapter_checkpoints"  # True: installed; False: turned off on purpose
 
 
 def apply_fused_lora(model: PreTrainedModel, config: Optional[LoraConfig] = None, **config_kwargs) -> PreTrainedModel:
@@ -81,11 +82,12 @@ def apply_fused_lora(model: PreTrainedModel, config: Optional[LoraConfig] = None
 def enable_adapter_checkpoints(model: PreTrainedModel) -> PreTrainedModel:
     """Make `model.save_pretrained` write the adapter only (PEFT format) and let Trainer resume from what it wrote.
 
-    In place, on this instance only; calling it again does nothing. Returns `model`.
+    In place, on this instance only; calling it again does nothing, and so does calling it on a model passed to
+    disable_adapter_checkpoints. Returns `model`.
     """
     if not isinstance(model, PreTrainedModel):
         raise ValueError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
-    if getattr(model, _HOOKED_ATTR, False):
+    if _HOOKS_ATTR in vars(model):  # installed already, or turned off on purpose
         return model
     # An instance attribute shadows the class's method for this model only. A partial of a module-level function
     # follows the model through copy.deepcopy (bound to the copy) and torch.save of the whole module; a bound
@@ -93,7 +95,21 @@ def enable_adapter_checkpoints(model: PreTrainedModel) -> PreTrainedModel:
     # original) could not be serialised at all.
     model.save_pretrained = functools.partial(_save_pretrained, model)
     model.register_load_state_dict_pre_hook(_load_peft_keys)
-    object.__setattr__(model, _HOOKED_ATTR, True)
+    object.__setattr__(model, _HOOKS_ATTR, True)
+    return model
+
+
+def disable_adapter_checkpoints(model: PreTrainedModel) -> PreTrainedModel:
+    """Undo enable_adapter_checkpoints for good on this model: save_pretrained writes the full model again and
+    Trainer's checkpoints are full-model ones (as before; add AdapterCheckpointCallback to also get the adapter
+    in each). Later inject_lora calls leave it off. Needed for Trainer's `load_best_model_at_end=True`, which
+    cannot load an adapter-only checkpoint of a model that is not a PeftModel. Returns `model`."""
+    if vars(model).get(_HOOKS_ATTR):
+        del model.save_pretrained
+        for key, hook in list(model._load_state_dict_pre_hooks.items()):
+            if getattr(hook, "hook", hook) is _load_peft_keys:
+                del model._load_state_dict_pre_hooks[key]
+    object.__setattr__(model, _HOOKS_ATTR, False)
     return model
 
 
