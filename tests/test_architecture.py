@@ -20,7 +20,9 @@ ALLOWED = {
     "backends": {"settings", "timing", "ops", "_cuda"},  # _cuda: the compiled csrc/ extension, when built
     "functional": {"backends"},
     "layer": {"config", "functional"},
-    "inject": {"config", "layer"},
+    # inject -> integrations: inject_lora on a transformers model that is already imported installs the adapter-only
+    # checkpoint hooks (a lazy, conditional import; the integration never loads transformers for anyone else).
+    "inject": {"config", "layer", "integrations"},
     "persistence": {"config", "inject", "layer"},
     "data": set(),
     "models": {"data"},
