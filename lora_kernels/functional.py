@@ -5,13 +5,19 @@
 Backends (LORA_KERNELS_BACKEND): auto | triton | torch | cuda; backends/__init__.py says which runs when.
 Every backend saves x and x·Aᵀ (plus a seed) for backward, never a dropout mask, a dropped copy or a cast
 copy of x.
+
+fused_multi_lora_linear: several adapters on one base layer in one mixed batch (segments.py says which row
+uses which adapter); the same contract, with one (M, r_max) x·Aᵀ for all adapters.
 """
+import functools
 import math
 
 import torch
+import torch.nn.functional as F
 
-from .backends import FUNCTIONS, resolve_backend
+from .backends import FUNCTIONS, MULTI_FUNCTIONS, resolve_backend
 from .backends.base import FLOAT_DTYPES
+from .segments import AdapterSegments
 
 
 def _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
@@ -84,3 +90,102 @@ def fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p: float
             dt = torch.promote_types(lora_B.dtype, torch.float32)
             lora_B, scaling = lora_B.to(dt) * scaling.to(device=x.device, dtype=dt), 1.0
         return fn.apply(x, weight, bias, lora_A, lora_B, float(scaling), p)
+
+
+def _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, dropout_ps, segments):
+    if not isinstance(segments, AdapterSegments):
+        raise ValueError(f"segments must be an AdapterSegments, got {type(segments).__name__}")
+    lists = {"lora_As": lora_As, "lora_Bs": lora_Bs, "scalings": scalings, "dropout_ps": dropout_ps}
+    for name, seq in lists.items():
+        if not isinstance(seq, (list, tuple)):
+            raise ValueError(f"{name} must be a list or tuple (one entry per adapter), got {type(seq).__name__}")
+    n = len(lora_As)
+    if n == 0 or any(len(seq) != n for seq in lists.values()):
+        raise ValueError("lora_As, lora_Bs, scalings and dropout_ps need one entry per adapter (at least one); got "
+                         + ", ".join(f"{len(seq)} {name}" for name, seq in lists.items()))
+    if segments.max_index >= n:
+        raise ValueError(f"segments use adapter index {segments.max_index} but {n} adapters were given "
+                         f"(indices 0..{n - 1})")
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least one dimension, got shape {tuple(x.shape)}")
+    M = math.prod(x.shape[:-1])
+    if x.dim() >= 3 and x.shape[0] != segments.batch:
+        raise ValueError(f"the segments describe {segments.batch} samples but x has {x.shape[0]} in its batch "
+                         f"dim (x shape {tuple(x.shape)})")
+    segments.rows_per_sample(M)
+    if segments.device != x.device:
+        raise ValueError(f"segments are on {segments.device} but x is on {x.device}")
+    present = 0
+    for i in range(n):
+        A, B = lora_As[i], lora_Bs[i]
+        if (A is None) != (B is None):
+            raise ValueError(f"lora_As[{i}] and lora_Bs[{i}] must both be tensors or both None (adapter {i} absent "
+                             "from this layer)")
+        if A is None:
+            continue
+        present += 1
+        # One adapter at a time through the single-adapter checks (shapes, dtypes, devices, p, scaling).
+        try:
+            _validate(x, weight, bias, A, B, scalings[i], dropout_ps[i])
+        except ValueError as err:
+            raise ValueError(f"adapter {i}: {err}") from None
+    return n, present
+
+
+def fused_multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, dropout_ps, segments: AdapterSegments,
+                            training: bool = True):
+    """y = x·Wᵀ + b + s_a·(dropout_{p_a}(x[m])·A_aᵀ)·B_aᵀ for each row m, a = its sample's adapter (or none).
+
+    Several adapters on one base layer in one mixed batch: the base GEMM runs once for the whole batch and
+    the LoRA shrink / expand are segmented by adapter inside the kernels (one launch for all adapters).
+
+    lora_As[i] (r_i, in), lora_Bs[i] (out, r_i), scalings[i] (a number or a 0-dim tensor) and dropout_ps[i]
+    describe adapter i of `segments` (lora_kernels.segments.AdapterSegments, built once per forward and
+    shared by every layer). Ranks may differ. lora_As[i] = lora_Bs[i] = None: this layer has no adapter i,
+    its rows get the base output. Gradients reach each adapter's own tensors from its rows only; rows of
+    no adapter give the base output and touch no adapter's gradient. One Philox seed per call; each row is
+    dropped at its adapter's rate (in training only).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    n, present = _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, dropout_ps, segments)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"x has dtype {x.dtype} but weight has {weight.dtype}"
+                         + ("" if bias is None else f" and bias has {bias.dtype}")
+                         + ": the base layer must be in the activation dtype (or run under torch.autocast)")
+    if present == 0:
+        return torch.nn.functional.linear(x, weight, bias)
+    backend = resolve_backend(x)
+    if backend not in MULTI_FUNCTIONS:
+        raise RuntimeError(f"LORA_KERNELS_BACKEND={backend} has no multi-adapter kernels; use triton or torch")
+    # This layer's own numbering: slot j = the j-th adapter it holds; model adapters it lacks map to -1.
+    slots, j = [], 0
+    for A in lora_As:
+        slots.append(j if A is not None else -1)
+        j += A is not None
+    idx = [i for i in range(n) if lora_As[i] is not None]
+    ranks = [lora_As[i].shape[0] for i in idx]
+    r_max = max(ranks)
+    ab_dtype = functools.reduce(torch.promote_types, [lora_As[i].dtype for i in idx] + [lora_Bs[i].dtype for i in idx])
+    with torch.autocast(device_type, enabled=False):
+        # Stacked and zero-padded to r_max inside autograd: torch.stack / F.pad route each slice's gradient back
+        # to the adapter's own tensor. Parameter-sized copies (n·r_max·(in + out)), nothing of x's size.
+        stacked_A, stacked_B, float_scalings = [], [], []
+        for i, r in zip(idx, ranks):
+            A, B, s = lora_As[i].to(ab_dtype), lora_Bs[i].to(ab_dtype), scalings[i]
+            if isinstance(s, torch.Tensor):  # as fused_lora_linear: scale B on device, no host read
+                B, s = B.to(torch.promote_types(ab_dtype, torch.float32)) * s.to(device=x.device), 1.0
+            stacked_A.append(A if r == r_max else F.pad(A, (0, 0, 0, r_max - r)))
+            stacked_B.append(B if r == r_max else F.pad(B, (0, r_max - r)))
+            float_scalings.append(float(s))
+        if len({t.dtype for t in stacked_B}) > 1:  # a tensor scaling lifted some B to float32
+            stacked_B = [t.to(torch.promote_types(ab_dtype, torch.float32)) for t in stacked_B]
+        lora_A, lora_B = torch.stack(stacked_A), torch.stack(stacked_B)
+        ps = [float(dropout_ps[i]) if training else 0.0 for i in idx]
+        row_adapter = segments.row_adapter(math.prod(x.shape[:-1]), slots)
+        return MULTI_FUNCTIONS[backend].apply(x, weight, bias, lora_A, lora_B, row_adapter, ranks, float_scalings, ps)

@@ -7,6 +7,10 @@ The split path (gemm="split", chosen per shape by lora_kernels/backends/gemm_dis
 (cuBLAS on a GPU) write x·Wᵀ into y first; the same kernel then skips its k-loop, starts its accumulator
 from that tile of y and adds the LoRA term and bias in place. That costs one more read and write of y,
 and wins where cuBLAS's GEMM beats Triton's by more than that.
+
+Segmented (several adapters, ops/segments.py): only the LoRA epilogue changes. B is (n, N, r_max); the
+tile loops over the adapters its rows use and adds s_a·xa[rows of a]·B[a]ᵀ, so the k-loop, the tiles and
+the tile order are those of the single-adapter kernel.
 """
 import torch
 import triton
@@ -15,11 +19,12 @@ import triton.language as tl
 from ..settings import GEMM_PATHS
 from .configs import gemm_configs, lora_block_r
 from .layout import Rows, grouped_tile, row_offsets
+from .segments import AdapterTable, any_row, tile_adapters
 
 
 # restore_value: on the split path the kernel adds to y in place, and autotuning runs it many times.
 @triton.autotune(configs=gemm_configs(out_block="BLOCK_N", reduce_block="BLOCK_K"),
-                 key=["M_BUCKET", "N", "K", "R", "BASE_IN_Y"], restore_value=["y_ptr"])
+                 key=["M_BUCKET", "N", "K", "R", "BASE_IN_Y", "SEGMENTED"], restore_value=["y_ptr"])
 @triton.jit
 def _lora_linear_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr,
@@ -30,7 +35,9 @@ def _lora_linear_fwd_kernel(
     stride_bn, stride_br,
     stride_ym, stride_yn,
     scaling,
+    aid_ptr, rank_ptr, scale_ptr, stride_ba,
     HAS_BIAS: tl.constexpr, BASE_IN_Y: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    SEGMENTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -58,15 +65,33 @@ def _lora_linear_fwd_kernel(
 
     # LoRA expand: s·xa·Bᵀ in the activation dtype (as PEFT's lora_B runs), accumulated in float32.
     rr = tl.arange(0, BLOCK_R)
-    for r0 in range(0, R, BLOCK_R):
-        r_idx = r0 + rr
-        r_ok = r_idx < R
-        xa = tl.load(xa_ptr + rm[:, None] * stride_xam + r_idx[None, :] * stride_xar,
-                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + rn[None, :] * stride_bn + r_idx[:, None] * stride_br,
-                    mask=col_ok[None, :] & r_ok[:, None], other=0.0)
-        acc = tl.dot((xa * scaling).to(y_ptr.dtype.element_ty), b.to(y_ptr.dtype.element_ty), acc,
-                     input_precision=DOT_PRECISION)
+    if SEGMENTED:
+        aid, first, last = tile_adapters(aid_ptr, rm, row_ok)
+        for a_id in range(first, last + 1):
+            sel = aid == a_id
+            if any_row(sel):
+                rank = tl.load(rank_ptr + a_id)
+                s_a = tl.load(scale_ptr + a_id)
+                b_a = b_ptr + tl.cast(a_id, tl.int64) * stride_ba
+                for r0 in range(0, rank, BLOCK_R):  # up to a's own rank: B[a]'s padding columns are zero
+                    r_idx = r0 + rr
+                    r_ok = r_idx < rank
+                    xa = tl.load(xa_ptr + rm[:, None] * stride_xam + r_idx[None, :] * stride_xar,
+                                 mask=sel[:, None] & r_ok[None, :], other=0.0)
+                    b = tl.load(b_a + rn[None, :] * stride_bn + r_idx[:, None] * stride_br,
+                                mask=col_ok[None, :] & r_ok[:, None], other=0.0)
+                    acc = tl.dot((xa * s_a).to(y_ptr.dtype.element_ty), b.to(y_ptr.dtype.element_ty), acc,
+                                 input_precision=DOT_PRECISION)
+    else:
+        for r0 in range(0, R, BLOCK_R):
+            r_idx = r0 + rr
+            r_ok = r_idx < R
+            xa = tl.load(xa_ptr + rm[:, None] * stride_xam + r_idx[None, :] * stride_xar,
+                         mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+            b = tl.load(b_ptr + rn[None, :] * stride_bn + r_idx[:, None] * stride_br,
+                        mask=col_ok[None, :] & r_ok[:, None], other=0.0)
+            acc = tl.dot((xa * scaling).to(y_ptr.dtype.element_ty), b.to(y_ptr.dtype.element_ty), acc,
+                         input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -76,15 +101,18 @@ def _lora_linear_fwd_kernel(
 
 
 def lora_linear_fwd(x: torch.Tensor, rows: Rows, weight: torch.Tensor, bias, xa: torch.Tensor,
-                    lora_B: torch.Tensor, scaling: float, dot_precision: str, gemm: str = "fused") -> torch.Tensor:
+                    lora_B: torch.Tensor, scaling: float, dot_precision: str, gemm: str = "fused",
+                    adapters: AdapterTable = None) -> torch.Tensor:
     """y of shape (*x.shape[:-1], N) in x's dtype. weight (N, K) and bias (N,) are in x's dtype.
 
     gemm="fused": the Triton kernel computes x·Wᵀ; "split": torch.mm does, and the kernel adds to it.
+    With `adapters` (segmented): lora_B is (n, N, r_max) and the table's per-adapter scalings apply.
     """
     if gemm not in GEMM_PATHS:
         raise ValueError(f"gemm={gemm!r} is not one of {GEMM_PATHS}")
+    segmented = adapters is not None
     M, K = rows.M, x.shape[-1]
-    N, R = weight.shape[0], lora_B.shape[1]
+    N, R = weight.shape[0], lora_B.shape[-1]
     y = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
     y2 = y.view(M, N)
     if gemm == "split":
@@ -97,10 +125,12 @@ def lora_linear_fwd(x: torch.Tensor, rows: Rows, weight: torch.Tensor, bias, xa:
         rows.inner, rows.stride_outer, rows.stride_inner, rows.stride_col,
         weight.stride(0), weight.stride(1),
         xa.stride(0), xa.stride(1),
-        lora_B.stride(0), lora_B.stride(1),
+        lora_B.stride(-2), lora_B.stride(-1),
         y2.stride(0), y2.stride(1),
         scaling,
+        *((adapters.row_adapter, adapters.rank, adapters.scaling, lora_B.stride(0)) if segmented
+          else (xa, xa, xa, 0)),  # unused pointers when single
         HAS_BIAS=bias is not None, BASE_IN_Y=gemm == "split", DOT_PRECISION=dot_precision,
-        BLOCK_R=lora_block_r(R),
+        BLOCK_R=lora_block_r(R), SEGMENTED=segmented,
     )
     return y
