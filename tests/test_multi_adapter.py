@@ -221,6 +221,22 @@ def test_backward_regenerates_each_adapters_mask(backend, monkeypatch):
     assert_close(y.detach(), grads, y_ref, g_ref, TOL[torch.float32])
 
 
+def spy_launch_flag(monkeypatch, flag):
+    """{kernel name: [value of constexpr `flag` at each launch]} for the two gradient kernels."""
+    from lora_kernels.ops.lora_dy_b import _lora_dy_b_kernel
+    from lora_kernels.ops.lora_linear_bwd_dx import _lora_linear_bwd_dx_kernel
+
+    seen = {}
+    for kernel, name in ((_lora_dy_b_kernel, "_lora_dy_b_kernel"),
+                         (_lora_linear_bwd_dx_kernel, "_lora_linear_bwd_dx_kernel")):
+        def spy(*args, _run=kernel.run, _name=name, **kwargs):
+            seen.setdefault(_name, []).append(kwargs[flag])
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", spy)
+    return seen
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_deterministic_mode_bitwise_repeatable(backend, monkeypatch):
     """Under torch.use_deterministic_algorithms the Triton backward writes per-row-block partials of every
@@ -230,12 +246,17 @@ def test_deterministic_mode_bitwise_repeatable(backend, monkeypatch):
     segments = AdapterSegments([2, 0, None, 1, 2, 0])
     ps = [0.25, 0.0, 0.1]
     dy = torch.randn(*lead, N, generator=torch.Generator().manual_seed(4))
+    # The interpreter runs atomics in a fixed order, so bitwise equality alone cannot fail on CPU: also check
+    # that both gradient kernels were launched in their partial-sum (no-atomics) mode.
+    modes = spy_launch_flag(monkeypatch, "DETERMINISTIC")
     torch.use_deterministic_algorithms(True)
     try:
         y, grads = run(backend, case, segments, ps, monkeypatch, dy=dy)
         _, again = run(backend, case, segments, ps, monkeypatch, dy=dy)
     finally:
         torch.use_deterministic_algorithms(False)
+    if backend == "triton":
+        assert modes == {"_lora_dy_b_kernel": [True, True], "_lora_linear_bwd_dx_kernel": [True, True]}
     rows = row_ids(segments, 42)
     y_ref, g_ref = multi_oracle(case, rows, multi_keep_mask(backend, seed_for(1234), case["x"].shape, rows, ps),
                                 ps, dy)

@@ -30,7 +30,8 @@ from .segments import AdapterTable, any_row, tile_adapters
 # Autotuning runs the kernel many times: grad_A accumulates with atomics, and the split path adds to grad_x
 # in place, so both are reset between runs.
 @triton.autotune(configs=gemm_configs(out_block="BLOCK_K", reduce_block="BLOCK_N"),
-                 key=["M_BUCKET", "N", "K", "R", "BASE_IN_DX", "SEGMENTED"], reset_to_zero=["grad_a_ptr"], restore_value=["dx_ptr"])
+                 key=["M_BUCKET", "N", "K", "R", "BASE_IN_DX", "SEGMENTED"], reset_to_zero=["grad_a_ptr"],
+                 restore_value=["dx_ptr"])
 @triton.jit
 def _lora_linear_bwd_dx_kernel(
     dy_ptr, w_ptr, dyb_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, grad_a_ptr,
