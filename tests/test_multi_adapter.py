@@ -22,10 +22,10 @@ BACKEND_DTYPES = [("triton", torch.float32), ("triton", torch.float16), ("torch"
 
 CASES = {
     # name: (lead dims (batch first), K, N, ranks, per-sample adapter)
-    "1 adapter": ((4, 6), 37, 29, (8,), [0, None, 0, 0]),
-    "2 adapters": ((5, 7), 53, 29, (1, 8), ["a", "b", None, "a", "b"]),
-    "5 adapters": ((7, 5), 40, 33, (1, 8, 70, 3, 16), [2, 0, None, 4, 1, 3, 2]),
-    "decode rows": ((6,), 24, 20, (8, 70), [1, 0, None, 1, 0, 0]),  # one row per sample: tiles span adapters
+    "1-adapter": ((4, 6), 37, 29, (8,), [0, None, 0, 0]),
+    "2-adapters": ((5, 7), 53, 29, (1, 8), ["a", "b", None, "a", "b"]),
+    "5-adapters": ((7, 5), 40, 33, (1, 8, 70, 3, 16), [2, 0, None, 4, 1, 3, 2]),
+    "decode-rows": ((6,), 24, 20, (8, 70), [1, 0, None, 1, 0, 0]),  # one row per sample: tiles span adapters
 }
 NAMES = ["a", "b", "c", "d", "e"]
 MIXED_PS = [0.25, 0.0, 0.5, 0.1, 0.0]  # per adapter; p = 0 adapters' rows must be untouched by dropout
