@@ -408,6 +408,45 @@ def test_fullgraph_compile_traces_the_custom_ops(monkeypatch):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_every_gpu_tile_config_and_both_gemm_paths(monkeypatch):
+    """The GPU's autotune configs (row tiles up to 256: one tile spans every sample here, so the adapter loop
+    runs for all of them) under the interpreter, one config at a time for each kernel, alternating the fused
+    path with atomics and the split path with deterministic partials (sized from the smallest BLOCK_M)."""
+    from lora_kernels.ops import configs as C
+    from lora_kernels.ops.lora_dy_b import _lora_dy_b_kernel
+    from lora_kernels.ops.lora_linear_bwd_dx import _lora_linear_bwd_dx_kernel
+    from lora_kernels.ops.lora_linear_fwd import _lora_linear_fwd_kernel
+    from lora_kernels.ops.lora_shrink import _lora_shrink_kernel
+
+    monkeypatch.setattr(C, "interpreting", lambda: False)
+    gpu = {
+        _lora_shrink_kernel: C.rowblock_configs("BLOCK_K"),
+        _lora_dy_b_kernel: C.rowblock_configs("BLOCK_N"),
+        _lora_linear_fwd_kernel: C.gemm_configs(out_block="BLOCK_N", reduce_block="BLOCK_K"),
+        _lora_linear_bwd_dx_kernel: C.gemm_configs(out_block="BLOCK_K", reduce_block="BLOCK_N"),
+    }
+    lead, K, N, ranks = (6, 11), 40, 36, (1, 70, 8)  # r_max = 70: two rank chunks for adapter 1 only
+    case = make_multi_case(lead, K, N, ranks, torch.float16, ab_dtype=torch.float32)
+    segments = AdapterSegments([1, 0, None, 2, 1, 2])
+    ps = [0.1, 0.2, 0.0]
+    dy = torch.randn(*lead, N, generator=torch.Generator().manual_seed(2)).half()
+    rows = row_ids(segments, 66)
+    y_ref, g_ref = multi_oracle(case, rows, multi_keep_mask("triton", seed_for(1234), case["x"].shape, rows, ps),
+                                ps, dy)
+    for i in range(max(len(c) for c in gpu.values())):
+        for kernel, cfgs in gpu.items():
+            monkeypatch.setattr(kernel, "configs", [cfgs[i % len(cfgs)]])
+            monkeypatch.setattr(kernel, "cache", {})
+        gemm, deterministic = ("fused", False) if i % 2 == 0 else ("split", True)
+        monkeypatch.setenv("LORA_KERNELS_GEMM", gemm)
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            y, grads = run("triton", case, segments, ps, monkeypatch, dy=dy)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        assert_close(y, grads, y_ref, g_ref, TOL[torch.float16], f"config {i}, {gemm}")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_matches_oracle(dtype, monkeypatch):
