@@ -6,18 +6,19 @@ Backends (LORA_KERNELS_BACKEND): auto | triton | torch | cuda; backends/__init__
 Every backend saves x and x·Aᵀ (plus a seed) for backward, never a dropout mask, a dropped copy or a cast
 copy of x.
 
-fused_multi_lora_linear: several adapters on one base layer in one mixed batch (segments.py says which row
-uses which adapter); the same contract, with one (M, r_max) x·Aᵀ for all adapters.
+fused_multi_lora_linear: several adapters on one base layer in one mixed batch (an AdapterSegments, built
+once per forward, says which row uses which adapter); the same contract, with one (M, r_max) x·Aᵀ for all
+adapters.
 """
 import functools
 import math
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .backends import FUNCTIONS, MULTI_FUNCTIONS, resolve_backend
 from .backends.base import FLOAT_DTYPES
-from .segments import AdapterSegments
 
 
 def _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
@@ -92,6 +93,76 @@ def fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p: float
         return fn.apply(x, weight, bias, lora_A, lora_B, float(scaling), p)
 
 
+class AdapterSegments:
+    """Which adapter each sample of a mixed batch uses (None = base model only): built once per forward from
+    the per-sample list and handed, the same object, to every layer.
+
+        segments = AdapterSegments.from_names(["a", "b", None, "a"], adapter_names=["a", "b"])
+        y = fused_multi_lora_linear(x, W, b, [A_a, A_b], [B_a, B_b], [s_a, s_b], [p_a, p_b], segments)
+
+    The kernels want one int32 adapter id per logical row of a layer's input, in that layer's own numbering
+    of its adapters (a layer may hold only some of the model's adapters). The per-sample list lives here on
+    the host; each distinct (row count, layer adapter set, device) costs one small host-to-device copy per forward,
+    cached here, so all layers that see the same rows and hold the same adapters share one tensor, and
+    nothing is ever read back from the device. Rows are batch-major: sample b owns rows b·T .. (b+1)·T - 1
+    of x's logical rows, T = rows / batch (x of shape (batch, ...)); generate()'s one-token steps are T = 1.
+    """
+
+    def __init__(self, sample_adapters: Sequence[Optional[int]]):
+        ids = []
+        for i, a in enumerate(sample_adapters):
+            if a is None:
+                ids.append(-1)
+            elif isinstance(a, int) and not isinstance(a, bool) and a >= 0:
+                ids.append(a)
+            else:
+                raise ValueError(f"sample_adapters[{i}] must be an adapter index >= 0 or None, got {a!r}")
+        if not ids:
+            raise ValueError("sample_adapters is empty: give one entry (adapter index or None) per sample")
+        self.sample_adapters: Tuple[int, ...] = tuple(ids)  # -1 = base only
+        self._row_ids: Dict[Tuple[int, Tuple[int, ...], torch.device], torch.Tensor] = {}
+
+    @classmethod
+    def from_names(cls, names: Sequence[Optional[str]], adapter_names: Sequence[str]):
+        """From one adapter name (or None) per sample; indices follow adapter_names' order."""
+        index = {name: i for i, name in enumerate(adapter_names)}
+        for name in names:
+            if name is not None and name not in index:
+                raise ValueError(f"unknown adapter {name!r}; the adapters are {list(adapter_names)}")
+        return cls([None if name is None else index[name] for name in names])
+
+    @property
+    def batch(self) -> int:
+        return len(self.sample_adapters)
+
+    @property
+    def max_index(self) -> int:
+        """The largest adapter index any sample uses (-1 when every sample is base only)."""
+        return max(self.sample_adapters)
+
+    def rows_per_sample(self, num_rows: int) -> int:
+        if num_rows % self.batch != 0:
+            raise ValueError(f"the segments describe {self.batch} samples but the input has {num_rows} rows, "
+                             f"not a multiple of {self.batch}")
+        return num_rows // self.batch
+
+    def row_adapter(self, num_rows: int, device="cpu", slots: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """(num_rows,) int32 on `device`: each row's adapter, renumbered through `slots` (slots[i] = the
+        layer's own index of model adapter i, -1 where the layer lacks it); -1 = base only."""
+        slots = tuple(slots) if slots is not None else tuple(range(self.max_index + 1))
+        key = (num_rows, slots, torch.device(device))
+        ids = self._row_ids.get(key)
+        if ids is None:
+            per_sample = [slots[a] if 0 <= a < len(slots) else -1 for a in self.sample_adapters]
+            ids = torch.tensor(per_sample, dtype=torch.int32).to(device, non_blocking=True)
+            ids = ids.repeat_interleave(self.rows_per_sample(num_rows))
+            self._row_ids[key] = ids
+        return ids
+
+    def __repr__(self) -> str:
+        return f"AdapterSegments({list(a if a >= 0 else None for a in self.sample_adapters)})"
+
+
 def _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, dropout_ps, segments):
     if not isinstance(segments, AdapterSegments):
         raise ValueError(f"segments must be an AdapterSegments, got {type(segments).__name__}")
@@ -113,8 +184,6 @@ def _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, dropout_ps, seg
         raise ValueError(f"the segments describe {segments.batch} samples but x has {x.shape[0]} in its batch "
                          f"dim (x shape {tuple(x.shape)})")
     segments.rows_per_sample(M)
-    if segments.device != x.device:
-        raise ValueError(f"segments are on {segments.device} but x is on {x.device}")
     present = 0
     for i in range(n):
         A, B = lora_As[i], lora_Bs[i]
@@ -140,7 +209,7 @@ def fused_multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, dropout
     the LoRA shrink / expand are segmented by adapter inside the kernels (one launch for all adapters).
 
     lora_As[i] (r_i, in), lora_Bs[i] (out, r_i), scalings[i] (a number or a 0-dim tensor) and dropout_ps[i]
-    describe adapter i of `segments` (lora_kernels.segments.AdapterSegments, built once per forward and
+    describe adapter i of `segments` (an AdapterSegments, built once per forward and
     shared by every layer). Ranks may differ. lora_As[i] = lora_Bs[i] = None: this layer has no adapter i,
     its rows get the base output. Gradients reach each adapter's own tensors from its rows only; rows of
     no adapter give the base output and touch no adapter's gradient. One Philox seed per call; each row is
@@ -187,5 +256,5 @@ def fused_multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, dropout
             stacked_B = [t.to(torch.promote_types(ab_dtype, torch.float32)) for t in stacked_B]
         lora_A, lora_B = torch.stack(stacked_A), torch.stack(stacked_B)
         ps = [float(dropout_ps[i]) if training else 0.0 for i in idx]
-        row_adapter = segments.row_adapter(math.prod(x.shape[:-1]), slots)
+        row_adapter = segments.row_adapter(math.prod(x.shape[:-1]), x.device, slots)
         return MULTI_FUNCTIONS[backend].apply(x, weight, bias, lora_A, lora_B, row_adapter, ranks, float_scalings, ps)

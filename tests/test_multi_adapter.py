@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import lora_kernels.backends.triton as triton_backend
-from lora_kernels.functional import fused_lora_linear, fused_multi_lora_linear
+from lora_kernels.functional import AdapterSegments, fused_lora_linear, fused_multi_lora_linear
 from lora_kernels.reference import TOL, make_multi_case, multi_oracle, rel_err
-from lora_kernels.segments import AdapterSegments
 from helpers import keep_mask, seed_for
 
 BACKEND_DTYPES = [("triton", torch.float32), ("triton", torch.float16), ("torch", torch.float32),
@@ -389,7 +388,6 @@ def test_fullgraph_compile_traces_the_custom_ops(monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
     case = make_multi_case((3, 5), 16, 12, (2, 4), torch.float32)
     segments = AdapterSegments([1, None, 0])
-    segments.row_adapter(15, (0, 1))  # built before the compiled region, as a module layer would per forward
 
     def f(x, A0, A1, B0, B1):
         return fused_multi_lora_linear(x, case["weight"], case["bias"], [A0, A1], [B0, B1], case["scalings"],
@@ -454,7 +452,7 @@ def test_gpu_matches_oracle(dtype, monkeypatch):
     case = make_multi_case(lead, K, N, ranks, dtype)
     case = {k: (v.cuda() if isinstance(v, torch.Tensor) else [t.cuda() for t in v] if k.startswith("lora") else v)
             for k, v in case.items()}
-    segments = AdapterSegments([3, 0, None, 2, 1, 1, None, 0], device="cuda")
+    segments = AdapterSegments([3, 0, None, 2, 1, 1, None, 0])
     dy = torch.randn(*lead, N, device="cuda", dtype=dtype)
     y, grads = run("triton", case, segments, [0.0] * 4, monkeypatch, dy=dy)
     rows = segments.row_adapter(8 * 96).tolist()
