@@ -129,6 +129,33 @@ def test_fp32_adapters_half_input_tensor_scaling_and_missing_adapter(backend, mo
     assert rel_err(y[1], base[1].double()) < tol  # the sample of the absent adapter: base output
 
 
+def test_non_contiguous_input_and_grad_output(monkeypatch):
+    """x a transposed view (two row groups), dy with column stride 2 (no copies): the kernels address each with its
+    own layout, and the row ids follow x's logical (batch-major) rows."""
+    lead, K, N, ranks = (4, 7), 36, 22, (3, 8)
+    case = make_multi_case(lead, K, N, ranks, torch.float32)
+    case["x"] = torch.randn(7, 4, K, generator=torch.Generator().manual_seed(8)).transpose(0, 1)
+    dy = torch.randn(4, 7, 2 * N, generator=torch.Generator().manual_seed(9))[..., ::2]
+    assert not case["x"].is_contiguous() and not dy.is_contiguous()
+    segments = AdapterSegments([1, None, 0, 1])
+    ps = [0.2, 0.3]
+    y, grads = run("triton", case, segments, ps, monkeypatch, dy=dy)
+    rows = row_ids(segments, 28)
+    y_ref, g_ref = multi_oracle(case, rows, multi_keep_mask("triton", seed_for(1234), case["x"].shape, rows, ps),
+                                ps, dy)
+    assert grads["x"].shape == case["x"].shape
+    assert_close(y, grads, y_ref, g_ref, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_batch(backend, monkeypatch):
+    case = make_multi_case((2, 0), 12, 10, (2, 3), torch.float32)
+    y, grads = run(backend, case, AdapterSegments([1, 0]), [0.1, 0.0], monkeypatch,
+                   dy=torch.zeros(2, 0, 10))
+    assert y.shape == (2, 0, 10) and grads["x"].shape == (2, 0, 12)
+    assert all(torch.count_nonzero(g) == 0 for g in grads["lora_As"] + grads["lora_Bs"])
+
+
 @pytest.mark.parametrize("backend,dtype", [("triton", torch.float32), ("torch", torch.float32),
                                            ("torch", torch.bfloat16)])
 def test_base_rows_base_output_and_no_gradient(backend, dtype, monkeypatch):
