@@ -120,6 +120,10 @@ class AdapterSegments:
         if not ids:
             raise ValueError("sample_adapters is empty: give one entry (adapter index or None) per sample")
         self.sample_adapters: Tuple[int, ...] = tuple(ids)  # -1 = base only
+        self.max_index = max(ids)  # the largest adapter index any sample uses (-1 when all are base only)
+        # The same list as a tensor: the per-row ids are computed from it with tensor ops, so torch.compile
+        # sees an input rather than constants and does not recompile for every new mix of adapters.
+        self.sample_ids = torch.tensor(ids, dtype=torch.int32)
         self._row_ids: Dict[Tuple[int, Tuple[int, ...], torch.device], torch.Tensor] = {}
 
     @classmethod
@@ -135,11 +139,6 @@ class AdapterSegments:
     def batch(self) -> int:
         return len(self.sample_adapters)
 
-    @property
-    def max_index(self) -> int:
-        """The largest adapter index any sample uses (-1 when every sample is base only)."""
-        return max(self.sample_adapters)
-
     def rows_per_sample(self, num_rows: int) -> int:
         if num_rows % self.batch != 0:
             raise ValueError(f"the segments describe {self.batch} samples but the input has {num_rows} rows, "
@@ -153,8 +152,9 @@ class AdapterSegments:
         key = (num_rows, slots, torch.device(device))
         ids = self._row_ids.get(key)
         if ids is None:
-            per_sample = [slots[a] if 0 <= a < len(slots) else -1 for a in self.sample_adapters]
-            ids = torch.tensor(per_sample, dtype=torch.int32).to(device, non_blocking=True)
+            # slot_of[a] = the layer's slot of model adapter a; the appended -1 is what base samples (-1) index.
+            slot_of = torch.tensor([*slots, -1], dtype=torch.int32)
+            ids = slot_of[self.sample_ids.long()].to(device, non_blocking=True)
             ids = ids.repeat_interleave(self.rows_per_sample(num_rows))
             self._row_ids[key] = ids
         return ids

@@ -433,6 +433,26 @@ def test_fullgraph_compile_traces_the_custom_ops(monkeypatch):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_compiled_layer_does_not_recompile_for_new_adapter_mixes(monkeypatch):
+    """The per-sample ids reach the graph as a tensor: a new mix of the same adapters reuses the graph."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
+    case = make_multi_case((3, 5), 16, 12, (2, 4), torch.float32)
+
+    def f(x, segments):
+        return fused_multi_lora_linear(x, case["weight"], case["bias"], case["lora_As"], case["lora_Bs"],
+                                       case["scalings"], [0.0, 0.0], segments)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for mix in ([1, None, 0], [0, 1, 1], [None, 0, 1], [1, 1, 0]):
+        segments = AdapterSegments(mix)
+        assert torch.allclose(compiled(case["x"], segments), f(case["x"], segments), atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_every_gpu_tile_config_and_both_gemm_paths(monkeypatch):
     """The GPU's autotune configs (row tiles up to 256: one tile spans every sample here, so the adapter loop
     runs for all of them) under the interpreter, one config at a time for each kernel, alternating the fused
