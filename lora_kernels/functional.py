@@ -209,11 +209,11 @@ def fused_multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, dropout
     the LoRA shrink / expand are segmented by adapter inside the kernels (one launch for all adapters).
 
     lora_As[i] (r_i, in), lora_Bs[i] (out, r_i), scalings[i] (a number or a 0-dim tensor) and dropout_ps[i]
-    describe adapter i of `segments` (an AdapterSegments, built once per forward and
-    shared by every layer). Ranks may differ. lora_As[i] = lora_Bs[i] = None: this layer has no adapter i,
-    its rows get the base output. Gradients reach each adapter's own tensors from its rows only; rows of
-    no adapter give the base output and touch no adapter's gradient. One Philox seed per call; each row is
-    dropped at its adapter's rate (in training only).
+    describe adapter i of `segments` (an AdapterSegments, built once per forward and shared by every layer).
+    Ranks may differ. lora_As[i] = lora_Bs[i] = None: this layer has no adapter i, its rows get the base
+    output. Gradients reach each adapter's own tensors from its rows only; rows of no adapter give the base
+    output and touch no adapter's gradient. One Philox seed per call; each row is dropped at its adapter's
+    rate (in training only). Backends: triton and torch (LORA_KERNELS_BACKEND=cuda raises).
     """
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
