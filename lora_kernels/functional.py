@@ -201,6 +201,21 @@ def _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, dropout_ps, seg
     return n, present
 
 
+def _stack_padded(mats, r_max):
+    """(n, r_max, C) from n matrices (r_i, C), each zero-padded to r_max rows, in one torch.cat.
+
+    Inside autograd: cat's backward hands each matrix its own rows, so every adapter's gradient reaches its
+    own tensor. One zero block (views of it pad every matrix) and one cat: the copies per layer do not grow
+    with the number of adapters (parameter-sized, n·r_max·C, nothing of x's size).
+    """
+    pads = [r_max - m.shape[0] for m in mats]
+    zeros = mats[0].new_zeros((max(pads), mats[0].shape[1])) if max(pads) > 0 else None
+    pieces = []
+    for m, pad in zip(mats, pads):
+        pieces += [m, zeros[:pad]] if pad else [m]
+    return torch.cat(pieces).view(len(mats), r_max, mats[0].shape[1])
+
+
 def fused_multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, dropout_ps, segments: AdapterSegments,
                             training: bool = True):
     """y = x·Wᵀ + b + s_a·(dropout_{p_a}(x[m])·A_aᵀ)·B_aᵀ for each row m, a = its sample's adapter (or none).
@@ -242,19 +257,17 @@ def fused_multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, dropout
     r_max = max(ranks)
     ab_dtype = functools.reduce(torch.promote_types, [lora_As[i].dtype for i in idx] + [lora_Bs[i].dtype for i in idx])
     with torch.autocast(device_type, enabled=False):
-        # Stacked and zero-padded to r_max inside autograd: torch.stack / F.pad route each slice's gradient back
-        # to the adapter's own tensor. Parameter-sized copies (n·r_max·(in + out)), nothing of x's size.
-        stacked_A, stacked_B, float_scalings = [], [], []
-        for i, r in zip(idx, ranks):
-            A, B, s = lora_As[i].to(ab_dtype), lora_Bs[i].to(ab_dtype), scalings[i]
+        stacked_B, float_scalings = [], []
+        for i in idx:
+            B, s = lora_Bs[i].to(ab_dtype), scalings[i]
             if isinstance(s, torch.Tensor):  # as fused_lora_linear: scale B on device, no host read
                 B, s = B.to(torch.promote_types(ab_dtype, torch.float32)) * s.to(device=x.device), 1.0
-            stacked_A.append(A if r == r_max else F.pad(A, (0, 0, 0, r_max - r)))
-            stacked_B.append(B if r == r_max else F.pad(B, (0, r_max - r)))
+            stacked_B.append(B)
             float_scalings.append(float(s))
         if len({t.dtype for t in stacked_B}) > 1:  # a tensor scaling lifted some B to float32
             stacked_B = [t.to(torch.promote_types(ab_dtype, torch.float32)) for t in stacked_B]
-        lora_A, lora_B = torch.stack(stacked_A), torch.stack(stacked_B)
+        lora_A = _stack_padded([lora_As[i].to(ab_dtype) for i in idx], r_max)  # (n, r_max, K)
+        lora_B = _stack_padded([B.t() for B in stacked_B], r_max).transpose(1, 2)  # (n, N, r_max), a view
         ps = [float(dropout_ps[i]) if training else 0.0 for i in idx]
         row_adapter = segments.row_adapter(math.prod(x.shape[:-1]), x.device, slots)
         return MULTI_FUNCTIONS[backend].apply(x, weight, bias, lora_A, lora_B, row_adapter, ranks, float_scalings, ps)
