@@ -125,7 +125,7 @@ class MultiLoraLinearFunction(torch.autograd.Function):
 
     Saves x, xa (M, r_max), the seed and the (M,) row ids, plus the stacked adapters (parameter-sized) —
     never a per-adapter copy of x or a mask. Gradients of the stacked adapters flow back through
-    torch.stack / F.pad (functional.py) to each adapter's own tensors.
+    the zero-padded torch.cat of functional._stack_padded to each adapter's own tensors.
     """
 
     fwd_op = None
