@@ -131,7 +131,8 @@ def cmd_finetune(args) -> int:
                       target_modules=args.target_modules, use_rslora=args.use_rslora)
     _user_error(inject_lora, model, cfg)
     trainable, total = trainable_parameters(model)
-    where = f"device {device}" + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
+    n = torch.get_num_threads()
+    where = f"device {device}" + (f" ({n} intra-op thread{'s' if n > 1 else ''})" if device.type == "cpu" else "")
     say(f"model: {args.model} ({total / 1e6:.2f}M parameters, {trainable / 1e3:.1f}K trainable = "
         f"{100 * trainable / total:.2f}%), {where}, precision {precision}, {world} process(es)")
 
