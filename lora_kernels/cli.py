@@ -78,7 +78,7 @@ def cmd_finetune(args) -> int:
 
     from . import LoraConfig, inject_lora, save_adapter, trainable_parameters
     from .data import DEMO_PATH, DataError, load_packed, split_eval
-    from .models import build_tiny_model, check_seq_len
+    from .models import build_tiny_model, check_seq_len, save_tiny_base
     from .training import TrainConfig, Trainer, TrainingInterrupted, init_distributed
     from .training.checkpoint import latest_checkpoint
     from .training.resources import choose_threads, model_width, resolve_device
@@ -117,8 +117,7 @@ def cmd_finetune(args) -> int:
     else:
         model, tok = build_tiny_model(args.seq_len, seed=args.seed)
         if main:  # the random base is part of the result: merge and PEFT need it
-            model.save_pretrained(base_dir)
-            tok.save_pretrained(base_dir)
+            save_tiny_base(model, tok, base_dir)
         lr = args.lr if args.lr is not None else TINY_LR
     warning = _user_error(check_seq_len, model, args.seq_len)
     if warning and main:

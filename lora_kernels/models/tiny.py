@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..data.tokenizer import ByteTokenizer
+from .quiet import no_progress_bars
 
 TINY_MAX_POSITIONS = 2048
 
@@ -35,3 +36,10 @@ def build_tiny_model(seq_len: int, seed: int = 0):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(tiny_llama_config(seq_len))
     return model, ByteTokenizer()
+
+
+def save_tiny_base(model, tokenizer, directory: str) -> None:
+    """Save the random base beside a run: merge and PEFT load it from there."""
+    with no_progress_bars():
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
