@@ -1,10 +1,11 @@
 """Where a run computes: the device a user named, and how many CPU threads a model of a given width should use.
 
 Threads: torch starts one intra-op thread per core. For a narrow model each matmul is too small to split
-usefully, and on a machine where another process holds a core the threads wait on each other at every op
-(measured on a 2-core CPU with one core busy elsewhere: the tiny default ran many times slower with 2 threads
-than with 1; see README "Fine-tuning"). So below SMALL_MODEL_WIDTH we use one thread unless the user says
-otherwise (--threads, or OMP_NUM_THREADS, which torch itself honours).
+usefully, and on a machine where other processes hold cores the threads wait on each other at every op:
+on a shared 2-core CPU the tiny default (width 128) took 12.6 s per step with 2 threads against 1.2 s with
+1, and a 2-layer Llama at width 896 (a 0.5B model's) 27-28 s against 11-29 s (README "Fine-tuning"). So
+below SMALL_MODEL_WIDTH we use one thread unless the user says otherwise (--threads, or OMP_NUM_THREADS,
+which torch itself honours); wider models, unmeasured here, keep torch's default.
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from typing import Mapping, Optional
 
 import torch
 
-# Hidden widths below this train on one intra-op thread by default (the tiny default is 128 wide, a
-# 0.5B-class model 896); chosen from the measurements in README "Fine-tuning".
-SMALL_MODEL_WIDTH = 512
+# Hidden widths below this train on one intra-op thread by default: the tiny default (128) and 0.5B-class
+# models (896) were measured no slower, usually much faster, on one thread of a shared 2-core CPU.
+SMALL_MODEL_WIDTH = 1024
 
 
 def model_width(model) -> Optional[int]:
