@@ -14,7 +14,6 @@ import torch
 import lora_kernels as lk
 from lora_kernels import persistence
 from lora_kernels.data import DEMO_PATH, load_packed, split_eval
-from lora_kernels.inject import lora_layers
 from lora_kernels.models import build_tiny_model, check_seq_len
 from lora_kernels.training import TrainConfig, Trainer, TrainingInterrupted
 from lora_kernels.training.resources import SMALL_MODEL_WIDTH, choose_threads, model_width, resolve_device
