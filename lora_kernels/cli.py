@@ -26,6 +26,18 @@ class CLIError(Exception):
     """A user-facing error: printed as `lora-kernels <cmd>: error: ...` with exit status 2."""
 
 
+class CLIInterrupted(Exception):
+    """Ctrl-C: printed as `lora-kernels <cmd>: <message>` with exit status 130 (128 + SIGINT, as shells do)."""
+
+
+def _user_error(fn, *args, **kwargs):
+    """fn(...), with a ValueError (the library's way of saying "bad input") turned into a CLIError."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+
+
 # -- argument types ------------------------------------------------------------------------------
 def _target_modules(value: str):
     """'all-linear', a comma list (q_proj,v_proj) or a regex (anything with regex characters)."""
@@ -54,6 +66,7 @@ def _arg_type(cast, accept, rule: str):
 
 
 _positive_int = _arg_type(int, lambda i: i >= 1, ">= 1")
+_seq_len = _arg_type(int, lambda i: i >= 2, ">= 2 (a row predicts each next token)")
 _nonneg_int = _arg_type(int, lambda i: i >= 0, ">= 0")
 _fraction = _arg_type(float, lambda f: 0.0 <= f < 1.0, "in [0, 1)")
 _positive_float = _arg_type(float, lambda f: 0.0 < f < float("inf"), "a finite number > 0")
@@ -65,12 +78,17 @@ def cmd_finetune(args) -> int:
 
     from . import LoraConfig, inject_lora, save_adapter, trainable_parameters
     from .data import DEMO_PATH, DataError, load_packed, split_eval
-    from .models import build_tiny_model
-    from .training import TrainConfig, Trainer, init_distributed
+    from .models import build_tiny_model, check_seq_len, save_tiny_base
+    from .training import TrainConfig, Trainer, TrainingInterrupted, init_distributed
+    from .training.checkpoint import latest_checkpoint
+    from .training.resources import choose_threads, model_width, resolve_device
+    from .training.rundir import check_writable, refuse_or_clear
 
+    if args.resume is not None and args.overwrite:
+        raise CLIError("--resume continues the run in --output-dir and --overwrite replaces it: pass one")
     rank, world, device = init_distributed()
     if args.device:
-        device = torch.device(args.device)
+        device = _user_error(resolve_device, args.device)
     main = rank == 0
     say = print if main else (lambda *a, **k: None)
     data_path = args.data or DEMO_PATH
@@ -79,33 +97,43 @@ def cmd_finetune(args) -> int:
             raise CLIError(f"{flag} {path!r}: no such file")
     if args.resume not in (None, "latest") and not os.path.isdir(args.resume):
         raise CLIError(f"--resume {args.resume!r}: no such checkpoint directory")
+    _user_error(check_writable, args.output_dir)
+    base_dir = os.path.join(args.output_dir, BASE_SUBDIR) if args.model == TINY else os.path.abspath(args.model)
+    if args.resume is None:  # before anything is written: a previous run is refused, or cleared on --overwrite
+        _user_error(refuse_or_clear, args.output_dir, args.overwrite,
+                    extra=(BASE_SUBDIR,) if args.model == TINY else (), clear=main)
     precision = args.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
     torch.manual_seed(args.seed)  # LoRA init: the same on every rank (DDP also broadcasts rank 0's)
-    if args.model == TINY:
-        model, tok = build_tiny_model(args.seq_len, seed=args.seed)
-        base_dir = os.path.join(args.output_dir, BASE_SUBDIR)
-        if main:  # the random base is part of the result: merge and PEFT need it
-            model.save_pretrained(base_dir)
-            tok.save_pretrained(base_dir)
-        lr = args.lr if args.lr is not None else TINY_LR
-    else:
+    if args.model != TINY:
         dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.load_dtype]
         model, tok = _load_model(args.model, dtype=dtype)
-        base_dir = os.path.abspath(args.model)
         lr = args.lr if args.lr is not None else DEFAULT_LR
+    elif args.resume is not None and os.path.isfile(os.path.join(base_dir, "config.json")):
+        model, tok = _load_model(base_dir, dtype=torch.float32)  # the run's own base, whatever --seed says now
+        lr = args.lr if args.lr is not None else TINY_LR
+    else:
+        model, tok = build_tiny_model(args.seq_len, seed=args.seed)
+        if main:  # the random base is part of the result: merge and PEFT need it
+            save_tiny_base(model, tok, base_dir)
+        lr = args.lr if args.lr is not None else TINY_LR
+    warning = _user_error(check_seq_len, model, args.seq_len)
+    if warning and main:
+        print(f"lora-kernels finetune: warning: {warning}", file=sys.stderr)
+    threads = choose_threads(model_width(model), args.threads) if device.type == "cpu" else None
+    if threads:
+        torch.set_num_threads(threads)
 
-    try:
-        cfg = LoraConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                         target_modules=args.target_modules, use_rslora=args.use_rslora)
-        inject_lora(model, cfg)
-    except ValueError as err:
-        raise CLIError(str(err)) from None
+    cfg = _user_error(LoraConfig, r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=args.target_modules, use_rslora=args.use_rslora)
+    _user_error(inject_lora, model, cfg)
     trainable, total = trainable_parameters(model)
+    n = torch.get_num_threads()
+    where = f"device {device}" + (f" ({n} intra-op thread{'s' if n > 1 else ''})" if device.type == "cpu" else "")
     say(f"model: {args.model} ({total / 1e6:.2f}M parameters, {trainable / 1e3:.1f}K trainable = "
-        f"{100 * trainable / total:.2f}%), device {device}, precision {precision}, {world} process(es)")
+        f"{100 * trainable / total:.2f}%), {where}, precision {precision}, {world} process(es)")
 
     try:
         train_ds = load_packed(data_path, tok, args.seq_len)
@@ -116,15 +144,19 @@ def cmd_finetune(args) -> int:
             train_ds, eval_ds = split_eval(train_ds, args.eval_fraction, seed=args.seed)
     except DataError as err:
         raise CLIError(str(err)) from None
-    say(f"data: {data_path}: {len(train_ds)} rows of {args.seq_len} tokens for training"
-        + (f", {len(eval_ds)} for eval" if eval_ds is not None else ""))
+    held_out = ""
+    if eval_ds is not None:
+        per_eval = min(len(eval_ds), args.eval_max_batches * args.batch_size * world or len(eval_ds))
+        held_out = f", {len(eval_ds)} for eval ({per_eval} evaluated each time)"
+    say(f"data: {data_path}: {len(train_ds)} rows of {args.seq_len} tokens for training{held_out}")
 
     try:
         tcfg = TrainConfig(output_dir=args.output_dir, max_steps=args.max_steps, batch_size=args.batch_size,
                            grad_accum=args.grad_accum, lr=lr, weight_decay=args.weight_decay,
                            warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm, precision=precision,
-                           eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
-                           progress=not args.no_progress, strategy=args.strategy)
+                           eval_every=args.eval_every, eval_batches=args.eval_max_batches,
+                           save_every=args.save_every, seed=args.seed, progress=not args.no_progress,
+                           strategy=args.strategy, overwrite=args.overwrite)
     except ValueError as err:  # e.g. a negative --weight-decay ("weight_decay must be ...")
         raise CLIError(f"invalid option: {err}") from None
 
@@ -137,7 +169,18 @@ def cmd_finetune(args) -> int:
         result = trainer.train(resume_from=args.resume)
     except ValueError as err:
         raise CLIError(str(err)) from None
-    if main:
+    except OSError as err:  # disk full, a folder made read-only mid-run: the file and the reason, no traceback
+        raise CLIError(f"cannot write {err.filename or args.output_dir}: {err.strerror or err}") from None
+    except TrainingInterrupted as stop:
+        raise CLIInterrupted(f"interrupted at step {stop.step}; continue with --resume") from None
+    except KeyboardInterrupt:  # a second Ctrl-C: the newest complete checkpoint is what a resume gets
+        latest = latest_checkpoint(args.output_dir)
+        raise CLIInterrupted(f"interrupted; continue from {latest} with --resume" if latest else
+                             "interrupted before the first checkpoint: nothing to resume") from None
+    if result.already_finished:
+        say(f"the run in {args.output_dir} is finished: its checkpoint is at step {result.step} and --max-steps "
+            f"is {args.max_steps}; nothing to train (raise --max-steps to continue it)")
+    elif main:
         first = result.history[0]["loss"] if result.history else float("nan")
         say(f"done: {result.step} steps in {result.seconds:.1f}s, loss {first:.3f} -> {result.loss:.3f}"
             + (f", eval loss {result.eval_loss:.3f}" if result.eval_loss is not None else "")
@@ -177,9 +220,11 @@ def _how_to_load(base_dir: str, adapter_dir: str) -> str:
 # -- merge ---------------------------------------------------------------------------------------
 def cmd_merge(args) -> int:
     from . import load_adapter, merge_and_unload
+    from .training.rundir import check_writable
 
     if not os.path.isdir(args.adapter) or not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
         raise CLIError(f"--adapter {args.adapter!r}: not an adapter directory (no adapter_config.json)")
+    _user_error(check_writable, args.output_dir)
     model, tok = _load_model(args.model, dtype="auto")  # merge in the checkpoint's own dtype, as PEFT does
     try:
         load_adapter(model, args.adapter, is_trainable=False)
@@ -228,10 +273,12 @@ def cmd_bench(args) -> int:
 
     from .backends.gemm_dispatch import gemm_choices
     from .layer_bench import BASE, FUSED, PEFT, bench_layers
+    from .training.resources import resolve_device
 
+    device = str(_user_error(resolve_device, args.device)) if args.device else None
     res = bench_layers(tokens=args.tokens, in_features=args.in_features, out_features=args.out_features, r=args.r,
                        dropout=args.dropout, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                       device=args.device, min_time=args.min_time)
+                       device=device, min_time=args.min_time)
     if not res.peft_installed:
         print("peft is not installed: skipping the PEFT comparison (pip install peft)")
     print(f"device {res.device} ({res.device_name}), dtype {res.dtype}, x ({res.tokens}, {res.in_features}) -> "
@@ -249,6 +296,9 @@ def cmd_bench(args) -> int:
 
 # -- parser --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from .training.loop import EVAL_MAX_BATCHES
+    from .training.resources import SMALL_MODEL_WIDTH
+
     p = argparse.ArgumentParser(prog="lora-kernels", description="LoRA fine-tuning on fused Triton kernels.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -266,7 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--eval-data", default=None, help="evaluation data (same formats); default: hold out "
                    "--eval-fraction of --data")
     f.add_argument("--eval-fraction", type=_fraction, default=0.05, help="share of packed rows held out for eval")
-    f.add_argument("--output-dir", default="out/finetune", help="where the adapter, metrics, plot and checkpoints go")
+    f.add_argument("--output-dir", default="out/finetune", help="where the adapter, metrics, plot and checkpoints go; "
+                   "a folder holding a previous run needs --resume or --overwrite")
+    f.add_argument("--overwrite", action="store_true", help="start a new run in an --output-dir that holds a "
+                   "previous one, deleting its checkpoints, metrics, plot and adapter (and a tiny run's base_model)")
     f.add_argument("--max-steps", type=_positive_int, default=300, help="optimizer steps")
     f.add_argument("--r", type=_positive_int, default=8, help="LoRA rank")
     f.add_argument("--lora-alpha", type=_positive_float, default=16.0, help="LoRA alpha (scaling = alpha / r)")
@@ -280,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--warmup-steps", type=_nonneg_int, default=10, help="linear warmup before the cosine decay")
     f.add_argument("--batch-size", type=_positive_int, default=8, help="rows per micro-batch per process")
     f.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step")
-    f.add_argument("--seq-len", type=_positive_int, default=128, help="packed sequence length in tokens")
+    f.add_argument("--seq-len", type=_seq_len, default=128, help="packed sequence length in tokens (>= 2; a "
+                   "warning above the model's position limit, an error where positions are a learned table)")
     f.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0: no clipping)")
     f.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 autocast on a GPU that has it, fp32 on CPU; fp16 uses a GradScaler")
@@ -288,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the frozen base weights when loading --model (auto: the checkpoint's own); "
                    "adapters are float32 either way")
     f.add_argument("--eval-every", type=_nonneg_int, default=50, help="evaluate every N steps (0: at the end only)")
+    f.add_argument("--eval-max-batches", type=_nonneg_int, default=EVAL_MAX_BATCHES,
+                   help="batches per evaluation, the final one included (the same first rows each time; 0: the "
+                   "whole eval set); the default keeps eval under ~10%% of the default run's time")
     f.add_argument("--save-every", type=_nonneg_int, default=100, help="checkpoint every N steps (0: at the end only)")
     f.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="resume from a checkpoint directory; without a value, the latest in OUTPUT_DIR/checkpoints")
@@ -295,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--strategy", choices=["auto", "ddp", "fsdp", "none"], default="auto",
                    help="under torchrun: auto = DDP; fsdp = FSDP2 fully_shard per transformer block")
     f.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cuda if available, else cpu)")
+    f.add_argument("--threads", type=_nonneg_int, default=0, help="CPU intra-op threads (0: OMP_NUM_THREADS if "
+                   f"set, else 1 for models narrower than {SMALL_MODEL_WIDTH}, else one per core)")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_finetune)
 
@@ -343,6 +402,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CLIError as err:
         print(f"lora-kernels {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except CLIInterrupted as stop:
+        print(f"lora-kernels {args.command}: {stop}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # Ctrl-C outside training (loading, merging, checking): nothing half-written
+        print(f"lora-kernels {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ with keys `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (plu
 biases of adapted layers, `<path>.bias` for other trained biases and `<path>.<param>` for modules_to_save), in the
 tensors' own dtype. Either library reads what the other writes.
 
-Saving is atomic: files are written under temporary names and renamed into place. Loading validates the whole
-directory against the model (peft_type, every key, every shape) before it changes anything.
+Saving replaces config and weights together (a crash leaves the old adapter or the new one, never a mix; see
+save_adapter). Loading validates the whole directory against the model (peft_type, every key, every shape)
+before it changes anything.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import uuid
 from collections import Counter
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -117,24 +118,68 @@ def adapter_config(model: nn.Module) -> LoraConfig:
 
 # -- save -------------------------------------------------------------------------------------------------
 
+STAGING = ".adapter-new"     # inside an existing adapter directory: the next adapter, complete, before the swap
+PREVIOUS = ".adapter-old"    # the adapter being replaced, kept (hard links) until the new one is in place
+
+
 def _write_files(directory: str, config_dict: dict, tensors: Dict[str, torch.Tensor]) -> None:
-    """Write both files under temporary names in `directory`, then rename each into place (weights first)."""
+    """Write both files into `directory` (a fresh staging folder), flushed to disk."""
     from safetensors.torch import save_file
 
-    tmp_weights = os.path.join(directory, f".{WEIGHTS_NAME}.tmp")
-    tmp_config = os.path.join(directory, f".{CONFIG_NAME}.tmp")
+    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(config_dict, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _stage(parent: str, name: str, config_dict: dict, tensors: Dict[str, torch.Tensor]) -> str:
+    """A new folder parent/name holding the complete adapter. os.mkdir applies the umask (mkdtemp would make
+    it 0700, and a renamed-in adapter folder would keep that)."""
+    staging = os.path.join(parent, name)
+    shutil.rmtree(staging, ignore_errors=True)  # a crashed save's leftover
+    os.mkdir(staging)
     try:
-        save_file(tensors, tmp_weights, metadata={"format": "pt"})
-        with open(tmp_config, "w", encoding="utf-8") as f:
-            json.dump(config_dict, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_weights, os.path.join(directory, WEIGHTS_NAME))
-        os.replace(tmp_config, os.path.join(directory, CONFIG_NAME))
-    finally:
-        for tmp in (tmp_weights, tmp_config):
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _write_files(staging, config_dict, tensors)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(src, dst)
+
+
+def _replace_in(path: str, config_dict: dict, tensors: Dict[str, torch.Tensor]) -> None:
+    """Replace the adapter files in the existing directory `path` (which may hold other things: a run's
+    checkpoints and metrics) so that adapter_config.json never sits beside the other adapter's weights.
+
+    The config marks a complete adapter: it is removed before the weights change and put back after. A crash
+    at any point leaves at `path` the old adapter, the new one, or weights without a config (load_adapter
+    then says the config is missing); from the moment the old config is gone until the end, the complete
+    old adapter is in path/.adapter-old.
+    """
+    config, weights = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
+    staging = _stage(path, STAGING, config_dict, tensors)
+    previous = os.path.join(path, PREVIOUS)
+    if os.path.isfile(config) and os.path.isfile(weights):
+        # A complete old adapter: keep it aside. (Without one, a crashed earlier save may have left the
+        # only complete old adapter in .adapter-old: leave that alone.)
+        shutil.rmtree(previous, ignore_errors=True)
+        os.mkdir(previous)
+        _link_or_copy(weights, os.path.join(previous, WEIGHTS_NAME))
+        _link_or_copy(config, os.path.join(previous, CONFIG_NAME))
+        os.unlink(config)
+    elif os.path.isfile(config):
+        os.unlink(config)  # a config without weights describes nothing
+    os.replace(os.path.join(staging, WEIGHTS_NAME), weights)
+    os.replace(os.path.join(staging, CONFIG_NAME), config)
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def save_adapter(model: nn.Module, path: PathLike, *, base_model_name_or_path: Optional[str] = None,
@@ -143,8 +188,8 @@ def save_adapter(model: nn.Module, path: PathLike, *, base_model_name_or_path: O
 
     base_model_name_or_path and task_type (e.g. "CAUSAL_LM") go into adapter_config.json as PEFT writes them;
     the base path defaults to a transformers model's own `name_or_path`, when it has one.
-    A new directory is built under a temporary name and renamed into place, so it appears complete or not at
-    all; in an existing directory each file is written to a temporary name and renamed over the old one.
+    Config and weights are replaced together, never one without the other: a new directory is built as a
+    sibling and renamed into place; in an existing directory see _replace_in. Folders get the umask's mode.
     """
     path = os.fspath(path)
     config_dict = adapter_config(model).to_peft_dict()
@@ -153,15 +198,14 @@ def save_adapter(model: nn.Module, path: PathLike, *, base_model_name_or_path: O
     # Contiguous CPU copies in the tensors' own dtype: safetensors needs contiguous, non-shared storage.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
     if os.path.isdir(path):
-        _write_files(path, config_dict, tensors)
+        _replace_in(path, config_dict, tensors)
         return
     if os.path.exists(path):
         raise ValueError(f"save_adapter: {path!r} exists and is not a directory")
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    staging = _stage(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp", config_dict, tensors)
     try:
-        _write_files(staging, config_dict, tensors)
         os.rename(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,9 +1,12 @@
 """`lora-kernels`: help, a short finetune end to end (PEFT loads the result), merge, errors, check, bench."""
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -18,6 +21,21 @@ QUICK = ["--max-steps", "4", "--seq-len", "32", "--batch-size", "2", "--eval-eve
 @pytest.fixture(autouse=True)
 def _torch_backend(monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """finetune sets torch's thread count for the process it runs in: put it back for the next test."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _one_line_error(err: str, command: str = "finetune") -> str:
+    """The stderr of a user error: exactly one line `lora-kernels <cmd>: error: ...`, no traceback."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lora-kernels {command}: error: "), err
+    return lines[0]
 
 
 @pytest.mark.parametrize("command", ["finetune", "merge", "check", "bench"])
@@ -83,6 +101,15 @@ def test_peft_loads_the_adapter_and_merge_matches(finetuned, tmp_path, capsys):
     with torch.no_grad():
         y_merged = AutoModelForCausalLM.from_pretrained(str(merged))(ids).logits
     torch.testing.assert_close(y_merged, y_peft, rtol=1e-4, atol=1e-4)
+
+
+def _copy(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _snapshot(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def test_resume_continues_from_latest_checkpoint(finetuned, tmp_path, capsys):
@@ -177,3 +204,171 @@ def test_finetune_a_local_model_directory(finetuned, tmp_path, capsys):
     assert cfg["base_model_name_or_path"] == str(finetuned / "base_model")
     assert not (out / "base_model").exists()  # a user's model is referenced, not copied
     assert "PeftModel.from_pretrained" in capsys.readouterr().out
+
+
+# -- a used output directory, a finished run ------------------------------------------------------------
+
+def test_a_used_output_dir_is_refused_and_left_alone(finetuned, tmp_path, capsys):
+    run = _copy(finetuned, tmp_path)
+    before = _snapshot(run)
+    rc = main(["finetune", "--output-dir", str(run), *QUICK])
+    line = _one_line_error(capsys.readouterr().err)
+    assert rc == 2 and "--resume" in line and "--overwrite" in line and "previous run" in line
+    assert _snapshot(run) == before
+
+
+def test_overwrite_replaces_the_previous_run_only(finetuned, tmp_path, capsys):
+    run = _copy(finetuned, tmp_path)
+    (run / "checkpoints" / "step-0000999").mkdir()
+    (run / "notes.txt").write_text("mine")
+    assert main(["finetune", "--output-dir", str(run), "--overwrite", "--max-steps", "1", *QUICK[2:]]) == 0
+    assert sorted(os.listdir(run / "checkpoints")) == ["step-0000001"]
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1]
+    assert (run / "notes.txt").read_text() == "mine"
+    capsys.readouterr()
+    assert main(["finetune", "--output-dir", str(run), "--overwrite", "--resume", *QUICK]) == 2
+    assert "pass one" in _one_line_error(capsys.readouterr().err)
+
+
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(finetuned, tmp_path, capsys):
+    run = _copy(finetuned, tmp_path)
+    before = _snapshot(run)
+    capsys.readouterr()
+    assert main(["finetune", "--output-dir", str(run), "--resume", *QUICK]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "is finished" in out[-1] and "step 4" in out[-1] and "nan" not in "".join(out)
+    assert _snapshot(run) == before
+
+
+# -- one-line errors ------------------------------------------------------------------------------------
+
+def _error_cases(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    cases = [
+        (["--device", "foo"], "--device 'foo': not a device name torch knows"),
+        (["--output-dir", str(tmp_path / "a_file")], "exists and is not a directory"),
+        (["--output-dir", str(tmp_path / "a_file" / "sub")], "is not writable"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device 'cuda': cuda is not available on this machine"))
+    if os.path.isdir("/proc/self"):  # not writable even by root, unlike a chmod-ed folder
+        cases.append((["--output-dir", "/proc/self"], "is not writable"))
+    return cases
+
+
+def test_user_errors_are_one_line_with_status_2(tmp_path, capsys):
+    for flags, expected in _error_cases(tmp_path):
+        rc = main(["finetune", "--output-dir", str(tmp_path / "o"), *QUICK, *flags])
+        line = _one_line_error(capsys.readouterr().err)
+        assert rc == 2 and expected in line, (flags, line)
+    assert main(["bench", "--device", "foo"]) == 2
+    assert "--device 'foo'" in _one_line_error(capsys.readouterr().err, "bench")
+    rc = main(["merge", "--model", str(tmp_path), "--adapter", str(tmp_path), "--output-dir", str(tmp_path / "m")])
+    assert rc == 2 and _one_line_error(capsys.readouterr().err, "merge")
+
+
+def test_seq_len_below_2_is_refused_by_the_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["finetune", "--seq-len", "1", "--output-dir", str(tmp_path)])
+    assert exc.value.code == 2 and "argument --seq-len: must be >= 2" in capsys.readouterr().err
+
+
+# -- Ctrl-C ---------------------------------------------------------------------------------------------
+
+def test_ctrl_c_in_process_checkpoints_and_resume_finishes_the_same_run(finetuned, tmp_path, monkeypatch, capsys):
+    from lora_kernels.training import Trainer
+
+    run = tmp_path / "run"
+    orig = Trainer._train_step
+
+    def step(self):
+        if self.step == 2:  # during step 3
+            os.kill(os.getpid(), signal.SIGINT)
+        return orig(self)
+
+    monkeypatch.setattr(Trainer, "_train_step", step)
+    rc = main(["finetune", "--output-dir", str(run), "--save-every", "2", *QUICK])
+    assert rc == 130
+    assert capsys.readouterr().err.strip() == "lora-kernels finetune: interrupted at step 3; continue with --resume"
+    assert (run / "checkpoints" / "step-0000003").is_dir()
+    monkeypatch.undo()
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
+    assert main(["finetune", "--output-dir", str(run), "--save-every", "2", "--resume", *QUICK]) == 0
+    assert (run / "adapter_model.safetensors").read_bytes() == (finetuned / "adapter_model.safetensors").read_bytes()
+
+
+def test_ctrl_c_to_a_running_process(tmp_path):
+    run = tmp_path / "run"
+    env = dict(os.environ, LORA_KERNELS_BACKEND="torch")
+    proc = subprocess.Popen([sys.executable, "-m", "lora_kernels.cli", "finetune", "--output-dir", str(run),
+                             "--max-steps", "100000", "--seq-len", "32", "--batch-size", "2", "--eval-every", "0",
+                             "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 2):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    step = int(re.fullmatch(r"lora-kernels finetune: interrupted at step (\d+); continue with --resume", last)[1])
+    assert (run / "checkpoints" / f"step-{step:07d}").is_dir()
+
+
+# -- threads, eval cap, GPT-2 -------------------------------------------------------------------------------
+
+def test_tiny_default_trains_on_one_thread(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+    assert main(["finetune", "--output-dir", str(tmp_path / "o"), "--max-steps", "1", *QUICK[2:]]) == 0
+    assert torch.get_num_threads() == 1 and "(1 intra-op thread)" in capsys.readouterr().out
+    assert main(["finetune", "--output-dir", str(tmp_path / "p"), "--threads", "2", "--max-steps", "1",
+                 *QUICK[2:]]) == 0
+    assert torch.get_num_threads() == 2
+
+
+def test_eval_max_batches_caps_every_eval_and_is_recorded(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["finetune", "--output-dir", str(out), "--eval-max-batches", "1", *QUICK]) == 0
+    recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["eval_rows"] for r in recs if "eval_loss" in r] == [2, 2]  # step 2 and the final eval: 1 batch of 2
+    assert "(2 evaluated each time)" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    from lora_kernels.data import ByteTokenizer
+
+    path = tmp_path_factory.mktemp("gpt2")
+    tok = ByteTokenizer()  # saved beside the model: load_pretrained takes it instead of an AutoTokenizer
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=tok.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_finetune_a_local_gpt2_with_all_linear(gpt2_dir, tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    from transformers import GPT2LMHeadModel
+
+    out = tmp_path / "o"
+    assert main(["finetune", "--model", str(gpt2_dir), "--output-dir", str(out), *QUICK]) == 0
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True
+    assert sorted({t.rsplit(".", 1)[-1] for t in cfg["target_modules"]}) == ["c_attn", "c_fc", "c_proj"]
+    ids = torch.randint(0, 256, (2, 16))
+    model = peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(gpt2_dir), str(out)).eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, GPT2LMHeadModel.from_pretrained(gpt2_dir)(ids).logits)
+
+
+def test_gpt2_seq_len_beyond_its_positions_is_an_error(gpt2_dir, tmp_path, capsys):
+    rc = main(["finetune", "--model", str(gpt2_dir), "--output-dir", str(tmp_path / "o"), *QUICK, "--seq-len", "65"])
+    assert rc == 2 and "exceeds the model's 64 learned positions" in _one_line_error(capsys.readouterr().err)

@@ -185,12 +185,12 @@ def test_plain_module_returning_logits(tmp_path):
     assert res.step == 20 and sum(r["loss"] for r in recs[-5:]) < sum(r["loss"] for r in recs[:5])
 
 
-def test_fresh_run_clears_previous_runs_checkpoints(tmp_path, capsys):
+def test_fresh_run_with_overwrite_clears_previous_runs_checkpoints(tmp_path):
+    """(Without overwrite=True a used directory is refused: tests/test_runs.py.)"""
     stale = tmp_path / "checkpoints" / "step-0000999"
     stale.mkdir(parents=True)
     (tmp_path / "metrics.jsonl").write_text('{"step": 999, "loss": 1.0}\n')
     model, train, _ = _model_and_data()
-    Trainer(model, train, _cfg(tmp_path, max_steps=2, eval_every=0)).train()
+    Trainer(model, train, _cfg(tmp_path, max_steps=2, eval_every=0, overwrite=True)).train()
     assert not stale.exists() and (tmp_path / "checkpoints" / "step-0000002").is_dir()
     assert [r["step"] for r in _metrics(tmp_path)] == [1, 2]
-    assert "removing the previous run's checkpoints" in capsys.readouterr().out

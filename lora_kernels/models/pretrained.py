@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from ..data.tokenizer import ByteTokenizer
+from .quiet import no_progress_bars
 
 
 def load_pretrained(path: str, dtype=None):
@@ -16,7 +17,8 @@ def load_pretrained(path: str, dtype=None):
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"{path!r}: not a transformers model directory (no config.json)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+        with no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     except (OSError, ValueError) as err:
         raise ValueError(f"{path!r}: cannot load the model: {err}") from None
     if ByteTokenizer.is_saved_in(path):

@@ -7,16 +7,23 @@ from __future__ import annotations
 import torch
 
 from ..data.tokenizer import ByteTokenizer
+from .quiet import no_progress_bars
+
+TINY_MAX_POSITIONS = 2048
 
 
 def tiny_llama_config(seq_len: int):
     """initializer_range=0.1 (HF's default is 0.02) gives the frozen random base logits large enough that an
-    adapter on its linear layers can move the loss a long way in a few hundred CPU steps."""
+    adapter on its linear layers can move the loss a long way in a few hundred CPU steps.
+
+    max_position_embeddings covers seq_len up to TINY_MAX_POSITIONS; RoPE computes positions, so longer rows
+    still run, but a --seq-len far beyond what this model is for then draws a warning."""
     from transformers import LlamaConfig
 
     tok = ByteTokenizer()
+    positions = min(max(seq_len, 128), TINY_MAX_POSITIONS)
     return LlamaConfig(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=320, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max(seq_len, 128),
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=positions,
                        initializer_range=0.1, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
@@ -29,3 +36,10 @@ def build_tiny_model(seq_len: int, seed: int = 0):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(tiny_llama_config(seq_len))
     return model, ByteTokenizer()
+
+
+def save_tiny_base(model, tokenizer, directory: str) -> None:
+    """Save the random base beside a run: merge and PEFT load it from there."""
+    with no_progress_bars():
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)

@@ -4,10 +4,14 @@
     checkpoint.py   RNG states, checkpoint write/read, listing and retention
     distributed.py  process group, DDP / FSDP2 wrapping, unwrap, gathering sharded parameters
     metrics.py      metrics.jsonl, the progress bar, the loss-curve plot
+    interrupt.py    Ctrl-C: stop at a step boundary with a checkpoint (TrainingInterrupted)
+    rundir.py       the output directory: writable, previous run refused or cleared
+    resources.py    the device a user names, CPU threads for a model's width
 """
 from .distributed import init_distributed, trainable_state_dict, unwrap
-from .loop import Trainer, TrainConfig, TrainResult, causal_lm_loss_sum, warmup_cosine
+from .interrupt import TrainingInterrupted
+from .loop import EVAL_MAX_BATCHES, Trainer, TrainConfig, TrainResult, causal_lm_loss_sum, warmup_cosine
 from .metrics import plot_loss_curve
 
-__all__ = ["Trainer", "TrainConfig", "TrainResult", "causal_lm_loss_sum", "init_distributed", "plot_loss_curve",
-           "trainable_state_dict", "unwrap", "warmup_cosine"]
+__all__ = ["EVAL_MAX_BATCHES", "Trainer", "TrainConfig", "TrainResult", "TrainingInterrupted", "causal_lm_loss_sum",
+           "init_distributed", "plot_loss_curve", "trainable_state_dict", "unwrap", "warmup_cosine"]

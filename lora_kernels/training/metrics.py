@@ -49,6 +49,18 @@ def progress_bar(total: int, initial: int, enabled: bool):
                 mininterval=interval)
 
 
+def eval_progress(bar):
+    """A progress(done, total) callback for Trainer.evaluate that shows the eval batches on the bar.
+
+    Redrawn at once on a terminal only: in a log file every redraw would be another line."""
+    tty = sys.stderr.isatty()
+
+    def show(done: int, total: int) -> None:
+        bar.set_description(f"finetune: eval {done}/{total}" if done < total else "finetune", refresh=tty)
+
+    return show
+
+
 def plot_loss_curve(history: List[dict], path: str) -> Optional[str]:
     """Training loss per step (and eval loss where measured) as a PNG; None with a warning without matplotlib."""
     try:
