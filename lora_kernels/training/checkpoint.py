@@ -7,8 +7,8 @@ OUTPUT_DIR/checkpoints/step-NNNNNNN/ holds
     rank<R>.json + .safetensors         rank R's RNG states (torch, numpy, python, CUDA) and data cursor:
                                         ranks draw different dropout seeds and read different rows, so
                                         each restores its own
-Nothing is pickled (safe_state.py): reading a checkpoint parses JSON and safetensors and cannot run code.
-Checkpoints of older versions (*.pt, pickles) are refused, never unpickled.
+Reading a checkpoint parses JSON and safetensors only (safe_state.py) and cannot run code. Checkpoints of
+older versions (torch.save *.pt files, which can name any function to call on load) are refused, never read.
 
 A resumed run continues bit-for-bit on CPU because dropout seeds come from torch's RNG (restored here)
 and the data order is a pure function of (seed, epoch) and the cursor.
@@ -31,7 +31,7 @@ TRAINABLE_FILE = "trainable.safetensors"
 STATE_STEM = "trainer_state"
 STATE_FILE = json_path(STATE_STEM)
 ADAPTER_SUBDIR = "adapter"
-LEGACY_FILES = ("trainer_state.pt", "trainable.pt")  # pickles written before checkpoints were safetensors
+LEGACY_FILES = ("trainer_state.pt", "trainable.pt")  # torch.save files of older versions
 _PREFIX, _TMP = "step-", ".tmp"
 
 
@@ -121,11 +121,11 @@ def write_checkpoint(output_dir: str, step: int, trainable: Dict[str, torch.Tens
 
 
 def _refuse_legacy(path: str) -> None:
-    """A checkpoint of an older version holds pickles; unpickling runs whatever the file names, so refuse."""
+    """A checkpoint of an older version holds torch.save files; loading one runs whatever it names, so refuse."""
     legacy = [os.path.join(path, f) for f in LEGACY_FILES if os.path.isfile(os.path.join(path, f))]
     if legacy:
-        raise ValueError(f"resume: {legacy[0]} is a pickle checkpoint from an older lora_kernels; it is not "
-                         "loaded, because unpickling a file can run arbitrary code. Start a new run, or resume "
+        raise ValueError(f"resume: {legacy[0]} is a torch.save checkpoint from an older lora_kernels; it is "
+                         "not loaded, because loading such a file can run arbitrary code. Start a new run, or resume "
                          "from a checkpoint written by this version (trainer_state.json + .safetensors)")
 
 

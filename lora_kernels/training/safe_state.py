@@ -1,11 +1,11 @@
-"""Nested training state as a JSON file plus a safetensors file: what a checkpoint holds, without pickle.
+"""Nested training state as a JSON file plus a safetensors file: what a checkpoint holds, with no code in it.
 
 Optimizer, scheduler and GradScaler state dicts and RNG states are trees of dicts, lists, tuples, numbers,
 strings, tensors and numpy arrays. write_state(stem, tree) writes
     stem.json          the tree, each tensor replaced by {"__tensor__": key}
     stem.safetensors   the tensors under those keys
 and read_state(stem) rebuilds the tree. Reading parses JSON and safetensors only, so a crafted checkpoint
-cannot run code (unpickling can: a pickle names any callable to call on load).
+cannot run code (torch.save files can: loading one may call any function the file names).
 
 JSON alone would lose what resuming bit-exactly depends on, so those are tagged explicitly:
   tuples          {"__tuple__": [...]}            random.setstate wants tuples back, not lists
