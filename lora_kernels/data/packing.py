@@ -112,21 +112,34 @@ def _pieces(text: str) -> List[str]:
 
 
 def encode_texts(tokenizer, texts: Sequence[str]) -> List[np.ndarray]:
-    """Token ids of each text, without special tokens, as integer arrays; batched where the tokenizer can."""
+    """Token ids of each text, without special tokens, as int arrays; batched where the tokenizer can."""
     if isinstance(tokenizer, ByteTokenizer):
         return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
     if not _is_fast_hf(tokenizer):
         return [np.asarray(tokenizer.encode(t, add_special_tokens=False), dtype=np.int32) for t in texts]
-    pieces, owner = [], []
-    for i, t in enumerate(texts):
-        for p in _pieces(t):
-            pieces.append(p)
-            owner.append(i)
-    encoded = tokenizer(pieces, add_special_tokens=False, return_attention_mask=False,
-                        return_token_type_ids=False)["input_ids"]
     parts: List[List[np.ndarray]] = [[] for _ in texts]
-    for i, ids in zip(owner, encoded):
-        parts[i].append(np.asarray(ids, dtype=np.int32))
+    batch, owners, chars = [], [], 0
+
+    def flush():
+        # One call per ~PIECE_CHARS * 16 characters: enough to keep every core busy, while the tokenizer's
+        # per-token Python lists (and its encodings) for one call stay small.
+        encoded = tokenizer(batch, add_special_tokens=False, return_attention_mask=False,
+                            return_token_type_ids=False)["input_ids"]
+        for i, ids in zip(owners, encoded):
+            parts[i].append(np.asarray(ids, dtype=np.int32))
+        batch.clear()
+        owners.clear()
+
+    for i, t in enumerate(texts):
+        for piece in _pieces(t):
+            batch.append(piece)
+            owners.append(i)
+            chars += len(piece)
+            if chars >= 16 * PIECE_CHARS:
+                flush()
+                chars = 0
+    if batch:
+        flush()
     return [p[0] if len(p) == 1 else np.concatenate(p) for p in parts]
 
 
