@@ -11,6 +11,8 @@ import os
 import sys
 from typing import Callable, Iterator
 
+DELAY_S = 1.0  # no bar for loads shorter than this
+
 
 @contextlib.contextmanager
 def loading_bar(path: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
@@ -21,7 +23,7 @@ def loading_bar(path: str, enabled: bool = True) -> Iterator[Callable[[int], Non
     from tqdm.auto import tqdm
 
     bar = tqdm(total=os.path.getsize(path), desc=f"loading {os.path.basename(path)}", unit="B", unit_scale=True,
-               unit_divisor=1024, file=sys.stderr, dynamic_ncols=True, delay=1.0,
+               unit_divisor=1024, file=sys.stderr, dynamic_ncols=True, delay=DELAY_S,
                mininterval=0.1 if sys.stderr.isatty() else 10.0)
     try:
         yield bar.update
