@@ -2,9 +2,10 @@
 
 The loader streams records through here: a batch of documents is tokenized at once (a fast Hugging Face
 tokenizer encodes a batch on all cores; the byte tokenizer is a buffer view), and its tokens are appended
-to int32 staging chunks. Only at the end are the (rows, seq_len) int64 tensors allocated, and each
-staging chunk is freed as it is copied in. Peak memory is the packed result plus its int32 staging, not
-Python lists of every token (8 bytes a pointer, twice) plus the records they came from.
+to staging chunks (an int32 id and a loss flag per token). Only at the end are the (rows, seq_len) int64
+tensors allocated, and each staging chunk is freed as it is copied in. Peak memory is the packed result
+plus ~5 bytes a token of staging, not Python lists of every token (8 bytes a pointer, twice) plus the
+records they came from.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from .tokenizer import ByteTokenizer
 
 IGNORE_INDEX = -100
-CHUNK_TOKENS = 1 << 20       # tokens per staging chunk (4 MiB of int32 ids + 4 MiB of labels)
+CHUNK_TOKENS = 1 << 20       # tokens per staging chunk (4 MiB of int32 ids + 1 MiB of loss flags)
 PIECE_CHARS = 1 << 16        # longer texts are cut into pieces this long for a batch tokenizer
 
 
