@@ -226,3 +226,14 @@ def test_loading_bar_reports_the_whole_file(tmp_path, monkeypatch, capsys):
     assert "loading bar.txt" in err and "100%" in err
     load_packed(path, TOK, 16, progress=False)
     assert "loading" not in capsys.readouterr().err
+
+
+def test_split_eval_in_place_gives_the_same_rows_without_copying_them():
+    ids = torch.arange(1000 * 4).view(1000, 4)
+    full = PackedDataset(ids, -ids)
+    want_train, want_eval = split_eval(full, 0.1, seed=5)
+    base = PackedDataset(ids.clone(), -ids.clone())
+    train, ev = split_eval(base, 0.1, seed=5, in_place=True)
+    assert torch.equal(train.input_ids, want_train.input_ids) and torch.equal(train.labels, want_train.labels)
+    assert torch.equal(ev.input_ids, want_eval.input_ids) and torch.equal(ev.labels, want_eval.labels)
+    assert train.input_ids.data_ptr() == base.input_ids.data_ptr()  # a view: no copy of the training rows

@@ -240,8 +240,14 @@ def load_packed(path: str, tokenizer, seq_len: int, *, progress: Optional[bool] 
     return ds
 
 
-def split_eval(ds: PackedDataset, fraction: float, seed: int = 0) -> Tuple[PackedDataset, Optional[PackedDataset]]:
-    """Hold out a fraction of rows for evaluation (at least one when fraction > 0 and two rows exist)."""
+def split_eval(ds: PackedDataset, fraction: float, seed: int = 0, *,
+               in_place: bool = False) -> Tuple[PackedDataset, Optional[PackedDataset]]:
+    """Hold out a fraction of rows for evaluation (at least one when fraction > 0 and two rows exist).
+
+    in_place=True: the training rows are compacted to the front of ds's own tensors and returned as views,
+    so only the eval rows are copied (for a large set, a second copy of ~all of it is the biggest allocation
+    of loading); ds itself must not be used afterwards. Same rows, same order as in_place=False.
+    """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"eval fraction must be in [0, 1), got {fraction!r}")
     n = len(ds)
@@ -250,4 +256,14 @@ def split_eval(ds: PackedDataset, fraction: float, seed: int = 0) -> Tuple[Packe
         return ds, None
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     ev, tr = perm[:n_eval].sort().values, perm[n_eval:].sort().values
-    return (PackedDataset(ds.input_ids[tr], ds.labels[tr]), PackedDataset(ds.input_ids[ev], ds.labels[ev]))
+    held_out = PackedDataset(ds.input_ids[ev], ds.labels[ev])
+    if not in_place:
+        return PackedDataset(ds.input_ids[tr], ds.labels[tr]), held_out
+    # tr is sorted, so tr[i] >= i: moving row tr[i] to row i, a block at a time, never overwrites a row a
+    # later block still has to read.
+    block = 4096
+    for t in (ds.input_ids, ds.labels):
+        for i in range(0, len(tr), block):
+            rows = tr[i:i + block]
+            t[i:i + len(rows)] = t[rows]
+    return PackedDataset(ds.input_ids[:len(tr)], ds.labels[:len(tr)]), held_out
