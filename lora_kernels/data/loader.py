@@ -55,6 +55,7 @@ def _check_path(path: str) -> None:
 Advance = Callable[[int], None]  # told how many more bytes of the file have been read
 BATCH_CHARS, BATCH_RECORDS = 1 << 20, 1024  # one tokenizer call per ~1 MB of text or 1024 documents
 READ_BYTES = 1 << 20
+COMPACT_ROWS = 4096  # rows moved per step by split_eval(in_place=True)
 
 
 def _blocks(path: str, advance: Optional[Advance]) -> Iterator[Tuple[int, List[str]]]:
@@ -261,9 +262,8 @@ def split_eval(ds: PackedDataset, fraction: float, seed: int = 0, *,
         return PackedDataset(ds.input_ids[tr], ds.labels[tr]), held_out
     # tr is sorted, so tr[i] >= i: moving row tr[i] to row i, a block at a time, never overwrites a row a
     # later block still has to read.
-    block = 4096
     for t in (ds.input_ids, ds.labels):
-        for i in range(0, len(tr), block):
-            rows = tr[i:i + block]
+        for i in range(0, len(tr), COMPACT_ROWS):
+            rows = tr[i:i + COMPACT_ROWS]
             t[i:i + len(rows)] = t[rows]
     return PackedDataset(ds.input_ids[:len(tr)], ds.labels[:len(tr)]), held_out
