@@ -141,7 +141,7 @@ def cmd_finetune(args) -> int:
         if args.eval_data:
             eval_ds = load_packed(args.eval_data, tok, args.seq_len)
         elif args.eval_fraction > 0:
-            train_ds, eval_ds = split_eval(train_ds, args.eval_fraction, seed=args.seed)
+            train_ds, eval_ds = split_eval(train_ds, args.eval_fraction, seed=args.seed, in_place=True)
     except DataError as err:
         raise CLIError(str(err)) from None
     held_out = ""

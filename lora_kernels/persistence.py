@@ -6,8 +6,8 @@ biases of adapted layers, `<path>.bias` for other trained biases and `<path>.<pa
 tensors' own dtype. Either library reads what the other writes.
 
 Saving replaces config and weights together (a crash leaves the old adapter or the new one, never a mix; see
-save_adapter). Loading validates the whole directory against the model (peft_type, every key, every shape)
-before it changes anything.
+save_adapter). Loading validates the whole directory against the model (peft_type, every key, every shape,
+finite values) before it changes anything.
 """
 from __future__ import annotations
 
@@ -214,8 +214,12 @@ def save_adapter(model: nn.Module, path: PathLike, *, base_model_name_or_path: O
 
 # -- load -------------------------------------------------------------------------------------------------
 
-def read_adapter(path: PathLike) -> Tuple[LoraConfig, Dict[str, torch.Tensor]]:
-    """Read and check a PEFT LoRA adapter directory; errors name the file (and key) at fault."""
+def read_adapter(path: PathLike, *, allow_nonfinite: bool = False) -> Tuple[LoraConfig, Dict[str, torch.Tensor]]:
+    """Read and check a PEFT LoRA adapter directory; errors name the file (and key) at fault.
+
+    A tensor holding NaN or inf is an error (a run that diverged and saved anyway; loaded, it turns every
+    output it touches into NaN): allow_nonfinite=True reads it anyway, to inspect where it went wrong.
+    """
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"load_adapter: {path!r} is not a directory")
@@ -239,7 +243,19 @@ def read_adapter(path: PathLike) -> Tuple[LoraConfig, Dict[str, torch.Tensor]]:
                 tensors[key] = f.get_tensor(key)
     except Exception as err:  # safetensors raises its own error types for truncated / corrupt files
         raise ValueError(f"{weights_file}: cannot read it as a safetensors file ({type(err).__name__}: {err})") from None
+    if not allow_nonfinite:
+        _check_finite(tensors, weights_file)
     return config, tensors
+
+
+def _check_finite(tensors: Dict[str, torch.Tensor], weights_file: str) -> None:
+    for key, t in tensors.items():
+        if t.is_floating_point() or t.is_complex():
+            bad = int((~torch.isfinite(t)).count_nonzero())
+            if bad:
+                raise ValueError(f"{weights_file}: key {key!r} holds {bad} NaN/inf value(s) of {t.numel()}; "
+                                 "the adapter would make the model's outputs NaN (was it saved after training "
+                                 "diverged?). Pass allow_nonfinite=True to load it anyway")
 
 
 def _expected_shapes(model: nn.Module, config: LoraConfig) -> Dict[str, Tuple[Tuple[int, ...], str]]:
@@ -271,14 +287,15 @@ def _check_existing(model: nn.Module, config: LoraConfig, source: str) -> None:
                              f"use_rslora)={have}, the file says {want}; unload() the model first")
 
 
-def load_adapter(model: nn.Module, path: PathLike, is_trainable: bool = True) -> nn.Module:
+def load_adapter(model: nn.Module, path: PathLike, is_trainable: bool = True, *,
+                 allow_nonfinite: bool = False) -> nn.Module:
     """Inject the adapter described by `path` (a PEFT or save_adapter directory) into `model` and load its weights.
 
     Everything is validated first (peft_type, every key present and expected, every shape), so on any error
     the model is exactly as it was. is_trainable=False freezes the loaded adapter (PEFT's inference mode).
-    Returns `model`.
+    A NaN or inf in the file is an error unless allow_nonfinite=True (see read_adapter). Returns `model`.
     """
-    config, tensors = read_adapter(path)
+    config, tensors = read_adapter(path, allow_nonfinite=allow_nonfinite)
     weights_file = os.path.join(os.fspath(path), WEIGHTS_NAME)
     try:
         expected = _expected_shapes(model, config)

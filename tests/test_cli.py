@@ -75,7 +75,7 @@ def finetuned(tmp_path_factory):
 
 def test_finetune_writes_peft_adapter_metrics_and_plot(finetuned, capsys):
     for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss_curve.png",
-                 "base_model/config.json", "checkpoints/step-0000004/trainer_state.pt"):
+                 "base_model/config.json", "checkpoints/step-0000004/trainer_state.json"):
         assert (finetuned / name).is_file(), name
     with open(finetuned / "metrics.jsonl") as f:
         recs = [json.loads(line) for line in f]

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lora_kernels.data import (DEMO_PATH, IGNORE_INDEX, ByteTokenizer, DataError, PackedDataset, ShardedBatches,
-                               count_loss_tokens, encode_record, load_packed, pack, read_records, split_eval)
+                               count_loss_tokens, encode_record, iter_records, load_packed, pack, read_records,
+                               split_eval)
 
 TOK = ByteTokenizer()
 
@@ -125,3 +126,117 @@ def test_sharded_batches_split_ranks_and_resume_from_cursor():
     assert _row_ids(resumed, 6) == _row_ids(full, 6)  # across the epoch boundary too
     with pytest.raises(ValueError, match="fewer than the 20 processes"):
         ShardedBatches(ds, batch_size=2, seed=3, rank=0, world=20)
+
+
+@pytest.mark.parametrize("name", ["zeros.txt", "zeros.jsonl"])
+def test_file_of_nul_bytes_is_refused_naming_file_line_and_offset(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"\x00" * 4096)
+    with pytest.raises(DataError, match=r"NUL byte at byte offset 0 of the file: this is binary data") as err:
+        load_packed(str(path), TOK, 16)
+    assert str(err.value).startswith(f"{path}:1: ")
+
+
+def test_nul_byte_after_text_names_its_line_and_offset(tmp_path):
+    path = tmp_path / "mixed.txt"
+    path.write_bytes(b"good text\n\nmore\x00\x01\x02 binary\n")
+    with pytest.raises(DataError, match=rf"{path}:3: NUL byte at byte offset 15 of the file"):
+        read_records(str(path))
+
+
+def test_records_are_read_lazily(tmp_path):
+    """The first record is available before a bad line further down is even read."""
+    path = _write(tmp_path / "d.jsonl", [json.dumps({"text": "first"}), "{broken"])
+    records = iter_records(path)
+    assert next(records).text == "first"
+    with pytest.raises(DataError, match=r"d.jsonl:2: invalid JSON"):
+        next(records)
+
+
+def test_load_packed_working_memory_is_a_few_bytes_per_token(tmp_path):
+    """Streaming: the loader never holds every record or Python lists of every token.
+
+    tracemalloc sees Python objects and numpy buffers but not torch's allocator, so the peak it reports is
+    the loader's working memory beyond the packed tensors (its result): with streaming, ~5 bytes a token of
+    int32+flag staging plus one batch of text; with whole-file lists, over 16 (two 8-byte pointers a token).
+    """
+    import tracemalloc
+
+    words = "the adapter trains a low rank update of the frozen weight".split()
+    para = "\n".join(" ".join(words[(i + j) % len(words)] for j in range(12)) for i in range(5))
+    path = tmp_path / "big.txt"
+    path.write_text((para + "\n\n") * 25_000, encoding="utf-8")  # ~8 MB
+    tracemalloc.start()
+    try:
+        ds = load_packed(str(path), TOK, 256, progress=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    tokens = ds.input_ids.numel()
+    assert tokens > 7_000_000
+    assert peak / tokens < 10, f"{peak / tokens:.1f} bytes per token"
+
+
+def _wordlevel_tokenizer(texts):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
+    for t in texts:
+        for w in t.split():
+            vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<unk>")
+
+
+@pytest.mark.parametrize("which", ["byte", "fast"])
+def test_streamed_packing_equals_packing_every_encoded_record(tmp_path, monkeypatch, which):
+    """Small batches, staging chunks and pieces, so every boundary is crossed: the same rows as encode_record
+    + pack over the whole list, for the byte tokenizer and a fast HF tokenizer (batch-encoded in pieces)."""
+    from lora_kernels.data import loader, packing
+
+    long_doc = " ".join(f"w{i % 37}" for i in range(3000))  # several pieces
+    lines = [json.dumps({"text": long_doc})] + [line for line in open(DEMO_PATH, encoding="utf-8")][:60]
+    path = _write(tmp_path / "mix.jsonl", [line.rstrip("\n") for line in lines])
+    records = read_records(path)
+    tok = TOK if which == "byte" else _wordlevel_tokenizer(
+        [r.text for r in records] + [r.prompt for r in records if r.prompt])
+    expected = pack((encode_record(r, tok) for r in records), 16, tok.pad_token_id)
+    monkeypatch.setattr(loader, "BATCH_CHARS", 500)
+    monkeypatch.setattr(packing, "CHUNK_TOKENS", 37)
+    monkeypatch.setattr(packing, "PIECE_CHARS", 64)
+    ds = load_packed(path, tok, 16)
+    assert torch.equal(ds.input_ids, expected[0]) and torch.equal(ds.labels, expected[1])
+
+
+def test_pack_refuses_labels_that_are_not_the_tokens():
+    with pytest.raises(ValueError, match="neither its token nor IGNORE_INDEX"):
+        pack([([1, 2, 3], [1, 7, 3])], seq_len=4, pad_id=0)
+
+
+def test_loading_bar_reports_the_whole_file(tmp_path, monkeypatch, capsys):
+    from lora_kernels.data import progress
+
+    monkeypatch.setattr(progress, "DELAY_S", 0.0)
+    path = _write(tmp_path / "bar.txt", ["some text"] * 100)
+    load_packed(path, TOK, 16, progress=True)
+    err = capsys.readouterr().err
+    assert "loading bar.txt" in err and "100%" in err
+    load_packed(path, TOK, 16, progress=False)
+    assert "loading" not in capsys.readouterr().err
+
+
+def test_split_eval_in_place_gives_the_same_rows_without_copying_them(monkeypatch):
+    from lora_kernels.data import loader
+
+    monkeypatch.setattr(loader, "COMPACT_ROWS", 7)  # many blocks, so a block overwriting a later source shows
+    ids = torch.arange(1000 * 4).view(1000, 4)
+    full = PackedDataset(ids, -ids)
+    want_train, want_eval = split_eval(full, 0.1, seed=5)
+    base = PackedDataset(ids.clone(), -ids.clone())
+    train, ev = split_eval(base, 0.1, seed=5, in_place=True)
+    assert torch.equal(train.input_ids, want_train.input_ids) and torch.equal(train.labels, want_train.labels)
+    assert torch.equal(ev.input_ids, want_eval.input_ids) and torch.equal(ev.labels, want_eval.labels)
+    assert train.input_ids.data_ptr() == base.input_ids.data_ptr()  # a view: no copy of the training rows

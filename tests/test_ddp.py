@@ -66,7 +66,7 @@ def test_ddp_two_ranks_end_with_identical_adapters(tmp_path):
     _assert_same_trained_adapter(results)
     assert results[0]["loss"] == results[1]["loss"]  # the logged loss is the mean over ranks
     ckpt = tmp_path / "out" / "checkpoints" / "step-0000004"
-    assert (ckpt / "rank0.pt").is_file() and (ckpt / "rank1.pt").is_file()
+    assert (ckpt / "rank0.json").is_file() and (ckpt / "rank1.json").is_file()
 
 
 def test_ddp_resume_reproduces_uninterrupted_run(tmp_path):

@@ -141,7 +141,7 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
     Trainer(model, train, _cfg(full_dir, save_every=3, batch_size=3), eval_data=ev).train()
     full = trainable_state_dict(model)
     ckpt = full_dir / "checkpoints" / "step-0000003"
-    assert (ckpt / "trainer_state.pt").is_file() and (ckpt / "rank0.pt").is_file()
+    assert (ckpt / "trainer_state.json").is_file() and (ckpt / "rank0.json").is_file()
 
     # A fresh process state: new model, scrambled RNG, the output dir holding only what was on disk at step 3.
     os.makedirs(resumed_dir / "checkpoints")

@@ -1,4 +1,5 @@
-"""Training data: local JSONL / text loaders, packing, the per-rank batch order, the byte tokenizer, the demo set.
+"""Training data: local JSONL / text loaders (loader.py), streaming tokenization and packing (packing.py), the
+loading bar (progress.py), the per-rank batch order (batches.py), the byte tokenizer, the demo set.
 
 demo.jsonl (DEMO_PATH) is a small English set written for this package: short prose about LoRA and
 training ({"text"} lines) and templated question/answer pairs ({"prompt", "response"} lines), enough
@@ -6,8 +7,10 @@ for the built-in tiny model to show a falling loss within a couple of minutes on
 """
 from .batches import ShardedBatches
 from .loader import (DEMO_PATH, IGNORE_INDEX, DataError, PackedDataset, Record, count_loss_tokens, encode_record,
-                     load_packed, pack, read_records, split_eval)
+                     iter_records, load_packed, read_records, split_eval)
+from .packing import TokenPacker, pack
 from .tokenizer import ByteTokenizer
 
 __all__ = ["DEMO_PATH", "IGNORE_INDEX", "ByteTokenizer", "DataError", "PackedDataset", "Record", "ShardedBatches",
-           "count_loss_tokens", "encode_record", "load_packed", "pack", "read_records", "split_eval"]
+           "TokenPacker", "count_loss_tokens", "encode_record", "iter_records", "load_packed", "pack", "read_records",
+           "split_eval"]

@@ -1,11 +1,15 @@
 """Checkpoints: everything a resumed run needs to continue bit-for-bit, written atomically, the newest kept.
 
 OUTPUT_DIR/checkpoints/step-NNNNNNN/ holds
-    trainable.pt        the trainable tensors (full tensors, gathered under FSDP2)
-    trainer_state.pt    optimizer, scheduler, GradScaler, counters, world size, config
-    adapter/            the adapter in PEFT format, when the trainer has a save function
-    rank<R>.pt          rank R's RNG states and data cursor: ranks draw different dropout seeds and read
-                        different rows, so each restores its own
+    trainable.safetensors               the trainable tensors (full tensors, gathered under FSDP2)
+    trainer_state.json + .safetensors   optimizer, scheduler, GradScaler, counters, world size, config
+    adapter/                            the adapter in PEFT format, when the trainer has a save function
+    rank<R>.json + .safetensors         rank R's RNG states (torch, numpy, python, CUDA) and data cursor:
+                                        ranks draw different dropout seeds and read different rows, so
+                                        each restores its own
+Reading a checkpoint parses JSON and safetensors only (safe_state.py) and cannot run code. Checkpoints of
+older versions (torch.save *.pt files, which can name any function to call on load) are refused, never read.
+
 A resumed run continues bit-for-bit on CPU because dropout seeds come from torch's RNG (restored here)
 and the data order is a pure function of (seed, epoch) and the cursor.
 """
@@ -20,12 +24,19 @@ import numpy as np
 import torch
 
 from .distributed import barrier
+from .safe_state import json_path, read_state, read_tensors, write_state, write_tensors
 
 CHECKPOINT_DIR = "checkpoints"
-TRAINABLE_FILE = "trainable.pt"
-STATE_FILE = "trainer_state.pt"
+TRAINABLE_FILE = "trainable.safetensors"
+STATE_STEM = "trainer_state"
+STATE_FILE = json_path(STATE_STEM)
 ADAPTER_SUBDIR = "adapter"
+LEGACY_FILES = ("trainer_state.pt", "trainable.pt")  # torch.save files of older versions
 _PREFIX, _TMP = "step-", ".tmp"
+
+
+def rank_stem(rank: int) -> str:
+    return f"rank{rank}"
 
 
 # -- RNG -----------------------------------------------------------------------------------------
@@ -94,12 +105,12 @@ def write_checkpoint(output_dir: str, step: int, trainable: Dict[str, torch.Tens
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        torch.save(trainable, os.path.join(tmp, TRAINABLE_FILE))
-        torch.save(trainer_state, os.path.join(tmp, STATE_FILE))
+        write_tensors(os.path.join(tmp, TRAINABLE_FILE), trainable)
+        write_state(os.path.join(tmp, STATE_STEM), trainer_state)
     barrier(world)
     if save_adapter is not None:
         save_adapter(os.path.join(tmp, ADAPTER_SUBDIR))
-    torch.save(rank_state, os.path.join(tmp, f"rank{rank}.pt"))
+    write_state(os.path.join(tmp, rank_stem(rank)), rank_state)
     barrier(world)
     if rank == 0:
         shutil.rmtree(path, ignore_errors=True)
@@ -109,24 +120,43 @@ def write_checkpoint(output_dir: str, step: int, trainable: Dict[str, torch.Tens
     return path
 
 
+def _refuse_legacy(path: str) -> None:
+    """A checkpoint of an older version holds torch.save files; loading one runs whatever it names, so refuse."""
+    legacy = [os.path.join(path, f) for f in LEGACY_FILES if os.path.isfile(os.path.join(path, f))]
+    if legacy:
+        raise ValueError(f"resume: {legacy[0]} is a torch.save checkpoint from an older lora_kernels; it is "
+                         "not loaded, because loading such a file can run arbitrary code. Start a new run, or resume "
+                         "from a checkpoint written by this version (trainer_state.json + .safetensors)")
+
+
 def read_checkpoint(path: str, rank: int, world: int,
                     trainable_names: Sequence[str]) -> Tuple[Dict[str, torch.Tensor], dict, dict]:
     """(trainable, trainer_state, this rank's rank_state) of a checkpoint written by write_checkpoint.
 
     Checks that it is one, that as many processes wrote it, and that it holds exactly `trainable_names`.
+    Errors are ValueErrors naming the checkpoint file at fault.
     """
-    state_file = os.path.join(path, STATE_FILE)
-    if not os.path.isfile(state_file):
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        _refuse_legacy(path)
         raise ValueError(f"resume: {path!r} is not a checkpoint (no {STATE_FILE})")
-    state = torch.load(state_file, map_location="cpu", weights_only=False)
+    state = _read(lambda: read_state(os.path.join(path, STATE_STEM)))
+    if not isinstance(state, dict) or not isinstance(state.get("world_size"), int):
+        raise ValueError(f"resume: {os.path.join(path, STATE_FILE)} holds no trainer state (no world_size)")
     if state["world_size"] != world:
         raise ValueError(f"resume: checkpoint {path!r} was written by {state['world_size']} processes, "
                          f"this run has {world}")
-    trainable = torch.load(os.path.join(path, TRAINABLE_FILE), map_location="cpu")
+    trainable = _read(lambda: read_tensors(os.path.join(path, TRAINABLE_FILE)))
     if sorted(trainable) != sorted(trainable_names):
         missing = sorted(set(trainable_names) - set(trainable))
         extra = sorted(set(trainable) - set(trainable_names))
         raise ValueError(f"resume: checkpoint {path!r} does not match the model's trainable parameters "
                          f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    mine = torch.load(os.path.join(path, f"rank{rank}.pt"), map_location="cpu", weights_only=False)
+    mine = _read(lambda: read_state(os.path.join(path, rank_stem(rank))))
     return trainable, state, mine
+
+
+def _read(load: Callable):
+    try:
+        return load()
+    except ValueError as err:
+        raise ValueError(f"resume: {err}") from None
