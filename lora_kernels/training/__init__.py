@@ -2,7 +2,7 @@
 
     loop.py         TrainConfig, Trainer (step, evaluate, train), TrainResult, the LR schedule and the loss
     checkpoint.py   RNG states, checkpoint write/read, listing and retention
-    safe_state.py   checkpoint state as JSON + safetensors (never pickle: reading one runs no code)
+    safe_state.py   checkpoint state as JSON + safetensors (nothing unpickled: reading one runs no code)
     distributed.py  process group, DDP / FSDP2 wrapping, unwrap, gathering sharded parameters
     metrics.py      metrics.jsonl, the progress bar, the loss-curve plot
     interrupt.py    Ctrl-C: stop at a step boundary with a checkpoint (TrainingInterrupted)
