@@ -274,6 +274,17 @@ def test_save_and_load_per_adapter(tmp_path, torch_backend):
     with torch.no_grad(), lk.batch_adapters(fresh, NAMES):
         got = fresh(ids).logits
     assert_rel_close(got, want, 1e-6, "reloaded")
+    assert [n for n, _ in fresh.named_parameters() if "lora" in n] == \
+        [n for n, _ in model.named_parameters() if "lora" in n]
+    with pytest.raises(ValueError, match=r"several adapters \['a', 'b'\].*adapter_name"):
+        lk.load_adapter(fresh, tmp_path / "a")
+    # An existing name takes the file's weights again (here a's file into a: unchanged outputs).
+    with torch.no_grad():
+        fresh.model.layers[0].self_attn.q_proj.lora_A.zero_()
+    lk.load_adapter(fresh, tmp_path / "a", adapter_name="a")
+    assert model_adapters(fresh) == ["a", "b"]
+    with torch.no_grad(), lk.batch_adapters(fresh, NAMES):
+        assert_rel_close(fresh(ids).logits, want, 1e-6, "a reloaded")
 
 
 def test_peft_loads_our_adapters_and_its_mixed_batch_matches_ours(tmp_path, torch_backend):
