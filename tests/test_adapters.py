@@ -334,3 +334,30 @@ def test_fuse_peft_model_serves_peft_mixed_batches_on_the_kernels(torch_backend,
             assert_rel_close(pm(input_ids=ids, adapter_names=names).logits, w, 1e-5, f"fused {names}")
             # q, k, v of 2 layers on the kernels; with c in the batch its q_proj layers fall back.
             assert len(calls) == (4 if "c" in names else 6), names
+
+
+def test_gpt2_conv1d_layers_take_several_adapters(torch_backend, tmp_path):
+    """Conv1D bases (weight stored (in, out)): mixed batches and per-adapter saves that PEFT reads."""
+    import transformers
+    from peft import PeftModel
+
+    def gpt2():
+        torch.manual_seed(0)
+        cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+
+    model = gpt2()
+    lk.inject_lora(model, lk.LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False), adapter_name="a")
+    lk.inject_lora(model, lk.LoraConfig(r=2, target_modules=["c_attn", "c_proj"], init_lora_weights=False),
+                   adapter_name="b")
+    ids = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with lk.batch_adapters(model, ["b", "a", None]):
+            mixed = model(ids).logits
+        assert_rel_close(mixed, per_row_logits(model, ids, ["b", "a", None]), 1e-5, "gpt2 mixed")
+    lk.save_adapter(model, tmp_path / "a", adapter_name="a")
+    lk.save_adapter(model, tmp_path / "b", adapter_name="b")
+    pm = PeftModel.from_pretrained(gpt2(), str(tmp_path / "a"), adapter_name="a")
+    pm.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    with torch.no_grad():
+        assert_rel_close(pm(input_ids=ids, adapter_names=["b", "a", "__base__"]).logits, mixed, 1e-5, "PEFT gpt2")
