@@ -1,17 +1,20 @@
 """lora_kernels: fused Triton kernels for LoRA training, a drop-in nn.Linear that speaks PEFT's format."""
 from .backends import resolve_backend
-from .functional import fused_lora_linear
+from .functional import AdapterSegments, fused_lora_linear, fused_multi_lora_linear
 from .layer import FusedLoraLinear
 from .config import LoraConfig
 from .inject import (add_new_trainable_to_optimizer, disable_adapter, inject_lora, merge_and_unload,
                      print_trainable_parameters, set_trainable, trainable_parameters, unload)
 from .persistence import load_adapter, save_adapter
+from .adapters import batch_adapters, set_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FusedLoraLinear",
     "fused_lora_linear",
+    "fused_multi_lora_linear",
+    "AdapterSegments",
     "resolve_backend",
     "LoraConfig",
     "inject_lora",
@@ -24,4 +27,6 @@ __all__ = [
     "add_new_trainable_to_optimizer",
     "save_adapter",
     "load_adapter",
+    "set_adapter",
+    "batch_adapters",
 ]

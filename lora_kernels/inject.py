@@ -4,6 +4,11 @@ inject_lora replaces matching nn.Linear modules in place by FusedLoraLinear laye
 weight and bias Parameters (no copy of W), and freezes everything that is not LoRA (or a bias / modules_to_save
 module the config asks to train). Calling it again adds adapters to new targets and leaves existing ones alone.
 The configs applied are kept on the model (attribute `_lora_kernels_configs`) so save_adapter can describe them.
+
+Named adapters: inject_lora(model, cfg, adapter_name="b") on a model that has adapter "a" adds "b" to the targets
+cfg matches (a Linear becomes a FusedLoraLinear whose first adapter is "b"; a FusedLoraLinear gets "b" beside its
+others). The model's adapters, in the order they were added, and the configs of each are kept on the model
+(attribute `_lora_kernels_adapters`); that order is the adapter numbering of every mixed batch.
 """
 from __future__ import annotations
 
@@ -17,9 +22,11 @@ import torch
 import torch.nn as nn
 
 from .config import ALL_LINEAR, LoraConfig
-from .layer import FusedLoraLinear, is_conv1d, linear_sharing
+from .layer import DEFAULT_ADAPTER, FusedLoraLinear, check_adapter_name, is_conv1d, linear_sharing
 
 CONFIGS_ATTR = "_lora_kernels_configs"
+ADAPTERS_ATTR = "_lora_kernels_adapters"  # {adapter name: [configs]}, in the order the adapters were added
+ACTIVE_ATTR = "_lora_kernels_active"  # the adapter whole batches use
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -194,21 +201,62 @@ def lora_layers(model: nn.Module) -> Dict[str, FusedLoraLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, FusedLoraLinear)}
 
 
-def applied_configs(model: nn.Module) -> List[LoraConfig]:
-    return list(getattr(model, CONFIGS_ATTR, []))
+def applied_configs(model: nn.Module, adapter_name: Optional[str] = None) -> List[LoraConfig]:
+    """The configs inject_lora applied: all of them, or those of one adapter."""
+    if adapter_name is None:
+        return list(getattr(model, CONFIGS_ATTR, []))
+    return list(getattr(model, ADAPTERS_ATTR, {}).get(adapter_name, []))
+
+
+def model_adapters(model: nn.Module) -> List[str]:
+    """The model's adapter names in the order they were added (the numbering of mixed batches)."""
+    names = list(getattr(model, ADAPTERS_ATTR, {}))
+    # Layers built by hand (FusedLoraLinear in a model, no inject_lora) still count.
+    for layer in lora_layers(model).values():
+        names += [n for n in layer.adapter_names if n not in names]
+    return names
+
+
+def active_adapter(model: nn.Module) -> Optional[str]:
+    names = model_adapters(model)
+    return getattr(model, ACTIVE_ATTR, None) or (names[0] if names else None)
+
+
+def check_adapter(model: nn.Module, adapter_name) -> str:
+    """adapter_name, if the model has it; else ValueError naming it and listing the model's adapters."""
+    names = model_adapters(model)
+    if adapter_name not in names:
+        raise ValueError(f"unknown adapter {adapter_name!r}; the model's adapters are {names}")
+    return adapter_name
+
+
+def _record(model: nn.Module, adapter_name: str, config: LoraConfig) -> None:
+    # Stored outside the module tree (plain attributes): bookkeeping, not state to move or save.
+    object.__setattr__(model, CONFIGS_ATTR, applied_configs(model) + [config])
+    adapters = dict(getattr(model, ADAPTERS_ATTR, {}))
+    adapters[adapter_name] = adapters.get(adapter_name, []) + [config]
+    object.__setattr__(model, ADAPTERS_ATTR, adapters)
+    if getattr(model, ACTIVE_ATTR, None) is None:
+        object.__setattr__(model, ACTIVE_ATTR, adapter_name)
+
+
+def adapter_parameters(layer: FusedLoraLinear, adapter_name: Optional[str] = None) -> List[nn.Parameter]:
+    """lora_A and lora_B of one adapter of the layer, or of all of them."""
+    names = layer.adapter_names if adapter_name is None else [adapter_name]
+    return [p for n in names for p in layer.adapter_params(n)]
 
 
 def _is_bias_name(name: str) -> bool:
     return name == "bias" or name.endswith(".bias")
 
 
-def _freeze_all_but_adapters(model: nn.Module, new_layers: Iterable[FusedLoraLinear]) -> None:
+def _freeze_all_but_adapters(model: nn.Module, new_layers: Iterable[Tuple[FusedLoraLinear, str]]) -> None:
     """Freeze every non-LoRA parameter except what the applied configs train; new adapters train.
 
     Existing adapters keep their requires_grad (set_trainable may have frozen some on purpose).
     """
     layers = lora_layers(model)
-    lora_ids = {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
+    lora_ids = {id(p) for layer in layers.values() for p in adapter_parameters(layer)}
     configs = applied_configs(model)
     bias_modes = {c.bias for c in configs}
     lora_bias_ids = {id(layer.bias) for layer in layers.values() if layer.bias is not None}
@@ -223,42 +271,55 @@ def _freeze_all_but_adapters(model: nn.Module, new_layers: Iterable[FusedLoraLin
         if "lora_only" in bias_modes and id(p) in lora_bias_ids:
             train = True
         p.requires_grad_(train)
-    for layer in new_layers:
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
+    for layer, adapter_name in new_layers:
+        for p in adapter_parameters(layer, adapter_name):
+            p.requires_grad_(True)
 
 
-def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
-    """Add LoRA to the nn.Linear modules `config` targets, in place; returns `model`.
+def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Add the LoRA adapter `adapter_name` to the nn.Linear modules `config` targets, in place; returns `model`.
 
     Each target becomes a FusedLoraLinear sharing the Linear's weight and bias Parameters. Everything else is
-    frozen except what config.bias / config.modules_to_save train. On a model that already has adapters, only
-    new targets get one; existing adapters (and their trainability) are left as they are.
+    frozen except what config.bias / config.modules_to_save train. Targets that already hold `adapter_name`
+    are left as they are (their trainability too); with a new adapter_name, targets that are already LoRA
+    layers get the new adapter beside their others (its own rank, alpha, dropout). New adapters train; the
+    active adapter (set_adapter) stays the first one added.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, LoraConfig):
         raise ValueError(f"config must be a lora_kernels.LoraConfig, got {type(config).__name__}")
-    new, _existing = find_targets(model, config)
+    check_adapter_name(adapter_name)
+    new, existing = find_targets(model, config)
     to_save = find_modules_to_save(model, config)
+    active = active_adapter(model) or adapter_name
     new_layers = []
     for name in new:
         linear = model.get_submodule(name)
         layer = FusedLoraLinear.from_linear(linear, r=config.rank_for(name), lora_alpha=config.alpha_for(name),
                                             lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
                                             init_lora_weights=config.init_lora_weights)
+        layer.rename_first_adapter(adapter_name)
+        layer.active_adapter = active  # a layer lacking the model's active adapter computes its base output
         layer.train(linear.training)
         _set_submodule(model, name, layer)
-        new_layers.append(layer)
+        new_layers.append((layer, adapter_name))
+    for name in existing:
+        layer = model.get_submodule(name)
+        if adapter_name not in layer.adapter_names:
+            layer.add_adapter(adapter_name, r=config.rank_for(name), lora_alpha=config.alpha_for(name),
+                              lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                              init_lora_weights=config.init_lora_weights)
+            new_layers.append((layer, adapter_name))
     for name in to_save:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSaveWrapper):
             _set_submodule(model, name, ModulesToSaveWrapper(module))
     config = copy.deepcopy(config)
     # PEFT's rule: the layout of the weights decides, the flag follows (it is what adapter_config.json records).
-    config.fan_in_fan_out = any(layer.fan_in_fan_out for layer in new_layers) if new_layers else config.fan_in_fan_out
-    # Stored outside the module tree (a plain list attribute): it is bookkeeping, not state to move or save.
-    object.__setattr__(model, CONFIGS_ATTR, applied_configs(model) + [config])
+    config.fan_in_fan_out = (any(layer.fan_in_fan_out for layer, _ in new_layers) if new_layers
+                             else config.fan_in_fan_out)
+    _record(model, adapter_name, config)
     _freeze_all_but_adapters(model, new_layers)
     _hook_transformers_model(model)
     return model
@@ -302,8 +363,8 @@ def set_trainable(model: nn.Module, pattern: Union[str, Sequence[str]], flag: bo
         raise ValueError(f"pattern={pattern!r} matches none of the {len(layers)} LoRA layers"
                          + (f", e.g. {list(layers)[:3]}" if layers else " (the model has no LoRA layer)"))
     for n in names:
-        layers[n].lora_A.requires_grad_(flag)
-        layers[n].lora_B.requires_grad_(flag)
+        for p in adapter_parameters(layers[n]):  # every adapter the layer holds
+            p.requires_grad_(flag)
     return names
 
 
@@ -360,14 +421,19 @@ def _strip(model: nn.Module, merge: bool) -> nn.Module:
         _set_submodule(model, name, linear)
     for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]:
         _set_submodule(model, name, m.trained_module if merge else m.original_module)
-    if hasattr(model, CONFIGS_ATTR):
-        object.__delattr__(model, CONFIGS_ATTR)
+    for attr in (CONFIGS_ATTR, ADAPTERS_ATTR, ACTIVE_ATTR):
+        if hasattr(model, attr):
+            object.__delattr__(model, attr)
     return model
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every adapter into its base weight (W += s·B·A) and replace each LoRA layer by a plain nn.Linear;
-    modules_to_save keep their trained copy. In place; returns `model`. A disabled adapter is not merged."""
+    """Merge the active adapter into its base weight (W += s·B·A) and replace each LoRA layer by a plain
+    nn.Linear; modules_to_save keep their trained copy. In place; returns `model`. A disabled adapter is not
+    merged. With several adapters, as PEFT: the active adapter (set_adapter) is merged, the others are dropped."""
+    if any(layer._batch is not None for layer in lora_layers(model).values()):
+        raise RuntimeError("merge_and_unload() inside batch_adapters(): which adapter to merge is ambiguous; "
+                           "leave the block and set_adapter(model, name) first")
     return _strip(model, merge=True)
 
 

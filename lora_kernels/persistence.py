@@ -5,6 +5,9 @@ with keys `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (plu
 biases of adapted layers, `<path>.bias` for other trained biases and `<path>.<param>` for modules_to_save), in the
 tensors' own dtype. Either library reads what the other writes.
 
+A model with several named adapters saves and loads one adapter per directory (adapter_name=), under the same
+keys as a single-adapter save, which is what PEFT's save_pretrained writes for each of its adapters.
+
 Saving replaces config and weights together (a crash leaves the old adapter or the new one, never a mix; see
 save_adapter). Loading validates the whole directory against the model (peft_type, every key, every shape,
 finite values) before it changes anything.
@@ -23,9 +26,9 @@ import torch
 import torch.nn as nn
 
 from .config import LoraConfig
-from .inject import (ModulesToSaveWrapper, applied_configs, find_modules_to_save, find_targets, inject_lora,
-                     lora_layers)
-from .layer import FusedLoraLinear, linear_features
+from .inject import (ModulesToSaveWrapper, applied_configs, check_adapter, find_modules_to_save, find_targets,
+                     inject_lora, lora_layers, model_adapters)
+from .layer import DEFAULT_ADAPTER, FusedLoraLinear, check_adapter_name, linear_features
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -70,16 +73,31 @@ def _saved_module_keys(model: nn.Module, names: List[str]) -> Dict[str, torch.Te
     return out
 
 
-def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's file keys (the tensors themselves, not copies)."""
-    layers = lora_layers(model)
-    if not layers:
+def _saved_adapter(model: nn.Module, adapter_name: Optional[str]) -> str:
+    """The adapter a save writes: the one named, or the model's only one (several and no name: ValueError)."""
+    names = model_adapters(model)
+    if not names:
         raise ValueError(f"the model ({type(model).__name__}) has no LoRA layer to save; call inject_lora first")
+    if adapter_name is None:
+        if len(names) > 1:
+            raise ValueError(f"the model has several adapters {names}; pass adapter_name= to say which one to save "
+                             "(one directory per adapter, as PEFT)")
+        return names[0]
+    return check_adapter(model, adapter_name)
+
+
+def _adapter_layers(model: nn.Module, adapter_name: str) -> Dict[str, FusedLoraLinear]:
+    return {n: layer for n, layer in lora_layers(model).items() if adapter_name in layer.adapter_names}
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """One adapter's tensors under PEFT's file keys (the tensors themselves, not copies)."""
+    adapter_name = _saved_adapter(model, adapter_name)
+    layers = _adapter_layers(model, adapter_name)
     sd: Dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
-        sd[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A
-        sd[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B
-    configs = applied_configs(model)
+        sd[f"{PREFIX}{name}.lora_A.weight"], sd[f"{PREFIX}{name}.lora_B.weight"] = layer.adapter_params(adapter_name)
+    configs = applied_configs(model, adapter_name) or applied_configs(model)
     for key, (_, p) in _bias_keys(model, _bias_mode(configs), set(layers)).items():
         sd[key] = p
     wrapped = [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
@@ -87,32 +105,37 @@ def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return sd
 
 
-def adapter_config(model: nn.Module) -> LoraConfig:
-    """One LoraConfig describing every adapter in the model, even ones added by several inject_lora calls.
+def adapter_config(model: nn.Module, adapter_name: Optional[str] = None) -> LoraConfig:
+    """One LoraConfig describing one adapter of the model, even one added by several inject_lora calls.
 
     target_modules lists the adapted modules by qualified name; per-module ranks / alphas that differ from the
     first config's are written as exact-name rank_pattern / alpha_pattern entries.
     """
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError(f"the model ({type(model).__name__}) has no LoRA layer to save; call inject_lora first")
-    configs = applied_configs(model)
-    for attr in ("lora_dropout", "use_rslora", "fan_in_fan_out"):
-        values = {getattr(layer, attr) for layer in layers.values()}
+    adapter_name = _saved_adapter(model, adapter_name)
+    layers = _adapter_layers(model, adapter_name)
+    specs = {n: layer.adapter_spec(adapter_name) for n, layer in layers.items()}
+    configs = applied_configs(model, adapter_name) or applied_configs(model)
+    for attr in ("lora_dropout", "use_rslora"):
+        values = {getattr(spec, attr) for spec in specs.values()}
         if len(values) > 1:
-            raise ValueError(f"the LoRA layers have different {attr} values {sorted(values)}; PEFT's "
-                             f"adapter_config.json holds one {attr} per adapter, so this model cannot be saved as one")
-    first = next(iter(layers.values()))
-    r0 = configs[0].r if configs else Counter(l.r for l in layers.values()).most_common(1)[0][0]
-    a0 = configs[0].lora_alpha if configs else Counter(l.lora_alpha for l in layers.values()).most_common(1)[0][0]
+            raise ValueError(f"the LoRA layers of adapter {adapter_name!r} have different {attr} values "
+                             f"{sorted(values)}; PEFT's adapter_config.json holds one {attr} per adapter, so it "
+                             "cannot be saved as one")
+    fan = {layer.fan_in_fan_out for layer in layers.values()}
+    if len(fan) > 1:
+        raise ValueError(f"the LoRA layers have different fan_in_fan_out values {sorted(fan)}; PEFT's "
+                         "adapter_config.json holds one fan_in_fan_out per adapter, so it cannot be saved as one")
+    first = next(iter(specs.values()))
+    r0 = configs[0].r if configs else Counter(s.r for s in specs.values()).most_common(1)[0][0]
+    a0 = configs[0].lora_alpha if configs else Counter(s.lora_alpha for s in specs.values()).most_common(1)[0][0]
     wrapped = [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
     return LoraConfig(
         r=r0, lora_alpha=a0, lora_dropout=first.lora_dropout, use_rslora=first.use_rslora,
         target_modules=sorted(layers), bias=_bias_mode(configs),
         # re.escape: PEFT reads pattern keys as regexes; an escaped full name matches that module only.
-        rank_pattern={re.escape(n): l.r for n, l in layers.items() if l.r != r0},
-        alpha_pattern={re.escape(n): l.lora_alpha for n, l in layers.items() if l.lora_alpha != a0},
-        modules_to_save=wrapped or None, fan_in_fan_out=first.fan_in_fan_out,
+        rank_pattern={re.escape(n): s.r for n, s in specs.items() if s.r != r0},
+        alpha_pattern={re.escape(n): s.lora_alpha for n, s in specs.items() if s.lora_alpha != a0},
+        modules_to_save=wrapped or None, fan_in_fan_out=fan.pop(),
     )
 
 
@@ -182,9 +205,12 @@ def _replace_in(path: str, config_dict: dict, tensors: Dict[str, torch.Tensor]) 
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def save_adapter(model: nn.Module, path: PathLike, *, base_model_name_or_path: Optional[str] = None,
-                 task_type: Optional[str] = None) -> None:
-    """Write the model's adapter to directory `path` in PEFT's format (PeftModel.from_pretrained reads it).
+def save_adapter(model: nn.Module, path: PathLike, *, adapter_name: Optional[str] = None,
+                 base_model_name_or_path: Optional[str] = None, task_type: Optional[str] = None) -> None:
+    """Write one adapter of the model to directory `path` in PEFT's format (PeftModel.from_pretrained reads it).
+
+    adapter_name: which adapter; may be left out when the model has one. The keys are those of a
+    single-adapter save (`base_model.model.<module>.lora_A.weight`), whatever the adapter's name.
 
     base_model_name_or_path and task_type (e.g. "CAUSAL_LM") go into adapter_config.json as PEFT writes them;
     the base path defaults to a transformers model's own `name_or_path`, when it has one.
@@ -192,11 +218,12 @@ def save_adapter(model: nn.Module, path: PathLike, *, base_model_name_or_path: O
     sibling and renamed into place; in an existing directory see _replace_in. Folders get the umask's mode.
     """
     path = os.fspath(path)
-    config_dict = adapter_config(model).to_peft_dict()
+    config_dict = adapter_config(model, adapter_name).to_peft_dict()
     config_dict["base_model_name_or_path"] = base_model_name_or_path or getattr(model, "name_or_path", None) or None
     config_dict["task_type"] = task_type
     # Contiguous CPU copies in the tensors' own dtype: safetensors needs contiguous, non-shared storage.
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
+    tensors = {k: v.detach().to("cpu").contiguous().clone()
+               for k, v in adapter_state_dict(model, adapter_name).items()}
     if os.path.isdir(path):
         _replace_in(path, config_dict, tensors)
         return
@@ -258,13 +285,15 @@ def _check_finite(tensors: Dict[str, torch.Tensor], weights_file: str) -> None:
                                  "diverged?). Pass allow_nonfinite=True to load it anyway")
 
 
-def _expected_shapes(model: nn.Module, config: LoraConfig) -> Dict[str, Tuple[Tuple[int, ...], str]]:
-    """{file key: (shape the model needs, what it is for)} for loading `config` into `model`."""
+def _expected_shapes(model: nn.Module, config: LoraConfig,
+                     adapter_name: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """{file key: (shape the model needs, what it is for)} for loading `config` into `model` as `adapter_name`."""
     new, existing = find_targets(model, config)
     expected = {}
     for name in new + existing:
         module = model.get_submodule(name)
-        r = module.r if isinstance(module, FusedLoraLinear) else config.rank_for(name)
+        held = isinstance(module, FusedLoraLinear) and adapter_name in module.adapter_names
+        r = module.adapter_spec(adapter_name).r if held else config.rank_for(name)
         in_features, out_features = linear_features(module)
         expected[f"{PREFIX}{name}.lora_A.weight"] = ((r, in_features), name)
         expected[f"{PREFIX}{name}.lora_B.weight"] = ((out_features, r), name)
@@ -275,30 +304,47 @@ def _expected_shapes(model: nn.Module, config: LoraConfig) -> Dict[str, Tuple[Tu
     return expected
 
 
-def _check_existing(model: nn.Module, config: LoraConfig, source: str) -> None:
+def _check_existing(model: nn.Module, config: LoraConfig, source: str, adapter_name: str) -> None:
     """An adapter already in the model can take the file's weights only if it computes the same function."""
     _, existing = find_targets(model, config)
     for name in existing:
         layer = model.get_submodule(name)
+        if adapter_name not in layer.adapter_names:
+            continue  # the layer gets the file's adapter beside its own
+        spec = layer.adapter_spec(adapter_name)
         want = (config.alpha_for(name), config.lora_dropout, config.use_rslora)
-        have = (layer.lora_alpha, layer.lora_dropout, layer.use_rslora)
+        have = (spec.lora_alpha, spec.lora_dropout, spec.use_rslora)
         if want != have:
             raise ValueError(f"{source}: {name!r} already has a LoRA adapter with (lora_alpha, lora_dropout, "
                              f"use_rslora)={have}, the file says {want}; unload() the model first")
 
 
-def load_adapter(model: nn.Module, path: PathLike, is_trainable: bool = True, *,
-                 allow_nonfinite: bool = False) -> nn.Module:
+def _loaded_adapter(model: nn.Module, adapter_name: Optional[str]) -> str:
+    """The adapter a load fills: the one named (new or existing), else the model's only one, else "default"."""
+    if adapter_name is not None:
+        return check_adapter_name(adapter_name)
+    names = model_adapters(model)
+    if len(names) > 1:
+        raise ValueError(f"the model has several adapters {names}; pass adapter_name= to say which one to load "
+                         "(a new name adds an adapter)")
+    return names[0] if names else DEFAULT_ADAPTER
+
+
+def load_adapter(model: nn.Module, path: PathLike, is_trainable: bool = True,
+                 adapter_name: Optional[str] = None, *, allow_nonfinite: bool = False) -> nn.Module:
     """Inject the adapter described by `path` (a PEFT or save_adapter directory) into `model` and load its weights.
 
+    adapter_name: a new name adds a named adapter beside the model's others (PEFT's load_adapter); an existing
+    one takes the file's weights. Left out: the model's only adapter, or "default" on a model without one.
     Everything is validated first (peft_type, every key present and expected, every shape), so on any error
     the model is exactly as it was. is_trainable=False freezes the loaded adapter (PEFT's inference mode).
     A NaN or inf in the file is an error unless allow_nonfinite=True (see read_adapter). Returns `model`.
     """
+    adapter_name = _loaded_adapter(model, adapter_name)
     config, tensors = read_adapter(path, allow_nonfinite=allow_nonfinite)
     weights_file = os.path.join(os.fspath(path), WEIGHTS_NAME)
     try:
-        expected = _expected_shapes(model, config)
+        expected = _expected_shapes(model, config, adapter_name)
     except ValueError as err:
         raise ValueError(f"{os.path.join(os.fspath(path), CONFIG_NAME)}: {err}") from None
     missing = [k for k in expected if k not in tensors]
@@ -314,29 +360,31 @@ def load_adapter(model: nn.Module, path: PathLike, is_trainable: bool = True, *,
                              f"needs {shape}")
         if not t.is_floating_point():
             raise ValueError(f"{weights_file}: key {key!r} has dtype {t.dtype}; a floating-point tensor is needed")
-    _check_existing(model, config, os.path.join(os.fspath(path), CONFIG_NAME))
+    _check_existing(model, config, os.path.join(os.fspath(path), CONFIG_NAME), adapter_name)
 
     # Validated: from here on nothing depends on the file's contents being right.
-    inject_lora(model, config)
+    inject_lora(model, config, adapter_name=adapter_name)
     params = dict(model.named_parameters())
-    layers = lora_layers(model)
+    layers = _adapter_layers(model, adapter_name)
     with torch.no_grad():
         for key, t in tensors.items():
-            target = _model_tensor(model, key, layers, params)
+            target = _model_tensor(model, key, layers, params, adapter_name)
             target.copy_(t.to(device=target.device, dtype=target.dtype))
     if not is_trainable:
         for layer in layers.values():
-            layer.lora_A.requires_grad_(False)
-            layer.lora_B.requires_grad_(False)
+            for p in layer.adapter_params(adapter_name):
+                p.requires_grad_(False)
     return model
 
 
-def _model_tensor(model, key: str, layers, params) -> torch.Tensor:
+def _model_tensor(model, key: str, layers, params, adapter_name: str) -> torch.Tensor:
     """The model tensor a file key loads into."""
     name = key[len(PREFIX):]
-    for suffix, attr in ((".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B"), (".base_layer.bias", "bias")):
+    for suffix, i in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
         if name.endswith(suffix) and name[: -len(suffix)] in layers:
-            return getattr(layers[name[: -len(suffix)]], attr)
+            return layers[name[: -len(suffix)]].adapter_params(adapter_name)[i]
+    if name.endswith(".base_layer.bias") and name[: -len(".base_layer.bias")] in layers:
+        return layers[name[: -len(".base_layer.bias")]].bias
     if name in params:
         return params[name]
     # modules_to_save: the file names the wrapped module's own tensors; they live in its trained copy now.

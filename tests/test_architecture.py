@@ -24,6 +24,7 @@ ALLOWED = {
     # checkpoint hooks (a lazy, conditional import; the integration never loads transformers for anyone else).
     "inject": {"config", "layer", "integrations"},
     "persistence": {"config", "inject", "layer"},
+    "adapters": {"functional", "inject", "layer"},
     "data": set(),
     "models": {"data"},
     "training": {"data"},

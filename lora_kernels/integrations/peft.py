@@ -9,8 +9,8 @@ A fused layer computes a call on the kernels only when the kernels give what PEF
 runs PEFT's original forward for that call (decided per call, from a few attribute and dict checks). It falls
 back when any of these holds:
 
-- the call passes extra arguments (e.g. mixed-batch `adapter_names`), the adapters are disabled or merged, or not
-  exactly one of the active adapters has weights in this layer (PEFT skips the others);
+- the call passes extra arguments other than a mixed batch's `adapter_names` (below), the adapters are disabled or
+  merged, or not exactly one of the active adapters has weights in this layer (PEFT skips the others);
 - the active adapter uses a LoRA variant (DoRA, ...), or its dropout module is neither nn.Dropout nor
   nn.Identity;
 - `base_layer`, `lora_A[adapter]`, `lora_B[adapter]` or `lora_dropout[adapter]` would not run its class's plain
@@ -23,6 +23,12 @@ back when any of these holds:
 - a weight or bias of base_layer, lora_A or lora_B is not on x's device (meta or offloaded tensors included);
 - `cast_input_dtype_enabled` is False and x's dtype differs from lora_A's or lora_B's (PEFT then feeds the
   adapters x uncast; with equal dtypes the cast is a no-op and the kernels compute the same thing).
+
+PEFT's mixed batch, `peft_model(x, adapter_names=[...])` (one adapter name or "__base__" per sample), runs on the
+segmented kernels (fused_multi_lora_linear) when every adapter it names that this layer holds passes the checks
+above and has no lora_B bias, and there is one name per sample of x; else PEFT's _mixed_batch_forward runs. The
+row grouping (an AdapterSegments) is built once per forward: PEFT hands every layer the same names list, and
+the last list's segments are reused by each layer that sees an equal list.
 
 A transformers Conv1D base (GPT-2, fan_in_fan_out=True) is served through its weight's transposed view, and a
 tensor `scaling` (PEFT's prepare_model_for_compiled_hotswap) is handled by fused_lora_linear without a host sync.
@@ -41,7 +47,7 @@ import torch.nn as nn
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer
 
-from ..functional import fused_lora_linear
+from ..functional import AdapterSegments, fused_lora_linear, fused_multi_lora_linear
 from ..layer import is_conv1d
 
 # torch keeps the global module hooks in these dicts of torch.nn.modules.module, mutated in place.
@@ -155,29 +161,84 @@ def _call_plan(layer: PeftLoraLinear, x: torch.Tensor):
     adapter, reason = _served_adapter(layer)
     if reason is not None:
         return None, reason
+    reason = _call_reason(layer, x, adapter)
+    return (None, reason) if reason is not None else (adapter, None)
+
+
+def _call_reason(layer: PeftLoraLinear, x: torch.Tensor, adapter: str) -> Optional[str]:
+    """Why the kernels cannot compute `adapter` of `layer` on this `x` (hooks, devices, dtypes), or None."""
     if (_torch_module._global_forward_pre_hooks or _torch_module._global_forward_hooks
             or _torch_module._global_backward_pre_hooks or _torch_module._global_backward_hooks):
-        return None, "global module hooks are registered"
+        return "global module hooks are registered"
     base, lora_A, lora_B = layer.base_layer, layer.lora_A[adapter], layer.lora_B[adapter]
     for what, m in (("base_layer", base), ("lora_A", lora_A), ("lora_B", lora_B),
                     ("lora_dropout", layer.lora_dropout[adapter])):
         hooked = _hooked(m, x.device)
         if hooked is not None:
-            return None, f"{what} has {hooked}"
+            return f"{what} has {hooked}"
     for what, t in (("base_layer.weight", base.weight), ("base_layer.bias", base.bias),
                     ("lora_A.weight", lora_A.weight), ("lora_B.weight", lora_B.weight), ("lora_B.bias", lora_B.bias)):
         if t is not None and t.device != x.device:
-            return None, f"{what} is on {t.device}, x on {x.device}"
+            return f"{what} is on {t.device}, x on {x.device}"
     if not getattr(layer, "cast_input_dtype_enabled", True) and (lora_A.weight.dtype != x.dtype
                                                                  or lora_B.weight.dtype != x.dtype):
-        return None, "cast_input_dtype_enabled=False and x's dtype differs from the adapter's"
-    return adapter, None
+        return "cast_input_dtype_enabled=False and x's dtype differs from the adapter's"
+    return None
+
+
+BASE = "__base__"  # PEFT's name for a base-model sample in adapter_names
+_last_segments: List = [None, None]  # (names tuple, AdapterSegments) of the last mixed batch: shared by its layers
+
+
+def _mixed_segments(names) -> AdapterSegments:
+    """The AdapterSegments of a names list, numbering the adapters in sorted order (the same for every layer)."""
+    key = tuple(names)
+    if _last_segments[0] != key:
+        order = sorted({n for n in key if n != BASE})
+        _last_segments[:] = [key, AdapterSegments.from_names([None if n == BASE else n for n in key], order)]
+    return _last_segments[1]
+
+
+def _mixed_forward(layer: PeftLoraLinear, x: torch.Tensor, names) -> Optional[torch.Tensor]:
+    """PEFT's mixed batch on the segmented kernels, or None when PEFT's own _mixed_batch_forward must run."""
+    if not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
+        return None
+    if x.dim() < 2 or x.shape[0] != len(names) or (_torch_module._global_forward_pre_hooks
+                                                   or _torch_module._global_forward_hooks
+                                                   or _torch_module._global_backward_pre_hooks
+                                                   or _torch_module._global_backward_hooks):
+        return None
+    segments = _mixed_segments(names)
+    order = sorted({n for n in names if n != BASE})
+    As, Bs, scalings, ps = [], [], [], []
+    for adapter in order:
+        if adapter not in layer.lora_A:  # PEFT: rows of an adapter the layer lacks get the base output
+            As.append(None), Bs.append(None), scalings.append(1.0), ps.append(0.0)
+            continue
+        if (_adapter_unservable_reason(layer, adapter) is not None or _call_reason(layer, x, adapter) is not None
+                or layer.lora_B[adapter].bias is not None):
+            return None
+        dropout = layer.lora_dropout[adapter]
+        As.append(layer.lora_A[adapter].weight), Bs.append(layer.lora_B[adapter].weight)
+        scalings.append(layer.scaling[adapter])
+        ps.append(dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0)
+    base = layer.base_layer
+    if _hooked(base, x.device) is not None or any(t is not None and t.device != x.device
+                                                  for t in (base.weight, base.bias)):
+        return None
+    weight = base.weight.t() if layer.fan_in_fan_out else base.weight
+    return fused_multi_lora_linear(x, weight, base.bias, As, Bs, scalings, ps, segments, training=True)
 
 
 class FusedPeftLinear(PeftLoraLinear):
     """A peft.tuners.lora.Linear whose forward runs on lora_kernels when it can (never constructed directly)."""
 
     def forward(self, x, *args, **kwargs):
+        if (not args and list(kwargs) == ["adapter_names"] and kwargs["adapter_names"] is not None
+                and not self.disable_adapters and not self.merged):
+            out = _mixed_forward(self, x, kwargs["adapter_names"])
+            if out is not None:
+                return out
         if args or kwargs or self.disable_adapters or self.merged:
             return super().forward(x, *args, **kwargs)
         adapter, reason = _call_plan(self, x)
