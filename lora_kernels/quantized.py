@@ -17,6 +17,7 @@ builds one from a bnb `Params4bit` (or packed data + `QuantState`) without impor
 `dequantize` is this package's own PyTorch dequantization (the torch backend, merges, the split GEMM path's
 CPU fallback), bit for bit bnb's.
 """
+import weakref
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -33,6 +34,7 @@ _NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0
 _FP4 = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]
 
 _tables = {}
+_checked_codes = weakref.WeakValueDictionary()  # id -> code tensors already compared with ours
 
 
 def code_table(quant_type: str, device) -> torch.Tensor:
@@ -104,8 +106,12 @@ def from_bnb(weight, quant_state=None) -> QuantizedWeight:
         raise ValueError(f"packed data has {packed.numel() * packed.element_size()} bytes but shape {(N, K)} needs "
                          f"{(N * K + 1) // 2}: the weight is not (or no longer) 4-bit quantized")
     code = qs.code
-    if code is None or code.numel() != 16 or not torch.equal(code.float().cpu(), code_table(qs.quant_type, "cpu")):
+    if code is None or code.numel() != 16:
         raise ValueError(f"the quant state's code table is not bitsandbytes' {qs.quant_type} table")
+    if _checked_codes.get(id(code)) is not code:  # compared once per table tensor: on a GPU the comparison syncs
+        if not torch.equal(code.float().cpu(), code_table(qs.quant_type, "cpu")):
+            raise ValueError(f"the quant state's code table is not bitsandbytes' {qs.quant_type} table")
+        _checked_codes[id(code)] = code
     blocks = (N * K + qs.blocksize - 1) // qs.blocksize
     if qs.absmax.numel() != blocks:
         raise ValueError(f"absmax has {qs.absmax.numel()} entries but {(N, K)} in blocks of {qs.blocksize} "
