@@ -94,6 +94,9 @@ def from_bnb(weight, quant_state=None) -> QuantizedWeight:
     if missing:
         raise ValueError(f"unsupported bitsandbytes QuantState (bitsandbytes {_bnb_version()}): it lacks "
                          f"{', '.join(missing)}")
+    if getattr(qs, "packing_format_for_cpu", False):
+        raise ValueError("the Params4bit was repacked by bitsandbytes' CPU inference path (packing_format_for_cpu): "
+                         "the kernels read bitsandbytes' standard 4-bit layout only")
     if qs.quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type {qs.quant_type!r} is not supported: the kernels read {' and '.join(QUANT_TYPES)}")
     if qs.blocksize not in BLOCKSIZES:
