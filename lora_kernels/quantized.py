@@ -111,7 +111,8 @@ def from_bnb(weight, quant_state=None) -> QuantizedWeight:
     code = qs.code
     if code is None or code.numel() != 16:
         raise ValueError(f"the quant state's code table is not bitsandbytes' {qs.quant_type} table")
-    if _checked_codes.get(id(code)) is not code:  # compared once per table tensor: on a GPU the comparison syncs
+    # Compared once per table tensor (on a GPU the comparison syncs); torch.compile traces what eager checked.
+    if not torch.compiler.is_compiling() and _checked_codes.get(id(code)) is not code:
         if not torch.equal(code.float().cpu(), code_table(qs.quant_type, "cpu")):
             raise ValueError(f"the quant state's code table is not bitsandbytes' {qs.quant_type} table")
         _checked_codes[id(code)] = code

@@ -146,3 +146,22 @@ def test_8bit_bases_are_reported_skipped():
     assert [n.rsplit(".", 1)[-1] for n in report.fused] == ["1"]
     (name, reason), = report.skipped.items()
     assert name.endswith(".0") and "Linear8bitLt" in reason
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_4bit_layer_fullgraph_compile(backend, monkeypatch):
+    """The module path (Params4bit -> QuantizedWeight inside forward) traces without graph breaks."""
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", backend)
+    layer = lk.FusedLoraLinear.from_linear(_linear4bit(), r=4, init_lora_weights=False, lora_dropout=0.1)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, layer):
+        x = torch.randn(3, 40, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+        layer.zero_grad()
+        torch.manual_seed(1)
+        y = fn(x)
+        y.square().sum().backward()
+        results.append([y.detach(), x.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-6)
