@@ -27,7 +27,8 @@ import lora_kernels as lk  # noqa: E402
 from lkbench.impls import lora_env  # noqa: E402
 
 # (name, M, K, N, r, p, dtype)
-CASES = ([("q_proj", 8192, 4096, 4096, 16, 0.1, torch.bfloat16), ("up_proj", 8192, 4096, 14336, 16, 0.1, torch.bfloat16)]
+CASES = ([("q_proj", 8192, 4096, 4096, 16, 0.1, torch.bfloat16),
+          ("up_proj", 8192, 4096, 14336, 16, 0.1, torch.bfloat16)]
          if CUDA else [("tiny", 37, 48, 40, 4, 0.1, torch.float32)])
 IMPLS = {
     "qlora": {"LORA_KERNELS_BACKEND": "triton"},

@@ -22,6 +22,8 @@ CASES = [
     ((2, 3, 7), 40, 33, 16, "fp4", False, 32),  # leading dims, FP4, smallest blocksize
     ((9,), 36, 20, 70, "nf4", False, 256),      # r > 64
     ((19,), 130, 24, 1, "fp4", True, 128),      # r = 1, K > BLOCK_K
+    ((13,), 128, 24, 8, "nf4", True, 64),       # K a multiple of blocksize: one scale per row of a W tile
+    ((6,), 64, 40, 4, "fp4", False, 32),        # the same with a tile as wide as a block
 ]
 BACKEND_DTYPES = [("triton", torch.float32, "fused"), ("triton", torch.float16, "fused"),
                   ("triton", torch.float32, "split"), ("triton", torch.float16, "split"),

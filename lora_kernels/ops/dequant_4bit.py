@@ -21,27 +21,58 @@ from ..quantized import QuantizedWeight, code_table
 
 
 @triton.jit
+def _codes(packed_ptr, idx, mask, code_ptr):
+    """code[q] (float32) for the nibbles q of the elements at flat indices idx."""
+    byte = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
+    # Even elements sit in the high nibble (bnb packs q[2j] << 4 | q[2j + 1]).
+    nibble = tl.where((idx & 1) == 0, byte >> 4, byte & 0xF)
+    # A 64-byte table: the gather stays in L1. Loading it (rather than a where-tree of constants) keeps FP4's
+    # -0.0 at index 8 exactly as bnb's kernels produce it.
+    return tl.load(code_ptr + nibble, mask=mask, other=0.0)
+
+
+@triton.jit
+def _scales(block, mask, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, BLOCKSIZE2: tl.constexpr,
+            DOUBLE_QUANT: tl.constexpr):
+    """The float32 absmax of blocks `block`: stored, or fl(fl(code2[a]·absmax2[block // BLOCKSIZE2]) + offset)."""
+    if DOUBLE_QUANT:
+        q_absmax = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q_absmax, mask=mask, other=0.0) * tl.load(absmax2_ptr + block // BLOCKSIZE2,
+                                                                              mask=mask, other=0.0)
+        return scale + tl.load(offset_ptr)
+    return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
+@triton.jit
 def dequant_4bit(packed_ptr, idx, mask, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                  BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
     """float32 values of the elements at flat (row-major) indices `idx` (int32, any shape) where `mask`; 0 elsewhere.
 
     BLOCKSIZE / BLOCKSIZE2 are powers of two (constexpr): the block index is a shift, not an integer division.
     """
-    byte = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
-    # Even elements sit in the high nibble (bnb packs q[2j] << 4 | q[2j + 1]).
-    nibble = tl.where((idx & 1) == 0, byte >> 4, byte & 0xF)
-    # A 64-byte table: the gather stays in L1. Loading it (rather than a where-tree of constants) keeps FP4's
-    # -0.0 at index 8 exactly as bnb's kernels produce it.
-    value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
-    block = idx // BLOCKSIZE
-    if DOUBLE_QUANT:
-        q_absmax = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + q_absmax, mask=mask, other=0.0) * tl.load(absmax2_ptr + block // BLOCKSIZE2,
-                                                                              mask=mask, other=0.0)
-        scale = scale + tl.load(offset_ptr)
-    else:
-        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-    return value * scale
+    return _codes(packed_ptr, idx, mask, code_ptr) * _scales(idx // BLOCKSIZE, mask, absmax_ptr, absmax2_ptr,
+                                                             code2_ptr, offset_ptr, BLOCKSIZE2, DOUBLE_QUANT)
+
+
+@triton.jit
+def dequant_4bit_tile(packed_ptr, row_start, col, col0, mask, row_mask, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr,
+                      offset_ptr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                      ROWS_ALIGNED: tl.constexpr, TILE_COLS: tl.constexpr):
+    """float32 W[n, k] for a GEMM tile: row_start = n·K and col = k broadcast against each other (either
+    orientation), col0 the tile's first column, a multiple of TILE_COLS; row_mask: n < N, broadcastable like
+    row_start.
+
+    ROWS_ALIGNED (K a multiple of BLOCKSIZE) with TILE_COLS <= BLOCKSIZE: every row of the tile lies in one
+    quantization block, so one scale per row is loaded instead of one per element (the double-quant chain too).
+    The product code·scale is the same float32 multiply either way: bit for bit the same values.
+    """
+    idx = row_start + col
+    if ROWS_ALIGNED and TILE_COLS <= BLOCKSIZE:
+        scale = _scales((row_start + col0) // BLOCKSIZE, row_mask, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                        BLOCKSIZE2, DOUBLE_QUANT)
+        return _codes(packed_ptr, idx, mask, code_ptr) * scale
+    return dequant_4bit(packed_ptr, idx, mask, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                        BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT)
 
 
 @triton.jit
@@ -69,13 +100,14 @@ def kernel_args(qw, placeholder: torch.Tensor) -> dict:
     if qw is None:
         return dict(q_absmax_ptr=placeholder, q_code_ptr=placeholder, q_absmax2_ptr=placeholder,
                     q_code2_ptr=placeholder, q_offset_ptr=placeholder,
-                    W_4BIT=False, Q_BLOCK=1, Q_BLOCK2=1, Q_DOUBLE=False)
+                    W_4BIT=False, Q_BLOCK=1, Q_BLOCK2=1, Q_DOUBLE=False, Q_ALIGNED=False)
     check_indexable(qw)
     dq = qw.double_quant
     return dict(q_absmax_ptr=qw.absmax, q_code_ptr=code_table(qw.quant_type, qw.device),
                 q_absmax2_ptr=qw.nested_absmax if dq else qw.absmax, q_code2_ptr=qw.nested_code if dq else qw.absmax,
                 q_offset_ptr=qw.offset if dq else qw.absmax,
-                W_4BIT=True, Q_BLOCK=qw.blocksize, Q_BLOCK2=qw.nested_blocksize if dq else 1, Q_DOUBLE=dq)
+                W_4BIT=True, Q_BLOCK=qw.blocksize, Q_BLOCK2=qw.nested_blocksize if dq else 1, Q_DOUBLE=dq,
+                Q_ALIGNED=qw.shape[1] % qw.blocksize == 0)
 
 
 def launch_options(qw) -> dict:

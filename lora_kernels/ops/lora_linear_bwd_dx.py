@@ -22,7 +22,7 @@ import triton.language as tl
 from ..quantized import QuantizedWeight
 from ..settings import GEMM_PATHS
 from .configs import gemm_configs, lora_block_r, min_block_m
-from .dequant_4bit import dequant_4bit, dequantize_4bit, flat_bytes, kernel_args, launch_options
+from .dequant_4bit import dequant_4bit_tile, dequantize_4bit, flat_bytes, kernel_args, launch_options
 from .dropout import drop_threshold, dropout_keep
 from .layout import Rows, grouped_tile, row_offsets
 
@@ -30,7 +30,8 @@ from .layout import Rows, grouped_tile, row_offsets
 # Autotuning runs the kernel many times: grad_A accumulates with atomics, and the split path adds to grad_x
 # in place, so both are reset between runs.
 @triton.autotune(configs=gemm_configs(out_block="BLOCK_K", reduce_block="BLOCK_N"),
-                 key=["M_BUCKET", "N", "K", "R", "BASE_IN_DX", "W_4BIT"], reset_to_zero=["grad_a_ptr"], restore_value=["dx_ptr"])
+                 key=["M_BUCKET", "N", "K", "R", "BASE_IN_DX", "W_4BIT"], reset_to_zero=["grad_a_ptr"],
+                 restore_value=["dx_ptr"])
 @triton.jit
 def _lora_linear_bwd_dx_kernel(
     dy_ptr, w_ptr, dyb_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, grad_a_ptr,
@@ -45,6 +46,7 @@ def _lora_linear_bwd_dx_kernel(
     scaling, threshold, keep_scale,
     q_absmax_ptr, q_code_ptr, q_absmax2_ptr, q_code2_ptr, q_offset_ptr,
     W_4BIT: tl.constexpr, Q_BLOCK: tl.constexpr, Q_BLOCK2: tl.constexpr, Q_DOUBLE: tl.constexpr,
+    Q_ALIGNED: tl.constexpr,
     COMPUTE_DX: tl.constexpr, BASE_IN_DX: tl.constexpr, COMPUTE_GRAD_A: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -74,9 +76,10 @@ def _lora_linear_bwd_dx_kernel(
                          other=0.0)
             if W_4BIT:
                 # w_ptr is bnb's packed 4-bit W: W[n, k] is element n·K + k of its flattening, dequantized here.
-                w = dequant_4bit(w_ptr, nn[:, None] * K + rk[None, :], n_ok[:, None] & k_ok[None, :],
-                                 q_absmax_ptr, q_code_ptr, q_absmax2_ptr, q_code2_ptr, q_offset_ptr,
-                                 Q_BLOCK, Q_BLOCK2, Q_DOUBLE).to(dtype)
+                w = dequant_4bit_tile(w_ptr, nn[:, None] * K, rk[None, :], pid_k * BLOCK_K,
+                                      n_ok[:, None] & k_ok[None, :], n_ok[:, None], q_absmax_ptr, q_code_ptr,
+                                      q_absmax2_ptr, q_code2_ptr, q_offset_ptr, Q_BLOCK, Q_BLOCK2, Q_DOUBLE, Q_ALIGNED,
+                                      BLOCK_K).to(dtype)
             else:
                 w = tl.load(w_ptr + nn[:, None] * stride_wn + rk[None, :] * stride_wk,
                             mask=n_ok[:, None] & k_ok[None, :], other=0.0)

@@ -20,7 +20,7 @@ import triton.language as tl
 from ..quantized import QuantizedWeight
 from ..settings import GEMM_PATHS
 from .configs import gemm_configs, lora_block_r
-from .dequant_4bit import dequant_4bit, dequantize_4bit, flat_bytes, kernel_args, launch_options
+from .dequant_4bit import dequant_4bit_tile, dequantize_4bit, flat_bytes, kernel_args, launch_options
 from .layout import Rows, grouped_tile, row_offsets
 
 
@@ -40,6 +40,7 @@ def _lora_linear_fwd_kernel(
     q_absmax_ptr, q_code_ptr, q_absmax2_ptr, q_code2_ptr, q_offset_ptr,
     HAS_BIAS: tl.constexpr, BASE_IN_Y: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     W_4BIT: tl.constexpr, Q_BLOCK: tl.constexpr, Q_BLOCK2: tl.constexpr, Q_DOUBLE: tl.constexpr,
+    Q_ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -63,9 +64,9 @@ def _lora_linear_fwd_kernel(
             x = tl.load(x_rows[:, None] + kk[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             if W_4BIT:
                 # w_ptr is bnb's packed 4-bit W: W[n, k] is element n·K + k of its flattening, dequantized here.
-                w = dequant_4bit(w_ptr, rn[None, :] * K + kk[:, None], col_ok[None, :] & k_ok[:, None],
-                                 q_absmax_ptr, q_code_ptr, q_absmax2_ptr, q_code2_ptr, q_offset_ptr,
-                                 Q_BLOCK, Q_BLOCK2, Q_DOUBLE).to(x.dtype)
+                w = dequant_4bit_tile(w_ptr, rn[None, :] * K, kk[:, None], k0, col_ok[None, :] & k_ok[:, None],
+                                      col_ok[None, :], q_absmax_ptr, q_code_ptr, q_absmax2_ptr, q_code2_ptr,
+                                      q_offset_ptr, Q_BLOCK, Q_BLOCK2, Q_DOUBLE, Q_ALIGNED, BLOCK_K).to(x.dtype)
             else:
                 w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
                             mask=col_ok[None, :] & k_ok[:, None], other=0.0)
