@@ -6,8 +6,8 @@ Backends (LORA_KERNELS_BACKEND): auto | triton | torch | cuda; backends/__init__
 Every backend saves x and x·Aᵀ (plus a seed) for backward, never a dropout mask, a dropped copy or a cast
 copy of x.
 
-QLoRA: `weight` may be a 4-bit base — a bitsandbytes Params4bit or a lora_kernels.quantized.QuantizedWeight —
-and then runs on the 4-bit ops of the triton or torch backend (backends/base.py, QLoraLinearFunction): the same
+QLoRA: `weight` may be a 4-bit base — a bitsandbytes Params4bit or a QuantizedWeight (ops/format_4bit.py) —
+and it then runs on the 4-bit ops of the triton or torch backend (backends/base.py, QLoraLinearFunction): the same
 math with W dequantized inside the kernels, bit for bit as bitsandbytes dequantizes it.
 """
 import math
@@ -15,8 +15,7 @@ import math
 import torch
 
 from .backends import FUNCTIONS, FUNCTIONS_4BIT, resolve_backend, resolve_backend_4bit
-from .backends.base import FLOAT_DTYPES
-from .quantized import QuantizedWeight, from_bnb
+from .backends.base import FLOAT_DTYPES, QuantizedWeight, dequantize, from_bnb  # noqa: F401  (the 4-bit format)
 
 
 def _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p):

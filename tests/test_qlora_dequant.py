@@ -1,5 +1,5 @@
 """4-bit dequantization against bitsandbytes, bit for bit: our Triton helper (ops/dequant_4bit.py, under the
-interpreter on CPU) and our PyTorch dequantization (quantized.py), over every byte and absmax code, NF4 and FP4,
+interpreter on CPU) and our PyTorch dequantization (ops/format_4bit.py), over every byte and absmax code, NF4 and FP4,
 double quantization on and off, every blocksize bitsandbytes accepts, odd shapes.
 
 Signed zeros: bnb's native kernels (CUDA, and its C CPU kernel used for even in_features) give FP4 code 8 as -0.0,
@@ -12,7 +12,7 @@ import torch
 
 bf = pytest.importorskip("bitsandbytes.functional")
 
-from lora_kernels.quantized import BLOCKSIZES, code_table, dequantize, from_bnb  # noqa: E402
+from lora_kernels.ops.format_4bit import BLOCKSIZES, code_table, dequantize, from_bnb  # noqa: E402
 
 SHAPES = [(33, 47), (24, 130), (3, 4099), (40, 64)]   # odd N·K, rows spanning blocks, K > 4096, even
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}

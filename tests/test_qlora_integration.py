@@ -15,7 +15,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from lora_kernels.integrations.peft import fuse_peft_model  # noqa: E402
-from lora_kernels.layer_4bit import FusedLoraLinear4bit  # noqa: E402
+from lora_kernels.layer import FusedLoraLinear4bit  # noqa: E402
 
 
 @pytest.fixture(scope="module")

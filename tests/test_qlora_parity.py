@@ -14,7 +14,7 @@ from test_memory import saved_activation_bytes
 
 bf = pytest.importorskip("bitsandbytes.functional")
 
-from lora_kernels.quantized import from_bnb  # noqa: E402
+from lora_kernels.ops.format_4bit import from_bnb  # noqa: E402
 
 CASES = [
     # lead dims, K, N, r, quant_type, double_quant, blocksize

@@ -14,6 +14,8 @@ Inputs arrive validated and cast by functional.fused_lora_linear.
 """
 import torch
 
+from ..ops.format_4bit import QuantizedWeight, dequantize, from_bnb  # noqa: F401  (re-exported upwards)
+
 # What the kernels compute in; float64 is the torch backend's alone (the tests' oracle runs in it).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
@@ -98,7 +100,7 @@ class LoraLinearFunction(torch.autograd.Function):
         cls.backward = staticmethod(backward)
 
 
-# QLoRA: the same contract with a 4-bit base (lora_kernels/quantized.py). The custom ops take the QuantizedWeight
+# QLoRA: the same contract with a 4-bit base (ops/format_4bit.py). The custom ops take the QuantizedWeight
 # as its tensors (Nones where there is no double quantization) and its metadata as plain arguments:
 #
 #     qfwd_op(x, packed, absmax, nested_absmax, nested_code, offset, bias, lora_A, lora_B, scaling, dropout_p,
@@ -114,8 +116,6 @@ class LoraLinearFunction(torch.autograd.Function):
 def quantized_weight(packed, absmax, nested_absmax, nested_code, offset, quant_type: str, blocksize: int,
                      nested_blocksize: int, out_features: int, in_features: int):
     """The QuantizedWeight a 4-bit custom op was called with."""
-    from ..quantized import QuantizedWeight
-
     return QuantizedWeight(packed, absmax, quant_type, blocksize, (out_features, in_features), nested_absmax,
                            nested_code, offset, nested_blocksize)
 

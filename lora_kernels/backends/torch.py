@@ -12,9 +12,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..quantized import dequantize
-from .base import (LoraLinearFunction, QLoraLinearFunction, draw_seed, fake_bwd, fake_qbwd, flat, no_seed,
-                   not_computed, quantized_weight)
+from .base import (LoraLinearFunction, QLoraLinearFunction, dequantize, draw_seed, fake_bwd, fake_qbwd, flat,
+                   no_seed, not_computed, quantized_weight)
 
 
 def torch_keep_mask(seed: int, shape, p: float, device) -> torch.Tensor:

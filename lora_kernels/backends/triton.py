@@ -91,7 +91,7 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
     """triton_lora_fwd for a dense weight or a 4-bit QuantizedWeight (the launchers take either)."""
     from ..ops.lora_linear_fwd import lora_linear_fwd
     from ..ops.lora_shrink import lora_shrink
-    from ..quantized import QuantizedWeight
+    from ..ops.format_4bit import QuantizedWeight
 
     x, rows = _rows_or_copy(x)
     precision = dot_precision(x.dtype)
@@ -126,7 +126,7 @@ def _backward(dy, x, xa, seed, weight, lora_A, lora_B, scaling, dropout_p, need_
     """triton_lora_bwd for a dense weight or a 4-bit QuantizedWeight."""
     from ..ops.lora_dy_b import lora_dy_b
     from ..ops.lora_linear_bwd_dx import lora_linear_bwd_dx
-    from ..quantized import QuantizedWeight
+    from ..ops.format_4bit import QuantizedWeight
 
     grad_x, grad_a, grad_b = not_computed(x), not_computed(lora_A), not_computed(lora_B)
     dy, dy_rows = _rows_or_copy(dy.to(x.dtype))

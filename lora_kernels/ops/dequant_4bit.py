@@ -2,7 +2,7 @@
 
 `dequant_4bit` is the jit helper the GEMM kernels call where they load a tile of W: given the flat indices
 n·K + k of the tile's elements it returns their float32 values, so the packed bytes (0.5 B per weight) are
-all that crosses memory and no W-sized temporary exists. The format is described in lora_kernels/quantized.py;
+all that crosses memory and no W-sized temporary exists. The format is described in format_4bit.py;
 the result rounded to the compute dtype equals bitsandbytes.functional.dequantize_4bit bit for bit.
 
 `dequantize_4bit` (the launcher below) writes the whole W once: the split GEMM path ("dequantize to a buffer,
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quantized import QuantizedWeight, code_table
+from .format_4bit import QuantizedWeight, code_table
 
 
 @triton.jit

@@ -19,10 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quantized import QuantizedWeight
 from ..settings import GEMM_PATHS
 from .configs import gemm_configs, lora_block_r, min_block_m
 from .dequant_4bit import dequant_4bit_tile, dequantize_4bit, flat_bytes, kernel_args, launch_options
+from .format_4bit import QuantizedWeight
 from .dropout import drop_threshold, dropout_keep
 from .layout import Rows, grouped_tile, row_offsets
 

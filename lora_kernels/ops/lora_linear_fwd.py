@@ -8,7 +8,7 @@ The split path (gemm="split", chosen per shape by lora_kernels/backends/gemm_dis
 from that tile of y and adds the LoRA term and bias in place. That costs one more read and write of y,
 and wins where cuBLAS's GEMM beats Triton's by more than that.
 
-A 4-bit base (QLoRA: bitsandbytes NF4/FP4, lora_kernels/quantized.py) arrives as a QuantizedWeight. The fused
+A 4-bit base (QLoRA: bitsandbytes NF4/FP4, ops/format_4bit.py) arrives as a QuantizedWeight. The fused
 path reads its packed bytes and dequantizes each W tile in registers where the dense kernel loads it (W_4BIT,
 ops/dequant_4bit.py), so only 0.5 B per weight crosses memory; the split path dequantizes W once into a
 buffer for torch.mm and frees it on return.
@@ -17,10 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quantized import QuantizedWeight
 from ..settings import GEMM_PATHS
 from .configs import gemm_configs, lora_block_r
 from .dequant_4bit import dequant_4bit_tile, dequantize_4bit, flat_bytes, kernel_args, launch_options
+from .format_4bit import QuantizedWeight
 from .layout import Rows, grouped_tile, row_offsets
 
 

@@ -1,4 +1,7 @@
-"""4-bit base weights in bitsandbytes' format (QLoRA): the description the backends take, and the format itself.
+"""4-bit base weights in bitsandbytes' format (QLoRA): the description the ops take, and the format itself.
+
+Plain PyTorch, no Triton (the torch backend imports it): it lives in ops/ because the kernels' indexing depends on
+it, and every layer above reaches it through backends/ (base.py re-exports it), as the layering wants.
 
 bitsandbytes (bnb) stores a 4-bit weight W of shape (N, K) as:
 
@@ -14,8 +17,8 @@ bitsandbytes (bnb) stores a 4-bit weight W of shape (N, K) as:
 
 `QuantizedWeight` carries exactly those tensors (no float copy of W anywhere) plus the metadata; `from_bnb`
 builds one from a bnb `Params4bit` (or packed data + `QuantState`) without importing bitsandbytes, and
-`dequantize` is this package's own PyTorch dequantization (the torch backend, merges, the split GEMM path's
-CPU fallback), bit for bit bnb's.
+`dequantize` is this package's own PyTorch dequantization (the torch backend, merges, a 4-bit layer's base-only
+forward), bit for bit bnb's.
 """
 import weakref
 from typing import NamedTuple, Optional, Tuple
@@ -104,7 +107,7 @@ def from_bnb(weight, quant_state=None) -> QuantizedWeight:
     if qs.shape is None or len(qs.shape) != 2:
         raise ValueError(f"the quantized weight must be 2-D (out_features, in_features), got shape {qs.shape}")
     N, K = (int(s) for s in qs.shape)
-    packed = weight.data if isinstance(weight, torch.nn.Parameter) else weight
+    packed = weight if type(weight) is torch.Tensor else weight.data  # a Params4bit's plain packed bytes
     if packed.numel() * packed.element_size() != (N * K + 1) // 2:
         raise ValueError(f"packed data has {packed.numel() * packed.element_size()} bytes but shape {(N, K)} needs "
                          f"{(N * K + 1) // 2}: the weight is not (or no longer) 4-bit quantized")
@@ -139,7 +142,7 @@ def _blockwise(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> to
     """values[i] · scales[i // blocksize] in float32, without an index tensor of values' size."""
     n = values.numel()
     pad = (-n) % blocksize
-    v = torch.nn.functional.pad(values, (0, pad)) if pad else values
+    v = torch.cat((values, values.new_zeros(pad))) if pad else values
     return (v.view(-1, blocksize) * scales.view(-1, 1)).view(-1)[:n]
 
 
