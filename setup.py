@@ -22,7 +22,8 @@ def _cuda_extension():
         return [], {}
     ext = CUDAExtension(
         name="lora_kernels._cuda",
-        sources=["csrc/bindings.cpp", "csrc/lora_dropout_shrink.cu"],
+        sources=["csrc/bindings.cpp", "csrc/dropout_shrink.cu", "csrc/dropout_grad_a.cu", "csrc/lora_dx_epilogue.cu",
+                 "csrc/dropout_mask.cu"],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
@@ -47,7 +48,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "transformers>=4.45", "peft>=0.13", "safetensors>=0.4",
+        "test": ["pytest>=7", "pytest-benchmark>=4", "transformers>=4.45", "peft>=0.13", "safetensors>=0.4", "trl>=1.16",
                  "matplotlib>=3.5", "bitsandbytes>=0.45"],
         "train": ["transformers>=4.45", "matplotlib>=3.5"],
     },

@@ -1,8 +1,8 @@
 // lora_kernels._cuda: the torch-facing half of the optional CUDA backend.
 //
 // Argument checks (TORCH_CHECK, clear messages), output allocation, the current CUDA stream and device,
-// and the Python binding. The kernels are in lora_dropout_shrink.cu behind the raw-pointer launchers of
-// lora_dropout.h; lora_kernels/cuda_backend.py builds the autograd Function on top of these functions.
+// and the Python binding. The kernels are behind the raw-pointer launchers of launchers.h, each in the .cu
+// file named for it; lora_kernels/cuda_backend.py builds the autograd Function on top of these functions.
 //
 // Functions (x, grad_x: (M, K) float16/bfloat16/float32 with unit column stride and any row stride;
 // A: (r, K) float32 or x's dtype; dyb: (M, r) float32; seed: 1-element int64 CUDA tensor, read on device;
@@ -23,13 +23,11 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "lora_dropout.h"
+#include "launchers.h"
 #include "philox.cuh"
 
 namespace lora_kernels {
 namespace {
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 bool kernel_dtype(at::ScalarType t, DType* out) {
   switch (t) {
@@ -54,20 +52,27 @@ DType activation_dtype(const at::Tensor& t, const char* fn, const char* name) {
   return d;
 }
 
+void check_cuda(const at::Tensor& t, const char* fn, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "lora_kernels._cuda.", fn, ": ", name, " must be a CUDA tensor, got device ", t.device());
+}
+
 void check_same_device(const at::Tensor& t, const char* fn, const char* name, const at::Tensor& ref,
                        const char* ref_name) {
-  TORCH_CHECK(t.is_cuda(), "lora_kernels._cuda.", fn, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  check_cuda(t, fn, name);
   TORCH_CHECK(t.device() == ref.device(), "lora_kernels._cuda.", fn, ": ", name, " is on ", t.device(), " but ",
               ref_name, " is on ", ref.device());
 }
 
-// A 2-D tensor the kernels address as rows: unit column stride, non-negative row stride.
-void check_rows(const at::Tensor& t, const char* fn, const char* name) {
+// The (M, K) activation operand (x, grad_x): a CUDA tensor the kernels address as rows (2-D, unit column
+// stride, non-negative row stride) in a dtype they take, returned.
+DType check_activation(const at::Tensor& t, const char* fn, const char* name) {
+  check_cuda(t, fn, name);
   TORCH_CHECK(t.dim() == 2, "lora_kernels._cuda.", fn, ": ", name, " must be 2-D, got shape ", t.sizes());
   TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "lora_kernels._cuda.", fn, ": ", name,
               " must have unit stride along its last dimension (any row stride is fine), got strides ", t.strides());
   TORCH_CHECK(t.size(0) <= 1 || t.stride(0) >= 0, "lora_kernels._cuda.", fn, ": ", name,
               " has a negative row stride ", t.stride(0));
+  return activation_dtype(t, fn, name);
 }
 
 int64_t row_stride(const at::Tensor& t) { return t.size(0) <= 1 ? std::max<int64_t>(t.size(1), 1) : t.stride(0); }
@@ -107,6 +112,12 @@ at::Tensor prepare_dyb(const at::Tensor& dyb, const char* fn, const at::Tensor& 
   return has_rows_layout(dyb) ? dyb : dyb.contiguous();
 }
 
+// scaling / (1 - p) with dropout, else scaling, rounded once to float32: the factor the kernels apply to their
+// float32 sums.
+float dropout_scale(double scaling, double p, const DropoutArgs& d) {
+  return static_cast<float>(d.has_dropout ? scaling / (1.0 - p) : scaling);
+}
+
 // 16-byte vector loads of x when its address, row stride and width allow them.
 bool can_vectorize(const at::Tensor& x, int64_t ld, int64_t K) {
   const int64_t vec = 16 / static_cast<int64_t>(x.element_size());
@@ -124,9 +135,7 @@ int64_t sm_count() {
 
 at::Tensor dropout_shrink(const at::Tensor& x, const at::Tensor& A_in, const at::Tensor& seed, double p) {
   constexpr const char* fn = "dropout_shrink";
-  TORCH_CHECK(x.is_cuda(), "lora_kernels._cuda.dropout_shrink: x must be a CUDA tensor, got device ", x.device());
-  check_rows(x, fn, "x");
-  const DType xt = activation_dtype(x, fn, "x");
+  const DType xt = check_activation(x, fn, "x");
   const int64_t M = x.size(0), K = x.size(1);
   const at::Tensor A = prepare_lora_a(A_in, fn, x, "x", K);
   const int64_t R = A.size(0);
@@ -137,7 +146,7 @@ at::Tensor dropout_shrink(const at::Tensor& x, const at::Tensor& A_in, const at:
   if (M == 0 || R == 0) return xa;
   if (K == 0) return xa.zero_();
   const DType at_ = activation_dtype(A, fn, "A");
-  const float keep_scale = d.has_dropout ? static_cast<float>(1.0 / (1.0 - p)) : 1.0f;
+  const float keep_scale = dropout_scale(1.0, p, d);
   const int64_t ldx = row_stride(x);
   C10_CUDA_CHECK(launch_dropout_shrink(xt, at_, x.data_ptr(), ldx, A.data_ptr(), row_stride(A), xa.data_ptr<float>(),
                                        M, K, R, d, keep_scale, can_vectorize(x, ldx, K),
@@ -148,9 +157,7 @@ at::Tensor dropout_shrink(const at::Tensor& x, const at::Tensor& A_in, const at:
 at::Tensor dropout_grad_a(const at::Tensor& dyb_in, const at::Tensor& x, const at::Tensor& seed, double p,
                           double scaling) {
   constexpr const char* fn = "dropout_grad_a";
-  TORCH_CHECK(x.is_cuda(), "lora_kernels._cuda.dropout_grad_a: x must be a CUDA tensor, got device ", x.device());
-  check_rows(x, fn, "x");
-  const DType xt = activation_dtype(x, fn, "x");
+  const DType xt = check_activation(x, fn, "x");
   const int64_t M = x.size(0), K = x.size(1);
   const at::Tensor dyb = prepare_dyb(dyb_in, fn, x, "x", M);
   const int64_t R = dyb.size(1);
@@ -158,7 +165,7 @@ at::Tensor dropout_grad_a(const at::Tensor& dyb_in, const at::Tensor& x, const a
   const c10::cuda::CUDAGuard guard(x.device());
   const DropoutArgs d = dropout_args(seed, p, fn, x, "x");
   if (M == 0 || K == 0 || R == 0) return at::zeros({R, K}, x.options().dtype(at::kFloat));
-  const float out_scale = static_cast<float>(d.has_dropout ? scaling / (1.0 - p) : scaling);
+  const float out_scale = dropout_scale(scaling, p, d);
   const int64_t ldx = row_stride(x);
 
   // Split the M reduction so that about two waves of blocks run, each split at least 8 row steps long;
@@ -180,10 +187,7 @@ at::Tensor dropout_grad_a(const at::Tensor& dyb_in, const at::Tensor& x, const a
 at::Tensor lora_dx_epilogue(at::Tensor grad_x, const at::Tensor& dyb_in, const at::Tensor& A_in,
                             const at::Tensor& seed, double p, double scaling) {
   constexpr const char* fn = "lora_dx_epilogue";
-  TORCH_CHECK(grad_x.is_cuda(), "lora_kernels._cuda.lora_dx_epilogue: grad_x must be a CUDA tensor, got device ",
-              grad_x.device());
-  check_rows(grad_x, fn, "grad_x");
-  const DType gt = activation_dtype(grad_x, fn, "grad_x");
+  const DType gt = check_activation(grad_x, fn, "grad_x");
   const int64_t M = grad_x.size(0), K = grad_x.size(1);
   TORCH_CHECK(M <= 1 || K <= 1 || grad_x.stride(0) >= K, "lora_kernels._cuda.lora_dx_epilogue: grad_x is written ",
               "in place but its rows overlap (row stride ", grad_x.stride(0), " < K=", K, ")");
@@ -197,7 +201,7 @@ at::Tensor lora_dx_epilogue(at::Tensor grad_x, const at::Tensor& dyb_in, const a
   const DropoutArgs d = dropout_args(seed, p, fn, grad_x, "grad_x");
   if (M == 0 || K == 0 || R == 0) return grad_x;
   const DType at_ = activation_dtype(A, fn, "A");
-  const float out_scale = static_cast<float>(d.has_dropout ? scaling / (1.0 - p) : scaling);
+  const float out_scale = dropout_scale(scaling, p, d);
   C10_CUDA_CHECK(launch_lora_dx_epilogue(gt, at_, grad_x.data_ptr(), row_stride(grad_x), dyb.data_ptr<float>(),
                                          row_stride(dyb), A.data_ptr(), row_stride(A), M, K, R, d, out_scale,
                                          c10::cuda::getCurrentCUDAStream()));
@@ -206,8 +210,7 @@ at::Tensor lora_dx_epilogue(at::Tensor grad_x, const at::Tensor& dyb_in, const a
 
 at::Tensor dropout_mask(const at::Tensor& seed, int64_t M, int64_t K, double p, int64_t row_start) {
   constexpr const char* fn = "dropout_mask";
-  TORCH_CHECK(seed.is_cuda(), "lora_kernels._cuda.dropout_mask: seed must be a CUDA tensor, got device ",
-              seed.device());
+  check_cuda(seed, fn, "seed");
   TORCH_CHECK(M >= 0 && K >= 0 && row_start >= 0, "lora_kernels._cuda.dropout_mask: M, K and row_start must be ",
               ">= 0, got M=", M, ", K=", K, ", row_start=", row_start);
   const c10::cuda::CUDAGuard guard(seed.device());

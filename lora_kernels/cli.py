@@ -19,68 +19,14 @@ from typing import List, Optional
 TINY = "tiny"
 BASE_SUBDIR = "base_model"
 TINY_LR, DEFAULT_LR = 2e-3, 2e-4
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 class CLIError(Exception):
     """A user-facing error: printed as `lora-kernels <cmd>: error: ...` with exit status 2."""
 
 
-# -- models --------------------------------------------------------------------------------------
-def tiny_llama_config(seq_len: int):
-    """The built-in default: a 2-layer, 128-wide Llama over the byte tokenizer (about 0.5M parameters).
-
-    initializer_range=0.1 (HF's default is 0.02) gives the frozen random base logits large enough that an
-    adapter on its linear layers can move the loss a long way in a few hundred CPU steps.
-    """
-    from transformers import LlamaConfig
-
-    from .data import ByteTokenizer
-
-    tok = ByteTokenizer()
-    return LlamaConfig(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=320, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max(seq_len, 128),
-                       initializer_range=0.1, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-
-
-def build_tiny_model(seq_len: int, seed: int = 0):
-    """The tiny Llama with weights drawn from `seed` only (the global RNG is left untouched), + its tokenizer."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    from .data import ByteTokenizer
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(tiny_llama_config(seq_len))
-    return model, ByteTokenizer()
-
-
-def load_model(path: str, dtype=None):
-    """A local transformers causal-LM directory (no download) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .data import ByteTokenizer
-
-    if not os.path.exists(path):
-        raise CLIError(f"--model {path!r}: no such directory (give a local transformers model directory, "
-                       f"or {TINY!r} for the built-in default)")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise CLIError(f"--model {path!r}: not a transformers model directory (no config.json)")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
-    except (OSError, ValueError) as err:
-        raise CLIError(f"--model {path!r}: cannot load the model: {err}") from None
-    if ByteTokenizer.is_saved_in(path):
-        tok = ByteTokenizer.from_pretrained(path)
-    else:
-        try:
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise CLIError(f"--model {path!r}: cannot load the tokenizer: {err}") from None
-    return model, tok
-
-
+# -- argument types ------------------------------------------------------------------------------
 def _target_modules(value: str):
     """'all-linear', a comma list (q_proj,v_proj) or a regex (anything with regex characters)."""
     if value == "all-linear" or any(c in value for c in "\\^$*+?()[]{}|"):
@@ -119,7 +65,8 @@ def cmd_finetune(args) -> int:
 
     from . import LoraConfig, inject_lora, save_adapter, trainable_parameters
     from .data import DEMO_PATH, DataError, load_packed, split_eval
-    from .trainer import TrainConfig, Trainer, init_distributed
+    from .models import build_tiny_model
+    from .training import TrainConfig, Trainer, init_distributed
 
     rank, world, device = init_distributed()
     if args.device:
@@ -146,7 +93,7 @@ def cmd_finetune(args) -> int:
         lr = args.lr if args.lr is not None else TINY_LR
     else:
         dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.load_dtype]
-        model, tok = load_model(args.model, dtype=dtype)
+        model, tok = _load_model(args.model, dtype=dtype)
         base_dir = os.path.abspath(args.model)
         lr = args.lr if args.lr is not None else DEFAULT_LR
 
@@ -203,6 +150,18 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def _load_model(path: str, dtype):
+    from .models import load_pretrained
+
+    if not os.path.exists(path):
+        raise CLIError(f"--model {path!r}: no such directory (give a local transformers model directory, "
+                       f"or {TINY!r} for the built-in default)")
+    try:
+        return load_pretrained(path, dtype=dtype)
+    except ValueError as err:
+        raise CLIError(f"--model {err}") from None
+
+
 def _how_to_load(base_dir: str, adapter_dir: str) -> str:
     return (
         "load it with PEFT:\n"
@@ -221,7 +180,7 @@ def cmd_merge(args) -> int:
 
     if not os.path.isdir(args.adapter) or not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
         raise CLIError(f"--adapter {args.adapter!r}: not an adapter directory (no adapter_config.json)")
-    model, tok = load_model(args.model, dtype="auto")  # merge in the checkpoint's own dtype, as PEFT does
+    model, tok = _load_model(args.model, dtype="auto")  # merge in the checkpoint's own dtype, as PEFT does
     try:
         load_adapter(model, args.adapter, is_trainable=False)
     except (ValueError, OSError) as err:
@@ -236,10 +195,6 @@ def cmd_merge(args) -> int:
 
 
 # -- check ---------------------------------------------------------------------------------------
-CHECK_SHAPES = [(3, 17, 33, 29, 4, True), (2, 40, 64, 48, 8, False), (1, 31, 19, 70, 1, True)]
-CHECK_TOL = {"float32": (1e-4, 1e-3), "float16": (3e-2, 3e-2), "bfloat16": (8e-2, 8e-2)}
-
-
 def cmd_check(args) -> int:
     import torch
 
@@ -250,94 +205,43 @@ def cmd_check(args) -> int:
 
         env = dict(os.environ, TRITON_INTERPRET="1")
         return subprocess.call([sys.executable, "-m", "lora_kernels.cli", "check", *args.argv], env=env)
-    from .functional import fused_lora_linear, resolve_backend
-    from .reference import lora_linear_reference
+    from .parity_check import check_parity
 
     os.environ["LORA_KERNELS_BACKEND"] = args.backend
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtypes = args.dtype or (["float32", "float16", "bfloat16"] if device.type == "cuda" else ["float32", "float16"])
-    torch.manual_seed(0)
-    worst_fail = False
-    for dt_name in dtypes:
-        dt = getattr(torch, dt_name)
-        atol, rtol = CHECK_TOL[dt_name]
-        for (b, s, k, n, r, has_bias) in CHECK_SHAPES:
-            x = torch.randn(b, s, k, device=device, dtype=dt, requires_grad=True)
-            w = torch.randn(n, k, device=device, dtype=dt) / k ** 0.5
-            bias = torch.randn(n, device=device, dtype=dt) if has_bias else None
-            a = (torch.randn(r, k, device=device) / k ** 0.5).requires_grad_(True)
-            bl = (torch.randn(n, r, device=device) / r ** 0.5).requires_grad_(True)
-            backend = resolve_backend(x)
-            y = fused_lora_linear(x, w, bias, a, bl, 2.0, dropout_p=0.0, training=True)
-            dy = torch.randn_like(y)
-            gx, ga, gb = torch.autograd.grad(y, (x, a, bl), dy)
-            x64, a64, b64 = (t.detach().double().requires_grad_(True) for t in (x, a, bl))
-            y64 = lora_linear_reference(x64, w.double(), None if bias is None else bias.double(), a64, b64, 2.0)
-            rx, ra, rb = torch.autograd.grad(y64, (x64, a64, b64), dy.double())
-            errs = []
-            for name, got, ref in (("y", y, y64), ("grad_x", gx, rx), ("grad_A", ga, ra), ("grad_B", gb, rb)):
-                diff = (got.double() - ref.detach()).abs()
-                abs_err = float(diff.max())
-                rel_err = float((diff / (ref.detach().abs() + 1.0)).max())  # relative to magnitude, floor 1
-                ok = abs_err <= atol + rtol * float(ref.abs().max())
-                worst_fail |= not ok
-                errs.append(f"{name} abs {abs_err:.2e} rel {rel_err:.2e}{'' if ok else ' FAIL'}")
-            print(f"backend={backend} device={device} dtype={dt_name} shape=(M={b * s}, K={k}, N={n}, r={r}"
-                  f"{', bias' if has_bias else ''}): " + "; ".join(errs))
+    dtypes = args.dtype or (list(DTYPES) if device.type == "cuda" else ["float32", "float16"])
+    results = check_parity(dtypes, device)
+    print("fused forward/backward vs the float64 reference; error = max |fused - reference| / max(max |reference|, 1)")
+    for res in results:
+        errors = "; ".join(f"{name} {err:.2e}{'' if err < res.tol else ' FAIL'}" for name, err in res.errors.items())
+        print(f"backend={res.backend} device={res.device} dtype={res.dtype} shape=(M={res.M}, K={res.K}, N={res.N}, "
+              f"r={res.r}{', bias' if res.bias else ''}): {errors} (tolerance {res.tol:.0e})")
+    failed = not all(res.ok for res in results)
     interp = " (Triton interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else ""
-    print(("FAILED: errors above tolerance" if worst_fail else "OK: all within tolerance") + interp)
-    return 1 if worst_fail else 0
+    print(("FAILED: errors above tolerance" if failed else "OK: all within tolerance") + interp)
+    return 1 if failed else 0
 
 
 # -- bench ---------------------------------------------------------------------------------------
 def cmd_bench(args) -> int:
     import torch
-    import torch.nn as nn
-    from torch.utils import benchmark
 
-    from . import FusedLoraLinear
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    tokens = args.tokens or (8192 if device.type == "cuda" else 512)
-    k = args.in_features or (4096 if device.type == "cuda" else 512)
-    n = args.out_features or k
-    torch.manual_seed(0)
-    base = nn.Linear(k, n, bias=False, device=device, dtype=dtype).requires_grad_(False)
-    fused = FusedLoraLinear.from_linear(base, r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout)
-    cases = {"base nn.Linear": base, "FusedLoraLinear": fused}
-    try:
-        from peft import LoraConfig as PeftConfig, get_peft_model
-
-        holder = nn.Sequential(nn.Linear(k, n, bias=False, device=device, dtype=dtype))
-        peft_model = get_peft_model(holder, PeftConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
-                                                       target_modules=["0"]))
-        cases["PEFT LoRA Linear"] = peft_model
-    except ImportError:
-        print("peft is not installed: skipping the PEFT comparison (pip install peft)")
-    x = torch.randn(tokens, k, device=device, dtype=dtype, requires_grad=True)
-    dy = torch.randn(tokens, n, device=device, dtype=dtype)
-
-    def fwd_bwd(mod):
-        y = mod(x)
-        y.backward(dy)
-
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-          f"dtype {dtype}, x ({tokens}, {k}) -> {n}, r={args.r}, dropout={args.dropout}, "
-          f"backend {__import__('lora_kernels').resolve_backend(x)}")
-    times = {}
-    for name, mod in cases.items():
-        mod.train()
-        fwd_bwd(mod)  # warm-up (and Triton compilation)
-        t = benchmark.Timer(stmt="fwd_bwd(mod)", globals={"fwd_bwd": fwd_bwd, "mod": mod}).blocked_autorange(
-            min_run_time=args.min_time)
-        times[name] = t.median
-        print(f"  {name:18s} fwd+bwd {t.median * 1e3:9.3f} ms")
-    if "PEFT LoRA Linear" in times:
-        print(f"  PEFT / fused = {times['PEFT LoRA Linear'] / times['FusedLoraLinear']:.2f}x, "
-              f"fused / base = {times['FusedLoraLinear'] / times['base nn.Linear']:.2f}x")
     from .backends.gemm_dispatch import gemm_choices
+    from .layer_bench import BASE, FUSED, PEFT, bench_layers
 
+    res = bench_layers(tokens=args.tokens, in_features=args.in_features, out_features=args.out_features, r=args.r,
+                       dropout=args.dropout, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                       device=args.device, min_time=args.min_time)
+    if not res.peft_installed:
+        print("peft is not installed: skipping the PEFT comparison (pip install peft)")
+    print(f"device {res.device} ({res.device_name}), dtype {res.dtype}, x ({res.tokens}, {res.in_features}) -> "
+          f"{res.out_features}, r={res.r}, dropout={res.dropout}, backend {res.backend}, "
+          f"timer {res.timer}, {res.reps} reps")
+    for name, ms in res.median_ms.items():
+        print(f"  {name:18s} fwd+bwd {ms:9.3f} ms")
+    if PEFT in res.median_ms:
+        print(f"  PEFT / fused = {res.median_ms[PEFT] / res.median_ms[FUSED]:.2f}x, "
+              f"fused / base = {res.median_ms[FUSED] / res.median_ms[BASE]:.2f}x")
     for key, (path, ms) in gemm_choices().items():  # empty unless LORA_KERNELS_GEMM=auto measured (on a GPU)
         print(f"  GEMM path {key.describe()}: {path} (fused {ms['fused']:.3f} ms, split {ms['split']:.3f} ms)")
     return 0
@@ -366,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-steps", type=_positive_int, default=300, help="optimizer steps")
     f.add_argument("--r", type=_positive_int, default=8, help="LoRA rank")
     f.add_argument("--lora-alpha", type=_positive_float, default=16.0, help="LoRA alpha (scaling = alpha / r)")
-    f.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter input, in [0, 1)")
+    f.add_argument("--lora-dropout", type=_fraction, default=0.05, help="dropout on the adapter input, in [0, 1)")
     f.add_argument("--use-rslora", action="store_true", help="scaling = alpha / sqrt(r)")
     f.add_argument("--target-modules", type=_target_modules, default="all-linear",
                    help="'all-linear', a comma list (q_proj,v_proj) or a regex matching full module names")
@@ -408,22 +312,23 @@ def build_parser() -> argparse.ArgumentParser:
                        "Triton's interpreter (slow but real). Exit status 1 if any error exceeds its tolerance.")
     c.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto",
                    help="LORA_KERNELS_BACKEND for the check (auto: Triton on GPU and under the interpreter)")
-    c.add_argument("--dtype", action="append", choices=sorted(CHECK_TOL),
+    c.add_argument("--dtype", action="append", choices=DTYPES,
                    help="dtype to check (repeatable); default fp32+fp16 on CPU, plus bf16 on GPU")
     c.set_defaults(func=cmd_check)
 
     b = sub.add_parser("bench", formatter_class=fmt, help="time base vs fused vs PEFT LoRA on this machine",
-                       description="Forward+backward timing (torch.utils.benchmark) of nn.Linear, FusedLoraLinear "
-                       "and PEFT's LoRA Linear on one shape; defaults are small on CPU, LLM-sized on GPU.")
+                       description="Forward+backward timing of nn.Linear, FusedLoraLinear and PEFT's LoRA Linear on "
+                       "one shape (CUDA events, L2 flushed between repetitions, on a GPU); defaults are small on "
+                       "CPU, LLM-sized on GPU.")
     b.add_argument("--tokens", type=_positive_int, default=None, help="rows of x (default 512 CPU, 8192 GPU)")
     b.add_argument("--in-features", type=_positive_int, default=None, help="default 512 CPU, 4096 GPU")
     b.add_argument("--out-features", type=_positive_int, default=None, help="default: in-features")
     b.add_argument("--r", type=_positive_int, default=16, help="LoRA rank")
-    b.add_argument("--dropout", type=float, default=0.1, help="LoRA dropout")
-    b.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+    b.add_argument("--dropout", type=_fraction, default=0.1, help="LoRA dropout")
+    b.add_argument("--dtype", choices=DTYPES, default=None,
                    help="default bfloat16 on GPU, float32 on CPU")
     b.add_argument("--device", default=None, help="default cuda if available, else cpu")
-    b.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per case")
+    b.add_argument("--min-time", type=_positive_float, default=0.5, help="about how many seconds each case is timed")
     b.set_defaults(func=cmd_bench)
     return p
 
@@ -433,8 +338,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv[argv.index(args.command) + 1:]  # the subcommand's own flags, for a re-run
-    if args.command == "finetune" and not 0.0 <= args.lora_dropout < 1.0:
-        parser.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     try:
         return args.func(args)
     except CLIError as err:

@@ -72,14 +72,33 @@ def _check_pattern(name: str, value, number_check) -> Dict[str, Any]:
     return dict(value)
 
 
-def _check_rank(name, v):
+# The rules on LoRA hyper-parameters, here once for LoraConfig and FusedLoraLinear (which takes them as arguments).
+def check_rank(name: str, v) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
 
 
-def _check_alpha(name, v):
+def check_alpha(name: str, v) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ValueError(f"{name} must be a finite number, got {v!r}")
+
+
+def check_dropout(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {v!r}")
+
+
+def is_init_choice(v) -> bool:
+    """PEFT's init_lora_weights values that the layer implements (`is`: 1 and 0 are not True and False here)."""
+    return v is True or v is False or v == "gaussian"
+
+
+def check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights) -> None:
+    check_rank("r", r)
+    check_alpha("lora_alpha", lora_alpha)
+    check_dropout("lora_dropout", lora_dropout)
+    if not is_init_choice(init_lora_weights):
+        raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
 
 
 @dataclass
@@ -112,11 +131,7 @@ class LoraConfig:
     fan_in_fan_out: bool = False
 
     def __post_init__(self):
-        _check_rank("r", self.r)
-        _check_alpha("lora_alpha", self.lora_alpha)
-        if (isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float))
-                or not 0.0 <= self.lora_dropout < 1.0):
-            raise ValueError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+        check_lora_args(self.r, self.lora_alpha, self.lora_dropout, self.init_lora_weights)
         self.target_modules = _check_name_list("target_modules", self.target_modules, allow_all_linear=True)
         # None is allowed, as in PEFT: inject_lora then takes PEFT's default targets for the model's type.
         if isinstance(self.target_modules, list) and not self.target_modules:
@@ -129,11 +144,8 @@ class LoraConfig:
             raise ValueError(f"use_rslora must be a bool, got {self.use_rslora!r}")
         if not isinstance(self.fan_in_fan_out, bool):
             raise ValueError(f"fan_in_fan_out must be a bool, got {self.fan_in_fan_out!r}")
-        if not (self.init_lora_weights is True or self.init_lora_weights is False
-                or self.init_lora_weights == "gaussian"):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
-        self.rank_pattern = _check_pattern("rank_pattern", self.rank_pattern, _check_rank)
-        self.alpha_pattern = _check_pattern("alpha_pattern", self.alpha_pattern, _check_alpha)
+        self.rank_pattern = _check_pattern("rank_pattern", self.rank_pattern, check_rank)
+        self.alpha_pattern = _check_pattern("alpha_pattern", self.alpha_pattern, check_alpha)
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str) or not all(
                     isinstance(m, str) and m for m in self.modules_to_save):
@@ -193,7 +205,7 @@ class LoraConfig:
                 raise ValueError(f"{source}: {key}={d[key]!r} is not supported by lora_kernels "
                                  f"(only plain LoRA on nn.Linear is)")
         init = d.get("init_lora_weights", True)
-        if not (init is True or init is False or init == "gaussian"):
+        if not is_init_choice(init):
             # PEFT has data-dependent inits (pissa, olora, loftq, ...); the saved weights are what count once
             # trained, so loading them is fine: the init only matters before the copy.
             init = True

@@ -9,12 +9,19 @@ copy of x.
 QLoRA: `weight` may be a 4-bit base — a bitsandbytes Params4bit or a QuantizedWeight (ops/format_4bit.py) —
 and it then runs on the 4-bit ops of the triton or torch backend (backends/base.py, QLoraLinearFunction): the same
 math with W dequantized inside the kernels, bit for bit as bitsandbytes dequantizes it.
+
+fused_multi_lora_linear: several adapters on one base layer in one mixed batch (an AdapterSegments, built
+once per forward, says which row uses which adapter); the same contract, with one (M, r_max) x·Aᵀ for all
+adapters.
 """
+import functools
 import math
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
-from .backends import FUNCTIONS, FUNCTIONS_4BIT, resolve_backend, resolve_backend_4bit
+from .backends import FUNCTIONS, FUNCTIONS_4BIT, MULTI_FUNCTIONS, resolve_backend, resolve_backend_4bit
 from .backends.base import FLOAT_DTYPES, QuantizedWeight, dequantize, from_bnb  # noqa: F401  (the 4-bit format)
 
 
@@ -127,3 +134,188 @@ def _fused_qlora_linear(x, qweight: QuantizedWeight, bias, lora_A, lora_B, scali
             lora_B, scaling = lora_B.to(dt) * scaling.to(device=x.device, dtype=dt), 1.0
         return fn.apply(x, *qweight.tensors(), bias, lora_A, lora_B, float(scaling), p, qweight.quant_type,
                         qweight.blocksize, qweight.nested_blocksize, qweight.shape[0])
+
+
+class AdapterSegments:
+    """Which adapter each sample of a mixed batch uses (None = base model only): built once per forward from
+    the per-sample list and handed, the same object, to every layer.
+
+        segments = AdapterSegments.from_names(["a", "b", None, "a"], adapter_names=["a", "b"])
+        y = fused_multi_lora_linear(x, W, b, [A_a, A_b], [B_a, B_b], [s_a, s_b], [p_a, p_b], segments)
+
+    The kernels want one int32 adapter id per logical row of a layer's input, in that layer's own numbering
+    of its adapters (a layer may hold only some of the model's adapters). The per-sample list lives here on
+    the host; each distinct (row count, layer adapter set, device) costs one small host-to-device copy per forward,
+    cached here, so all layers that see the same rows and hold the same adapters share one tensor, and
+    nothing is ever read back from the device. Rows are batch-major: sample b owns rows b·T .. (b+1)·T - 1
+    of x's logical rows, T = rows / batch (x of shape (batch, ...)); generate()'s one-token steps are T = 1.
+    """
+
+    def __init__(self, sample_adapters: Sequence[Optional[int]]):
+        ids = []
+        for i, a in enumerate(sample_adapters):
+            if a is None:
+                ids.append(-1)
+            elif isinstance(a, int) and not isinstance(a, bool) and a >= 0:
+                ids.append(a)
+            else:
+                raise ValueError(f"sample_adapters[{i}] must be an adapter index >= 0 or None, got {a!r}")
+        if not ids:
+            raise ValueError("sample_adapters is empty: give one entry (adapter index or None) per sample")
+        self.sample_adapters: Tuple[int, ...] = tuple(ids)  # -1 = base only
+        self.max_index = max(ids)  # the largest adapter index any sample uses (-1 when all are base only)
+        # The same list as a tensor: the per-row ids are computed from it with tensor ops, so torch.compile
+        # sees an input rather than constants and does not recompile for every new mix of adapters.
+        self.sample_ids = torch.tensor(ids, dtype=torch.int32)
+        self._row_ids: Dict[Tuple[int, Tuple[int, ...], torch.device], torch.Tensor] = {}
+
+    @classmethod
+    def from_names(cls, names: Sequence[Optional[str]], adapter_names: Sequence[str]):
+        """From one adapter name (or None) per sample; indices follow adapter_names' order."""
+        index = {name: i for i, name in enumerate(adapter_names)}
+        for name in names:
+            if name is not None and name not in index:
+                raise ValueError(f"unknown adapter {name!r}; the adapters are {list(adapter_names)}")
+        return cls([None if name is None else index[name] for name in names])
+
+    @property
+    def batch(self) -> int:
+        return len(self.sample_adapters)
+
+    def rows_per_sample(self, num_rows: int) -> int:
+        if num_rows % self.batch != 0:
+            raise ValueError(f"the segments describe {self.batch} samples but the input has {num_rows} rows, "
+                             f"not a multiple of {self.batch}")
+        return num_rows // self.batch
+
+    def row_adapter(self, num_rows: int, device="cpu", slots: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """(num_rows,) int32 on `device`: each row's adapter, renumbered through `slots` (slots[i] = the
+        layer's own index of model adapter i, -1 where the layer lacks it); -1 = base only."""
+        slots = tuple(slots) if slots is not None else tuple(range(self.max_index + 1))
+        key = (num_rows, slots, torch.device(device))
+        ids = self._row_ids.get(key)
+        if ids is None:
+            # slot_of[a] = the layer's slot of model adapter a; the appended -1 is what base samples (-1) index.
+            slot_of = torch.tensor([*slots, -1], dtype=torch.int32)
+            ids = slot_of[self.sample_ids.long()].to(device, non_blocking=True)
+            ids = ids.repeat_interleave(self.rows_per_sample(num_rows))
+            self._row_ids[key] = ids
+        return ids
+
+    def __repr__(self) -> str:
+        return f"AdapterSegments({list(a if a >= 0 else None for a in self.sample_adapters)})"
+
+
+def _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, dropout_ps, segments):
+    if not isinstance(segments, AdapterSegments):
+        raise ValueError(f"segments must be an AdapterSegments, got {type(segments).__name__}")
+    lists = {"lora_As": lora_As, "lora_Bs": lora_Bs, "scalings": scalings, "dropout_ps": dropout_ps}
+    for name, seq in lists.items():
+        if not isinstance(seq, (list, tuple)):
+            raise ValueError(f"{name} must be a list or tuple (one entry per adapter), got {type(seq).__name__}")
+    n = len(lora_As)
+    if n == 0 or any(len(seq) != n for seq in lists.values()):
+        raise ValueError("lora_As, lora_Bs, scalings and dropout_ps need one entry per adapter (at least one); got "
+                         + ", ".join(f"{len(seq)} {name}" for name, seq in lists.items()))
+    if segments.max_index >= n:
+        raise ValueError(f"segments use adapter index {segments.max_index} but {n} adapters were given "
+                         f"(indices 0..{n - 1})")
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least one dimension, got shape {tuple(x.shape)}")
+    M = math.prod(x.shape[:-1])
+    if x.dim() >= 3 and x.shape[0] != segments.batch:
+        raise ValueError(f"the segments describe {segments.batch} samples but x has {x.shape[0]} in its batch "
+                         f"dim (x shape {tuple(x.shape)})")
+    segments.rows_per_sample(M)
+    present = 0
+    for i in range(n):
+        A, B = lora_As[i], lora_Bs[i]
+        if (A is None) != (B is None):
+            raise ValueError(f"lora_As[{i}] and lora_Bs[{i}] must both be tensors or both None (adapter {i} absent "
+                             "from this layer)")
+        if A is None:
+            continue
+        present += 1
+        # One adapter at a time through the single-adapter checks (shapes, dtypes, devices, p, scaling).
+        try:
+            _validate(x, weight, bias, A, B, scalings[i], dropout_ps[i])
+        except ValueError as err:
+            raise ValueError(f"adapter {i}: {err}") from None
+    return n, present
+
+
+def _stack_padded(mats, r_max):
+    """(n, r_max, C) from n matrices (r_i, C), each zero-padded to r_max rows, in one torch.cat.
+
+    Inside autograd: cat's backward hands each matrix its own rows, so every adapter's gradient reaches its
+    own tensor. One zero block (views of it pad every matrix) and one cat: the copies per layer do not grow
+    with the number of adapters (parameter-sized, n·r_max·C, nothing of x's size).
+    """
+    pads = [r_max - m.shape[0] for m in mats]
+    zeros = mats[0].new_zeros((max(pads), mats[0].shape[1])) if max(pads) > 0 else None
+    pieces = []
+    for m, pad in zip(mats, pads):
+        pieces += [m, zeros[:pad]] if pad else [m]
+    return torch.cat(pieces).view(len(mats), r_max, mats[0].shape[1])
+
+
+def fused_multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, dropout_ps, segments: AdapterSegments,
+                            training: bool = True):
+    """y = x·Wᵀ + b + s_a·(dropout_{p_a}(x[m])·A_aᵀ)·B_aᵀ for each row m, a = its sample's adapter (or none).
+
+    Several adapters on one base layer in one mixed batch: the base GEMM runs once for the whole batch and
+    the LoRA shrink / expand are segmented by adapter inside the kernels (one launch for all adapters).
+
+    lora_As[i] (r_i, in), lora_Bs[i] (out, r_i), scalings[i] (a number or a 0-dim tensor) and dropout_ps[i]
+    describe adapter i of `segments` (an AdapterSegments, built once per forward and shared by every layer).
+    Ranks may differ. lora_As[i] = lora_Bs[i] = None: this layer has no adapter i, its rows get the base
+    output. Gradients reach each adapter's own tensors from its rows only; rows of no adapter give the base
+    output and touch no adapter's gradient. One Philox seed per call; each row is dropped at its adapter's
+    rate (in training only). Backends: triton and torch (LORA_KERNELS_BACKEND=cuda raises). A 4-bit (QLoRA)
+    base weight is not supported (ValueError).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if as_quantized(weight) is not None:
+        raise ValueError("fused_multi_lora_linear does not support a 4-bit (QLoRA) base weight (a Params4bit or "
+                         "QuantizedWeight): several adapters in one batch need a dense weight; run each adapter "
+                         "with fused_lora_linear, or dequantize the base first")
+    n, present = _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, dropout_ps, segments)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"x has dtype {x.dtype} but weight has {weight.dtype}"
+                         + ("" if bias is None else f" and bias has {bias.dtype}")
+                         + ": the base layer must be in the activation dtype (or run under torch.autocast)")
+    if present == 0:
+        return torch.nn.functional.linear(x, weight, bias)
+    backend = resolve_backend(x)
+    if backend not in MULTI_FUNCTIONS:
+        raise RuntimeError(f"LORA_KERNELS_BACKEND={backend} has no multi-adapter kernels; use triton or torch")
+    # This layer's own numbering: slot j = the j-th adapter it holds; model adapters it lacks map to -1.
+    slots, j = [], 0
+    for A in lora_As:
+        slots.append(j if A is not None else -1)
+        j += A is not None
+    idx = [i for i in range(n) if lora_As[i] is not None]
+    ranks = [lora_As[i].shape[0] for i in idx]
+    r_max = max(ranks)
+    ab_dtype = functools.reduce(torch.promote_types, [lora_As[i].dtype for i in idx] + [lora_Bs[i].dtype for i in idx])
+    with torch.autocast(device_type, enabled=False):
+        stacked_B, float_scalings = [], []
+        for i in idx:
+            B, s = lora_Bs[i].to(ab_dtype), scalings[i]
+            if isinstance(s, torch.Tensor):  # as fused_lora_linear: scale B on device, no host read
+                B, s = B.to(torch.promote_types(ab_dtype, torch.float32)) * s.to(device=x.device), 1.0
+            stacked_B.append(B)
+            float_scalings.append(float(s))
+        if len({t.dtype for t in stacked_B}) > 1:  # a tensor scaling lifted some B to float32
+            stacked_B = [t.to(torch.promote_types(ab_dtype, torch.float32)) for t in stacked_B]
+        lora_A = _stack_padded([lora_As[i].to(ab_dtype) for i in idx], r_max)  # (n, r_max, K)
+        lora_B = _stack_padded([B.t() for B in stacked_B], r_max).transpose(1, 2)  # (n, N, r_max), a view
+        ps = [float(dropout_ps[i]) if training else 0.0 for i in idx]
+        row_adapter = segments.row_adapter(math.prod(x.shape[:-1]), x.device, slots)
+        return MULTI_FUNCTIONS[backend].apply(x, weight, bias, lora_A, lora_B, row_adapter, ranks, float_scalings, ps)

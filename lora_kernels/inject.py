@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
+import sys
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -259,7 +260,19 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     # Stored outside the module tree (a plain list attribute): it is bookkeeping, not state to move or save.
     object.__setattr__(model, CONFIGS_ATTR, applied_configs(model) + [config])
     _freeze_all_but_adapters(model, new_layers)
+    _hook_transformers_model(model)
     return model
+
+
+def _hook_transformers_model(model: nn.Module) -> None:
+    """A transformers PreTrainedModel saves adapter-only checkpoints under Trainer and resumes from them
+    (integrations/transformers.py). Only a model whose transformers module is already loaded can be one, so
+    plain torch users never import transformers here."""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    if modeling is not None and isinstance(model, modeling.PreTrainedModel):
+        from .integrations.transformers import enable_adapter_checkpoints
+
+        enable_adapter_checkpoints(model)
 
 
 # -- trainability -------------------------------------------------------------------------------------

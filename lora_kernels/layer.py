@@ -22,18 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import check_lora_args
 from .functional import dequantize, from_bnb, fused_lora_linear
-
-
-def _check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights):
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r must be an integer >= 1, got {r!r}")
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
-        raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
-    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
-        raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
-    if init_lora_weights not in (True, False, "gaussian"):
-        raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -127,7 +117,7 @@ class FusedLoraLinear(nn.Module):
 
     def _init_from_base(self, weight, bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype,
                         fan_in_fan_out=False, features=None):
-        _check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights)
+        check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights)
         self.fan_in_fan_out = fan_in_fan_out
         self.out_features, self.in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
         if features is not None:  # a packed 4-bit weight's shape is not (out, in)

@@ -58,3 +58,56 @@ def oracle(case, mask=None, p=0.0, dy=None):
 def rel_err(got, want):
     """Max error of `got` against the float64 `want`, relative to want's largest magnitude (floor 1)."""
     return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1.0)).item()
+
+
+# Several adapters in one batch (functional.fused_multi_lora_linear), written row by row.
+
+def multi_lora_linear_reference(x, weight, bias, lora_As, lora_Bs, scalings, row_adapter, keep_mask=None,
+                                dropout_ps=None):
+    """y[m] = x[m]·Wᵀ + b + s_a·(dropout_{p_a}(x[m])·A_aᵀ)·B_aᵀ with a = row_adapter[m]; -1 (or an adapter
+    given as None) adds nothing. keep_mask: bool, x's shape, True where kept; None means no dropout."""
+    K, N = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, K)
+    keep2 = None if keep_mask is None else keep_mask.reshape(-1, K)
+    rows = []
+    for m, a in enumerate(int(a) for a in row_adapter):
+        y_m = F.linear(x2[m], weight, bias)
+        if a >= 0 and lora_As[a] is not None:
+            x_m = x2[m] if keep2 is None else x2[m] * keep2[m].to(x.dtype) / (1.0 - dropout_ps[a])
+            y_m = y_m + scalings[a] * F.linear(F.linear(x_m, lora_As[a]), lora_Bs[a])
+        rows.append(y_m)
+    return torch.stack(rows).reshape(*x.shape[:-1], N)
+
+
+def make_multi_case(lead, K, N, ranks, dtype, ab_dtype=None, bias=True, seed=0):
+    """Random inputs of fused_multi_lora_linear: x (*lead, K), one (A, B, scaling) per rank in `ranks`."""
+    g = torch.Generator().manual_seed(seed)
+    ab_dtype = ab_dtype or dtype
+
+    def rnd(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g) * scale).to(dt)
+
+    return {
+        "x": rnd(*lead, K),
+        "weight": rnd(N, K, scale=K ** -0.5),
+        "bias": rnd(N) if bias else None,
+        "lora_As": [rnd(r, K, scale=K ** -0.5, dt=ab_dtype) for r in ranks],
+        "lora_Bs": [rnd(N, r, scale=r ** -0.5, dt=ab_dtype) for r in ranks],
+        "scalings": [0.5 + 0.25 * i for i in range(len(ranks))],  # distinct per adapter
+    }
+
+
+def multi_oracle(case, row_adapter, mask=None, dropout_ps=None, dy=None):
+    """float64 y and, if dy is given, grads {"x": ..., "lora_As": [...], "lora_Bs": [...]}."""
+    def d(t):
+        return None if t is None else t.detach().double().requires_grad_(True)
+
+    x, As, Bs = d(case["x"]), [d(A) for A in case["lora_As"]], [d(B) for B in case["lora_Bs"]]
+    bias = None if case["bias"] is None else case["bias"].double()
+    y = multi_lora_linear_reference(x, case["weight"].double(), bias, As, Bs, case["scalings"], row_adapter, mask,
+                                    dropout_ps)
+    if dy is None:
+        return y.detach(), None
+    y.backward(dy.double())
+    zeros = lambda t: None if t is None else (t.grad if t.grad is not None else torch.zeros_like(t))  # noqa: E731
+    return y.detach(), {"x": x.grad, "lora_As": [zeros(A) for A in As], "lora_Bs": [zeros(B) for B in Bs]}

@@ -1,6 +1,6 @@
 """The package's one timer: CUDA events around each repetition on a GPU, perf_counter elsewhere.
 
-Used by the GEMM-path dispatcher (gemm_dispatch.py), `lora-kernels bench` and the benchmark suites
+Used by the GEMM-path dispatcher (backends/gemm_dispatch.py), `lora-kernels bench` and the benchmark suites
 in bench/. On a GPU each timed repetition can be preceded by overwriting a 256 MiB buffer, so no operand is
 served from L2 (an H100 and an H200 have 50 MB of it), which is how a layer meets its inputs inside a real
 network. Without a GPU the numbers only prove that the code runs; they are not results.

@@ -27,6 +27,7 @@ from helpers import TOL, keep_mask, make_case, oracle, rel_err, seed_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
+HOST_EMULATION = ROOT / "tests" / "cuda_host_emulation" / "kernel_emulation.cpp"
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -279,7 +280,7 @@ def builds(tmp_path_factory):
     else:
         exe = b.tmp / "kernel_emulation"
         b.start("kernel_emulation", [cxx, "-std=c++20", "-O2", "-pthread", f"-I{cuda_home / 'include'}", f"-I{CSRC}",
-                                     str(CSRC / "host_check" / "kernel_emulation.cpp"), "-o", str(exe)], exe)
+                                     str(HOST_EMULATION), "-o", str(exe)], exe)
     cmds, reason = _extension_compile_commands(b.tmp)
     for src in _setup_sources():
         if reason:
@@ -297,7 +298,7 @@ def test_cuda_extension_source_compiles(builds, src):
 
 
 def test_kernels_under_host_emulation(builds):
-    """The CUDA kernels, run on the host (csrc/host_check/kernel_emulation.cpp), match a float64 reference."""
+    """The CUDA kernels, run on the host (tests/cuda_host_emulation/kernel_emulation.cpp), match a float64 reference."""
     exe = builds.wait("kernel_emulation")
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]

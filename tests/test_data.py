@@ -1,11 +1,11 @@
-"""Data loading: formats, response-only labels, packing, and errors that name the file and line."""
+"""Data loading: formats, response-only labels, packing, per-rank batch order, and errors naming file and line."""
 import json
 
 import pytest
 import torch
 
-from lora_kernels.data import (DEMO_PATH, IGNORE_INDEX, ByteTokenizer, DataError, encode_record, load_packed, pack,
-                               read_records, split_eval)
+from lora_kernels.data import (DEMO_PATH, IGNORE_INDEX, ByteTokenizer, DataError, PackedDataset, ShardedBatches,
+                               count_loss_tokens, encode_record, load_packed, pack, read_records, split_eval)
 
 TOK = ByteTokenizer()
 
@@ -99,3 +99,29 @@ def test_byte_tokenizer_roundtrip(tmp_path):
     assert ByteTokenizer.is_saved_in(str(tmp_path))
     assert ByteTokenizer.from_pretrained(str(tmp_path)).encode("a") == [97]
     assert torch.tensor(TOK.encode("x")).max() < TOK.vocab_size
+
+
+def test_count_loss_tokens_skips_each_rows_first_label():
+    labels = torch.tensor([[5, 6, IGNORE_INDEX, 7], [8, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]])
+    assert count_loss_tokens(labels) == 2
+    assert PackedDataset(torch.zeros_like(labels), labels).num_loss_tokens() == 2
+
+
+def _row_ids(batches, n):
+    """The first column of each row read: the row's index, as the test dataset is built."""
+    return [int(v) for _ in range(n) for v in batches.next()[0][:, 0]]
+
+
+def test_sharded_batches_split_ranks_and_resume_from_cursor():
+    ids = torch.arange(10).unsqueeze(1).repeat(1, 4)
+    ds = PackedDataset(ids, ids.clone())
+    ranks = [ShardedBatches(ds, batch_size=2, seed=3, rank=r, world=2) for r in range(2)]
+    epoch0 = [_row_ids(b, 3) for b in ranks]  # 2 + 2 + 1 rows: one epoch of 5 rows per rank
+    assert not set(epoch0[0]) & set(epoch0[1]) and len(set(epoch0[0]) | set(epoch0[1])) == 10
+    full = ShardedBatches(ds, batch_size=2, seed=3)
+    _row_ids(full, 4)
+    resumed = ShardedBatches(ds, batch_size=2, seed=3)
+    resumed.load_state(full.state())
+    assert _row_ids(resumed, 6) == _row_ids(full, 6)  # across the epoch boundary too
+    with pytest.raises(ValueError, match="fewer than the 20 processes"):
+        ShardedBatches(ds, batch_size=2, seed=3, rank=0, world=20)

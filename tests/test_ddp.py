@@ -13,9 +13,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
     import lora_kernels as lk
-    from lora_kernels.cli import build_tiny_model
     from lora_kernels.data import DEMO_PATH, load_packed
-    from lora_kernels.trainer import Trainer, TrainConfig, trainable_state_dict
+    from lora_kernels.models import build_tiny_model
+    from lora_kernels.training import Trainer, TrainConfig, trainable_state_dict
 
     out, strategy, device = sys.argv[1], sys.argv[2], sys.argv[3]
     resume = sys.argv[4] if len(sys.argv) > 4 else None

@@ -116,3 +116,22 @@ def test_saved_adapter_is_peft_loadable_and_merge_gives_conv1d(tmp_path):
     assert type(base.transformer.h[0].attn.c_attn) is Conv1D
     with torch.no_grad():
         assert torch.equal(base(IDS).logits, tiny_gpt2()(IDS).logits)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fuse_peft_model_serves_conv1d_layers(backend, tmp_path, monkeypatch):
+    from lora_kernels.integrations import peft as lk_peft
+
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", backend)
+    theirs, _ = _peft_adapter(tmp_path, r=4, lora_alpha=8, target_modules="all-linear")
+    want_logits, want_grads = _logits_and_grads(theirs)
+    report = lk_peft.fuse_peft_model(theirs)
+    assert not report.skipped and any(n.endswith("attn.c_attn") for n in report.fused)
+    calls = []
+    real = lk_peft.fused_lora_linear
+    monkeypatch.setattr(lk_peft, "fused_lora_linear", lambda x, w, *a, **k: calls.append(w.shape) or real(x, w, *a, **k))
+    got_logits, got_grads = _logits_and_grads(theirs)
+    assert len(calls) == len(report.fused)
+    assert torch.allclose(got_logits, want_logits, atol=1e-5)
+    for name, g in want_grads.items():
+        assert torch.allclose(got_grads[name], g, atol=1e-5), name

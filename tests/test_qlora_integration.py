@@ -165,3 +165,53 @@ def test_4bit_layer_fullgraph_compile(backend, monkeypatch):
         results.append([y.detach(), x.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()])
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-6)
+
+
+def _peft_4bit_pair(**cfg):
+    """Two identical PEFT models over one bnb Linear4bit base (lora.bnb.Linear4bit layers): (to fuse, reference)."""
+    models = []
+    for _ in range(2):
+        base = nn.Sequential(_linear4bit(40, 24))
+        base.is_loaded_in_4bit = True   # what transformers sets; PEFT then uses lora.bnb.Linear4bit
+        torch.manual_seed(3)
+        models.append(peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"],
+                                                                init_lora_weights=False, **cfg)))
+    return models
+
+
+def test_fused_peft_4bit_keeps_peft_repr_and_layer_status():
+    model, reference = _peft_4bit_pair()
+    layer = model.base_model.model[0]
+    peft_repr = repr(layer)
+    assert peft_repr.startswith("lora.Linear4bit(")
+    report = fuse_peft_model(model)
+    assert len(report.fused) == 1 and type(layer).__name__ == "FusedPeftLinear4bit"
+    assert repr(layer).startswith("lora.Linear4bit(\n  fused=lora_kernels\n")
+    assert repr(layer).replace("  fused=lora_kernels\n", "") == peft_repr
+    assert model.get_layer_status() == reference.get_layer_status()
+
+
+def test_fused_peft_4bit_per_call_fallback_and_lora_bias(monkeypatch):
+    """The 4-bit layer follows the dense layer's per-call rules (here: a hook on base_layer runs PEFT's forward)
+    and serves lora_bias on the kernels."""
+    import lora_kernels.integrations.peft as lk_peft
+
+    model, reference = _peft_4bit_pair(lora_bias=True)
+    with torch.no_grad():
+        for m in (model, reference):
+            m.base_model.model[0].lora_B["default"].bias.copy_(torch.linspace(-1, 1, 24))
+    fuse_peft_model(model)
+    calls = []
+    real = lk_peft.fused_lora_linear
+    monkeypatch.setattr(lk_peft, "fused_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(5, 40)
+    with torch.no_grad():
+        want = reference(x)
+        assert_rel_close(model(x), want, 1e-5, "fused, lora_bias")
+        assert len(calls) == 1
+        handle = model.base_model.model[0].base_layer.register_forward_hook(lambda mod, inp, out: None)
+        assert_rel_close(model(x), want, 1e-6, "hooked: PEFT's forward")
+        assert len(calls) == 1
+        handle.remove()
+        model(x)
+        assert len(calls) == 2

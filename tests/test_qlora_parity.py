@@ -90,6 +90,21 @@ def test_params4bit_is_accepted_and_cuda_backend_refuses(monkeypatch):
         lk.fused_lora_linear(torch.randn(3, 41), w, None, torch.randn(4, 41), B, 0.5)
 
 
+@pytest.mark.parametrize("as_params4bit", [True, False], ids=["Params4bit", "QuantizedWeight"])
+def test_multi_adapter_refuses_a_4bit_base(as_params4bit):
+    """Several adapters in one batch over a 4-bit base are not implemented: a clear ValueError, never a wrong y."""
+    from lora_kernels.functional import AdapterSegments, fused_multi_lora_linear
+
+    bnb = pytest.importorskip("bitsandbytes")
+    w = bnb.nn.Params4bit(torch.randn(24, 40), requires_grad=False, quant_type="nf4")._quantize("cpu")
+    weight = w if as_params4bit else from_bnb(w)
+    x = torch.randn(2, 3, 40)
+    As, Bs = [torch.randn(4, 40), torch.randn(2, 40)], [torch.randn(24, 4), torch.randn(24, 2)]
+    segments = AdapterSegments([0, 1])
+    with pytest.raises(ValueError, match=r"fused_multi_lora_linear does not support a 4-bit \(QLoRA\) base"):
+        fused_multi_lora_linear(x, weight, None, As, Bs, [0.5, 1.0], [0.0, 0.0], segments)
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_saved_for_backward_is_x_and_shrink_only(backend, monkeypatch):
     """Saved: x, the (M, r) shrink, the seed and the 4-bit weight's own tensors; never a dequantized W."""

@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 
 import lora_kernels as lk
-from lora_kernels.cli import build_tiny_model
 from lora_kernels.data import DEMO_PATH, load_packed, split_eval
-from lora_kernels.trainer import TrainConfig, Trainer, trainable_state_dict, warmup_cosine
+from lora_kernels.models import build_tiny_model
+from lora_kernels.training import TrainConfig, Trainer, trainable_state_dict, warmup_cosine
 
 SEQ = 32
 

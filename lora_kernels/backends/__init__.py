@@ -14,7 +14,7 @@ from typing import Dict, Type
 from ..settings import requested_backend
 from . import cuda, triton
 from . import torch as torch_backend
-from .base import LoraLinearFunction, QLoraLinearFunction
+from .base import LoraLinearFunction, MultiLoraLinearFunction, QLoraLinearFunction
 
 _MODULES = {"triton": triton, "torch": torch_backend, "cuda": cuda}
 
@@ -22,6 +22,12 @@ FUNCTIONS: Dict[str, Type[LoraLinearFunction]] = {
     "triton": triton.TritonLoraLinear,
     "torch": torch_backend.TorchLoraLinear,
     "cuda": cuda.CudaLoraLinear,
+}
+
+# Several adapters in one batch (functional.fused_multi_lora_linear); the CUDA extension has no segmented kernels.
+MULTI_FUNCTIONS: Dict[str, Type[MultiLoraLinearFunction]] = {
+    "triton": triton.TritonMultiLoraLinear,
+    "torch": torch_backend.TorchMultiLoraLinear,
 }
 
 

@@ -39,6 +39,13 @@ def not_computed(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
 
 
+def fake_fwd_flat_xa(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    """Forward output shapes when xa is kept as an (M, r) float32 matrix (the Triton and CUDA backends)."""
+    M = x.numel() // x.shape[-1]
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((M, lora_A.shape[0]), dtype=torch.float32),
+            x.new_empty((1,), dtype=torch.int64))
+
+
 def fake_bwd(dy, x, xa, seed, weight, lora_A, lora_B, scaling, dropout_p, need_x, need_lora_a, need_lora_b):
     """Shapes of bwd_op's outputs for torch.compile's fake tensors (the same for every backend)."""
     return (x.new_empty(x.shape) if need_x else not_computed(x),
@@ -162,6 +169,59 @@ class QLoraLinearFunction(torch.autograd.Function):
             return (grad_x if need_x else None, None, None, None, None, None, grad_bias,
                     grad_a if need_lora_a else None, grad_b if need_lora_b else None, None, None, None, None, None,
                     None)
+
+        cls.forward = staticmethod(forward)
+        cls.backward = staticmethod(backward)
+
+
+# Several adapters in one batch (functional.fused_multi_lora_linear): the same contract over stacked adapters.
+#
+#     multi_fwd_op(x, weight, bias, lora_A, lora_B, row_adapter, ranks, scalings, dropout_ps) -> (y, xa, seed)
+#         lora_A (n, r_max, K) and lora_B (n, N, r_max): the layer's adapters zero-padded to the largest rank;
+#         row_adapter (M,) int32: each logical row's adapter, -1 = base only; ranks, scalings, dropout_ps: one
+#         per adapter. xa = dropout(x)·A[a(m)]ᵀ per row (r_max columns; 0 for base rows), one seed for all.
+#     multi_bwd_op(dy, x, xa, seed, weight, lora_A, lora_B, row_adapter, ranks, scalings, dropout_ps,
+#                  need_x, need_lora_a, need_lora_b) -> (grad_x, grad_A (n, r_max, K), grad_B (n, N, r_max))
+
+
+def fake_multi_bwd(dy, x, xa, seed, weight, lora_A, lora_B, row_adapter, ranks, scalings, dropout_ps, need_x,
+                   need_lora_a, need_lora_b):
+    return fake_bwd(dy, x, xa, seed, weight, lora_A, lora_B, 1.0, 0.0, need_x, need_lora_a, need_lora_b)
+
+
+class MultiLoraLinearFunction(torch.autograd.Function):
+    """Base of the backends' multi-adapter autograd Functions; a subclass names multi_fwd_op and multi_bwd_op.
+
+    Saves x, xa (M, r_max), the seed and the (M,) row ids, plus the stacked adapters (parameter-sized) —
+    never a per-adapter copy of x or a mask. Gradients of the stacked adapters flow back through
+    the zero-padded torch.cat of functional._stack_padded to each adapter's own tensors.
+    """
+
+    fwd_op = None
+    bwd_op = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        fwd_op, bwd_op = cls.fwd_op, cls.bwd_op
+        if fwd_op is None or bwd_op is None:
+            raise TypeError(f"{cls.__name__} must set both fwd_op and bwd_op")
+
+        def forward(ctx, x, weight, bias, lora_A, lora_B, row_adapter, ranks, scalings, dropout_ps):
+            y, xa, seed = fwd_op(x, weight, bias, lora_A, lora_B, row_adapter, ranks, scalings, dropout_ps)
+            ctx.save_for_backward(x, xa, seed, weight, lora_A, lora_B, row_adapter)
+            ctx.adapter_args = (ranks, scalings, dropout_ps)
+            ctx.bias_dtype = None if bias is None else bias.dtype
+            return y
+
+        def backward(ctx, dy):
+            x, xa, seed, weight, lora_A, lora_B, row_adapter = ctx.saved_tensors
+            need_x, need_weight, need_bias, need_lora_a, need_lora_b = ctx.needs_input_grad[:5]
+            with torch.autocast(x.device.type, enabled=False):
+                grad_x, grad_a, grad_b = bwd_op(dy, x, xa, seed, weight, lora_A, lora_B, row_adapter,
+                                                *ctx.adapter_args, need_x, need_lora_a, need_lora_b)
+                grad_w, grad_bias = base_grads(dy, x, need_weight, need_bias, weight.dtype, ctx.bias_dtype)
+            return (grad_x if need_x else None, grad_w, grad_bias, grad_a if need_lora_a else None,
+                    grad_b if need_lora_b else None, None, None, None, None)
 
         cls.forward = staticmethod(forward)
         cls.backward = staticmethod(backward)

@@ -18,8 +18,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .base import KERNEL_DTYPES, LoraLinearFunction, draw_seed, fake_bwd, no_seed, not_computed
-from .triton import fake_fwd_flat_xa
+from .base import (KERNEL_DTYPES, LoraLinearFunction, draw_seed, fake_bwd, fake_fwd_flat_xa, no_seed,
+                   not_computed)
 
 
 def _load_extension():

@@ -14,13 +14,13 @@ QLoRA (triton_qlora_fwd / _bwd): the same passes with a 4-bit base; the two GEMM
 tile in registers (fused) or into a one-off buffer for torch's matmul (split), chosen per shape as for dense W.
 """
 import warnings
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 from ..settings import interpreting
-from .base import (KERNEL_DTYPES, LoraLinearFunction, QLoraLinearFunction, draw_seed, fake_bwd, fake_qbwd, no_seed,
-                   not_computed, quantized_weight)
+from .base import (KERNEL_DTYPES, LoraLinearFunction, MultiLoraLinearFunction, QLoraLinearFunction, draw_seed,
+                   fake_bwd, fake_fwd_flat_xa, fake_multi_bwd, fake_qbwd, no_seed, not_computed, quantized_weight)
 from .gemm_dispatch import choose as choose_gemm
 from .gemm_dispatch import gemm_key
 
@@ -106,12 +106,7 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
     return run(choose_gemm(key, x.device, run)), xa, seed
 
 
-@triton_lora_fwd.register_fake
-def fake_fwd_flat_xa(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
-    """Forward output shapes when xa is kept as an (M, r) float32 matrix (the Triton and CUDA backends)."""
-    M = x.numel() // x.shape[-1]
-    return (x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((M, lora_A.shape[0]), dtype=torch.float32),
-            x.new_empty((1,), dtype=torch.int64))
+triton_lora_fwd.register_fake(fake_fwd_flat_xa)
 
 
 @torch.library.custom_op("lora_kernels::triton_lora_bwd", mutates_args=())
@@ -203,3 +198,84 @@ class TritonQLoraLinear(QLoraLinearFunction):
 
     qfwd_op = torch.ops.lora_kernels.triton_qlora_fwd
     qbwd_op = torch.ops.lora_kernels.triton_qlora_bwd
+
+
+# Several adapters in one batch (base.py's multi-adapter contract): the same four launches, segmented
+# (ops/segments.py): their number does not depend on how many adapters the batch uses.
+
+@torch.library.custom_op("lora_kernels::triton_multi_lora_fwd", mutates_args=())
+def triton_multi_lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          lora_A: torch.Tensor, lora_B: torch.Tensor, row_adapter: torch.Tensor, ranks: List[int],
+                          scalings: List[float], dropout_ps: List[float]) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                    torch.Tensor]:
+    """(y, xa (M, r_max) float32, seed): forward passes 1 and 2, segmented."""
+    from ..ops.lora_linear_fwd import lora_linear_fwd
+    from ..ops.lora_shrink import lora_shrink
+    from ..ops.segments import adapter_table
+
+    x, rows = _rows_or_copy(x)
+    precision = dot_precision(x.dtype)
+    adapters = adapter_table(row_adapter, ranks, scalings, dropout_ps)
+    seed = draw_seed(x.device) if adapters.has_dropout else no_seed(x.device)
+    r_max = lora_A.shape[1]
+    if rows.M == 0:
+        xa = torch.zeros((0, r_max), dtype=torch.float32, device=x.device)
+        return torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device), xa, seed
+    xa = lora_shrink(x, rows, lora_A, seed, 0.0, precision, adapters=adapters)
+    run = lambda gemm: lora_linear_fwd(x, rows, weight, bias, xa, lora_B, 1.0, precision, gemm,  # noqa: E731
+                                       adapters=adapters)
+    key = gemm_key("fwd", x, rows.M, x.shape[-1], weight.shape[0], r_max, bias=bias is not None, segmented=True)
+    return run(choose_gemm(key, x.device, run)), xa, seed
+
+
+@triton_multi_lora_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, row_adapter, ranks, scalings, dropout_ps):
+    M = x.numel() // x.shape[-1]
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((M, lora_A.shape[1]), dtype=torch.float32),
+            x.new_empty((1,), dtype=torch.int64))
+
+
+@torch.library.custom_op("lora_kernels::triton_multi_lora_bwd", mutates_args=())
+def triton_multi_lora_bwd(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, seed: torch.Tensor,
+                          weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, row_adapter: torch.Tensor,
+                          ranks: List[int], scalings: List[float], dropout_ps: List[float], need_x: bool,
+                          need_lora_a: bool, need_lora_b: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_A (n, r_max, K), grad_B (n, N, r_max)), each empty when not needed: backward passes 1, 2."""
+    from ..ops.lora_dy_b import lora_dy_b
+    from ..ops.lora_linear_bwd_dx import lora_linear_bwd_dx
+    from ..ops.segments import adapter_table
+
+    grad_x, grad_a, grad_b = not_computed(x), not_computed(lora_A), not_computed(lora_B)
+    dy, dy_rows = _rows_or_copy(dy.to(x.dtype))
+    if dy_rows.M == 0:
+        return (torch.zeros_like(x) if need_x else grad_x, torch.zeros_like(lora_A) if need_lora_a else grad_a,
+                torch.zeros_like(lora_B) if need_lora_b else grad_b)
+    x, x_rows = _rows_or_copy(x)
+    precision = dot_precision(x.dtype)
+    adapters = adapter_table(row_adapter, ranks, scalings, dropout_ps)
+    dyb, grad_b32 = lora_dy_b(dy, dy_rows, lora_B, xa, 1.0, compute_dyb=need_x or need_lora_a,
+                              compute_grad_b=need_lora_b, dot_precision=precision, adapters=adapters)
+    if need_x or need_lora_a:
+        run = lambda gemm: lora_linear_bwd_dx(  # noqa: E731
+            dy, dy_rows, weight, dyb, lora_A, x, x_rows, seed, 1.0, 0.0, compute_dx=need_x,
+            compute_grad_a=need_lora_a, dot_precision=precision, gemm=gemm, adapters=adapters)
+        key = gemm_key("bwd", x, x_rows.M, x.shape[-1], dy.shape[-1], lora_A.shape[1],
+                       dropout=adapters.has_dropout, grad_A=need_lora_a, segmented=True)
+        dx, grad_a32 = run(choose_gemm(key, x.device, run) if need_x else "fused")
+        if need_x:
+            grad_x = dx
+        if need_lora_a:
+            grad_a = grad_a32.to(lora_A.dtype)
+    if need_lora_b:
+        grad_b = grad_b32.to(lora_B.dtype)
+    return grad_x, grad_a, grad_b
+
+
+triton_multi_lora_bwd.register_fake(fake_multi_bwd)
+
+
+class TritonMultiLoraLinear(MultiLoraLinearFunction):
+    """Triton backend, several adapters in one batch: the same 2 launches forward and 2 backward, segmented."""
+
+    fwd_op = torch.ops.lora_kernels.triton_multi_lora_fwd
+    bwd_op = torch.ops.lora_kernels.triton_multi_lora_bwd

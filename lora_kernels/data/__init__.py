@@ -1,12 +1,13 @@
-"""Training data: local JSONL / text loaders, packing, the byte tokenizer and the shipped demo set.
+"""Training data: local JSONL / text loaders, packing, the per-rank batch order, the byte tokenizer, the demo set.
 
 demo.jsonl (DEMO_PATH) is a small English set written for this package: short prose about LoRA and
 training ({"text"} lines) and templated question/answer pairs ({"prompt", "response"} lines), enough
 for the built-in tiny model to show a falling loss within a couple of minutes on a laptop CPU.
 """
-from .loader import (DEMO_PATH, IGNORE_INDEX, DataError, PackedDataset, Record, encode_record, load_packed, pack,
-                     read_records, split_eval)
+from .batches import ShardedBatches
+from .loader import (DEMO_PATH, IGNORE_INDEX, DataError, PackedDataset, Record, count_loss_tokens, encode_record,
+                     load_packed, pack, read_records, split_eval)
 from .tokenizer import ByteTokenizer
 
-__all__ = ["DEMO_PATH", "IGNORE_INDEX", "ByteTokenizer", "DataError", "PackedDataset", "Record", "encode_record",
-           "load_packed", "pack", "read_records", "split_eval"]
+__all__ = ["DEMO_PATH", "IGNORE_INDEX", "ByteTokenizer", "DataError", "PackedDataset", "Record", "ShardedBatches",
+           "count_loss_tokens", "encode_record", "load_packed", "pack", "read_records", "split_eval"]

@@ -150,6 +150,12 @@ def pack(examples: Iterable[Tuple[List[int], List[int]]], seq_len: int, pad_id: 
     return ids_t, labels_t
 
 
+def count_loss_tokens(labels: torch.Tensor) -> int:
+    """How many positions of (rows, seq) labels carry loss: the loss predicts token t+1 from t, so the first
+    label of a row never does."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
 class PackedDataset(torch.utils.data.Dataset):
     """Rows of packed (input_ids, labels); labels are aligned with input_ids (the loss shifts them)."""
 
@@ -166,7 +172,7 @@ class PackedDataset(torch.utils.data.Dataset):
         return self.input_ids[i], self.labels[i]
 
     def num_loss_tokens(self) -> int:
-        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+        return count_loss_tokens(self.labels)
 
 
 def load_packed(path: str, tokenizer, seq_len: int) -> PackedDataset:

@@ -1,63 +1,75 @@
 """fuse_peft_model: make an existing PEFT model's LoRA Linear layers run on the fused kernels, in place.
 
 Each eligible `peft.tuners.lora.Linear` gets its class switched to `FusedPeftLinear`, a subclass that only
-overrides forward. Parameters, state-dict keys and every PEFT method stay PEFT's own, so save_pretrained,
-from_pretrained, merge_and_unload, disable_adapter and set_adapter keep working. Whenever a call is one the kernels
-cannot compute exactly (adapter merged or disabled, several active adapters, mixed-batch adapter_names, DoRA,
-lora_bias), the layer runs PEFT's original forward for that call.
+overrides forward (and the name its repr shows: still `lora.Linear`, so `get_layer_status()` reports what PEFT
+reports). Parameters, state-dict keys and every PEFT method stay PEFT's own, so save_pretrained, from_pretrained,
+merge_and_unload, disable_adapter, set_adapter and hotswap keep working.
 
-QLoRA: PEFT's `lora.bnb.Linear4bit` layers (a bitsandbytes 4-bit base) become `FusedPeftLinear4bit` the same way;
-their forward hands the Params4bit to the kernels, which dequantize W inside the GEMMs (bitsandbytes' dequantize
-is never called). `lora.bnb.Linear8bitLt` layers are reported as skipped.
+A fused layer computes a call on the kernels only when the kernels give what PEFT's forward would; otherwise it
+runs PEFT's original forward for that call (decided per call, from a few attribute and dict checks). It falls
+back when any of these holds:
+
+- the call passes extra arguments (e.g. mixed-batch `adapter_names`), the adapters are disabled or merged, or not
+  exactly one of the active adapters has weights in this layer (PEFT skips the others);
+- the active adapter uses a LoRA variant (DoRA, ...), or its dropout module is neither nn.Dropout nor
+  nn.Identity;
+- `base_layer`, `lora_A[adapter]`, `lora_B[adapter]` or `lora_dropout[adapter]` would not run its class's plain
+  forward when called: it is not an nn.Linear (resp. Dropout/Identity) whose class keeps nn.Linear's forward, it
+  carries forward or backward (pre-)hooks, its `forward` is replaced on the instance, or it has an accelerate
+  `_hf_hook` (accelerate patches `forward` and, when offloading, loads the weights in the hook) other than a
+  non-offloading AlignDevicesHook whose execution device is x's device (dispatch_model puts those on every
+  module; for a module already on that device they move nothing);
+- torch has global module forward or backward hooks registered (they would run around those sub-module calls);
+- a weight or bias of base_layer, lora_A or lora_B is not on x's device (meta or offloaded tensors included);
+- `cast_input_dtype_enabled` is False and x's dtype differs from lora_A's or lora_B's (PEFT then feeds the
+  adapters x uncast; with equal dtypes the cast is a no-op and the kernels compute the same thing).
+
+A transformers Conv1D base (GPT-2, fan_in_fan_out=True) is served through its weight's transposed view, and a
+tensor `scaling` (PEFT's prepare_model_for_compiled_hotswap) is handled by fused_lora_linear without a host sync.
+
+`lora_bias=True` is computed on the kernels: PEFT adds scaling·lora_B.bias to the output, which is folded into the
+base bias passed to the kernels (its gradient flows back to lora_B.bias through autograd).
+
+QLoRA: PEFT's `lora.bnb.Linear4bit` layers (a bitsandbytes 4-bit base) become `FusedPeftLinear4bit` the same way,
+under the same per-call rules (the base must be a bitsandbytes Linear4bit running its class's forward); their
+forward hands the Params4bit to the kernels, which dequantize W inside the GEMMs (bitsandbytes' dequantize is never
+called), computing in the base's compute_dtype as bitsandbytes does. Their repr keeps PEFT's `lora.Linear4bit`.
+`lora.bnb.Linear8bitLt` layers are reported as skipped.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+import torch
 import torch.nn as nn
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer
 
 from ..functional import fused_lora_linear
+from ..layer import is_conv1d
+
+# torch keeps the global module hooks in these dicts of torch.nn.modules.module, mutated in place.
+_torch_module = torch.nn.modules.module
 
 
-def _unservable_reason(layer: PeftLoraLinear, adapter: Optional[str] = None, base_type=nn.Linear) -> Optional[str]:
-    """Why `layer` cannot run `adapter` (default: its only active adapter) on the kernels, or None if it can."""
-    if adapter is None:
-        active = list(layer.active_adapters)
-        if len(active) != 1:
-            return f"{len(active)} active adapters {active} (the kernels compute one)"
-        adapter = active[0]
-    if adapter not in layer.lora_A:
-        return f"no LoRA weights for active adapter {adapter!r}"
-    if adapter in layer.lora_variant or layer.use_dora.get(adapter, False):
-        return f"adapter {adapter!r} uses a LoRA variant ({type(layer.lora_variant.get(adapter)).__name__}, e.g. DoRA)"
-    if layer.lora_bias.get(adapter, False):
-        return f"adapter {adapter!r} has lora_bias=True"
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out=True (Conv1D-style weight)"
-    base = layer.get_base_layer()
-    if type(base) is not base_type:
-        return f"base layer is a {type(base).__name__}, not a plain {base_type.__name__}"
-    if not isinstance(layer.lora_dropout[adapter], (nn.Dropout, nn.Identity)):
-        return f"dropout module is a {type(layer.lora_dropout[adapter]).__name__}"
-    return None
+def _is_linear(m: nn.Module) -> bool:
+    """An nn.Linear (or subclass such as NonDynamicallyQuantizableLinear) whose class computes F.linear."""
+    return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
 
 
-class FusedPeftLinear(PeftLoraLinear):
-    """A peft.tuners.lora.Linear whose forward runs on lora_kernels when it can (never constructed directly)."""
+def _is_conv1d(m: nn.Module) -> bool:
+    """transformers' Conv1D itself (GPT-2's projections: weight stored (in, out)), not a subclass with its own forward."""
+    return is_conv1d(m) and type(m).forward is sys.modules["transformers.pytorch_utils"].Conv1D.forward
 
-    def forward(self, x, *args, **kwargs):
-        if args or kwargs or self.disable_adapters or self.merged or _unservable_reason(self) is not None:
-            return super().forward(x, *args, **kwargs)
-        adapter = self.active_adapters[0]
-        base = self.get_base_layer()
-        dropout = self.lora_dropout[adapter]
-        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-        # dropout.training, not self.training: PEFT's nn.Dropout decides by its own mode.
-        return fused_lora_linear(x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                                 self.scaling[adapter], dropout_p=p, training=dropout.training)
+
+def _is_linear4bit(m: nn.Module) -> bool:
+    """A bitsandbytes Linear4bit (or subclass) whose class computes Linear4bit's forward. bitsandbytes is not
+    imported for it."""
+    bnb_nn = sys.modules.get("bitsandbytes.nn")
+    return (bnb_nn is not None and isinstance(m, bnb_nn.Linear4bit)
+            and type(m).forward is bnb_nn.Linear4bit.forward)
 
 
 def _peft_linear4bit():
@@ -69,37 +81,205 @@ def _peft_linear4bit():
     return Linear4bit
 
 
+def _is_bound_class_forward(f, m: nn.Module) -> bool:
+    return getattr(f, "__self__", None) is m and getattr(f, "__func__", None) is type(m).forward
+
+
+def _accelerate_hook_is_identity(m: nn.Module, hook, device: torch.device) -> bool:
+    """True for accelerate's AlignDevicesHook that neither offloads nor moves anything for an input on `device`.
+
+    dispatch_model puts one on every sub-module, offloaded or not; for a module whose weights already live on the
+    execution device it only sends x and the output to devices they are already on, so calling the weights
+    directly computes the same thing. Anything else accelerate may hang there (offloading, SequentialHook, user
+    ModelHooks) is not understood here.
+    """
+    hooks = sys.modules.get("accelerate.hooks")
+    if hooks is None or type(hook) is not hooks.AlignDevicesHook or hook.offload or hook.no_grad:
+        return False
+    if hook.execution_device is not None and torch.device(hook.execution_device) != device:
+        return False
+    return _is_bound_class_forward(m.__dict__.get("_old_forward"), m)
+
+
+def _hooked(m: nn.Module, device: torch.device) -> Optional[str]:
+    """Why calling `m` on an input on `device` would run more than its class's forward (hooks, a patched
+    forward), or None."""
+    if m._forward_pre_hooks or m._forward_hooks:
+        return "forward hooks"
+    if m._backward_pre_hooks or m._backward_hooks:
+        return "backward hooks"
+    d = m.__dict__
+    hf_hook = d.get("_hf_hook")
+    if hf_hook is not None:
+        # accelerate's hook replaces m.forward with a wrapper around m._old_forward
+        return None if _accelerate_hook_is_identity(m, hf_hook, device) else f"an accelerate {type(hf_hook).__name__}"
+    f = d.get("forward")
+    # remove_hook_from_module puts back the bound class method as an instance attribute: that one is harmless.
+    if f is not None and not _is_bound_class_forward(f, m):
+        return "a replaced forward"
+    return None
+
+
+def _served_adapter(layer: PeftLoraLinear):
+    """(adapter, None) when the kernels can run `layer`'s active adapter, else (None, why not).
+
+    Structural reasons only (they do not depend on the input); fuse_peft_model reports them as skips.
+    """
+    # PEFT's forward skips active adapters the layer has no weights for (adapters that target other modules).
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        if not active:
+            return None, f"no LoRA weights for the active adapters {list(layer.active_adapters)}"
+        return None, f"{len(active)} active adapters {active} (the kernels compute one)"
+    adapter = active[0]
+    reason = _adapter_unservable_reason(layer, adapter)
+    return (None, reason) if reason is not None else (adapter, None)
+
+
+def _fuse_time_reason(layer: PeftLoraLinear) -> Optional[str]:
+    """Why fuse_peft_model leaves `layer` on PEFT's path, or None.
+
+    Judged for the active adapters; a layer that holds none of them (they target other modules) is fused when one
+    of its own adapters is servable, so that a later set_adapter to that adapter runs on the kernels.
+    """
+    _, reason = _served_adapter(layer)
+    if reason is None or any(a in layer.lora_A for a in layer.active_adapters):
+        return reason
+    if any(_adapter_unservable_reason(layer, a) is None for a in layer.lora_A):
+        return None
+    return reason
+
+
+def _adapter_unservable_reason(layer: PeftLoraLinear, adapter: str) -> Optional[str]:
+    """Why the kernels cannot compute `adapter` of `layer` (whatever the input), or None."""
+    if adapter in layer.lora_variant or layer.use_dora.get(adapter, False):
+        return f"adapter {adapter!r} uses a LoRA variant ({type(layer.lora_variant.get(adapter)).__name__}, e.g. DoRA)"
+    # base_layer itself, not get_base_layer(): a wrapped tuner layer in between would add its own delta.
+    base = layer.base_layer
+    linear4bit = _peft_linear4bit()
+    if linear4bit is not None and isinstance(layer, linear4bit):
+        if not _is_linear4bit(base):
+            return (f"base layer is a {type(base).__module__}.{type(base).__name__}, not a bitsandbytes Linear4bit "
+                    "running its own forward")
+    elif getattr(layer, "fan_in_fan_out", False) != _is_conv1d(base):
+        return (f"fan_in_fan_out={getattr(layer, 'fan_in_fan_out', False)} over a "
+                f"{type(base).__module__}.{type(base).__name__}")
+    elif not (_is_linear(base) or _is_conv1d(base)):
+        return f"base layer is a {type(base).__module__}.{type(base).__name__}, not an nn.Linear or a Conv1D"
+    for what, m in (("lora_A", layer.lora_A[adapter]), ("lora_B", layer.lora_B[adapter])):
+        if not _is_linear(m):
+            return f"{what}[{adapter!r}] is a {type(m).__module__}.{type(m).__name__}, not an nn.Linear"
+    if layer.lora_A[adapter].bias is not None:
+        return f"lora_A[{adapter!r}] has a bias"
+    dropout = layer.lora_dropout[adapter]
+    if type(dropout) not in (nn.Dropout, nn.Identity):
+        return f"dropout module is a {type(dropout).__name__}"
+    return None
+
+
+def _call_plan(layer: PeftLoraLinear, x: torch.Tensor):
+    """(adapter, None) when the kernels compute what PEFT's forward would for this call on `x`, else
+    (None, why PEFT's forward must run)."""
+    adapter, reason = _served_adapter(layer)
+    if reason is not None:
+        return None, reason
+    if (_torch_module._global_forward_pre_hooks or _torch_module._global_forward_hooks
+            or _torch_module._global_backward_pre_hooks or _torch_module._global_backward_hooks):
+        return None, "global module hooks are registered"
+    base, lora_A, lora_B = layer.base_layer, layer.lora_A[adapter], layer.lora_B[adapter]
+    for what, m in (("base_layer", base), ("lora_A", lora_A), ("lora_B", lora_B),
+                    ("lora_dropout", layer.lora_dropout[adapter])):
+        hooked = _hooked(m, x.device)
+        if hooked is not None:
+            return None, f"{what} has {hooked}"
+    for what, t in (("base_layer.weight", base.weight), ("base_layer.bias", base.bias),
+                    ("lora_A.weight", lora_A.weight), ("lora_B.weight", lora_B.weight), ("lora_B.bias", lora_B.bias)):
+        if t is not None and t.device != x.device:
+            return None, f"{what} is on {t.device}, x on {x.device}"
+    if not getattr(layer, "cast_input_dtype_enabled", True) and (lora_A.weight.dtype != x.dtype
+                                                                 or lora_B.weight.dtype != x.dtype):
+        return None, "cast_input_dtype_enabled=False and x's dtype differs from the adapter's"
+    return adapter, None
+
+
+class FusedPeftLinear(PeftLoraLinear):
+    """A peft.tuners.lora.Linear whose forward runs on lora_kernels when it can (never constructed directly)."""
+
+    def forward(self, x, *args, **kwargs):
+        if args or kwargs or self.disable_adapters or self.merged:
+            return super().forward(x, *args, **kwargs)
+        adapter, reason = _call_plan(self, x)
+        if reason is not None:
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        lora_B = self.lora_B[adapter]
+        scaling = self.scaling[adapter]
+        bias = base.bias
+        if lora_B.bias is not None:
+            # PEFT's lora_bias: lora_B adds scaling·b_B to the output, a constant per output feature.
+            extra = (lora_B.bias * scaling).to(x.dtype if bias is None else bias.dtype)
+            bias = extra if bias is None else bias + extra
+        dropout = self.lora_dropout[adapter]
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        # dropout.training, not self.training: PEFT's nn.Dropout decides by its own mode.
+        # A Conv1D base (fan_in_fan_out) stores W as (in, out): its transposed view, no copy.
+        weight = base.weight.t() if self.fan_in_fan_out else base.weight
+        return fused_lora_linear(x, weight, bias, self.lora_A[adapter].weight, lora_B.weight,
+                                 scaling, dropout_p=p, training=dropout.training)
+
+    def _get_name(self) -> str:
+        # nn.Module's repr prints this; PEFT's get_layer_status takes the layer type from the repr.
+        return PeftLoraLinear.__name__
+
+    def extra_repr(self) -> str:
+        return "fused=lora_kernels"
+
+
+def _forward_4bit(self, x, *args, **kwargs):
+    """FusedPeftLinear4bit.forward: PEFT's lora.bnb.Linear4bit forward on the kernels when the call allows it."""
+    if args or kwargs or self.disable_adapters or self.merged:
+        return super(FusedPeftLinear4bit, self).forward(x, *args, **kwargs)
+    adapter, reason = _call_plan(self, x)
+    if reason is not None:
+        return super(FusedPeftLinear4bit, self).forward(x, *args, **kwargs)
+    base = self.base_layer
+    lora_B = self.lora_B[adapter]
+    scaling = self.scaling[adapter]
+    # bnb's Linear4bit computes in its compute_dtype and returns x's dtype; so do we.
+    dt = base.compute_dtype if base.compute_dtype is not None else x.dtype
+    bias = None if base.bias is None else base.bias.to(dt)
+    if lora_B.bias is not None:  # lora_bias, folded into the bias as for FusedPeftLinear
+        extra = (lora_B.bias * scaling).to(dt)
+        bias = extra if bias is None else bias + extra
+    dropout = self.lora_dropout[adapter]
+    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    y = fused_lora_linear(x.to(dt), base.weight, bias, self.lora_A[adapter].weight, lora_B.weight, scaling,
+                          dropout_p=p, training=dropout.training)
+    return y.to(x.dtype)
+
+
 def _fused_4bit_class():
     """FusedPeftLinear4bit, defined on first use (PEFT defines lora.bnb.Linear4bit only with bitsandbytes)."""
     global FusedPeftLinear4bit
-    if FusedPeftLinear4bit is None and _peft_linear4bit() is not None:
-        import bitsandbytes as bnb
-
-        class _FusedPeftLinear4bit(_peft_linear4bit()):
-            """A peft lora.bnb.Linear4bit whose forward runs on lora_kernels when it can."""
-
-            def forward(self, x, *args, **kwargs):
-                if (args or kwargs or self.disable_adapters or self.merged
-                        or _unservable_reason(self, base_type=bnb.nn.Linear4bit) is not None):
-                    return super().forward(x, *args, **kwargs)
-                adapter = self.active_adapters[0]
-                base = self.get_base_layer()
-                dropout = self.lora_dropout[adapter]
-                p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-                # bnb's Linear4bit computes in its compute_dtype and returns x's dtype; so do we.
-                dt = base.compute_dtype if base.compute_dtype is not None else x.dtype
-                bias = None if base.bias is None else base.bias.to(dt)
-                y = fused_lora_linear(x.to(dt), base.weight, bias, self.lora_A[adapter].weight,
-                                      self.lora_B[adapter].weight, self.scaling[adapter], dropout_p=p,
-                                      training=dropout.training)
-                return y.to(x.dtype)
-
-        _FusedPeftLinear4bit.__name__ = _FusedPeftLinear4bit.__qualname__ = "FusedPeftLinear4bit"
-        FusedPeftLinear4bit = _FusedPeftLinear4bit
+    linear4bit = _peft_linear4bit()
+    if FusedPeftLinear4bit is None and linear4bit is not None:
+        FusedPeftLinear4bit = type("FusedPeftLinear4bit", (linear4bit,), {
+            "__doc__": "A peft lora.bnb.Linear4bit whose forward runs on lora_kernels when it can.",
+            "__module__": __name__,
+            "forward": _forward_4bit,
+            # PEFT's repr (and get_layer_status) show lora.Linear4bit.
+            "_get_name": lambda self: linear4bit.__name__,
+            "extra_repr": lambda self: "fused=lora_kernels",
+        })
     return FusedPeftLinear4bit
 
 
 FusedPeftLinear4bit = None
+
+
+def _is_fused(module: nn.Module) -> bool:
+    return isinstance(module, FusedPeftLinear) or (FusedPeftLinear4bit is not None
+                                                   and isinstance(module, FusedPeftLinear4bit))
 
 
 @dataclass
@@ -118,39 +298,32 @@ class FuseReport:
 def fuse_peft_model(peft_model: nn.Module, verbose: bool = False) -> FuseReport:
     """Switch every eligible PEFT LoRA Linear layer of `peft_model` to the fused kernels, in place.
 
-    Eligible: exactly peft.tuners.lora.Linear over a plain nn.Linear, one active adapter, no DoRA / lora_bias /
-    fan_in_fan_out. Others (conv, embedding, quantized, DoRA, several active adapters) are left as they are and
-    listed in the returned report's `skipped`. Undo with unfuse_peft_model.
+    Eligible: exactly peft.tuners.lora.Linear over an nn.Linear (subclasses that keep nn.Linear's forward too),
+    or a transformers Conv1D (GPT-2, fan_in_fan_out), holding one of the active adapters (or none of them, and an
+    adapter of its own it could serve), without DoRA; and PEFT's lora.bnb.Linear4bit over a bitsandbytes Linear4bit
+    (QLoRA) under the same rules. A fused layer still falls back to PEFT's forward per call (see the module
+    docstring). Others (conv, embedding, 8-bit quantized, DoRA, several active adapters) are
+    left as they are and listed in the returned report's `skipped`. Undo with unfuse_peft_model.
     """
     if not isinstance(peft_model, nn.Module):
         raise ValueError(f"peft_model must be a torch.nn.Module, got {type(peft_model).__name__}")
     report = FuseReport()
+    linear4bit = _peft_linear4bit()
     for name, module in peft_model.named_modules():
-        if isinstance(module, FusedPeftLinear) or (FusedPeftLinear4bit is not None
-                                                   and isinstance(module, FusedPeftLinear4bit)):
+        if _is_fused(module):
             report.fused.append(name)
             continue
         if not isinstance(module, LoraLayer):
             continue
-        linear4bit = _peft_linear4bit()
-        if linear4bit is not None and type(module) is linear4bit:
-            import bitsandbytes as bnb
-
-            reason = _unservable_reason(module, base_type=bnb.nn.Linear4bit)
-            if reason is not None:
-                report.skipped[name] = reason
-                continue
-            module.__class__ = _fused_4bit_class()
-            report.fused.append(name)
-            continue
-        if type(module) is not PeftLoraLinear:
+        is_4bit = linear4bit is not None and type(module) is linear4bit
+        if type(module) is not PeftLoraLinear and not is_4bit:
             report.skipped[name] = f"{type(module).__module__}.{type(module).__name__} is not served by the kernels"
             continue
-        reason = _unservable_reason(module)
+        reason = _fuse_time_reason(module)
         if reason is not None:
             report.skipped[name] = reason
             continue
-        module.__class__ = FusedPeftLinear
+        module.__class__ = _fused_4bit_class() if is_4bit else FusedPeftLinear
         report.fused.append(name)
     if not report.fused and not report.skipped:
         raise ValueError(f"{type(peft_model).__name__} has no PEFT LoRA layer to fuse")

@@ -1,7 +1,42 @@
-"""transformers integration: one-call LoRA for any PreTrainedModel and adapter checkpoints from Trainer.
+"""transformers integration: one-call LoRA for any PreTrainedModel, adapter-only checkpoints under plain Trainer.
 
     model = apply_fused_lora(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    trainer = Trainer(model=model, args=..., callbacks=[AdapterCheckpointCallback()])
+    trainer = Trainer(model=model, args=TrainingArguments(..., save_steps=500))
+    trainer.train()                              # checkpoint-N/ holds the adapter (PEFT format), not the model
+    trainer.train(resume_from_checkpoint=True)   # adapter, optimizer, scheduler, RNG and step restored
+
+How Trainer is made to checkpoint the adapter only (and why this way)
+---------------------------------------------------------------------
+Trainer writes a checkpoint with `model.save_pretrained(dir)` and reads one back in `_load_from_checkpoint`. For a
+`peft.PeftModel` both ends are PEFT's: save_pretrained writes adapter_config.json + adapter_model.safetensors, and
+`_load_from_checkpoint` recognises the model with `isinstance(model, PeftModel)` and calls `model.load_adapter`.
+Our model is the user's own PreTrainedModel class, so that isinstance test cannot hold without pretending to be a
+PeftModel (PeftModel's attribute forwarding, `peft_config`, `disable_adapter` and more, which TRL and accelerate
+would then call). transformers' other route, its PeftAdapterMixin (`_hf_peft_config_loaded`), covers saving only:
+on resume such a model falls through to the sharded-checkpoint loader and fails for want of an index
+(huggingface/transformers#29607). So `enable_adapter_checkpoints` uses the two hooks Trainer already calls on
+any PreTrainedModel, both on this one model instance (never on the class, never on transformers):
+
+- save: `model.save_pretrained` is replaced on the instance by one that writes `lora_kernels.save_adapter`'s
+  PEFT files (what PeftModel.save_pretrained writes, loadable with PeftModel.from_pretrained or load_adapter),
+  plus `model.safetensors.index.json` naming the file that holds the adapter's tensors. Once no LoRA layer is
+  left (merge_and_unload / unload), it is transformers' own save_pretrained again: the full model.
+- resume: with no model.safetensors in the checkpoint, `_load_from_checkpoint` reads that index with
+  `load_sharded_checkpoint(model, dir, strict=False)`, which calls `model.load_state_dict(<adapter file>)`. A
+  load_state_dict pre-hook on the model renames PEFT's keys (`base_model.model.<path>.lora_A.weight`) to the
+  model's own (`<path>.lora_A`); a PEFT key that names nothing in the model is an error, never silently dropped.
+  Trainer then restores optimizer, scheduler, RNG states and the step from the checkpoint as for any model.
+  (Trainer logs that the frozen base weights are missing from the checkpoint: they are, by design; the base
+  comes from the model you built.)
+
+`apply_fused_lora` and `lora_kernels.inject_lora` on a PreTrainedModel both install the hooks (inject_lora calls
+`enable_adapter_checkpoints` when the model is a PreTrainedModel). `AdapterCheckpointCallback` predates them; it
+still works (it writes the same adapter files again) and is still what a plain nn.Module trained with Trainer
+needs, since Trainer saves such a module with a bare state dict, not save_pretrained.
+Not covered: `load_best_model_at_end=True`. Trainer's best-model loader, seeing adapter files in a model that is
+not a PeftModel, reads model.safetensors or pytorch_model.bin and fails at the end of training (transformers' own
+PeftAdapterMixin adapters fail the same way). `disable_adapter_checkpoints(model)` goes back to full-model
+checkpoints for such runs; a PEFT model passed through fuse_peft_model has both.
 
 Gradient checkpointing needs nothing special: the dropout seed is drawn from torch's RNG at forward, and
 torch.utils.checkpoint restores the RNG state before recomputing, so the recomputed forward regenerates the very
@@ -9,21 +44,30 @@ same mask. model.generate works as on the base model (eval mode: no dropout).
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
-from typing import Optional
+from typing import Dict, Optional
 
 import torch.nn as nn
-from transformers import PreTrainedModel, TrainerCallback
+from transformers import PreTrainedModel
 
 from ..config import LoraConfig
-from ..inject import inject_lora
-from ..persistence import save_adapter
+from ..inject import ModulesToSaveWrapper, inject_lora, lora_layers
+from ..persistence import PREFIX, WEIGHTS_NAME, _write_files, adapter_config, adapter_state_dict, save_adapter
+from ..training.distributed import unwrap
+
+# transformers' SAFE_WEIGHTS_INDEX_NAME: the file Trainer's resume path reads when there is no model.safetensors.
+INDEX_NAME = "model.safetensors.index.json"
+_HOOKS_ATTR = "_lora_kernels_adapter_checkpoints"  # True: installed; False: turned off on purpose
 
 
 def apply_fused_lora(model: PreTrainedModel, config: Optional[LoraConfig] = None, **config_kwargs) -> PreTrainedModel:
     """Inject fused LoRA into a transformers model in place and return it.
 
     Pass a LoraConfig, or its fields as keyword arguments (apply_fused_lora(model, r=8, target_modules=[...])).
+    The model then saves adapter-only checkpoints under transformers.Trainer and resumes from them (see the
+    module docstring).
     """
     if not isinstance(model, PreTrainedModel):
         raise ValueError(f"model must be a transformers PreTrainedModel, got {type(model).__name__} "
@@ -32,28 +76,178 @@ def apply_fused_lora(model: PreTrainedModel, config: Optional[LoraConfig] = None
         raise ValueError(f"pass either config or keyword arguments, not both (got config and {sorted(config_kwargs)})")
     if config is None:
         config = LoraConfig(**config_kwargs)
-    return inject_lora(model, config)
+    inject_lora(model, config)
+    return enable_adapter_checkpoints(model)
 
 
-class AdapterCheckpointCallback(TrainerCallback):
-    """Writes the adapter (PEFT format, via save_adapter) into every checkpoint-<step> directory Trainer saves,
-    and into `output_dir` at the end of training, so each checkpoint is loadable with load_adapter or
-    PeftModel.from_pretrained."""
+def enable_adapter_checkpoints(model: PreTrainedModel) -> PreTrainedModel:
+    """Make `model.save_pretrained` write the adapter only (PEFT format) and let Trainer resume from what it wrote.
 
-    def on_save(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
-        if state.is_world_process_zero and model is not None:
-            directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            save_adapter(_unwrap(model), directory)
-        return control
-
-    def on_train_end(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
-        if state.is_world_process_zero and model is not None:
-            save_adapter(_unwrap(model), args.output_dir)
-        return control
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP / accelerate wrap the model in `.module`.
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
+    In place, on this instance only; calling it again does nothing, and so does calling it on a model passed to
+    disable_adapter_checkpoints. Returns `model`.
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    if _HOOKS_ATTR in vars(model):  # installed already, or turned off on purpose
+        return model
+    # An instance attribute shadows the class's method for this model only. A partial of a module-level function
+    # follows the model through copy.deepcopy (bound to the copy) and torch.save of the whole module; a bound
+    # method would be restored as the class's own save_pretrained, and a swapped-in subclass (named like the
+    # original) could not be serialised at all.
+    model.save_pretrained = functools.partial(_save_pretrained, model)
+    model.register_load_state_dict_pre_hook(_load_peft_keys)
+    object.__setattr__(model, _HOOKS_ATTR, True)
     return model
+
+
+def disable_adapter_checkpoints(model: PreTrainedModel) -> PreTrainedModel:
+    """Undo enable_adapter_checkpoints for good on this model: save_pretrained writes the full model again and
+    Trainer's checkpoints are full-model ones (as before; add AdapterCheckpointCallback to also get the adapter
+    in each). Later inject_lora calls leave it off. Needed for Trainer's `load_best_model_at_end=True`, which
+    cannot load an adapter-only checkpoint of a model that is not a PeftModel. Returns `model`."""
+    if vars(model).get(_HOOKS_ATTR):
+        del model.save_pretrained
+        for key, hook in list(model._load_state_dict_pre_hooks.items()):
+            if getattr(hook, "hook", hook) is _load_peft_keys:
+                del model._load_state_dict_pre_hooks[key]
+    object.__setattr__(model, _HOOKS_ATTR, False)
+    return model
+
+
+# -- save -----------------------------------------------------------------------------------------------------
+
+def _save_pretrained(self: PreTrainedModel, save_directory, is_main_process: bool = True,
+                     state_dict: Optional[dict] = None, **kwargs):
+    """save_pretrained of a model with fused LoRA: the adapter in PEFT's format, as PeftModel.save_pretrained."""
+    if not lora_layers(self):
+        # merged or unloaded: a plain transformers model again, saved in full by transformers.
+        return type(self).save_pretrained(self, save_directory, is_main_process=is_main_process,
+                                          state_dict=state_dict, **kwargs)
+    if kwargs.get("push_to_hub"):
+        raise ValueError("save_pretrained(push_to_hub=True) is not supported for a model with fused LoRA adapters; "
+                         "save to a directory and upload it with huggingface_hub")
+    if not is_main_process:
+        return
+    directory = os.fspath(save_directory)
+    os.makedirs(directory, exist_ok=True)
+    if state_dict is None:
+        save_adapter(self, directory)
+    else:
+        # Trainer passes the gathered state dict under DeepSpeed and FSDP, where the module's own parameters
+        # may be shards: the adapter's tensors are taken from it, by the model's own names.
+        names = _model_names(self)
+        tensors = {key: state_dict.get(names[key], t) for key, t in adapter_state_dict(self).items()}
+        config = adapter_config(self).to_peft_dict()
+        config["base_model_name_or_path"] = getattr(self, "name_or_path", None) or None
+        config["task_type"] = None
+        _write_files(directory, config, {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()})
+    _write_index(self, directory)
+
+
+def _write_index(model: nn.Module, directory: str) -> None:
+    """The sharded-checkpoint index transformers.Trainer reads on resume: every adapter tensor, by the model's
+    own name, lives in adapter_model.safetensors (under PEFT's key, which the load pre-hook translates)."""
+    names = _model_names(model)
+    index = {
+        "metadata": {"format": "lora_kernels adapter-only checkpoint: the frozen base weights are not here; "
+                               "the tensors are in adapter_model.safetensors under PEFT's keys"},
+        "weight_map": {names[key]: WEIGHTS_NAME for key in adapter_state_dict(model)},
+    }
+    tmp = os.path.join(directory, f".{INDEX_NAME}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(directory, INDEX_NAME))
+
+
+# -- load -----------------------------------------------------------------------------------------------------
+
+def _model_names(model: nn.Module) -> Dict[str, str]:
+    """{PEFT file key: the model's own state-dict name} for every tensor the adapter file holds."""
+    layers = lora_layers(model)
+    wrappers = [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    own = set(model.state_dict().keys())
+    out = {}
+    for key in adapter_state_dict(model):
+        name = key[len(PREFIX):]
+        out[key] = _own_name(name, layers, wrappers, own)
+    return out
+
+
+def _own_name(name: str, layers, wrappers, own) -> Optional[str]:
+    """The model's state-dict name of the tensor PEFT stores as `base_model.model.<name>`, or None."""
+    for suffix, attr in ((".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B"), (".base_layer.bias", "bias")):
+        if name.endswith(suffix) and name[: -len(suffix)] in layers:
+            return f"{name[: -len(suffix)]}.{attr}"
+    if name in own:
+        return name
+    # modules_to_save: PEFT names the wrapped module's own tensors; ours live in the wrapper's trained copy.
+    for w in wrappers:
+        if name.startswith(w + "."):
+            candidate = f"{w}.trained_module.{name[len(w) + 1:]}"
+            if candidate in own:
+                return candidate
+    return None
+
+
+def _load_peft_keys(module: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                    error_msgs) -> None:
+    """load_state_dict pre-hook: PEFT-keyed adapter tensors load into the model's own parameters."""
+    peft_prefix = prefix + PREFIX
+    keys = [k for k in state_dict if k.startswith(peft_prefix)]
+    if not keys:
+        return
+    own = set(module.state_dict().keys())
+    layers = lora_layers(module)
+    wrappers = [n for n, m in module.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    for key in keys:
+        if key[len(prefix):] in own:  # a model whose own names happen to start with base_model.model.
+            continue
+        name = _own_name(key[len(peft_prefix):], layers, wrappers, own)
+        if name is None:
+            # Recorded as a load error (raised even with strict=False): a checkpoint's adapter must load entirely.
+            error_msgs.append(f"adapter key {key!r} names no LoRA layer, trained bias or modules_to_save tensor "
+                              f"of {type(module).__name__}")
+            continue
+        state_dict[prefix + name] = state_dict.pop(key)
+
+
+# -- callback -------------------------------------------------------------------------------------------------
+
+def _callback_class():
+    from transformers import TrainerCallback
+
+    class AdapterCheckpointCallback(TrainerCallback):
+        """Writes the adapter (PEFT format, via save_adapter) into every checkpoint-<step> directory Trainer saves,
+        and into `output_dir` at the end of training, so each checkpoint is loadable with load_adapter or
+        PeftModel.from_pretrained.
+
+        A model from apply_fused_lora / inject_lora no longer needs it (its own save_pretrained writes the adapter
+        into each checkpoint, see the module docstring); it stays for plain nn.Module models, which Trainer saves
+        as a bare state dict, and for code written before.
+        """
+
+        def on_save(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
+            if state.is_world_process_zero and model is not None:
+                directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+                save_adapter(unwrap(model), directory)
+            return control
+
+        def on_train_end(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
+            if state.is_world_process_zero and model is not None:
+                save_adapter(unwrap(model), args.output_dir)
+            return control
+
+    # Named as if defined at module level (repr, and lookup by name resolves through __getattr__ below).
+    AdapterCheckpointCallback.__module__ = __name__
+    AdapterCheckpointCallback.__qualname__ = "AdapterCheckpointCallback"
+    return AdapterCheckpointCallback
+
+
+def __getattr__(name):
+    # inject_lora imports this module for every transformers model, and TrainerCallback's import pulls in
+    # Trainer's whole stack (training_args, accelerate: some 850 modules, seconds on a small machine). The
+    # callback class is therefore built on first use (`from ... import AdapterCheckpointCallback` included).
+    if name == "AdapterCheckpointCallback":
+        cls = globals()[name] = _callback_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

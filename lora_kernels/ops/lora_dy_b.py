@@ -4,6 +4,11 @@ Each program owns a block of rows and streams dy across N: the (BLOCK_M, r) dyB 
 registers, and each (BLOCK_N, r) slice of grad_B is added to a float32 buffer with atomics, so dy is
 read once for both products. Under torch.use_deterministic_algorithms(True) each row block writes its own
 partial grad_B instead and torch sums the partials in a fixed order.
+
+Segmented (several adapters, ops/segments.py): B is (n, N, r_max) and grad_B (n, N, r_max). Each dy tile is
+loaded once per n-step; for each adapter present in the row block, the rows of that adapter (the others
+zeroed) are multiplied with B[a] into dyB and with s_a·xa into grad_B[a]. Base-only rows get dyB = 0 and
+add nothing to any grad_B.
 """
 import torch
 import triton
@@ -11,9 +16,11 @@ import triton.language as tl
 
 from .configs import lora_block_r, min_block_m, rowblock_configs
 from .layout import Rows, row_offsets
+from .segments import AdapterTable, any_row, tile_adapters
 
 
-@triton.autotune(configs=rowblock_configs("BLOCK_N"), key=["M_BUCKET", "N", "R"], reset_to_zero=["grad_b_ptr"])
+@triton.autotune(configs=rowblock_configs("BLOCK_N"), key=["M_BUCKET", "N", "R", "SEGMENTED"],
+                 reset_to_zero=["grad_b_ptr"])
 @triton.jit
 def _lora_dy_b_kernel(
     dy_ptr, b_ptr, xa_ptr, dyb_ptr, grad_b_ptr,
@@ -24,7 +31,9 @@ def _lora_dy_b_kernel(
     stride_dbm, stride_dbr,
     stride_gbs, stride_gbn, stride_gbr,
     scaling,
+    aid_ptr, rank_ptr, scale_ptr, stride_ba, stride_gba,
     COMPUTE_DYB: tl.constexpr, COMPUTE_GRAD_B: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SEGMENTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -35,6 +44,9 @@ def _lora_dy_b_kernel(
     r_ok = rr < R
     dy_rows = dy_ptr + row_offsets(rm, dy_inner, stride_dy_outer, stride_dy_inner)
     dtype = dy_ptr.dtype.element_ty
+    if SEGMENTED:
+        aid, first, last = tile_adapters(aid_ptr, rm, row_ok)
+        scaling = tl.load(scale_ptr + aid, mask=aid >= 0, other=0.0)[:, None]  # each row its adapter's s
     if COMPUTE_GRAD_B:
         xa = tl.load(xa_ptr + rm[:, None] * stride_xam + rr[None, :] * stride_xar,
                      mask=row_ok[:, None] & r_ok[None, :], other=0.0)
@@ -45,11 +57,29 @@ def _lora_dy_b_kernel(
         nn = n0 + rn
         n_ok = nn < N
         dy = tl.load(dy_rows[:, None] + nn[None, :] * stride_dyn, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-        if COMPUTE_DYB:
-            b = tl.load(b_ptr + nn[:, None] * stride_bn + rr[None, :] * stride_br,
-                        mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-            acc = tl.dot(dy, b.to(dtype), acc, input_precision=DOT_PRECISION)
-        if COMPUTE_GRAD_B:
+        if SEGMENTED:
+            for a_id in range(first, last + 1):
+                sel = aid == a_id
+                if any_row(sel) & (tl.program_id(1) * BLOCK_R < tl.load(rank_ptr + a_id)):
+                    dy_a = tl.where(sel[:, None], dy, 0.0)
+                    if COMPUTE_DYB:
+                        b = tl.load(b_ptr + tl.cast(a_id, tl.int64) * stride_ba + nn[:, None] * stride_bn
+                                    + rr[None, :] * stride_br, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+                        acc = tl.dot(dy_a, b.to(dtype), acc, input_precision=DOT_PRECISION)
+                    if COMPUTE_GRAD_B:
+                        part = tl.dot(tl.trans(dy_a), xa, input_precision=DOT_PRECISION)
+                        gb = (grad_b_ptr + pid_m.to(tl.int64) * stride_gbs + tl.cast(a_id, tl.int64) * stride_gba
+                              + nn[:, None] * stride_gbn + rr[None, :] * stride_gbr)
+                        if DETERMINISTIC:
+                            tl.store(gb, part, mask=n_ok[:, None] & r_ok[None, :])
+                        else:
+                            tl.atomic_add(gb, part, mask=n_ok[:, None] & r_ok[None, :])
+        else:
+            if COMPUTE_DYB:
+                b = tl.load(b_ptr + nn[:, None] * stride_bn + rr[None, :] * stride_br,
+                            mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+                acc = tl.dot(dy, b.to(dtype), acc, input_precision=DOT_PRECISION)
+        if COMPUTE_GRAD_B and not SEGMENTED:
             part = tl.dot(tl.trans(dy), xa, input_precision=DOT_PRECISION)
             gb = (grad_b_ptr + pid_m.to(tl.int64) * stride_gbs
                   + nn[:, None] * stride_gbn + rr[None, :] * stride_gbr)
@@ -63,25 +93,34 @@ def _lora_dy_b_kernel(
 
 
 def lora_dy_b(dy: torch.Tensor, rows: Rows, lora_B: torch.Tensor, xa: torch.Tensor, scaling: float,
-              compute_dyb: bool, compute_grad_b: bool, dot_precision: str):
-    """(dyB (M, r) float32 or None, grad_B (N, r) float32 or None) for dy seen through `rows`."""
-    M, N, R = rows.M, dy.shape[-1], lora_B.shape[1]
+              compute_dyb: bool, compute_grad_b: bool, dot_precision: str, adapters: AdapterTable = None):
+    """(dyB (M, r) float32 or None, grad_B (N, r) float32 or None) for dy seen through `rows`.
+
+    With `adapters` (segmented): lora_B is (n, N, r_max), grad_B (n, N, r_max), scalings from the table.
+    """
+    segmented = adapters is not None
+    M, N, R = rows.M, dy.shape[-1], lora_B.shape[-1]
+    # Segmented, a row block may hold no adapter or several: dyB rows are written by every program (zeros
+    # for base-only rows), grad_B slices of adapters absent from a block are left as zero-initialised.
     dyb = torch.empty((M, R), dtype=torch.float32, device=dy.device) if compute_dyb else xa
     deterministic = compute_grad_b and torch.are_deterministic_algorithms_enabled()
     splits = triton.cdiv(M, min_block_m(_lora_dy_b_kernel)) if deterministic else 1
-    grad_b = torch.zeros((splits, N, R), dtype=torch.float32, device=dy.device) if compute_grad_b else xa[None]
+    grad_shape = (splits, *lora_B.shape[:-2], N, R)  # (splits, [n,] N, R)
+    grad_b = torch.zeros(grad_shape, dtype=torch.float32, device=dy.device) if compute_grad_b else xa[None, None]
     block_r = lora_block_r(R)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))  # noqa: E731
     _lora_dy_b_kernel[grid](
         dy, lora_B, xa, dyb, grad_b,
         M, N, R, triton.next_power_of_2(M),
         rows.inner, rows.stride_outer, rows.stride_inner, rows.stride_col,
-        lora_B.stride(0), lora_B.stride(1),
+        lora_B.stride(-2), lora_B.stride(-1),
         xa.stride(0), xa.stride(1),
         dyb.stride(0), dyb.stride(1),
-        grad_b.stride(0) if deterministic else 0, grad_b.stride(1), grad_b.stride(2),
+        grad_b.stride(0) if deterministic else 0, grad_b.stride(-2), grad_b.stride(-1),
         scaling,
+        *((adapters.row_adapter, adapters.rank, adapters.scaling, lora_B.stride(0), grad_b.stride(1)) if segmented
+          else (xa, xa, xa, 0, 0)),  # unused pointers when single
         COMPUTE_DYB=compute_dyb, COMPUTE_GRAD_B=compute_grad_b, DETERMINISTIC=deterministic,
-        DOT_PRECISION=dot_precision, BLOCK_R=block_r,
+        DOT_PRECISION=dot_precision, BLOCK_R=block_r, SEGMENTED=segmented,
     )
     return (dyb if compute_dyb else None), (grad_b.sum(0) if compute_grad_b else None)

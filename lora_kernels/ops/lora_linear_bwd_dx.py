@@ -14,6 +14,10 @@ and adds the masked LoRA term in place.
 A 4-bit base (QLoRA) arrives as a QuantizedWeight: the fused path dequantizes each W tile in registers where
 the dense kernel loads it (W_4BIT, ops/dequant_4bit.py); the split path dequantizes W once into a buffer for
 torch.mm and frees it on return. Nothing W-sized is kept from forward.
+Segmented (several adapters, ops/segments.py): only the LoRA part changes. A is (n, r_max, K) and grad_A
+(n, r_max, K); the tile loops over the adapters its rows use: s_a·dyB[rows of a]·A[a] into the grad_x
+epilogue and s_a·dyB[rows of a]ᵀ·dropout(x) into grad_A[a], each row's mask drawn at its adapter's rate.
+The GEMM loop, the tiles and the tile order are those of the single-adapter kernel.
 """
 import torch
 import triton
@@ -25,12 +29,13 @@ from .dequant_4bit import dequant_4bit_tile, dequantize_4bit, flat_bytes, kernel
 from .format_4bit import QuantizedWeight
 from .dropout import drop_threshold, dropout_keep
 from .layout import Rows, grouped_tile, row_offsets
+from .segments import AdapterTable, any_row, tile_adapters
 
 
 # Autotuning runs the kernel many times: grad_A accumulates with atomics, and the split path adds to grad_x
 # in place, so both are reset between runs.
 @triton.autotune(configs=gemm_configs(out_block="BLOCK_K", reduce_block="BLOCK_N"),
-                 key=["M_BUCKET", "N", "K", "R", "BASE_IN_DX", "W_4BIT"], reset_to_zero=["grad_a_ptr"],
+                 key=["M_BUCKET", "N", "K", "R", "BASE_IN_DX", "W_4BIT", "SEGMENTED"], reset_to_zero=["grad_a_ptr"],
                  restore_value=["dx_ptr"])
 @triton.jit
 def _lora_linear_bwd_dx_kernel(
@@ -44,11 +49,12 @@ def _lora_linear_bwd_dx_kernel(
     stride_dxm, stride_dxk,
     stride_gas, stride_gar, stride_gak,
     scaling, threshold, keep_scale,
+    aid_ptr, rank_ptr, scale_ptr, threshold_ptr, keep_scale_ptr, stride_aa, stride_gaa,
     q_absmax_ptr, q_code_ptr, q_absmax2_ptr, q_code2_ptr, q_offset_ptr,
     W_4BIT: tl.constexpr, Q_BLOCK: tl.constexpr, Q_BLOCK2: tl.constexpr, Q_DOUBLE: tl.constexpr,
     Q_ALIGNED: tl.constexpr,
     COMPUTE_DX: tl.constexpr, BASE_IN_DX: tl.constexpr, COMPUTE_GRAD_A: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DETERMINISTIC: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, SEGMENTED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -85,6 +91,11 @@ def _lora_linear_bwd_dx_kernel(
                             mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
 
+    if SEGMENTED:
+        aid, first, last = tile_adapters(aid_ptr, rm, row_ok)
+        if HAS_DROPOUT:  # each row is dropped at its adapter's rate (one mask, per-row thresholds)
+            threshold = tl.load(threshold_ptr + aid, mask=aid >= 0, other=0)[:, None]
+            keep_scale = tl.load(keep_scale_ptr + aid, mask=aid >= 0, other=0.0)[:, None]
     if HAS_DROPOUT:
         keep = dropout_keep(tl.load(seed_ptr), rm, pid_k * BLOCK_K, K, threshold, BLOCK_K)
     if COMPUTE_GRAD_A:
@@ -95,26 +106,53 @@ def _lora_linear_bwd_dx_kernel(
 
     lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     rr = tl.arange(0, BLOCK_R)
-    for r0 in range(0, R, BLOCK_R):
-        r_idx = r0 + rr
-        r_ok = r_idx < R
-        dyb = tl.load(dyb_ptr + rm[:, None] * stride_dbm + r_idx[None, :] * stride_dbr,
-                      mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-        dyb = (dyb * scaling).to(dtype)
-        if COMPUTE_DX:
-            a = tl.load(a_ptr + r_idx[:, None] * stride_ar + rk[None, :] * stride_ak,
-                        mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-            lora = tl.dot(dyb, a.to(dtype), lora, input_precision=DOT_PRECISION)
-        if COMPUTE_GRAD_A:
-            part = tl.dot(tl.trans(dyb), x, input_precision=DOT_PRECISION)
-            if HAS_DROPOUT:
-                part = part * keep_scale
-            ga = (grad_a_ptr + pid_m.to(tl.int64) * stride_gas
-                  + r_idx[:, None] * stride_gar + rk[None, :] * stride_gak)
-            if DETERMINISTIC:
-                tl.store(ga, part, mask=r_ok[:, None] & k_ok[None, :])
-            else:
-                tl.atomic_add(ga, part, mask=r_ok[:, None] & k_ok[None, :])
+    if SEGMENTED:
+        for a_id in range(first, last + 1):
+            sel = aid == a_id
+            if any_row(sel):
+                rank = tl.load(rank_ptr + a_id)
+                s_a = tl.load(scale_ptr + a_id)
+                for r0 in range(0, rank, BLOCK_R):  # up to a's own rank: A[a]'s padding rows are zero
+                    r_idx = r0 + rr
+                    r_ok = r_idx < rank
+                    dyb = tl.load(dyb_ptr + rm[:, None] * stride_dbm + r_idx[None, :] * stride_dbr,
+                                  mask=sel[:, None] & r_ok[None, :], other=0.0)
+                    dyb = (dyb * s_a).to(dtype)
+                    if COMPUTE_DX:
+                        a = tl.load(a_ptr + tl.cast(a_id, tl.int64) * stride_aa + r_idx[:, None] * stride_ar
+                                    + rk[None, :] * stride_ak, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+                        lora = tl.dot(dyb, a.to(dtype), lora, input_precision=DOT_PRECISION)
+                    if COMPUTE_GRAD_A:
+                        part = tl.dot(tl.trans(dyb), x, input_precision=DOT_PRECISION)
+                        if HAS_DROPOUT:
+                            part = part * tl.load(keep_scale_ptr + a_id)
+                        ga = (grad_a_ptr + pid_m.to(tl.int64) * stride_gas + tl.cast(a_id, tl.int64) * stride_gaa
+                              + r_idx[:, None] * stride_gar + rk[None, :] * stride_gak)
+                        if DETERMINISTIC:
+                            tl.store(ga, part, mask=r_ok[:, None] & k_ok[None, :])
+                        else:
+                            tl.atomic_add(ga, part, mask=r_ok[:, None] & k_ok[None, :])
+    else:
+        for r0 in range(0, R, BLOCK_R):
+            r_idx = r0 + rr
+            r_ok = r_idx < R
+            dyb = tl.load(dyb_ptr + rm[:, None] * stride_dbm + r_idx[None, :] * stride_dbr,
+                          mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+            dyb = (dyb * scaling).to(dtype)
+            if COMPUTE_DX:
+                a = tl.load(a_ptr + r_idx[:, None] * stride_ar + rk[None, :] * stride_ak,
+                            mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+                lora = tl.dot(dyb, a.to(dtype), lora, input_precision=DOT_PRECISION)
+            if COMPUTE_GRAD_A:
+                part = tl.dot(tl.trans(dyb), x, input_precision=DOT_PRECISION)
+                if HAS_DROPOUT:
+                    part = part * keep_scale
+                ga = (grad_a_ptr + pid_m.to(tl.int64) * stride_gas
+                      + r_idx[:, None] * stride_gar + rk[None, :] * stride_gak)
+                if DETERMINISTIC:
+                    tl.store(ga, part, mask=r_ok[:, None] & k_ok[None, :])
+                else:
+                    tl.atomic_add(ga, part, mask=r_ok[:, None] & k_ok[None, :])
 
     if COMPUTE_DX:
         if HAS_DROPOUT:
@@ -126,15 +164,18 @@ def _lora_linear_bwd_dx_kernel(
 def lora_linear_bwd_dx(dy: torch.Tensor, dy_rows: Rows, weight: torch.Tensor, dyb: torch.Tensor,
                        lora_A: torch.Tensor, x: torch.Tensor, x_rows: Rows, seed: torch.Tensor,
                        scaling: float, p: float, compute_dx: bool, compute_grad_a: bool, dot_precision: str,
-                       gemm: str = "fused"):
+                       gemm: str = "fused", adapters: AdapterTable = None):
     """(grad_x shaped like x in x's dtype or None, grad_A (r, K) float32 or None). weight is (N, K) in x's dtype
     or a 4-bit QuantizedWeight.
 
     gemm="fused": the Triton kernel computes dy·W; "split": torch.mm does, and the kernel adds to it.
+    With `adapters` (segmented): lora_A is (n, r_max, K), grad_A (n, r_max, K); scaling and p are ignored
+    (the table's per-adapter values apply).
     """
     if gemm not in GEMM_PATHS:
         raise ValueError(f"gemm={gemm!r} is not one of {GEMM_PATHS}")
-    M, N, K, R = x_rows.M, dy.shape[-1], x.shape[-1], lora_A.shape[0]
+    segmented = adapters is not None
+    M, N, K, R = x_rows.M, dy.shape[-1], x.shape[-1], lora_A.shape[-2]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if compute_dx else None
     dx2 = dx.view(M, K) if compute_dx else dyb
     base_in_dx = compute_dx and gemm == "split"
@@ -149,7 +190,8 @@ def lora_linear_bwd_dx(dy: torch.Tensor, dy_rows: Rows, weight: torch.Tensor, dy
         w, w_strides = weight, (weight.stride(0), weight.stride(1))
     deterministic = compute_grad_a and torch.are_deterministic_algorithms_enabled()
     splits = triton.cdiv(M, min_block_m(_lora_linear_bwd_dx_kernel)) if deterministic else 1
-    grad_a = torch.zeros((splits, R, K), dtype=torch.float32, device=x.device) if compute_grad_a else dyb[None]
+    grad_shape = (splits, *lora_A.shape[:-2], R, K)  # (splits, [n,] R, K)
+    grad_a = torch.zeros(grad_shape, dtype=torch.float32, device=x.device) if compute_grad_a else dyb[None, None]
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
     _lora_linear_bwd_dx_kernel[grid](
         dy, w, dyb, lora_A, x, seed, dx2, grad_a,
@@ -157,13 +199,17 @@ def lora_linear_bwd_dx(dy: torch.Tensor, dy_rows: Rows, weight: torch.Tensor, dy
         dy_rows.inner, dy_rows.stride_outer, dy_rows.stride_inner, dy_rows.stride_col,
         *w_strides,
         dyb.stride(0), dyb.stride(1),
-        lora_A.stride(0), lora_A.stride(1),
+        lora_A.stride(-2), lora_A.stride(-1),
         x_rows.inner, x_rows.stride_outer, x_rows.stride_inner, x_rows.stride_col,
         dx2.stride(0), dx2.stride(1),
-        grad_a.stride(0) if deterministic else 0, grad_a.stride(1), grad_a.stride(2),
-        scaling, drop_threshold(p), 1.0 / (1.0 - p),
-        COMPUTE_DX=compute_dx, BASE_IN_DX=base_in_dx, COMPUTE_GRAD_A=compute_grad_a, HAS_DROPOUT=p > 0.0,
-        DETERMINISTIC=deterministic,
+        grad_a.stride(0) if deterministic else 0, grad_a.stride(-2), grad_a.stride(-1),
+        *((1.0, 0, 1.0) if segmented else (scaling, drop_threshold(p), 1.0 / (1.0 - p))),
+        *((adapters.row_adapter, adapters.rank, adapters.scaling, adapters.threshold, adapters.keep_scale,
+           lora_A.stride(0), grad_a.stride(1)) if segmented
+          else (seed, seed, seed, seed, seed, 0, 0)),  # unused pointers when single
+        COMPUTE_DX=compute_dx, BASE_IN_DX=base_in_dx, COMPUTE_GRAD_A=compute_grad_a,
+        HAS_DROPOUT=adapters.has_dropout if segmented else p > 0.0, DETERMINISTIC=deterministic,
+        SEGMENTED=segmented,
         DOT_PRECISION=dot_precision, BLOCK_R=lora_block_r(R), **kernel_args(quant, dyb), **launch_options(quant),
     )
     return dx, (grad_a.sum(0) if compute_grad_a else None)

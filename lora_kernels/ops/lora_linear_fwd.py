@@ -12,6 +12,9 @@ A 4-bit base (QLoRA: bitsandbytes NF4/FP4, ops/format_4bit.py) arrives as a Quan
 path reads its packed bytes and dequantizes each W tile in registers where the dense kernel loads it (W_4BIT,
 ops/dequant_4bit.py), so only 0.5 B per weight crosses memory; the split path dequantizes W once into a
 buffer for torch.mm and frees it on return.
+Segmented (several adapters, ops/segments.py): only the LoRA epilogue changes. B is (n, N, r_max); the
+tile loops over the adapters its rows use and adds s_a·xa[rows of a]·B[a]ᵀ, so the k-loop, the tiles and
+the tile order are those of the single-adapter kernel.
 """
 import torch
 import triton
@@ -22,11 +25,12 @@ from .configs import gemm_configs, lora_block_r
 from .dequant_4bit import dequant_4bit_tile, dequantize_4bit, flat_bytes, kernel_args, launch_options
 from .format_4bit import QuantizedWeight
 from .layout import Rows, grouped_tile, row_offsets
+from .segments import AdapterTable, any_row, tile_adapters
 
 
 # restore_value: on the split path the kernel adds to y in place, and autotuning runs it many times.
 @triton.autotune(configs=gemm_configs(out_block="BLOCK_N", reduce_block="BLOCK_K"),
-                 key=["M_BUCKET", "N", "K", "R", "BASE_IN_Y", "W_4BIT"], restore_value=["y_ptr"])
+                 key=["M_BUCKET", "N", "K", "R", "BASE_IN_Y", "W_4BIT", "SEGMENTED"], restore_value=["y_ptr"])
 @triton.jit
 def _lora_linear_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr,
@@ -37,10 +41,11 @@ def _lora_linear_fwd_kernel(
     stride_bn, stride_br,
     stride_ym, stride_yn,
     scaling,
+    aid_ptr, rank_ptr, scale_ptr, stride_ba,
     q_absmax_ptr, q_code_ptr, q_absmax2_ptr, q_code2_ptr, q_offset_ptr,
     HAS_BIAS: tl.constexpr, BASE_IN_Y: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     W_4BIT: tl.constexpr, Q_BLOCK: tl.constexpr, Q_BLOCK2: tl.constexpr, Q_DOUBLE: tl.constexpr,
-    Q_ALIGNED: tl.constexpr,
+    Q_ALIGNED: tl.constexpr, SEGMENTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -74,34 +79,53 @@ def _lora_linear_fwd_kernel(
 
     # LoRA expand: s·xa·Bᵀ in the activation dtype (as PEFT's lora_B runs), accumulated in float32.
     rr = tl.arange(0, BLOCK_R)
-    for r0 in range(0, R, BLOCK_R):
-        r_idx = r0 + rr
-        r_ok = r_idx < R
-        xa = tl.load(xa_ptr + rm[:, None] * stride_xam + r_idx[None, :] * stride_xar,
-                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + rn[None, :] * stride_bn + r_idx[:, None] * stride_br,
-                    mask=col_ok[None, :] & r_ok[:, None], other=0.0)
-        acc = tl.dot((xa * scaling).to(y_ptr.dtype.element_ty), b.to(y_ptr.dtype.element_ty), acc,
-                     input_precision=DOT_PRECISION)
+    if SEGMENTED:
+        aid, first, last = tile_adapters(aid_ptr, rm, row_ok)
+        for a_id in range(first, last + 1):
+            sel = aid == a_id
+            if any_row(sel):
+                rank = tl.load(rank_ptr + a_id)
+                s_a = tl.load(scale_ptr + a_id)
+                b_a = b_ptr + tl.cast(a_id, tl.int64) * stride_ba
+                for r0 in range(0, rank, BLOCK_R):  # up to a's own rank: B[a]'s padding columns are zero
+                    r_idx = r0 + rr
+                    r_ok = r_idx < rank
+                    xa = tl.load(xa_ptr + rm[:, None] * stride_xam + r_idx[None, :] * stride_xar,
+                                 mask=sel[:, None] & r_ok[None, :], other=0.0)
+                    b = tl.load(b_a + rn[None, :] * stride_bn + r_idx[:, None] * stride_br,
+                                mask=col_ok[None, :] & r_ok[:, None], other=0.0)
+                    acc = tl.dot((xa * s_a).to(y_ptr.dtype.element_ty), b.to(y_ptr.dtype.element_ty), acc,
+                                 input_precision=DOT_PRECISION)
+    else:
+        for r0 in range(0, R, BLOCK_R):
+            r_idx = r0 + rr
+            r_ok = r_idx < R
+            xa = tl.load(xa_ptr + rm[:, None] * stride_xam + r_idx[None, :] * stride_xar,
+                         mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+            b = tl.load(b_ptr + rn[None, :] * stride_bn + r_idx[:, None] * stride_br,
+                        mask=col_ok[None, :] & r_ok[:, None], other=0.0)
+            acc = tl.dot((xa * scaling).to(y_ptr.dtype.element_ty), b.to(y_ptr.dtype.element_ty), acc,
+                         input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=tile_ok)
 
 
-
-
 def lora_linear_fwd(x: torch.Tensor, rows: Rows, weight: torch.Tensor, bias, xa: torch.Tensor,
-                    lora_B: torch.Tensor, scaling: float, dot_precision: str, gemm: str = "fused") -> torch.Tensor:
+                    lora_B: torch.Tensor, scaling: float, dot_precision: str, gemm: str = "fused",
+                    adapters: AdapterTable = None) -> torch.Tensor:
     """y of shape (*x.shape[:-1], N) in x's dtype. weight (N, K) and bias (N,) are in x's dtype, or weight is a
     4-bit QuantizedWeight.
 
     gemm="fused": the Triton kernel computes x·Wᵀ; "split": torch.mm does, and the kernel adds to it.
+    With `adapters` (segmented): lora_B is (n, N, r_max) and the table's per-adapter scalings apply.
     """
     if gemm not in GEMM_PATHS:
         raise ValueError(f"gemm={gemm!r} is not one of {GEMM_PATHS}")
+    segmented = adapters is not None
     M, K = rows.M, x.shape[-1]
-    N, R = weight.shape[0], lora_B.shape[1]
+    N, R = weight.shape[0], lora_B.shape[-1]
     y = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
     y2 = y.view(M, N)
     quant = weight if isinstance(weight, QuantizedWeight) else None
@@ -122,10 +146,12 @@ def lora_linear_fwd(x: torch.Tensor, rows: Rows, weight: torch.Tensor, bias, xa:
         rows.inner, rows.stride_outer, rows.stride_inner, rows.stride_col,
         *w_strides,
         xa.stride(0), xa.stride(1),
-        lora_B.stride(0), lora_B.stride(1),
+        lora_B.stride(-2), lora_B.stride(-1),
         y2.stride(0), y2.stride(1),
         scaling,
+        *((adapters.row_adapter, adapters.rank, adapters.scaling, lora_B.stride(0)) if segmented
+          else (xa, xa, xa, 0)),  # unused pointers when single
         HAS_BIAS=bias is not None, BASE_IN_Y=gemm == "split", DOT_PRECISION=dot_precision,
-        BLOCK_R=lora_block_r(R), **kernel_args(quant, y2), **launch_options(quant),
+        BLOCK_R=lora_block_r(R), SEGMENTED=segmented, **kernel_args(quant, y2), **launch_options(quant),
     )
     return y

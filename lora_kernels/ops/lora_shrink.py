@@ -2,6 +2,10 @@
 
 The dropout mask is generated in registers from the seed (ops/dropout.py) and the 1/(1-p) scale is
 applied once to the float32 accumulator, so no dropped copy of x exists anywhere.
+
+Segmented (several adapters, ops/segments.py): A is (n, r_max, K) and row m uses A[a(m)] with a(m)'s own
+dropout rate; the x tile is loaded and masked once per k-step and multiplied with each adapter present in
+the row block, its other rows zeroed. Base-only rows get xa = 0.
 """
 import torch
 import triton
@@ -10,9 +14,10 @@ import triton.language as tl
 from .configs import lora_block_r, rowblock_configs
 from .dropout import drop_threshold, dropout_keep
 from .layout import Rows, row_offsets
+from .segments import AdapterTable, any_row, tile_adapters
 
 
-@triton.autotune(configs=rowblock_configs("BLOCK_K"), key=["M_BUCKET", "K", "R"])
+@triton.autotune(configs=rowblock_configs("BLOCK_K"), key=["M_BUCKET", "K", "R", "SEGMENTED"])
 @triton.jit
 def _lora_shrink_kernel(
     x_ptr, a_ptr, xa_ptr, seed_ptr,
@@ -21,7 +26,8 @@ def _lora_shrink_kernel(
     stride_ar, stride_ak,
     stride_xam, stride_xar,
     threshold, keep_scale,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    aid_ptr, rank_ptr, threshold_ptr, keep_scale_ptr, stride_aa,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, SEGMENTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -32,6 +38,11 @@ def _lora_shrink_kernel(
     r_ok = rr < R
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
+    if SEGMENTED:
+        aid, first, last = tile_adapters(aid_ptr, rm, row_ok)
+        if HAS_DROPOUT:  # each row is dropped at its adapter's rate (one mask, per-row thresholds)
+            threshold = tl.load(threshold_ptr + aid, mask=aid >= 0, other=0)[:, None]
+            keep_scale = tl.load(keep_scale_ptr + aid, mask=aid >= 0, other=0.0)[:, None]
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -40,9 +51,17 @@ def _lora_shrink_kernel(
         x = tl.load(x_rows[:, None] + kk[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
             x = tl.where(dropout_keep(seed, rm, k0, K, threshold, BLOCK_K), x, 0.0)
-        a = tl.load(a_ptr + rr[None, :] * stride_ar + kk[:, None] * stride_ak,
-                    mask=r_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(x, a.to(x.dtype), acc, input_precision=DOT_PRECISION)
+        if SEGMENTED:
+            for a_id in range(first, last + 1):
+                sel = aid == a_id
+                if any_row(sel) & (tl.program_id(1) * BLOCK_R < tl.load(rank_ptr + a_id)):
+                    a = tl.load(a_ptr + tl.cast(a_id, tl.int64) * stride_aa + rr[None, :] * stride_ar
+                                + kk[:, None] * stride_ak, mask=r_ok[None, :] & k_ok[:, None], other=0.0)
+                    acc = tl.dot(tl.where(sel[:, None], x, 0.0), a.to(x.dtype), acc, input_precision=DOT_PRECISION)
+        else:
+            a = tl.load(a_ptr + rr[None, :] * stride_ar + kk[:, None] * stride_ak,
+                        mask=r_ok[None, :] & k_ok[:, None], other=0.0)
+            acc = tl.dot(x, a.to(x.dtype), acc, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
         acc = acc * keep_scale
     tl.store(xa_ptr + rm[:, None] * stride_xam + rr[None, :] * stride_xar, acc,
@@ -50,9 +69,14 @@ def _lora_shrink_kernel(
 
 
 def lora_shrink(x: torch.Tensor, rows: Rows, lora_A: torch.Tensor, seed: torch.Tensor, p: float,
-                dot_precision: str) -> torch.Tensor:
-    """xa (M, r) float32 for x seen through `rows` (its last dim K), lora_A (r, K) in any float dtype."""
-    M, K, R = rows.M, x.shape[-1], lora_A.shape[0]
+                dot_precision: str, adapters: AdapterTable = None) -> torch.Tensor:
+    """xa (M, r) float32 for x seen through `rows` (its last dim K), lora_A (r, K) in any float dtype.
+
+    With `adapters` (segmented): lora_A is (n, r_max, K), xa is (M, r_max), p is ignored (the table's
+    per-adapter rates apply).
+    """
+    segmented = adapters is not None
+    M, K, R = rows.M, x.shape[-1], lora_A.shape[-2]
     xa = torch.empty((M, R), dtype=torch.float32, device=x.device)
     block_r = lora_block_r(R)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))  # noqa: E731
@@ -60,9 +84,13 @@ def lora_shrink(x: torch.Tensor, rows: Rows, lora_A: torch.Tensor, seed: torch.T
         x, lora_A, xa, seed,
         M, K, R, triton.next_power_of_2(M),
         rows.inner, rows.stride_outer, rows.stride_inner, rows.stride_col,
-        lora_A.stride(0), lora_A.stride(1),
+        lora_A.stride(-2), lora_A.stride(-1),
         xa.stride(0), xa.stride(1),
-        drop_threshold(p), 1.0 / (1.0 - p),
-        HAS_DROPOUT=p > 0.0, DOT_PRECISION=dot_precision, BLOCK_R=block_r,
+        0 if segmented else drop_threshold(p), 1.0 if segmented else 1.0 / (1.0 - p),
+        *((adapters.row_adapter, adapters.rank, adapters.threshold, adapters.keep_scale, lora_A.stride(0))
+          if segmented else (seed, seed, seed, seed, 0)),  # unused pointers when single
+        HAS_DROPOUT=adapters.has_dropout if segmented else p > 0.0, DOT_PRECISION=dot_precision,
+        SEGMENTED=segmented, BLOCK_R=block_r,
     )
     return xa
+

@@ -1,4 +1,5 @@
-// Host emulation of the CUDA kernels in ../lora_dropout_shrink.cu, for machines without a GPU.
+// Host emulation of the CUDA kernels of csrc/ (dropout_shrink.cu, dropout_grad_a.cu, lora_dx_epilogue.cu,
+// dropout_mask.cu), for machines without a GPU.
 //
 // The kernels are compiled by the host compiler (g++ -std=c++20 -pthread -I<cuda>/include -I csrc) and run
 // block by block: a block's 256 threads are std::threads, __syncthreads() is a std::barrier and __shared__
@@ -33,8 +34,11 @@ inline void emu_syncthreads() { emu_barrier->arrive_and_wait(); }
 #define __launch_bounds__(...)
 #undef __shared__
 #define __shared__ static
-#define LORA_KERNELS_HOST_EMULATION
-#include "lora_dropout_shrink.cu"
+#define LORA_KERNELS_HOST_EMULATION  // the .cu files leave out their launchers (<<<...>>> launches)
+#include "dropout_grad_a.cu"
+#include "dropout_mask.cu"
+#include "dropout_shrink.cu"
+#include "lora_dx_epilogue.cu"
 
 using namespace lora_kernels;
 

@@ -1,6 +1,7 @@
-// Launchers of the dropout-fused LoRA kernels (defined in lora_dropout_shrink.cu, called by bindings.cpp).
+// Launchers of the dropout-fused LoRA kernels, each defined below its kernel in the .cu file named for it
+// (dropout_shrink.cu, dropout_grad_a.cu, lora_dx_epilogue.cu, dropout_mask.cu), called by bindings.cpp.
 //
-// This header is plain C++ over raw pointers so that the .cu file needs no torch headers (nvcc compiles it
+// This header is plain C++ over raw pointers so that the .cu files need no torch headers (nvcc compiles them
 // in seconds) and the torch-facing checks, allocation and dispatch live in bindings.cpp (host compiler).
 // Every dropout decision is lora_kernels::dropout_keep (philox.cuh): the Triton backend's mask for element
 // (row, col) of the logical (M, K) tensor, regenerated from *seed (read on device), never stored.
@@ -15,6 +16,9 @@
 namespace lora_kernels {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// ceil(a / b) for a >= 0, b > 0: the launchers' grid sizes and the grad_A split arithmetic of bindings.cpp.
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 struct DropoutArgs {
   const int64_t* seed;  // 1-element device buffer

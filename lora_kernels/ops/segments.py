@@ -1,0 +1,72 @@
+"""Multi-adapter (segmented) LoRA: what the kernels read about which adapter each row uses.
+
+In a mixed batch every logical row m of x has an adapter a(m) in 0..n-1 of the layer, or -1 (base only).
+The layer's adapters arrive stacked and zero-padded to the largest rank: A (n, r_max, K), B (n, N, r_max).
+The four LoRA kernels take a SEGMENTED constexpr; with it, a program that owns a row tile
+
+    - loads the tile's adapter ids (one int32 per row) and takes first..last of the ids present,
+    - loops over those adapters, skipping ids absent from the tile, and multiplies only the rows of adapter
+      a with A[a] / B[a] (row masks; other rows read as 0), up to a's own rank (padding chunks are skipped),
+    - reads its scaling, dropout threshold and 1/(1-p) from per-adapter tables.
+
+So one launch serves all adapters, the autotuned tiles and the grouped tile order stay the single-adapter
+kernels', and a tile inside one sample (in training a sample's rows are contiguous and usually longer than
+a tile) runs exactly one iteration. A tile spanning k adapters does k small rank-wide dots instead of one;
+the base GEMM, which is most of the work, is untouched.
+"""
+import functools
+from typing import NamedTuple, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .dropout import drop_threshold
+
+# Larger than any adapter id: the "first id" of a tile whose rows are all base-only (the adapter loop is empty).
+_NO_ADAPTER = tl.constexpr(2**31 - 1)
+
+
+class AdapterTable(NamedTuple):
+    """The per-row ids and per-adapter constants of one segmented call, on the device of x."""
+    row_adapter: torch.Tensor   # (M,) int32: adapter slot of each logical row, -1 for base-only rows
+    rank: torch.Tensor          # (n,) int32: each adapter's own rank (<= r_max); rank chunks past it are skipped
+    scaling: torch.Tensor       # (n,) float32
+    threshold: torch.Tensor     # (n,) int32: drop_threshold(p_a), 0 for p_a = 0 (every element kept)
+    keep_scale: torch.Tensor    # (n,) float32: 1 / (1 - p_a)
+    has_dropout: bool           # any p_a > 0: the kernels generate the Philox mask at all
+
+
+@functools.lru_cache(maxsize=256)
+def _constants(device: str, ranks, scalings, dropout_ps):
+    # Scalings, ranks and dropout rates are fixed per adapter: cache their device copies so a forward pays
+    # no host-to-device copy per layer once the model's few distinct combinations have been seen.
+    return (torch.tensor(ranks, dtype=torch.int32, device=device),
+            torch.tensor(scalings, dtype=torch.float32, device=device),
+            torch.tensor([drop_threshold(p) for p in dropout_ps], dtype=torch.int32, device=device),
+            torch.tensor([1.0 / (1.0 - p) for p in dropout_ps], dtype=torch.float32, device=device))
+
+
+def adapter_table(row_adapter: torch.Tensor, ranks: Sequence[int], scalings: Sequence[float],
+                  dropout_ps: Sequence[float]) -> AdapterTable:
+    rank, scaling, threshold, keep_scale = _constants(str(row_adapter.device), tuple(int(r) for r in ranks),
+                                                      tuple(float(s) for s in scalings),
+                                                      tuple(float(p) for p in dropout_ps))
+    return AdapterTable(row_adapter, rank, scaling, threshold, keep_scale, any(p > 0.0 for p in dropout_ps))
+
+
+@triton.jit
+def tile_adapters(aid_ptr, rm, row_ok):
+    """(adapter id of each row of the tile, -1 for base-only and out-of-range rows; first id; last id).
+    `for a in range(first, last + 1)` is empty when no row of the tile has an adapter."""
+    aid = tl.load(aid_ptr + rm, mask=row_ok, other=-1)
+    first = tl.min(tl.where(aid >= 0, aid, _NO_ADAPTER), axis=0)
+    last = tl.max(aid, axis=0)
+    return aid, first, last
+
+
+@triton.jit
+def any_row(sel):
+    """True when the boolean row mask `sel` selects at least one row (skips ids between first and last that
+    the tile does not use)."""
+    return tl.max(sel.to(tl.int32), axis=0) > 0

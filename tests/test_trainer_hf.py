@@ -1,0 +1,208 @@
+"""transformers.Trainer with a fused-LoRA model and no callback: adapter-only checkpoints in PEFT's format, and
+resume_from_checkpoint that continues exactly where the uninterrupted run was."""
+import copy
+import json
+import os
+import shutil
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME as INDEX_NAME
+
+import lora_kernels as lk
+from lora_kernels.integrations.transformers import apply_fused_lora, disable_adapter_checkpoints
+from tiny_models import assert_rel_close
+
+VOCAB = 64
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
+FULL_MODEL_FILES = {"model.safetensors", "pytorch_model.bin", "config.json"}
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend(monkeypatch):
+    # Trainer runs dozens of forward/backward passes; the interpreter's kernels are covered elsewhere.
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
+
+
+def base_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB)
+    return LlamaForCausalLM(cfg)
+
+
+def fused_model(how="apply_fused_lora", lora_seed=0, **cfg):
+    """The tiny base (always the same weights) with adapters whose init depends on lora_seed."""
+    cfg = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.1,
+           "init_lora_weights": False, **cfg}
+    model = base_model()
+    torch.manual_seed(lora_seed)
+    if how == "apply_fused_lora":
+        return apply_fused_lora(model, **cfg)
+    return lk.inject_lora(model, lk.LoraConfig(**cfg))
+
+
+def dataset(n=8, seq=12):
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": x, "labels": x} for x in torch.randint(0, VOCAB, (n, seq), generator=g)]
+
+
+def args(output_dir, **kw):
+    kw = {"max_steps": 6, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1,
+          "save_steps": 3, "report_to": [], "use_cpu": True, "disable_tqdm": True, "seed": 0, **kw}
+    return TrainingArguments(output_dir=str(output_dir), **kw)
+
+
+class StepRecorder(TrainerCallback):
+    def __init__(self):
+        self.seen = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seen.append(state.global_step)
+
+
+def trained_params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("how", ["apply_fused_lora", "inject_lora"])
+def test_checkpoints_hold_only_the_adapter_and_peft_loads_them(tmp_path, how):
+    model = fused_model(how)
+    trainer = Trainer(model=model, args=args(tmp_path, max_steps=2, save_steps=2), train_dataset=dataset())
+    trainer.train()
+    ckpt = tmp_path / "checkpoint-2"
+    files = set(os.listdir(ckpt))
+    assert ADAPTER_FILES <= files and not files & FULL_MODEL_FILES, files
+    assert {"optimizer.pt", "scheduler.pt", "trainer_state.json"} <= files
+    with open(ckpt / "adapter_config.json") as f:
+        assert json.load(f)["peft_type"] == "LORA"
+    assert set(load_file(ckpt / "adapter_model.safetensors")) == {
+        f"base_model.model.model.layers.{i}.self_attn.{p}_proj.lora_{ab}.weight"
+        for i in (0, 1) for p in "qv" for ab in "AB"}
+
+    x = dataset(n=2)[0]["input_ids"][None]
+    model.eval()
+    with torch.no_grad():
+        trained = model(x).logits
+        assert not torch.allclose(trained, base_model()(x).logits)  # the adapter is not a no-op
+        from_peft = peft.PeftModel.from_pretrained(base_model(), ckpt).eval()(x).logits
+        assert_rel_close(from_peft, trained, rel=1e-5, what="PeftModel.from_pretrained")
+
+    # trainer.save_model() (the usual last line) writes the adapter to output_dir too.
+    trainer.save_model()
+    assert ADAPTER_FILES <= set(os.listdir(tmp_path)) and "model.safetensors" not in os.listdir(tmp_path)
+
+    # Merged, it is a plain transformers model again: save_pretrained writes the full model.
+    merged = lk.merge_and_unload(model)
+    merged.save_pretrained(tmp_path / "merged")
+    assert "model.safetensors" in os.listdir(tmp_path / "merged")
+    with torch.no_grad():
+        reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()(x).logits
+    assert_rel_close(reloaded, trained, rel=1e-5, what="merged")
+
+
+def test_resume_continues_exactly_like_the_uninterrupted_run(tmp_path):
+    # lm_head in modules_to_save: its trained copy must come back from the checkpoint too.
+    cfg = {"modules_to_save": ["lm_head"]}
+    full = fused_model(**cfg)
+    full_trainer = Trainer(model=full, args=args(tmp_path / "full"), train_dataset=dataset())
+    full_trainer.train()
+
+    # The interrupted run: all that survives is checkpoint-3. The model is rebuilt from the same base with a
+    # differently initialised adapter, so whatever matches the uninterrupted run came from the checkpoint.
+    ckpt = tmp_path / "full" / "checkpoint-3"
+    assert ADAPTER_FILES <= set(os.listdir(ckpt)) and not set(os.listdir(ckpt)) & FULL_MODEL_FILES
+    shutil.copytree(ckpt, tmp_path / "resumed" / "checkpoint-3")
+    resumed = fused_model(lora_seed=1, **cfg)
+    assert any(not torch.equal(p, trained_params(full)[n]) for n, p in trained_params(resumed).items())
+    trainer = Trainer(model=resumed, args=args(tmp_path / "resumed"), train_dataset=dataset())
+    steps = StepRecorder()
+    trainer.add_callback(steps)
+    trainer.train(resume_from_checkpoint=True)
+
+    assert steps.seen == [4, 5, 6] and trainer.state.global_step == 6
+
+    def losses(t):
+        return [(e["step"], e["loss"]) for e in t.state.log_history if "loss" in e]
+
+    assert losses(trainer) == losses(full_trainer) and len(losses(trainer)) == 6  # dropout on: RNG restored too
+    want = trained_params(full)
+    got = trained_params(resumed)
+    assert got.keys() == want.keys() and any("lm_head" in n for n in got)
+    for n, p in got.items():
+        torch.testing.assert_close(p, want[n], rtol=0, atol=0, msg=n)
+    opt, opt_full = trainer.optimizer.state_dict(), full_trainer.optimizer.state_dict()
+    assert opt["state"].keys() == opt_full["state"].keys()
+    for i, s in opt["state"].items():
+        for k, v in s.items():
+            torch.testing.assert_close(v, opt_full["state"][i][k], rtol=0, atol=0, msg=f"optimizer {i} {k}")
+    assert trainer.lr_scheduler.state_dict() == full_trainer.lr_scheduler.state_dict()
+
+
+def test_adapter_keys_load_through_load_state_dict_and_foreign_keys_are_errors(tmp_path):
+    trained = fused_model(lora_seed=3)
+    trained.save_pretrained(tmp_path)
+    with open(tmp_path / INDEX_NAME) as f:
+        weight_map = json.load(f)["weight_map"]
+    assert set(weight_map) == set(trained_params(trained)) and set(weight_map.values()) == {"adapter_model.safetensors"}
+
+    # What Trainer's resume does with that index: load_state_dict(<PEFT-keyed file>, strict=False).
+    model = fused_model(lora_seed=4)
+    model.load_state_dict(load_file(tmp_path / "adapter_model.safetensors"), strict=False)
+    for n, p in trained_params(model).items():
+        torch.testing.assert_close(p, trained_params(trained)[n], rtol=0, atol=0, msg=n)
+    # A PEFT key that names nothing in the model is an error even with strict=False, never silently skipped.
+    bad = {"base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight": torch.zeros(4, 32)}
+    with pytest.raises(RuntimeError, match="k_proj.lora_A.weight"):
+        model.load_state_dict(bad, strict=False)
+
+
+def test_save_pretrained_takes_the_adapter_from_a_given_state_dict(tmp_path):
+    # Trainer passes a gathered state dict under DeepSpeed / FSDP: the adapter written must be that one.
+    model = fused_model()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["model.layers.1.self_attn.v_proj.lora_B"] += 1.0
+    model.save_pretrained(tmp_path, state_dict=sd)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    torch.testing.assert_close(saved[key], sd["model.layers.1.self_attn.v_proj.lora_B"])
+    assert not torch.equal(saved[key], model.model.layers[1].self_attn.v_proj.lora_B.detach())
+    assert set(os.listdir(tmp_path)) == ADAPTER_FILES | {INDEX_NAME}
+
+
+def test_a_deep_copy_saves_its_own_adapter(tmp_path):
+    # TRL and accelerate deep-copy models (e.g. a reference model): the copy's save_pretrained must write the
+    # copy's adapter, not the original's.
+    model = fused_model()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.model.layers[0].self_attn.q_proj.lora_B.add_(1.0)
+    twin.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    torch.testing.assert_close(saved[key], twin.model.layers[0].self_attn.q_proj.lora_B.detach())
+    assert not torch.equal(saved[key], model.model.layers[0].self_attn.q_proj.lora_B.detach())
+    # and the copy's load hook fills the copy
+    fresh = copy.deepcopy(model)
+    fresh.load_state_dict(saved, strict=False)
+    torch.testing.assert_close(fresh.model.layers[0].self_attn.q_proj.lora_B, saved[key])
+
+
+def test_load_best_model_at_end_needs_full_model_checkpoints(tmp_path):
+    # Trainer's best-model loader only takes an adapter checkpoint from a PeftModel; ours fails, as transformers'
+    # own PeftAdapterMixin adapters do. disable_adapter_checkpoints goes back to full-model checkpoints.
+    kw = {"max_steps": 2, "save_steps": 1, "eval_strategy": "steps", "eval_steps": 1, "load_best_model_at_end": True}
+    with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
+        Trainer(model=fused_model(), args=args(tmp_path / "adapter", **kw), train_dataset=dataset(),
+                eval_dataset=dataset(n=2)).train()
+    model = disable_adapter_checkpoints(fused_model())
+    trainer = Trainer(model=model, args=args(tmp_path / "full", **kw), train_dataset=dataset(),
+                      eval_dataset=dataset(n=2))
+    trainer.train()
+    assert "model.safetensors" in os.listdir(trainer.state.best_model_checkpoint)
+    lk.inject_lora(model, lk.LoraConfig(r=2, target_modules=["k_proj"]))  # stays off
+    model.save_pretrained(tmp_path / "again")
+    assert "model.safetensors" in os.listdir(tmp_path / "again")
