@@ -6,6 +6,10 @@ Backends (LORA_KERNELS_BACKEND): auto | triton | torch | cuda; backends/__init__
 Every backend saves x and x·Aᵀ (plus a seed) for backward, never a dropout mask, a dropped copy or a cast
 copy of x.
 
+QLoRA: `weight` may be a 4-bit base — a bitsandbytes Params4bit or a QuantizedWeight (ops/format_4bit.py) —
+and it then runs on the 4-bit ops of the triton or torch backend (backends/base.py, QLoraLinearFunction): the same
+math with W dequantized inside the kernels, bit for bit as bitsandbytes dequantizes it.
+
 fused_multi_lora_linear: several adapters on one base layer in one mixed batch (an AdapterSegments, built
 once per forward, says which row uses which adapter); the same contract, with one (M, r_max) x·Aᵀ for all
 adapters.
@@ -17,8 +21,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .backends import FUNCTIONS, MULTI_FUNCTIONS, resolve_backend
-from .backends.base import FLOAT_DTYPES
+from .backends import FUNCTIONS, FUNCTIONS_4BIT, MULTI_FUNCTIONS, resolve_backend, resolve_backend_4bit
+from .backends.base import FLOAT_DTYPES, QuantizedWeight, dequantize, from_bnb  # noqa: F401  (the 4-bit format)
 
 
 def _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
@@ -71,6 +75,9 @@ def fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p: float
     (an out×r product, on device, differentiable) and the kernels run with scaling 1. Its finiteness is
     not checked, since that would cost a device sync per call.
     """
+    qweight = as_quantized(weight)
+    if qweight is not None:
+        return _fused_qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p, training)
     _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
@@ -91,6 +98,42 @@ def fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p: float
             dt = torch.promote_types(lora_B.dtype, torch.float32)
             lora_B, scaling = lora_B.to(dt) * scaling.to(device=x.device, dtype=dt), 1.0
         return fn.apply(x, weight, bias, lora_A, lora_B, float(scaling), p)
+
+
+def as_quantized(weight):
+    """weight's QuantizedWeight if it is a 4-bit base (a QuantizedWeight, or a quantized bitsandbytes Params4bit),
+    else None."""
+    if isinstance(weight, QuantizedWeight):
+        return weight
+    if getattr(weight, "quant_state", None) is not None:
+        return from_bnb(weight)
+    return None
+
+
+def _fused_qlora_linear(x, qweight: QuantizedWeight, bias, lora_A, lora_B, scaling, dropout_p, training):
+    """fused_lora_linear over a 4-bit base: W is dequantized (to x's dtype) inside the backend's ops only."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    # A zero-stride stand-in with W's shape (nothing W-sized is allocated) lets the dense checks apply unchanged.
+    _validate(x, x.new_empty(()).expand(qweight.shape), bias, lora_A, lora_B, scaling, dropout_p)
+    if qweight.device != x.device:
+        raise ValueError(f"the 4-bit weight is on {qweight.device} but x is on {x.device}")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+        x = x.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    if bias is not None and bias.dtype != x.dtype:
+        raise ValueError(f"x has dtype {x.dtype} but bias has {bias.dtype}: the base layer's bias must be in the "
+                         "activation dtype (or run under torch.autocast)")
+    p = float(dropout_p) if training else 0.0
+    fn = FUNCTIONS_4BIT[resolve_backend_4bit(x)]
+    with torch.autocast(device_type, enabled=False):
+        if isinstance(scaling, torch.Tensor):
+            dt = torch.promote_types(lora_B.dtype, torch.float32)
+            lora_B, scaling = lora_B.to(dt) * scaling.to(device=x.device, dtype=dt), 1.0
+        return fn.apply(x, *qweight.tensors(), bias, lora_A, lora_B, float(scaling), p, qweight.quant_type,
+                        qweight.blocksize, qweight.nested_blocksize, qweight.shape[0])
 
 
 class AdapterSegments:
@@ -228,10 +271,15 @@ def fused_multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, dropout
     Ranks may differ. lora_As[i] = lora_Bs[i] = None: this layer has no adapter i, its rows get the base
     output. Gradients reach each adapter's own tensors from its rows only; rows of no adapter give the base
     output and touch no adapter's gradient. One Philox seed per call; each row is dropped at its adapter's
-    rate (in training only). Backends: triton and torch (LORA_KERNELS_BACKEND=cuda raises).
+    rate (in training only). Backends: triton and torch (LORA_KERNELS_BACKEND=cuda raises). A 4-bit (QLoRA)
+    base weight is not supported (ValueError).
     """
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if as_quantized(weight) is not None:
+        raise ValueError("fused_multi_lora_linear does not support a 4-bit (QLoRA) base weight (a Params4bit or "
+                         "QuantizedWeight): several adapters in one batch need a dense weight; run each adapter "
+                         "with fused_lora_linear, or dequantize the base first")
     n, present = _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, dropout_ps, segments)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):

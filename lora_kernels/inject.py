@@ -406,6 +406,8 @@ def _base_linear(layer: FusedLoraLinear) -> nn.Linear:
     """An nn.Linear owning the layer's (unmerged) weight and bias Parameters."""
     if layer.merged:
         layer.unmerge()
+    if getattr(layer, "is_4bit", False):  # a 4-bit base goes back to a bnb Linear4bit (layer.py, FusedLoraLinear4bit)
+        return layer.to_base()
     linear = linear_sharing(layer.weight, layer.bias, layer.fan_in_fan_out)
     linear.train(layer.training)
     return linear

@@ -13,6 +13,8 @@ Several adapters on one layer (inject_lora with another adapter_name): the layer
 adapter lives in the ParameterDicts `lora_As[name]` / `lora_Bs[name]` (created when the second adapter comes).
 `active_adapter` names the adapter whole batches use; inside batch_adapters the model hands every layer one
 AdapterSegments and the layer runs fused_multi_lora_linear over its adapters in the model's adapter order.
+
+FusedLoraLinear4bit (QLoRA, layer_4bit.py) is the same layer over a frozen bitsandbytes 4-bit base.
 """
 from __future__ import annotations
 
@@ -44,6 +46,12 @@ def linear_features(module: nn.Module) -> Tuple[int, int]:
     if is_conv1d(module):
         return module.nx, module.nf
     return module.in_features, module.out_features
+
+
+def is_bnb_quantized(module: nn.Module) -> bool:
+    """A bitsandbytes quantized linear (Linear4bit, Linear8bitLt). bitsandbytes is not imported for it."""
+    bnb_nn = sys.modules.get("bitsandbytes.nn")
+    return bnb_nn is not None and isinstance(module, (bnb_nn.Linear4bit, bnb_nn.Linear8bitLt))
 
 
 def _param(t: torch.Tensor) -> nn.Parameter:
@@ -121,6 +129,12 @@ class FusedLoraLinear(nn.Module):
 
         lora_dtype defaults to PEFT's choice: float32 adapters for a half-precision base, else the base dtype.
         """
+        if is_bnb_quantized(linear):  # a bitsandbytes 4-bit base: the 4-bit sibling (layer_4bit.py)
+            from .layer_4bit import FusedLoraLinear4bit
+
+            return FusedLoraLinear4bit.from_linear4bit(linear, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                                       use_rslora=use_rslora, init_lora_weights=init_lora_weights,
+                                                       lora_dtype=lora_dtype)
         conv1d = is_conv1d(linear)
         if not (isinstance(linear, nn.Linear) or conv1d):
             raise ValueError(f"from_linear expects an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
@@ -133,10 +147,12 @@ class FusedLoraLinear(nn.Module):
         return layer
 
     def _init_from_base(self, weight, bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype,
-                        fan_in_fan_out=False):
+                        fan_in_fan_out=False, features=None):
         check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights)
         self.fan_in_fan_out = fan_in_fan_out
         self.out_features, self.in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        if features is not None:  # a packed 4-bit weight's shape is not (out, in)
+            self.out_features, self.in_features = features
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
         self.weight.requires_grad_(False)
         if bias is not None:

@@ -19,7 +19,8 @@ ALLOWED = {
     "ops": {"settings"},
     "backends": {"settings", "timing", "ops", "_cuda"},  # _cuda: the compiled csrc/ extension, when built
     "functional": {"backends"},
-    "layer": {"config", "functional"},
+    "layer": {"config", "functional", "layer_4bit"},  # layer_4bit: from_linear hands a 4-bit base to its sibling
+    "layer_4bit": {"functional", "layer"},
     # inject -> integrations: inject_lora on a transformers model that is already imported installs the adapter-only
     # checkpoint hooks (a lazy, conditional import; the integration never loads transformers for anyone else).
     "inject": {"config", "layer", "integrations"},

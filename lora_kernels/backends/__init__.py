@@ -14,7 +14,7 @@ from typing import Dict, Type
 from ..settings import requested_backend
 from . import cuda, triton
 from . import torch as torch_backend
-from .base import LoraLinearFunction, MultiLoraLinearFunction
+from .base import LoraLinearFunction, MultiLoraLinearFunction, QLoraLinearFunction
 
 _MODULES = {"triton": triton, "torch": torch_backend, "cuda": cuda}
 
@@ -31,6 +31,13 @@ MULTI_FUNCTIONS: Dict[str, Type[MultiLoraLinearFunction]] = {
 }
 
 
+# QLoRA (a 4-bit base): the Triton and torch backends; the CUDA extension has no 4-bit kernels.
+FUNCTIONS_4BIT: Dict[str, Type[QLoraLinearFunction]] = {
+    "triton": triton.TritonQLoraLinear,
+    "torch": torch_backend.TorchQLoraLinear,
+}
+
+
 def resolve_backend(x) -> str:
     """The backend that will run for input `x`; the requested one's error when it cannot."""
     name = requested_backend()
@@ -41,3 +48,10 @@ def resolve_backend(x) -> str:
     if reason is not None:
         raise reason
     return name
+
+
+def resolve_backend_4bit(x) -> str:
+    """resolve_backend for a 4-bit base weight: cuda, asked for explicitly, raises (it has no 4-bit kernels)."""
+    if requested_backend() == "cuda":
+        raise ValueError("LORA_KERNELS_BACKEND=cuda has no 4-bit (QLoRA) kernels; use triton, torch or auto")
+    return resolve_backend(x)

@@ -14,6 +14,8 @@ Inputs arrive validated and cast by functional.fused_lora_linear.
 """
 import torch
 
+from ..ops.format_4bit import QuantizedWeight, dequantize, from_bnb  # noqa: F401  (re-exported upwards)
+
 # What the kernels compute in; float64 is the torch backend's alone (the tests' oracle runs in it).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
@@ -100,6 +102,73 @@ class LoraLinearFunction(torch.autograd.Function):
             # The ops return empty tensors for gradients that were not asked for; autograd wants None.
             return (grad_x if need_x else None, grad_w, grad_bias, grad_a if need_lora_a else None,
                     grad_b if need_lora_b else None, None, None)
+
+        cls.forward = staticmethod(forward)
+        cls.backward = staticmethod(backward)
+
+
+# QLoRA: the same contract with a 4-bit base (ops/format_4bit.py). The custom ops take the QuantizedWeight
+# as its tensors (Nones where there is no double quantization) and its metadata as plain arguments:
+#
+#     qfwd_op(x, packed, absmax, nested_absmax, nested_code, offset, bias, lora_A, lora_B, scaling, dropout_p,
+#             quant_type, blocksize, nested_blocksize, out_features) -> (y, xa, seed)
+#     qbwd_op(dy, x, xa, seed, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, scaling,
+#             dropout_p, quant_type, blocksize, nested_blocksize, out_features, need_x, need_lora_a, need_lora_b)
+#         -> (grad_x, grad_A, grad_B)
+#
+# Saved for backward: x, xa, the seed and references to the packed weight and its scales (no copies), never a
+# dequantized W: backward dequantizes again, tile by tile on the Triton path.
+
+
+def quantized_weight(packed, absmax, nested_absmax, nested_code, offset, quant_type: str, blocksize: int,
+                     nested_blocksize: int, out_features: int, in_features: int):
+    """The QuantizedWeight a 4-bit custom op was called with."""
+    return QuantizedWeight(packed, absmax, quant_type, blocksize, (out_features, in_features), nested_absmax,
+                           nested_code, offset, nested_blocksize)
+
+
+def fake_qbwd(dy, x, xa, seed, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, scaling,
+              dropout_p, quant_type, blocksize, nested_blocksize, out_features, need_x, need_lora_a, need_lora_b):
+    return fake_bwd(dy, x, xa, seed, None, lora_A, lora_B, scaling, dropout_p, need_x, need_lora_a, need_lora_b)
+
+
+class QLoraLinearFunction(torch.autograd.Function):
+    """LoraLinearFunction's contract over a 4-bit base: a subclass names its qfwd_op / qbwd_op (above).
+
+    apply(x, packed, absmax, nested_absmax, nested_code, offset, bias, lora_A, lora_B, scaling, dropout_p,
+          quant_type, blocksize, nested_blocksize, out_features). The 4-bit weight is frozen (no gradient);
+    a trainable bias gets its gradient here.
+    """
+
+    qfwd_op = None
+    qbwd_op = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        fwd_op, bwd_op = cls.qfwd_op, cls.qbwd_op
+        if fwd_op is None or bwd_op is None:
+            raise TypeError(f"{cls.__name__} must set both qfwd_op and qbwd_op")
+
+        def forward(ctx, x, packed, absmax, nested_absmax, nested_code, offset, bias, lora_A, lora_B,
+                    scaling: float, dropout_p: float, quant_type: str, blocksize: int, nested_blocksize: int,
+                    out_features: int):
+            y, xa, seed = fwd_op(x, packed, absmax, nested_absmax, nested_code, offset, bias, lora_A, lora_B,
+                                 scaling, dropout_p, quant_type, blocksize, nested_blocksize, out_features)
+            ctx.save_for_backward(x, xa, seed, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B)
+            ctx.meta = (scaling, dropout_p, quant_type, blocksize, nested_blocksize, out_features)
+            ctx.bias_dtype = None if bias is None else bias.dtype
+            return y
+
+        def backward(ctx, dy):
+            x, xa, seed, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B = ctx.saved_tensors
+            need_x, need_bias, need_lora_a, need_lora_b = (ctx.needs_input_grad[0], *ctx.needs_input_grad[6:9])
+            with torch.autocast(x.device.type, enabled=False):
+                grad_x, grad_a, grad_b = bwd_op(dy, x, xa, seed, packed, absmax, nested_absmax, nested_code, offset,
+                                                lora_A, lora_B, *ctx.meta, need_x, need_lora_a, need_lora_b)
+                _, grad_bias = base_grads(dy, x, False, need_bias, None, ctx.bias_dtype)
+            return (grad_x if need_x else None, None, None, None, None, None, grad_bias,
+                    grad_a if need_lora_a else None, grad_b if need_lora_b else None, None, None, None, None, None,
+                    None)
 
         cls.forward = staticmethod(forward)
         cls.backward = staticmethod(backward)

@@ -9,6 +9,9 @@
 The base GEMM of each GEMM-shaped pass runs either inside the fused kernel or in torch's matmul with the
 LoRA term added by the same kernel in place, chosen per shape (gemm_dispatch.py). Triton is imported on
 first use, not with the package: it picks its interpreter (TRITON_INTERPRET=1) when it is first imported.
+
+QLoRA (triton_qlora_fwd / _bwd): the same passes with a 4-bit base; the two GEMM passes dequantize W tile by
+tile in registers (fused) or into a one-off buffer for torch's matmul (split), chosen per shape as for dense W.
 """
 import warnings
 from typing import List, Optional, Tuple
@@ -16,8 +19,8 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..settings import interpreting
-from .base import (KERNEL_DTYPES, LoraLinearFunction, MultiLoraLinearFunction, draw_seed, fake_bwd, fake_fwd_flat_xa,
-                   fake_multi_bwd, no_seed, not_computed)
+from .base import (KERNEL_DTYPES, LoraLinearFunction, MultiLoraLinearFunction, QLoraLinearFunction, draw_seed,
+                   fake_bwd, fake_fwd_flat_xa, fake_multi_bwd, fake_qbwd, no_seed, not_computed, quantized_weight)
 from .gemm_dispatch import choose as choose_gemm
 from .gemm_dispatch import gemm_key
 
@@ -81,8 +84,14 @@ def triton_lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                     lora_B: torch.Tensor, scaling: float, dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor,
                                                                                     torch.Tensor]:
     """(y, xa = dropout(x)·Aᵀ as (M, r) float32, seed): forward passes 1 and 2."""
+    return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+
+
+def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    """triton_lora_fwd for a dense weight or a 4-bit QuantizedWeight (the launchers take either)."""
     from ..ops.lora_linear_fwd import lora_linear_fwd
     from ..ops.lora_shrink import lora_shrink
+    from ..ops.format_4bit import QuantizedWeight
 
     x, rows = _rows_or_copy(x)
     precision = dot_precision(x.dtype)
@@ -92,7 +101,8 @@ def triton_lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         return torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device), xa, seed
     xa = lora_shrink(x, rows, lora_A, seed, dropout_p, precision)
     run = lambda gemm: lora_linear_fwd(x, rows, weight, bias, xa, lora_B, scaling, precision, gemm)  # noqa: E731
-    key = gemm_key("fwd", x, rows.M, x.shape[-1], weight.shape[0], lora_A.shape[0], bias=bias is not None)
+    key = gemm_key("fwd", x, rows.M, x.shape[-1], weight.shape[0], lora_A.shape[0], bias=bias is not None,
+                   w4bit=isinstance(weight, QuantizedWeight))
     return run(choose_gemm(key, x.device, run)), xa, seed
 
 
@@ -104,8 +114,14 @@ def triton_lora_bwd(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, seed: t
                     lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout_p: float, need_x: bool,
                     need_lora_a: bool, need_lora_b: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_A, grad_B), each empty when not needed: backward passes 1 and 2."""
+    return _backward(dy, x, xa, seed, weight, lora_A, lora_B, scaling, dropout_p, need_x, need_lora_a, need_lora_b)
+
+
+def _backward(dy, x, xa, seed, weight, lora_A, lora_B, scaling, dropout_p, need_x, need_lora_a, need_lora_b):
+    """triton_lora_bwd for a dense weight or a 4-bit QuantizedWeight."""
     from ..ops.lora_dy_b import lora_dy_b
     from ..ops.lora_linear_bwd_dx import lora_linear_bwd_dx
+    from ..ops.format_4bit import QuantizedWeight
 
     grad_x, grad_a, grad_b = not_computed(x), not_computed(lora_A), not_computed(lora_B)
     dy, dy_rows = _rows_or_copy(dy.to(x.dtype))
@@ -121,7 +137,7 @@ def triton_lora_bwd(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, seed: t
             dy, dy_rows, weight, dyb, lora_A, x, x_rows, seed, scaling, dropout_p, compute_dx=need_x,
             compute_grad_a=need_lora_a, dot_precision=precision, gemm=gemm)
         key = gemm_key("bwd", x, x_rows.M, x.shape[-1], dy.shape[-1], lora_A.shape[0], dropout=dropout_p > 0.0,
-                       grad_A=need_lora_a)
+                       grad_A=need_lora_a, w4bit=isinstance(weight, QuantizedWeight))
         # Without grad_x there is no base GEMM to place.
         dx, grad_a32 = run(choose_gemm(key, x.device, run) if need_x else "fused")
         if need_x:
@@ -141,6 +157,47 @@ class TritonLoraLinear(LoraLinearFunction):
 
     fwd_op = torch.ops.lora_kernels.triton_lora_fwd
     bwd_op = torch.ops.lora_kernels.triton_lora_bwd
+
+
+@torch.library.custom_op("lora_kernels::triton_qlora_fwd", mutates_args=())
+def triton_qlora_fwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
+                     nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                     lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout_p: float, quant_type: str,
+                     blocksize: int, nested_blocksize: int, out_features: int) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                        torch.Tensor]:
+    qw = quantized_weight(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize,
+                          nested_blocksize, out_features, x.shape[-1])
+    return _forward(x, qw, bias, lora_A, lora_B, scaling, dropout_p)
+
+
+@triton_qlora_fwd.register_fake
+def _(x, packed, absmax, nested_absmax, nested_code, offset, bias, lora_A, lora_B, scaling, dropout_p, quant_type,
+      blocksize, nested_blocksize, out_features):
+    M = x.numel() // x.shape[-1]
+    return (x.new_empty((*x.shape[:-1], out_features)), x.new_empty((M, lora_A.shape[0]), dtype=torch.float32),
+            x.new_empty((1,), dtype=torch.int64))
+
+
+@torch.library.custom_op("lora_kernels::triton_qlora_bwd", mutates_args=())
+def triton_qlora_bwd(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, seed: torch.Tensor, packed: torch.Tensor,
+                     absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
+                     offset: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                     dropout_p: float, quant_type: str, blocksize: int, nested_blocksize: int, out_features: int,
+                     need_x: bool, need_lora_a: bool, need_lora_b: bool) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]:
+    qw = quantized_weight(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize,
+                          nested_blocksize, out_features, x.shape[-1])
+    return _backward(dy, x, xa, seed, qw, lora_A, lora_B, scaling, dropout_p, need_x, need_lora_a, need_lora_b)
+
+
+triton_qlora_bwd.register_fake(fake_qbwd)
+
+
+class TritonQLoraLinear(QLoraLinearFunction):
+    """Triton backend over a 4-bit base: W dequantized inside the two GEMM passes."""
+
+    qfwd_op = torch.ops.lora_kernels.triton_qlora_fwd
+    qbwd_op = torch.ops.lora_kernels.triton_qlora_bwd
 
 
 # Several adapters in one batch (base.py's multi-adapter contract): the same four launches, segmented

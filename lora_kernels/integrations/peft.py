@@ -35,6 +35,12 @@ tensor `scaling` (PEFT's prepare_model_for_compiled_hotswap) is handled by fused
 
 `lora_bias=True` is computed on the kernels: PEFT adds scaling·lora_B.bias to the output, which is folded into the
 base bias passed to the kernels (its gradient flows back to lora_B.bias through autograd).
+
+QLoRA: PEFT's `lora.bnb.Linear4bit` layers (a bitsandbytes 4-bit base) become `FusedPeftLinear4bit` the same way,
+under the same per-call rules (the base must be a bitsandbytes Linear4bit running its class's forward); their
+forward hands the Params4bit to the kernels, which dequantize W inside the GEMMs (bitsandbytes' dequantize is never
+called), computing in the base's compute_dtype as bitsandbytes does. Their repr keeps PEFT's `lora.Linear4bit`.
+`lora.bnb.Linear8bitLt` layers are reported as skipped.
 """
 from __future__ import annotations
 
@@ -62,6 +68,23 @@ def _is_linear(m: nn.Module) -> bool:
 def _is_conv1d(m: nn.Module) -> bool:
     """transformers' Conv1D itself (GPT-2's projections: weight stored (in, out)), not a subclass with its own forward."""
     return is_conv1d(m) and type(m).forward is sys.modules["transformers.pytorch_utils"].Conv1D.forward
+
+
+def _is_linear4bit(m: nn.Module) -> bool:
+    """A bitsandbytes Linear4bit (or subclass) whose class computes Linear4bit's forward. bitsandbytes is not
+    imported for it."""
+    bnb_nn = sys.modules.get("bitsandbytes.nn")
+    return (bnb_nn is not None and isinstance(m, bnb_nn.Linear4bit)
+            and type(m).forward is bnb_nn.Linear4bit.forward)
+
+
+def _peft_linear4bit():
+    """PEFT's lora.bnb.Linear4bit, or None when bitsandbytes (or PEFT's bnb support) is not installed."""
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:
+        return None
+    return Linear4bit
 
 
 def _is_bound_class_forward(f, m: nn.Module) -> bool:
@@ -139,10 +162,15 @@ def _adapter_unservable_reason(layer: PeftLoraLinear, adapter: str) -> Optional[
         return f"adapter {adapter!r} uses a LoRA variant ({type(layer.lora_variant.get(adapter)).__name__}, e.g. DoRA)"
     # base_layer itself, not get_base_layer(): a wrapped tuner layer in between would add its own delta.
     base = layer.base_layer
-    if getattr(layer, "fan_in_fan_out", False) != _is_conv1d(base):
+    linear4bit = _peft_linear4bit()
+    if linear4bit is not None and isinstance(layer, linear4bit):
+        if not _is_linear4bit(base):
+            return (f"base layer is a {type(base).__module__}.{type(base).__name__}, not a bitsandbytes Linear4bit "
+                    "running its own forward")
+    elif getattr(layer, "fan_in_fan_out", False) != _is_conv1d(base):
         return (f"fan_in_fan_out={getattr(layer, 'fan_in_fan_out', False)} over a "
                 f"{type(base).__module__}.{type(base).__name__}")
-    if not (_is_linear(base) or _is_conv1d(base)):
+    elif not (_is_linear(base) or _is_conv1d(base)):
         return f"base layer is a {type(base).__module__}.{type(base).__name__}, not an nn.Linear or a Conv1D"
     for what, m in (("lora_A", layer.lora_A[adapter]), ("lora_B", layer.lora_B[adapter])):
         if not _is_linear(m):
@@ -268,6 +296,53 @@ class FusedPeftLinear(PeftLoraLinear):
         return "fused=lora_kernels"
 
 
+def _forward_4bit(self, x, *args, **kwargs):
+    """FusedPeftLinear4bit.forward: PEFT's lora.bnb.Linear4bit forward on the kernels when the call allows it."""
+    if args or kwargs or self.disable_adapters or self.merged:
+        return super(FusedPeftLinear4bit, self).forward(x, *args, **kwargs)
+    adapter, reason = _call_plan(self, x)
+    if reason is not None:
+        return super(FusedPeftLinear4bit, self).forward(x, *args, **kwargs)
+    base = self.base_layer
+    lora_B = self.lora_B[adapter]
+    scaling = self.scaling[adapter]
+    # bnb's Linear4bit computes in its compute_dtype and returns x's dtype; so do we.
+    dt = base.compute_dtype if base.compute_dtype is not None else x.dtype
+    bias = None if base.bias is None else base.bias.to(dt)
+    if lora_B.bias is not None:  # lora_bias, folded into the bias as for FusedPeftLinear
+        extra = (lora_B.bias * scaling).to(dt)
+        bias = extra if bias is None else bias + extra
+    dropout = self.lora_dropout[adapter]
+    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    y = fused_lora_linear(x.to(dt), base.weight, bias, self.lora_A[adapter].weight, lora_B.weight, scaling,
+                          dropout_p=p, training=dropout.training)
+    return y.to(x.dtype)
+
+
+def _fused_4bit_class():
+    """FusedPeftLinear4bit, defined on first use (PEFT defines lora.bnb.Linear4bit only with bitsandbytes)."""
+    global FusedPeftLinear4bit
+    linear4bit = _peft_linear4bit()
+    if FusedPeftLinear4bit is None and linear4bit is not None:
+        FusedPeftLinear4bit = type("FusedPeftLinear4bit", (linear4bit,), {
+            "__doc__": "A peft lora.bnb.Linear4bit whose forward runs on lora_kernels when it can.",
+            "__module__": __name__,
+            "forward": _forward_4bit,
+            # PEFT's repr (and get_layer_status) show lora.Linear4bit.
+            "_get_name": lambda self: linear4bit.__name__,
+            "extra_repr": lambda self: "fused=lora_kernels",
+        })
+    return FusedPeftLinear4bit
+
+
+FusedPeftLinear4bit = None
+
+
+def _is_fused(module: nn.Module) -> bool:
+    return isinstance(module, FusedPeftLinear) or (FusedPeftLinear4bit is not None
+                                                   and isinstance(module, FusedPeftLinear4bit))
+
+
 @dataclass
 class FuseReport:
     """What fuse_peft_model did: fused layer names, and {name: reason} for the LoRA layers left on PEFT's path."""
@@ -286,27 +361,30 @@ def fuse_peft_model(peft_model: nn.Module, verbose: bool = False) -> FuseReport:
 
     Eligible: exactly peft.tuners.lora.Linear over an nn.Linear (subclasses that keep nn.Linear's forward too),
     or a transformers Conv1D (GPT-2, fan_in_fan_out), holding one of the active adapters (or none of them, and an
-    adapter of its own it could serve), without DoRA. A fused layer still falls back to PEFT's forward per call (see the module
-    docstring). Others (conv, embedding, quantized, DoRA, several active adapters) are
+    adapter of its own it could serve), without DoRA; and PEFT's lora.bnb.Linear4bit over a bitsandbytes Linear4bit
+    (QLoRA) under the same rules. A fused layer still falls back to PEFT's forward per call (see the module
+    docstring). Others (conv, embedding, 8-bit quantized, DoRA, several active adapters) are
     left as they are and listed in the returned report's `skipped`. Undo with unfuse_peft_model.
     """
     if not isinstance(peft_model, nn.Module):
         raise ValueError(f"peft_model must be a torch.nn.Module, got {type(peft_model).__name__}")
     report = FuseReport()
+    linear4bit = _peft_linear4bit()
     for name, module in peft_model.named_modules():
-        if isinstance(module, FusedPeftLinear):
+        if _is_fused(module):
             report.fused.append(name)
             continue
         if not isinstance(module, LoraLayer):
             continue
-        if type(module) is not PeftLoraLinear:
+        is_4bit = linear4bit is not None and type(module) is linear4bit
+        if type(module) is not PeftLoraLinear and not is_4bit:
             report.skipped[name] = f"{type(module).__module__}.{type(module).__name__} is not served by the kernels"
             continue
         reason = _fuse_time_reason(module)
         if reason is not None:
             report.skipped[name] = reason
             continue
-        module.__class__ = FusedPeftLinear
+        module.__class__ = _fused_4bit_class() if is_4bit else FusedPeftLinear
         report.fused.append(name)
     if not report.fused and not report.skipped:
         raise ValueError(f"{type(peft_model).__name__} has no PEFT LoRA layer to fuse")
@@ -321,5 +399,8 @@ def unfuse_peft_model(peft_model: nn.Module) -> List[str]:
     for name, module in peft_model.named_modules():
         if isinstance(module, FusedPeftLinear):
             module.__class__ = PeftLoraLinear
+            names.append(name)
+        elif FusedPeftLinear4bit is not None and isinstance(module, FusedPeftLinear4bit):
+            module.__class__ = _peft_linear4bit()
             names.append(name)
     return names

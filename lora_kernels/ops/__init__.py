@@ -6,4 +6,6 @@
     lora_linear_bwd_dx grad_x = dy·W + s·(dyB·A)⊙mask/(1-p), grad_A = s·dyBᵀ·dropout(x)
                                                                            (backward, pass 2)
     dropout            the Philox keep-mask shared by all of them
+    dequant_4bit       bitsandbytes NF4/FP4 (double-quant) W tiles dequantized in registers, for the two GEMM
+                       passes over a 4-bit base (QLoRA); and a one-pass W dequantization for the split path
 """

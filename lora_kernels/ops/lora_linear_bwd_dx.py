@@ -11,6 +11,9 @@ On the split path (gemm="split", see lora_kernels/backends/gemm_dispatch.py) tor
 writes dy·W into grad_x first; the kernel then skips its reduction loop, starts from that tile of grad_x
 and adds the masked LoRA term in place.
 
+A 4-bit base (QLoRA) arrives as a QuantizedWeight: the fused path dequantizes each W tile in registers where
+the dense kernel loads it (W_4BIT, ops/dequant_4bit.py); the split path dequantizes W once into a buffer for
+torch.mm and frees it on return. Nothing W-sized is kept from forward.
 Segmented (several adapters, ops/segments.py): only the LoRA part changes. A is (n, r_max, K) and grad_A
 (n, r_max, K); the tile loops over the adapters its rows use: s_a·dyB[rows of a]·A[a] into the grad_x
 epilogue and s_a·dyB[rows of a]ᵀ·dropout(x) into grad_A[a], each row's mask drawn at its adapter's rate.
@@ -22,6 +25,8 @@ import triton.language as tl
 
 from ..settings import GEMM_PATHS
 from .configs import gemm_configs, lora_block_r, min_block_m
+from .dequant_4bit import dequant_4bit_tile, dequantize_4bit, flat_bytes, kernel_args, launch_options
+from .format_4bit import QuantizedWeight
 from .dropout import drop_threshold, dropout_keep
 from .layout import Rows, grouped_tile, row_offsets
 from .segments import AdapterTable, any_row, tile_adapters
@@ -30,7 +35,7 @@ from .segments import AdapterTable, any_row, tile_adapters
 # Autotuning runs the kernel many times: grad_A accumulates with atomics, and the split path adds to grad_x
 # in place, so both are reset between runs.
 @triton.autotune(configs=gemm_configs(out_block="BLOCK_K", reduce_block="BLOCK_N"),
-                 key=["M_BUCKET", "N", "K", "R", "BASE_IN_DX", "SEGMENTED"], reset_to_zero=["grad_a_ptr"],
+                 key=["M_BUCKET", "N", "K", "R", "BASE_IN_DX", "W_4BIT", "SEGMENTED"], reset_to_zero=["grad_a_ptr"],
                  restore_value=["dx_ptr"])
 @triton.jit
 def _lora_linear_bwd_dx_kernel(
@@ -45,6 +50,9 @@ def _lora_linear_bwd_dx_kernel(
     stride_gas, stride_gar, stride_gak,
     scaling, threshold, keep_scale,
     aid_ptr, rank_ptr, scale_ptr, threshold_ptr, keep_scale_ptr, stride_aa, stride_gaa,
+    q_absmax_ptr, q_code_ptr, q_absmax2_ptr, q_code2_ptr, q_offset_ptr,
+    W_4BIT: tl.constexpr, Q_BLOCK: tl.constexpr, Q_BLOCK2: tl.constexpr, Q_DOUBLE: tl.constexpr,
+    Q_ALIGNED: tl.constexpr,
     COMPUTE_DX: tl.constexpr, BASE_IN_DX: tl.constexpr, COMPUTE_GRAD_A: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DETERMINISTIC: tl.constexpr, SEGMENTED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -72,8 +80,15 @@ def _lora_linear_bwd_dx_kernel(
             n_ok = nn < N
             dy = tl.load(dy_rows[:, None] + nn[None, :] * stride_dyn, mask=row_ok[:, None] & n_ok[None, :],
                          other=0.0)
-            w = tl.load(w_ptr + nn[:, None] * stride_wn + rk[None, :] * stride_wk,
-                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if W_4BIT:
+                # w_ptr is bnb's packed 4-bit W: W[n, k] is element n·K + k of its flattening, dequantized here.
+                w = dequant_4bit_tile(w_ptr, nn[:, None] * K, rk[None, :], pid_k * BLOCK_K,
+                                      n_ok[:, None] & k_ok[None, :], n_ok[:, None], q_absmax_ptr, q_code_ptr,
+                                      q_absmax2_ptr, q_code2_ptr, q_offset_ptr, Q_BLOCK, Q_BLOCK2, Q_DOUBLE, Q_ALIGNED,
+                                      BLOCK_K).to(dtype)
+            else:
+                w = tl.load(w_ptr + nn[:, None] * stride_wn + rk[None, :] * stride_wk,
+                            mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
 
     if SEGMENTED:
@@ -150,7 +165,8 @@ def lora_linear_bwd_dx(dy: torch.Tensor, dy_rows: Rows, weight: torch.Tensor, dy
                        lora_A: torch.Tensor, x: torch.Tensor, x_rows: Rows, seed: torch.Tensor,
                        scaling: float, p: float, compute_dx: bool, compute_grad_a: bool, dot_precision: str,
                        gemm: str = "fused", adapters: AdapterTable = None):
-    """(grad_x shaped like x in x's dtype or None, grad_A (r, K) float32 or None).
+    """(grad_x shaped like x in x's dtype or None, grad_A (r, K) float32 or None). weight is (N, K) in x's dtype
+    or a 4-bit QuantizedWeight.
 
     gemm="fused": the Triton kernel computes dy·W; "split": torch.mm does, and the kernel adds to it.
     With `adapters` (segmented): lora_A is (n, r_max, K), grad_A (n, r_max, K); scaling and p are ignored
@@ -163,18 +179,25 @@ def lora_linear_bwd_dx(dy: torch.Tensor, dy_rows: Rows, weight: torch.Tensor, dy
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if compute_dx else None
     dx2 = dx.view(M, K) if compute_dx else dyb
     base_in_dx = compute_dx and gemm == "split"
+    quant = weight if isinstance(weight, QuantizedWeight) and compute_dx and not base_in_dx else None
     if base_in_dx:
-        torch.mm(dy.reshape(M, N), weight, out=dx2)
+        dense = dequantize_4bit(weight, x.dtype) if isinstance(weight, QuantizedWeight) else weight
+        torch.mm(dy.reshape(M, N), dense, out=dx2)
+        del dense
+    if isinstance(weight, QuantizedWeight):
+        w, w_strides = (flat_bytes(quant) if quant is not None else dyb), (0, 0)  # the 4-bit helper indexes flat
+    else:
+        w, w_strides = weight, (weight.stride(0), weight.stride(1))
     deterministic = compute_grad_a and torch.are_deterministic_algorithms_enabled()
     splits = triton.cdiv(M, min_block_m(_lora_linear_bwd_dx_kernel)) if deterministic else 1
     grad_shape = (splits, *lora_A.shape[:-2], R, K)  # (splits, [n,] R, K)
     grad_a = torch.zeros(grad_shape, dtype=torch.float32, device=x.device) if compute_grad_a else dyb[None, None]
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
     _lora_linear_bwd_dx_kernel[grid](
-        dy, weight, dyb, lora_A, x, seed, dx2, grad_a,
+        dy, w, dyb, lora_A, x, seed, dx2, grad_a,
         M, N, K, R, triton.next_power_of_2(M),
         dy_rows.inner, dy_rows.stride_outer, dy_rows.stride_inner, dy_rows.stride_col,
-        weight.stride(0), weight.stride(1),
+        *w_strides,
         dyb.stride(0), dyb.stride(1),
         lora_A.stride(-2), lora_A.stride(-1),
         x_rows.inner, x_rows.stride_outer, x_rows.stride_inner, x_rows.stride_col,
@@ -187,6 +210,6 @@ def lora_linear_bwd_dx(dy: torch.Tensor, dy_rows: Rows, weight: torch.Tensor, dy
         COMPUTE_DX=compute_dx, BASE_IN_DX=base_in_dx, COMPUTE_GRAD_A=compute_grad_a,
         HAS_DROPOUT=adapters.has_dropout if segmented else p > 0.0, DETERMINISTIC=deterministic,
         SEGMENTED=segmented,
-        DOT_PRECISION=dot_precision, BLOCK_R=lora_block_r(R),
+        DOT_PRECISION=dot_precision, BLOCK_R=lora_block_r(R), **kernel_args(quant, dyb), **launch_options(quant),
     )
     return dx, (grad_a.sum(0) if compute_grad_a else None)

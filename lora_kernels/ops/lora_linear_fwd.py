@@ -8,6 +8,10 @@ The split path (gemm="split", chosen per shape by lora_kernels/backends/gemm_dis
 from that tile of y and adds the LoRA term and bias in place. That costs one more read and write of y,
 and wins where cuBLAS's GEMM beats Triton's by more than that.
 
+A 4-bit base (QLoRA: bitsandbytes NF4/FP4, ops/format_4bit.py) arrives as a QuantizedWeight. The fused
+path reads its packed bytes and dequantizes each W tile in registers where the dense kernel loads it (W_4BIT,
+ops/dequant_4bit.py), so only 0.5 B per weight crosses memory; the split path dequantizes W once into a
+buffer for torch.mm and frees it on return.
 Segmented (several adapters, ops/segments.py): only the LoRA epilogue changes. B is (n, N, r_max); the
 tile loops over the adapters its rows use and adds s_a·xa[rows of a]·B[a]ᵀ, so the k-loop, the tiles and
 the tile order are those of the single-adapter kernel.
@@ -18,13 +22,15 @@ import triton.language as tl
 
 from ..settings import GEMM_PATHS
 from .configs import gemm_configs, lora_block_r
+from .dequant_4bit import dequant_4bit_tile, dequantize_4bit, flat_bytes, kernel_args, launch_options
+from .format_4bit import QuantizedWeight
 from .layout import Rows, grouped_tile, row_offsets
 from .segments import AdapterTable, any_row, tile_adapters
 
 
 # restore_value: on the split path the kernel adds to y in place, and autotuning runs it many times.
 @triton.autotune(configs=gemm_configs(out_block="BLOCK_N", reduce_block="BLOCK_K"),
-                 key=["M_BUCKET", "N", "K", "R", "BASE_IN_Y", "SEGMENTED"], restore_value=["y_ptr"])
+                 key=["M_BUCKET", "N", "K", "R", "BASE_IN_Y", "W_4BIT", "SEGMENTED"], restore_value=["y_ptr"])
 @triton.jit
 def _lora_linear_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr,
@@ -36,8 +42,10 @@ def _lora_linear_fwd_kernel(
     stride_ym, stride_yn,
     scaling,
     aid_ptr, rank_ptr, scale_ptr, stride_ba,
+    q_absmax_ptr, q_code_ptr, q_absmax2_ptr, q_code2_ptr, q_offset_ptr,
     HAS_BIAS: tl.constexpr, BASE_IN_Y: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    SEGMENTED: tl.constexpr,
+    W_4BIT: tl.constexpr, Q_BLOCK: tl.constexpr, Q_BLOCK2: tl.constexpr, Q_DOUBLE: tl.constexpr,
+    Q_ALIGNED: tl.constexpr, SEGMENTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -59,8 +67,14 @@ def _lora_linear_fwd_kernel(
             kk = k0 + rk
             k_ok = kk < K
             x = tl.load(x_rows[:, None] + kk[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
-                        mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            if W_4BIT:
+                # w_ptr is bnb's packed 4-bit W: W[n, k] is element n·K + k of its flattening, dequantized here.
+                w = dequant_4bit_tile(w_ptr, rn[None, :] * K, kk[:, None], k0, col_ok[None, :] & k_ok[:, None],
+                                      col_ok[None, :], q_absmax_ptr, q_code_ptr, q_absmax2_ptr, q_code2_ptr,
+                                      q_offset_ptr, Q_BLOCK, Q_BLOCK2, Q_DOUBLE, Q_ALIGNED, BLOCK_K).to(x.dtype)
+            else:
+                w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
+                            mask=col_ok[None, :] & k_ok[:, None], other=0.0)
             acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
 
     # LoRA expand: s·xa·Bᵀ in the activation dtype (as PEFT's lora_B runs), accumulated in float32.
@@ -98,12 +112,11 @@ def _lora_linear_fwd_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=tile_ok)
 
 
-
-
 def lora_linear_fwd(x: torch.Tensor, rows: Rows, weight: torch.Tensor, bias, xa: torch.Tensor,
                     lora_B: torch.Tensor, scaling: float, dot_precision: str, gemm: str = "fused",
                     adapters: AdapterTable = None) -> torch.Tensor:
-    """y of shape (*x.shape[:-1], N) in x's dtype. weight (N, K) and bias (N,) are in x's dtype.
+    """y of shape (*x.shape[:-1], N) in x's dtype. weight (N, K) and bias (N,) are in x's dtype, or weight is a
+    4-bit QuantizedWeight.
 
     gemm="fused": the Triton kernel computes x·Wᵀ; "split": torch.mm does, and the kernel adds to it.
     With `adapters` (segmented): lora_B is (n, N, r_max) and the table's per-adapter scalings apply.
@@ -115,15 +128,23 @@ def lora_linear_fwd(x: torch.Tensor, rows: Rows, weight: torch.Tensor, bias, xa:
     N, R = weight.shape[0], lora_B.shape[-1]
     y = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
     y2 = y.view(M, N)
+    quant = weight if isinstance(weight, QuantizedWeight) else None
     if gemm == "split":
+        dense = weight if quant is None else dequantize_4bit(quant, x.dtype)
         # reshape is a view for every layout rows_of accepts with one row group; otherwise torch copies x.
-        torch.mm(x.reshape(M, K), weight.t(), out=y2)
+        torch.mm(x.reshape(M, K), dense.t(), out=y2)
+        del dense
+        quant = None  # the kernel only adds the LoRA term: it never reads W
+    if isinstance(weight, QuantizedWeight):
+        w, w_strides = (flat_bytes(quant) if quant is not None else y2), (0, 0)  # the 4-bit helper indexes flat
+    else:
+        w, w_strides = weight, (weight.stride(0), weight.stride(1))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _lora_linear_fwd_kernel[grid](
-        x, weight, bias if bias is not None else weight, xa, lora_B, y2,
+        x, w, bias if bias is not None else y2, xa, lora_B, y2,
         M, N, K, R, triton.next_power_of_2(M),
         rows.inner, rows.stride_outer, rows.stride_inner, rows.stride_col,
-        weight.stride(0), weight.stride(1),
+        *w_strides,
         xa.stride(0), xa.stride(1),
         lora_B.stride(-2), lora_B.stride(-1),
         y2.stride(0), y2.stride(1),
@@ -131,6 +152,6 @@ def lora_linear_fwd(x: torch.Tensor, rows: Rows, weight: torch.Tensor, bias, xa:
         *((adapters.row_adapter, adapters.rank, adapters.scaling, lora_B.stride(0)) if segmented
           else (xa, xa, xa, 0)),  # unused pointers when single
         HAS_BIAS=bias is not None, BASE_IN_Y=gemm == "split", DOT_PRECISION=dot_precision,
-        BLOCK_R=lora_block_r(R), SEGMENTED=segmented,
+        BLOCK_R=lora_block_r(R), SEGMENTED=segmented, **kernel_args(quant, y2), **launch_options(quant),
     )
     return y

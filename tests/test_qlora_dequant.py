@@ -1,0 +1,108 @@
+"""4-bit dequantization against bitsandbytes, bit for bit: our Triton helper (ops/dequant_4bit.py, under the
+interpreter on CPU) and our PyTorch dequantization (ops/format_4bit.py), over every byte and absmax code, NF4 and FP4,
+double quantization on and off, every blocksize bitsandbytes accepts, odd shapes.
+
+Signed zeros: bnb's native kernels (CUDA, and its C CPU kernel used for even in_features) give FP4 code 8 as -0.0,
+its pure-PyTorch fallback (odd in_features on CPU) as +0.0. We follow the native kernels; comparisons over odd
+shapes therefore treat -0.0 and +0.0 as one value, and `test_fp4_negative_zero_matches_native_kernel` checks the
+sign where bnb's native kernel runs.
+"""
+import pytest
+import torch
+
+bf = pytest.importorskip("bitsandbytes.functional")
+
+from lora_kernels.ops.format_4bit import BLOCKSIZES, code_table, dequantize, from_bnb  # noqa: E402
+
+SHAPES = [(33, 47), (24, 130), (3, 4099), (40, 64)]   # odd N·K, rows spanning blocks, K > 4096, even
+BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def quantized_case(shape, quant_type, double_quant, blocksize, dtype, seed=0):
+    """bnb-quantized random W, then every byte value written into the packed data and every uint8 absmax code
+    into the absmax (double quant), so all 16 × 16 nibble pairs and all 256 nested codes are dequantized."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g).to(dtype)
+    packed, qs = bf.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type)
+    flat = packed.view(-1)
+    flat.copy_((torch.arange(flat.numel()) * 7 + seed) % 256)   # a stride coprime with 256 covers every byte
+    if double_quant:
+        qs.absmax.copy_((torch.arange(qs.absmax.numel()) * 5 + 3) % 256)
+    else:
+        qs.absmax.mul_(torch.rand(qs.absmax.shape, generator=g) + 0.5)
+    return packed, qs
+
+
+def same_bits(got, want, signed_zero=True):
+    if not signed_zero:
+        got, want = got + 0.0, want + 0.0   # -0.0 + 0.0 = +0.0
+    return got.dtype == want.dtype and torch.equal(got.view(BITS[got.dtype]), want.view(BITS[want.dtype]))
+
+
+def test_code_tables_are_bitsandbytes():
+    for qt in ("nf4", "fp4"):
+        assert torch.equal(code_table(qt, "cpu"), bf.get_4bit_type(qt, device="cpu"))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_dequant_bit_exact(quant_type, double_quant, blocksize, dtype):
+    from lora_kernels.ops.dequant_4bit import dequantize_4bit
+
+    for i, shape in enumerate(SHAPES):
+        packed, qs = quantized_case(shape, quant_type, double_quant, blocksize, dtype, seed=i)
+        want = bf.dequantize_4bit(packed, qs)
+        got = dequantize_4bit(from_bnb(packed, qs), dtype)
+        assert got.shape == shape and same_bits(got, want, signed_zero=False), shape
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_torch_dequant_bit_exact(quant_type, double_quant, dtype):
+    for blocksize in BLOCKSIZES:
+        for i, shape in enumerate(SHAPES):
+            packed, qs = quantized_case(shape, quant_type, double_quant, blocksize, dtype, seed=i)
+            want = bf.dequantize_4bit(packed, qs)
+            got = dequantize(from_bnb(packed, qs), dtype)
+            assert same_bits(got, want, signed_zero=False), (blocksize, shape)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_fp4_negative_zero_matches_native_kernel(impl):
+    """Even in_features and blocksize 64: bnb's C kernel runs on CPU, and signs of zeros must agree too."""
+    from lora_kernels.ops.dequant_4bit import dequantize_4bit
+
+    packed, qs = quantized_case((16, 64), "fp4", False, 64, torch.float32)
+    want = bf.dequantize_4bit(packed, qs)
+    got = (dequantize_4bit if impl == "triton" else dequantize)(from_bnb(packed, qs), torch.float32)
+    assert (want.view(torch.int32) == torch.tensor(-0.0).view(torch.int32)).any()
+    assert same_bits(got, want)
+
+
+def test_params4bit_and_bad_quant_states():
+    bnb = pytest.importorskip("bitsandbytes")
+    lin = bnb.nn.Linear4bit(40, 24, bias=False, quant_type="nf4", compress_statistics=True)
+    lin.weight = bnb.nn.Params4bit(torch.randn(24, 40), requires_grad=False, quant_type="nf4",
+                                   compress_statistics=True)._quantize("cpu")
+    qw = from_bnb(lin.weight)
+    assert qw.shape == (24, 40) and qw.double_quant and qw.packed.data_ptr() == lin.weight.data_ptr()
+    assert same_bits(dequantize(qw, torch.float32), bf.dequantize_4bit(lin.weight.data, lin.weight.quant_state))
+    qs = lin.weight.quant_state
+    with pytest.raises(ValueError, match="no bitsandbytes quant_state"):
+        from_bnb(torch.zeros(480, 1, dtype=torch.uint8))
+    qs.quant_type = "int4"
+    with pytest.raises(ValueError, match="quant_type 'int4'"):
+        from_bnb(lin.weight)
+    qs.quant_type, qs.blocksize = "nf4", 48
+    with pytest.raises(ValueError, match="blocksize 48"):
+        from_bnb(lin.weight)
+    qs.blocksize = 64
+
+    class OldState:   # a QuantState from another bnb version: no state2 / offset fields
+        absmax, blocksize, quant_type, shape, code = qs.absmax, 64, "nf4", qs.shape, qs.code
+
+    with pytest.raises(ValueError, match="unsupported bitsandbytes QuantState.*lacks offset, state2"):
+        from_bnb(lin.weight.data, OldState())
