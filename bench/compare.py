@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Regression gate: compare a new results file with the latest committed one for the same GPU.
 
-    python bench/compare.py NEW.json                         # baseline: newest bench/results/<same gpu>-*.json
-    python bench/compare.py NEW.json --baseline OLD.json --metric fused_ms --threshold 0.10
+    python -m bench.compare NEW.json                         # baseline: newest bench/results/<same gpu>-*.json
+    python -m bench.compare NEW.json --baseline OLD.json --metric fused_ms --threshold 0.10
 
 For every case present in both files, fails (exit 1) when NEW's metric is more than `threshold`
 above the baseline's. Gate only on metrics where higher is worse: times (`<impl>_ms`) and
@@ -15,8 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lkbench.results import RESULTS_DIR, load, slug  # noqa: E402
+from bench.lkbench.results import RESULTS_DIR, load, slug
 
 # Both are higher-is-worse: the fused time, and its cost relative to the base linear measured in the same run.
 DEFAULT_METRICS = ["fused_ms", "fused_over_base"]

@@ -120,12 +120,14 @@ def default_grid() -> str:
     return os.environ.get("LORA_BENCH_GRID") or ("headline" if HAS_CUDA else "smoke")
 
 
-def select(grid: Optional[str] = None, match: Optional[str] = None) -> List[Case]:
-    """The cases of `grid` whose name matches the regex `match` (default: LORA_BENCH_MATCH)."""
+def select(grid: Optional[str] = None, match: Optional[str] = None, require_cuda: bool = True) -> List[Case]:
+    """The cases of `grid` whose name matches the regex `match` (default: LORA_BENCH_MATCH).
+
+    require_cuda=False lists a GPU grid on a CPU, for checking a script's arguments without running them."""
     grid = grid or default_grid()
     if grid not in GRIDS:
         raise ValueError(f"grid={grid!r} is not one of {', '.join(GRIDS)}")
-    if grid != "smoke" and not HAS_CUDA:
+    if grid != "smoke" and require_cuda and not HAS_CUDA:
         raise RuntimeError(f"grid={grid!r} needs a CUDA GPU; on CPU use the smoke grid")
     cases = {"smoke": _smoke, "headline": _headline, "full": _full}[grid]()
     match = match if match is not None else os.environ.get("LORA_BENCH_MATCH")

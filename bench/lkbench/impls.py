@@ -165,7 +165,7 @@ class _HybridLora(torch.autograd.Function):
     def forward(ctx, x, W, A, B, scaling: float, p: float):
         from lora_kernels.ops.layout import rows_of
         from lora_kernels.ops.lora_shrink import lora_shrink
-        from lora_kernels.reference import draw_seed
+        from ._internals import draw_seed
 
         dt = x.dtype
         seed = draw_seed(x.device) if p > 0 else torch.zeros(1, dtype=torch.int64, device=x.device)
@@ -269,7 +269,7 @@ def build(name: str, case: Case, t: Tensors) -> Built:
 
 def reference_output(case: Case, t: Tensors) -> torch.Tensor:
     """y without dropout in float32, the yardstick for every LoRA implementation's output."""
-    from lora_kernels.reference import lora_linear_reference
+    from ._internals import lora_linear_reference
 
     f = lambda u: u.float()  # noqa: E731
     return lora_linear_reference(f(t.x), f(t.W), None, f(t.A), f(t.B), case.lora_alpha / case.r)

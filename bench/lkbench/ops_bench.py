@@ -12,12 +12,12 @@ from __future__ import annotations
 from typing import Dict, Iterable, List
 
 import torch
-from lora_kernels import gemm_dispatch
+from lora_kernels.timing import Timer
 
 from . import impls as I
+from ._internals import gemm_dispatch
 from .cases import Case
 from .memory import MB, free, peak_bytes, saved_bytes
-from lora_kernels.timing import Timer
 
 PASSES = ("fwd", "bwd", "fwdbwd")
 # Field names in the results file: "fused" is ours on Triton (GEMM path chosen per shape), the others keep
