@@ -11,6 +11,7 @@ baseline for this GPU there is nothing to compare: exit 0 with a message, so a n
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -27,8 +28,9 @@ def value(case: dict, metric: str):
 def find_baseline(new_path: Path, new_doc: dict, results_dir: Path):
     """Newest results file in results_dir for the same device, other than new_path itself."""
     prefix = slug(new_doc["device"]) + "-"
-    candidates = sorted(p for p in results_dir.glob(prefix + "*.json")
-                        if p.resolve() != new_path.resolve() and p.stem[len(prefix):][:4].isdigit())
+    # <prefix><date>.json only: not the run's <stem>.stages.json or <stem>.pytest-benchmark.json beside it.
+    candidates = sorted(p for p in results_dir.glob(prefix + "*.json") if p.resolve() != new_path.resolve()
+                        and re.fullmatch(r"\d{4}-\d{2}-\d{2}", p.stem[len(prefix):]))
     return candidates[-1] if candidates else None
 
 

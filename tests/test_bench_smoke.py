@@ -144,3 +144,17 @@ def test_bench_hybrid_and_gemm_paths_match_fused_gradients():
     for name in others:
         for g_ref, g in zip(grads["fused"], grads[name]):
             torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_regression_gate_baseline_is_a_results_file_not_a_sidecar(tmp_path):
+    """A GPU run leaves <stem>.stages.json and <stem>.pytest-benchmark.json beside <stem>.json; the gate's
+    baseline is the newest <gpu>-<date>.json, never one of those."""
+    from bench.compare import find_baseline
+
+    doc = {"device": "NVIDIA H100 80GB HBM3"}
+    for name in ("2026-01-02.json", "2026-01-03.json", "2026-01-03.stages.json", "2026-01-03.pytest-benchmark.json"):
+        (tmp_path / f"nvidia-h100-80gb-hbm3-{name}").write_text("{}")
+    (tmp_path / "nvidia-h200-2026-01-04.json").write_text("{}")
+    new = tmp_path / "new.json"
+    assert find_baseline(new, doc, tmp_path).name == "nvidia-h100-80gb-hbm3-2026-01-03.json"
+    assert find_baseline(new, {"device": "NVIDIA A100"}, tmp_path) is None
