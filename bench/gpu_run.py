@@ -590,19 +590,19 @@ def main(argv=None) -> int:
     def interrupt(signum, frame):
         raise Interrupted(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
+    handlers = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     rc = 0
     try:
         print(f"[{_now()}] gpu_run: preset {run.preset}, deadline "
               f"{'none' if deadline_s is None else f'{deadline_s:.0f} s'}, out {out}"
               f"{' (dry run)' if run.dry_run else ''}", flush=True)
+        t0 = time.monotonic()
         why = detect_env(run)
+        run.records.append({"name": ENV_STAGE, "status": "failed" if why else "ok",
+                            "seconds": round(time.monotonic() - t0, 1), **({"why": why} if why else {})})
         if why:
             print(f"gpu_run: {why}", file=sys.stderr)
-            run.records.append({"name": ENV_STAGE, "status": "failed", "why": why})
             return 2
-        run.records.append({"name": ENV_STAGE, "status": "ok", "seconds": None})
         e = run.env
         print(f"[{_now()}] env: {e['device']}, torch {e['torch']}, triton {e['triton']}, CUDA {e['cuda']}, "
               f"numpy {e['numpy']}, peft {e['peft']}, nvcc {e['nvcc'] or '-'}, commit {e['commit']}", flush=True)
@@ -611,11 +611,10 @@ def main(argv=None) -> int:
                   "results say what they measured", file=sys.stderr, flush=True)
         if run.dry_run:
             rc = 0 if dry_run(run, stages, deadline_s) else 1
-        elif not e.get("cuda_available"):
-            print("gpu_run: torch sees no CUDA GPU: nothing to measure (on a CPU, --dry-run checks this script)",
-                  file=sys.stderr)
-            rc = 2
         else:
+            if not e.get("cuda_available"):
+                print("gpu_run: torch sees no CUDA GPU: the GPU stages are skipped (on a CPU, --dry-run checks "
+                      "this script)", file=sys.stderr, flush=True)
             if any(s.prepare is _ext_ready for s in stages):
                 start_build(run)
             for i, stage in enumerate(stages, start=1):
@@ -624,8 +623,11 @@ def main(argv=None) -> int:
                 if stage.results and rec["status"] != "skipped":
                     rec["report"] = report(run)
                 write_outputs(run)
-            if any(r.get("status") in ("failed", "cut") for r in run.records):
+            ran = [r for r in run.records[1:] if r.get("status") != "skipped"]
+            if any(r.get("status") in ("failed", "cut") for r in ran):
                 rc = 1
+            elif not ran and not e.get("cuda_available"):
+                rc = 2
     except Interrupted as why:
         print(f"gpu_run: interrupted ({why}); keeping what was written", file=sys.stderr, flush=True)
         if run.current is not None:
@@ -638,6 +640,8 @@ def main(argv=None) -> int:
         files = write_outputs(run, done=True)
         problems = check_layout(out, files)
         shutil.rmtree(logs, ignore_errors=True)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     print(f"\n[{_now()}] gpu_run: {len(files)} file(s) in {out}:")
     for f in files:
         print(f"  {f.name}  ({f.stat().st_size} bytes)")

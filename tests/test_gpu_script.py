@@ -220,6 +220,31 @@ def test_collector_stopped_mid_run_keeps_valid_json(tmp_path):
     assert "stopped by SIGTERM" in text
 
 
+def test_the_run_loop_writes_results_report_and_archive(tmp_path, monkeypatch, capsys):
+    """The real (not dry) loop on a CPU, with one stage that needs no GPU: the collector on one smoke case, the
+    report after it, the stage record and the log archive, all within the limits."""
+    stage = G.collect_stage("cpu_case", "one smoke case", est_s=30, min_s=5, budget_s=None, margin_s=10, needs=(),
+                            args=lambda run: ["--grid", "smoke", "--match", "/fp32/", "--warmup", "1", "--reps", "1"])
+    monkeypatch.setitem(G.STAGES, "cpu_case", stage)
+    monkeypatch.delenv("LORA_BENCH_STEM", raising=False)
+    handler = signal.getsignal(signal.SIGTERM)
+    assert G.main(["--stages", "cpu_case", "--out", str(tmp_path), "--deadline-s", "600"]) == 0, capsys.readouterr()
+    assert signal.getsignal(signal.SIGTERM) is handler
+    files = sorted(tmp_path.iterdir())
+    assert G.check_layout(tmp_path, files) == []
+    kinds = {f.name.split(".", 1)[1] for f in files}
+    assert {"json", "md", "stages.json", "logs.tar.gz"} <= kinds <= {"json", "md", "png", "stages.json", "logs.tar.gz"}
+    (results,) = [f for f in files if f.name.endswith(".json") and f.name.count(".") == 1]
+    doc = json.loads(results.read_text())
+    assert [c["name"] for c in doc["cases"]] == ["tiny/M32/r4/p0/fp32/Afp32"]
+    assert all(k in doc for k in ("device", "torch", "triton", "commit"))
+    rec = _stages_doc(tmp_path)["stages"][1]
+    assert rec["name"] == "cpu_case" and rec["status"] == "ok" and rec["report"]["rc"] == 0, rec
+    assert "collect.py: wrote" in rec["summary"]
+    out = capsys.readouterr().out
+    assert "stages: env ok" in out and "cpu_case ok" in out and "tiny/M32/r4/p0/fp32/Afp32: fused" in out
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_without_a_gpu_the_real_run_refuses_and_says_why(tmp_path):
     proc = _script(["--stages", "headline", "--out", str(tmp_path)])
