@@ -548,7 +548,10 @@ def _deadline_arg(v: str) -> Optional[float]:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="bench/run_gpu.sh", description=__doc__.split("\n")[0])
+    epilog = "stages (estimated seconds on an H100):\n" + "\n".join(
+        f"  {s.name:<14} {s.est_s:>5.0f}  {s.what}" for s in STAGES.values())
+    ap = argparse.ArgumentParser(prog="bench/run_gpu.sh", description=__doc__.split("\n")[0], epilog=epilog,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                     help="; ".join(f"{k}: {p.what}" for k, p in PRESETS.items()))
     ap.add_argument("--out", type=Path, default=None, help="output folder (default bench/results; "
