@@ -124,12 +124,14 @@ def test_long_logs_are_capped_in_the_tarball(tmp_path):
 
 
 def _sleeper(seconds, pid_file=None):
-    """A stage whose command starts a grandchild (as pytest and collect start compilers) and sleeps."""
-    code = ("import subprocess, sys, time; "
-            f"p = subprocess.Popen(['sleep', '{seconds}']); open({str(pid_file)!r}, 'w').write(str(p.pid)); "
-            f"time.sleep({seconds})") if pid_file else f"import time; time.sleep({seconds})"
+    """A stage whose command starts a grandchild (as pytest and collect start compilers) and waits for it. A shell,
+    not Python: it starts in milliseconds even on a loaded machine, so the grandchild exists before the limit."""
+    if pid_file is None:
+        cmd = f"sleep {seconds}"
+    else:
+        cmd = f"sleep {seconds} & echo $! > {pid_file}; wait"
     return G.Stage("sleepy", "sleeps", est_s=1, min_s=0.5, budget_s=None,
-                   argv=lambda run, limit: [sys.executable, "-c", code], checks=lambda run: [], needs=())
+                   argv=lambda run, limit: ["sh", "-c", cmd], checks=lambda run: [], needs=())
 
 
 def _run(tmp_path, deadline_s, reserve_s=0.5):
@@ -159,6 +161,7 @@ def test_a_stage_past_the_deadline_is_stopped_with_its_children(tmp_path):
     took = time.monotonic() - t0
     assert rec["status"] == "cut" and rec["rc"] != 0, rec
     assert 2.0 < took < 2.5 + G.GRACE_S, took
+    assert pid_file.exists(), "the stage did not start its grandchild within 2.5 s"
     assert not _alive(int(pid_file.read_text())), "the stage's grandchild outlived it"
     # Nothing is left of the deadline: the next stage is skipped, not started.
     nxt = G.run_stage(run, _sleeper(1), 2)
