@@ -373,9 +373,13 @@ def detect_env(run: Run) -> Optional[str]:
     if shutil.which("nvidia-smi"):
         run_command(run, ["nvidia-smi"], log, 30)
     out = run.logs / "env.json"
-    with open(out, "wb") as f:
-        proc = subprocess.run([run.python, "-m", "bench.env"], cwd=REPO, env=_env_vars(), stdout=f,
-                              stderr=subprocess.PIPE, timeout=max(30.0, min(120.0, run.left())))
+    limit = max(30.0, min(120.0, run.left()))
+    try:
+        with open(out, "wb") as f:
+            proc = subprocess.run([run.python, "-m", "bench.env"], cwd=REPO, env=_env_vars(), stdout=f,
+                                  stderr=subprocess.PIPE, timeout=limit)
+    except subprocess.TimeoutExpired:
+        return f"python -m bench.env did not finish in {limit:.0f} s (torch import or CUDA initialisation hangs?)"
     if proc.returncode != 0:
         return f"python -m bench.env failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[-2000:]}"
     run.env = json.loads(out.read_text())
