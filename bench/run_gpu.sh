@@ -11,7 +11,7 @@
 # Environment: PYTHON (default python3), LORA_BENCH_COMMIT (the commit to record where the tree has no
 # .git), LORA_BENCH_DEADLINE_S (instead of --deadline-s), TORCH_CUDA_ARCH_LIST (default 9.0, the CUDA
 # extension's build only), LORA_BENCH_STEM (file stem, default <gpu-slug>-<UTC date>).
-# The stages and their order live in bench/gpu_run.py; docs/benchmarks.md ("GPU in ten minutes") says what
+# The stages and their order live in bench/gpu_stages.py; docs/benchmarks.md ("GPU in ten minutes") says what
 # comes back.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,4 +1,4 @@
-"""bench/run_gpu.sh (bench/gpu_run.py) on a CPU, so the one GPU command cannot rot between rare GPU runs.
+"""bench/run_gpu.sh (bench/gpu_run.py, bench/gpu_stages.py) on a CPU, so the GPU command cannot rot between GPU runs.
 
 The dry run is the command a lent GPU machine runs, with --dry-run: it detects the environment for real,
 prints the deadline plan, runs every stage's command line in its parse-only form (the collector's and the
