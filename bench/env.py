@@ -1,9 +1,9 @@
 """The environment record of a GPU run, as one JSON object on stdout: `python -m bench.env`.
 
 What every results file records (bench/lkbench/results.py: device, torch, triton, CUDA, transformers, peft,
-commit, date), the file stem of the run, and what decides which stages of a GPU run (bench/gpu_stages.py) can run here:
-whether torch sees a GPU and its compute capability, whether peft imports, nvcc and ninja for the CUDA
-extension, and whether that extension is already built. Optional pieces that are missing are recorded as
+commit, date), the file stem of the run, and what decides which stages of a GPU run (bench/gpu_stages.py) can
+run here: whether torch sees a GPU and its compute capability, whether peft imports, nvcc and ninja for the
+CUDA extension, and whether that extension is already built. Optional pieces that are missing are recorded as
 null or false; only a torch that does not import is an error.
 """
 from __future__ import annotations
