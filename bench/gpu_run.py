@@ -143,6 +143,8 @@ def run_stage(run: Run, stage: Stage, index: int) -> dict:
     rec.update(status="cut" if cut else ("ok" if rc == 0 else "failed"), rc=rc,
                limit_s=None if limit == float("inf") else round(limit),
                seconds=round(time.monotonic() - t0, 1), summary=_summary(log))
+    if cut:  # the run's deadline ending a stage is planned for; a stage outrunning its own budget is not
+        rec["cut_by"] = "budget" if stage.budget_s is not None and limit >= stage.budget_s else "deadline"
     print(f"[{_now()}] {stage.name}: {rec['status']} in {rec['seconds']:.0f} s: {rec['summary']}", flush=True)
     if rec["status"] != "ok":
         print(_tail(log), flush=True)
@@ -425,7 +427,7 @@ def main(argv=None) -> int:
                     rec["report"] = report(run)
                 write_outputs(run)
             ran = [r for r in run.records[1:] if r.get("status") != "skipped"]
-            if any(r.get("status") in ("failed", "cut") for r in ran):
+            if any(r.get("status") == "failed" or r.get("cut_by") == "budget" for r in ran):
                 rc = 1
             elif not ran and not e.get("cuda_available"):
                 rc = 2

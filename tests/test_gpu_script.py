@@ -7,6 +7,7 @@ the output folder against the limits of what comes back from such a machine. The
 tested here with real processes: a stage past its limit is stopped with its process group, later stages that
 no longer fit are skipped, and the collector keeps valid JSON when it is stopped.
 """
+import dataclasses
 import json
 import os
 import signal
@@ -136,7 +137,7 @@ def _sleeper(seconds, pid_file=None):
 
 def _run(tmp_path, deadline_s, reserve_s=0.5):
     logs = tmp_path / "logs"
-    logs.mkdir()
+    logs.mkdir(parents=True)
     return G.Run(python=sys.executable, out=tmp_path, logs=logs, deadline=time.monotonic() + deadline_s,
                  deadline_s=deadline_s, reserve_s=reserve_s)
 
@@ -159,13 +160,17 @@ def test_a_stage_past_the_deadline_is_stopped_with_its_children(tmp_path):
     t0 = time.monotonic()
     rec = G.run_stage(run, _sleeper(60, pid_file), 1)
     took = time.monotonic() - t0
-    assert rec["status"] == "cut" and rec["rc"] != 0, rec
+    assert rec["status"] == "cut" and rec["cut_by"] == "deadline" and rec["rc"] != 0, rec
     assert 2.0 < took < 2.5 + G.GRACE_S, took
     assert pid_file.exists(), "the stage did not start its grandchild within 2.5 s"
     assert not _alive(int(pid_file.read_text())), "the stage's grandchild outlived it"
     # Nothing is left of the deadline: the next stage is skipped, not started.
     nxt = G.run_stage(run, _sleeper(1), 2)
     assert nxt["status"] == "skipped" and nxt["why"].startswith("deadline"), nxt
+    # A stage that outruns its own budget, with time to spare, is cut by its budget: a failure of the run.
+    slow = dataclasses.replace(_sleeper(60), budget_s=1.0)
+    rec = G.run_stage(_run(tmp_path / "again", deadline_s=60.0), slow, 1)
+    assert rec["status"] == "cut" and rec["cut_by"] == "budget" and rec["limit_s"] == 1, rec
 
 
 def test_stage_limits_never_pass_the_deadline():
