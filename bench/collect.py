@@ -1,31 +1,43 @@
-#!/usr/bin/env python
 """Measure every implementation side by side, one case at a time in one process, into a results file.
 
-    python bench/collect.py                       # on a GPU: the headline cases -> bench/results/<gpu>-<date>.json
-    python bench/collect.py --grid full --passes fwdbwd --budget-s 1200
-    python bench/collect.py --no-ops --e2e llama-2048,llama-4096
-    python bench/collect.py --out /tmp/smoke.json # without a GPU: smoke shapes, perf_counter timing
+    python -m bench.collect                       # on a GPU: the headline cases -> bench/results/<gpu>-<date>.json
+    python -m bench.collect --grid full --passes fwdbwd --budget-s 1200
+    python -m bench.collect --no-ops --e2e llama-2048,llama-4096
+    python -m bench.collect --out /tmp/smoke.json # without a GPU: smoke shapes, perf_counter timing
+    python -m bench.collect ... --check-args      # validate the arguments (grid, regex, names), measure nothing
 
-Each case's implementations run back to back on the same tensors (bench/lkbench/ops_bench.py), so
-ratios compare like with like. The file is rewritten after every case: a run stopped by a time limit
-keeps what it measured. Exit status 1 if any implementation's output disagreed with the reference.
-Without a GPU this refuses to write into bench/results/ (a CPU smoke run is not a result).
+Run from the repository root (or with it on PYTHONPATH). Each case's implementations run back to back on
+the same tensors (bench/lkbench/ops_bench.py), so ratios compare like with like. The file is rewritten
+after every case: a run stopped by a time limit keeps what it measured; SIGTERM ends the run between
+two statements, records the cases not measured under "truncated" and exits 124. Exit status 1 if any
+implementation's output disagreed with the reference. Without a GPU this refuses to write into
+bench/results/ (a CPU smoke run is not a result).
 """
 from __future__ import annotations
 
 import argparse
+import re
+import signal
 import sys
 import time
 from pathlib import Path
 
-import lkbench  # noqa: F401  (first: sets TRITON_INTERPRET when there is no GPU)
+from bench.lkbench import HAS_CUDA  # first: sets TRITON_INTERPRET when there is no GPU
 import torch
-from lkbench import cases as C
-from lkbench import e2e as E
-from lkbench import impls as I
-from lkbench import results as R
-from lkbench.ops_bench import PASSES, measure_case
+from bench.lkbench import cases as C
+from bench.lkbench import e2e as E
+from bench.lkbench import impls as I
+from bench.lkbench import results as R
+from bench.lkbench.ops_bench import PASSES, measure_case
 from lora_kernels.timing import L2_FLUSH_BYTES, Timer
+
+
+class Stopped(Exception):
+    """SIGTERM arrived (a time limit): save what was measured and stop."""
+
+
+def _stop(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
 
 
 def parse_args(argv=None):
@@ -45,12 +57,65 @@ def parse_args(argv=None):
                     "later --grid full stage does not replace the headline cases' fuller measurements)")
     ap.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
     ap.add_argument("--out", type=Path, default=None, help="results file (default: see lkbench/results.py)")
+    ap.add_argument("--check-args", action="store_true", help="validate the arguments and list the cases they "
+                    "select (the grid as defined, GPU or not), then exit without measuring")
     return ap.parse_args(argv)
+
+
+def _passes(spec: str):
+    passes = [p.strip() for p in spec.split(",") if p.strip()]
+    unknown = [p for p in passes if p not in PASSES]
+    if unknown or "fwdbwd" not in passes:
+        raise ValueError(f"--passes={spec!r}: want a subset of {','.join(PASSES)} that includes fwdbwd")
+    return passes
+
+
+def _presets(spec: str):
+    presets = [p.strip() for p in spec.split(",") if p.strip()]
+    unknown = [p for p in presets if p not in E.PRESETS]
+    if unknown:
+        raise ValueError(f"--e2e={spec!r}: unknown preset(s) {unknown}; known: {', '.join(E.PRESETS)}")
+    return presets
+
+
+def check_args(args) -> int:
+    """--check-args: every value the run would use, validated; exit 1 when a --match selects nothing, since
+    a case renamed under a script's regex would otherwise be skipped silently on the GPU."""
+    names = I.names_from(args.impls)
+    passes = _passes(args.passes)
+    presets = _presets(args.e2e)
+    grid = args.grid or C.default_grid()
+    if args.match is not None:
+        re.compile(args.match)
+    todo = [] if args.no_ops else C.select(grid, args.match, require_cuda=False)
+    for n in ("warmup", "reps", "e2e_steps"):
+        v = getattr(args, n)
+        if v is not None and v < 1:
+            raise ValueError(f"--{n.replace('_', '-')}={v}: must be >= 1")
+    print(f"collect.py --check-args: grid {grid}, {len(todo)} case(s), impls {','.join(names)}, passes "
+          f"{','.join(passes)}, e2e {','.join(presets) or '-'}")
+    for c in todo[:5]:
+        print(f"  {c.name}")
+    if len(todo) > 5:
+        print(f"  ... and {len(todo) - 5} more")
+    if not args.no_ops and not todo:
+        print(f"collect.py --check-args: --match {args.match!r} selects no case of grid {grid}", file=sys.stderr)
+        return 1
+    if args.no_ops and not presets:
+        print("collect.py --check-args: --no-ops without --e2e measures nothing", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cuda = torch.cuda.is_available()
+    if args.check_args:
+        try:
+            return check_args(args)
+        except (ValueError, re.error) as err:
+            print(f"collect.py --check-args: {err}", file=sys.stderr)
+            return 2
+    cuda = HAS_CUDA
     device = torch.device("cuda" if cuda else "cpu")
     path = args.out or R.default_path(device)
     if not cuda and path.resolve().parent == R.RESULTS_DIR.resolve():
@@ -61,7 +126,8 @@ def main(argv=None) -> int:
     reps = args.reps if args.reps is not None else (25 if cuda else 2)
     timer = Timer(device, warmup, reps)
     names = I.names_from(args.impls)
-    passes = [p.strip() for p in args.passes.split(",") if p.strip()]
+    passes = _passes(args.passes)
+    presets = _presets(args.e2e)
     grid = args.grid or C.default_grid()
     timing = {"method": timer.method, "warmup": warmup, "reps": reps, "statistic": "median",
               "l2_flush_bytes": L2_FLUSH_BYTES if cuda else 0}
@@ -81,35 +147,45 @@ def main(argv=None) -> int:
     if args.skip_existing:
         done = {c["name"] for c in doc["cases"]}
         todo = [c for c in todo if c.name not in done]
-    for i, case in enumerate(todo):
-        if args.budget_s is not None and time.monotonic() - t0 > args.budget_s:
-            doc["truncated"] = {"grid": grid, "not_run": [c.name for c in todo[i:]]}
-            print(f"collect.py: time budget of {args.budget_s:.0f} s spent; {len(todo) - i} case(s) not run",
-                  flush=True)
-            break
-        res = measure_case(case, names, timer, passes)
-        errors += res["errors"]
-        R.upsert(doc["cases"], res)
-        R.save(doc, path)
-        rt = res["ratios"]
-        print(f"[{i + 1}/{len(todo)}] {case.name}: base {res['base_ms']} ms, fused {res['fused_ms']} ms, "
-              f"peft {res['peft_ms']} ms, torch {res['torch_ms']} ms | fused/base {rt['fused_over_base']}, "
-              f"peft/fused {rt['peft_over_fused']}", flush=True)
-    else:
-        if todo:
-            doc.pop("truncated", None)
+    signal.signal(signal.SIGTERM, _stop)
+    i = 0
+    try:
+        for i, case in enumerate(todo):
+            if args.budget_s is not None and time.monotonic() - t0 > args.budget_s:
+                doc["truncated"] = {"grid": grid, "not_run": [c.name for c in todo[i:]]}
+                print(f"collect.py: time budget of {args.budget_s:.0f} s spent; {len(todo) - i} case(s) not run",
+                      flush=True)
+                break
+            res = measure_case(case, names, timer, passes)
+            errors += res["errors"]
+            R.upsert(doc["cases"], res)
+            R.save(doc, path)
+            rt = res["ratios"]
+            print(f"[{i + 1}/{len(todo)}] {case.name}: base {res['base_ms']} ms, fused {res['fused_ms']} ms, "
+                  f"peft {res['peft_ms']} ms, torch {res['torch_ms']} ms | fused/base {rt['fused_over_base']}, "
+                  f"peft/fused {rt['peft_over_fused']}", flush=True)
+        else:
+            if todo:
+                doc.pop("truncated", None)
+            i = len(todo)
 
-    for preset in [p.strip() for p in args.e2e.split(",") if p.strip()]:
-        if preset not in E.PRESETS:
-            raise SystemExit(f"unknown --e2e preset {preset!r}; known: {', '.join(E.PRESETS)}")
-        if args.budget_s is not None and time.monotonic() - t0 > args.budget_s:
-            print(f"collect.py: time budget spent; end-to-end preset {preset} not run", flush=True)
-            continue
-        steps = args.e2e_steps if args.e2e_steps is not None else (10 if cuda else 1)
-        res = E.run_e2e(preset, device, warmup=3 if cuda else 0, steps=steps)
-        R.upsert(doc.setdefault("e2e", []), res)
+        for preset in presets:
+            if args.budget_s is not None and time.monotonic() - t0 > args.budget_s:
+                print(f"collect.py: time budget spent; end-to-end preset {preset} not run", flush=True)
+                continue
+            steps = args.e2e_steps if args.e2e_steps is not None else (10 if cuda else 1)
+            res = E.run_e2e(preset, device, warmup=3 if cuda else 0, steps=steps)
+            R.upsert(doc.setdefault("e2e", []), res)
+            R.save(doc, path)
+            print(f"e2e {preset}: {res.get('ratios')}", flush=True)
+    except Stopped as why:
+        not_run = [c.name for c in todo[i:] if c.name not in {d["name"] for d in doc["cases"]}]
+        if not_run:
+            doc["truncated"] = {"grid": grid, "not_run": not_run}
         R.save(doc, path)
-        print(f"e2e {preset}: {res.get('ratios')}", flush=True)
+        print(f"collect.py: stopped by {why} after {time.monotonic() - t0:.0f} s; {len(not_run)} case(s) not "
+              f"run; {path} holds what was measured", file=sys.stderr, flush=True)
+        return 124
 
     R.save(doc, path)
     print(f"collect.py: wrote {path} ({len(doc['cases'])} op cases, {len(doc.get('e2e', []))} end-to-end)")

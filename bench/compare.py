@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Regression gate: compare a new results file with the latest committed one for the same GPU.
 
-    python bench/compare.py NEW.json                         # baseline: newest bench/results/<same gpu>-*.json
-    python bench/compare.py NEW.json --baseline OLD.json --metric fused_ms --threshold 0.10
+    python -m bench.compare NEW.json                         # baseline: newest bench/results/<same gpu>-*.json
+    python -m bench.compare NEW.json --baseline OLD.json --metric fused_ms --threshold 0.10
 
 For every case present in both files, fails (exit 1) when NEW's metric is more than `threshold`
 above the baseline's. Gate only on metrics where higher is worse: times (`<impl>_ms`) and
@@ -12,11 +11,11 @@ baseline for this GPU there is nothing to compare: exit 0 with a message, so a n
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lkbench.results import RESULTS_DIR, load, slug  # noqa: E402
+from bench.lkbench.results import RESULTS_DIR, load, slug
 
 # Both are higher-is-worse: the fused time, and its cost relative to the base linear measured in the same run.
 DEFAULT_METRICS = ["fused_ms", "fused_over_base"]
@@ -29,8 +28,9 @@ def value(case: dict, metric: str):
 def find_baseline(new_path: Path, new_doc: dict, results_dir: Path):
     """Newest results file in results_dir for the same device, other than new_path itself."""
     prefix = slug(new_doc["device"]) + "-"
-    candidates = sorted(p for p in results_dir.glob(prefix + "*.json")
-                        if p.resolve() != new_path.resolve() and p.stem[len(prefix):][:4].isdigit())
+    # <prefix><date>.json only: not the run's <stem>.stages.json or <stem>.pytest-benchmark.json beside it.
+    candidates = sorted(p for p in results_dir.glob(prefix + "*.json") if p.resolve() != new_path.resolve()
+                        and re.fullmatch(r"\d{4}-\d{2}-\d{2}", p.stem[len(prefix):]))
     return candidates[-1] if candidates else None
 
 

@@ -1,9 +1,10 @@
-"""pytest-benchmark suites of lora_kernels (run: python -m pytest bench/ [--benchmark-disable]).
+"""pytest-benchmark suites of lora_kernels (run from the repository root: python -m pytest bench/
+[--benchmark-disable]).
 
-lkbench is imported first: without a GPU it sets TRITON_INTERPRET=1 before anything imports triton,
+bench.lkbench is imported first: without a GPU it sets TRITON_INTERPRET=1 before anything imports triton,
 and the grids fall back to tiny shapes, so the same suites are a CPU smoke test in CI.
 """
-import lkbench  # noqa: F401  (must precede any import of triton / lora_kernels)
+import bench.lkbench  # noqa: F401  (must precede any import of triton / lora_kernels)
 import pytest
 import torch
 

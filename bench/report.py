@@ -1,10 +1,9 @@
-#!/usr/bin/env python
 """Turn a results file into a Markdown table and a PNG chart (speedup vs shape) next to it.
 
-    python bench/report.py bench/results/<gpu>-<date>.json          # writes <gpu>-<date>.md and .png
-    python bench/report.py RESULTS.json --no-png                     # without matplotlib
+    python -m bench.report bench/results/<gpu>-<date>.json          # writes <gpu>-<date>.md and .png
+    python -m bench.report RESULTS.json --no-png                     # without matplotlib
 
-The "Targets" section compares the measured ratios with the issue's targets; every number in the
+The "Targets" section compares the measured ratios with the targets; every number in the
 report comes from the JSON, nothing else. The chart shows, per case, how much faster ours (Triton)
 is than PEFT and than the plain unfused torch LoRA, and its speed relative to the bare base linear
 (1.0 = as fast as the frozen base GEMMs alone).
@@ -16,10 +15,9 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lkbench.results import load  # noqa: E402
+from bench.lkbench.results import load
 
-# The issue's targets (H100, bf16): fused/base at M=8192, r=16 on these (K, N); PEFT/fused by dropout.
+# The targets (H100, bf16): fused/base at M=8192, r=16 on these (K, N); PEFT/fused by dropout.
 TARGET_SHAPES = {(4096, 4096), (4096, 14336), (14336, 4096)}
 FUSED_OVER_BASE_MAX = 1.10
 PEFT_OVER_FUSED_MIN = {0.1: 1.5, 0.0: 1.3}
@@ -191,7 +189,16 @@ def main(argv=None) -> int:
     ap.add_argument("--no-png", action="store_true", help="skip the chart (no matplotlib needed)")
     ap.add_argument("--chart-match", default=DEFAULT_CHART_MATCH,
                     help=f"regex selecting the charted cases (default {DEFAULT_CHART_MATCH!r}; all if none match)")
+    ap.add_argument("--check-args", action="store_true", help="check the arguments and that the chart can be "
+                    "drawn (matplotlib), then exit; the results file need not exist yet")
     args = ap.parse_args(argv)
+    re.compile(args.chart_match)
+    if args.check_args:
+        if not args.no_png:
+            import matplotlib  # noqa: F401  (ImportError here: the run would lose its chart)
+        print(f"report.py --check-args: would write {args.md or args.results.with_suffix('.md')}"
+              f"{'' if args.no_png else ' and ' + str(args.png or args.results.with_suffix('.png'))}")
+        return 0
     doc = load(args.results)
     md_path = args.md or args.results.with_suffix(".md")
     png_path = None if args.no_png else (args.png or args.results.with_suffix(".png"))

@@ -1,14 +1,14 @@
 """End-to-end pytest-benchmark suite: one training step of a Llama-style model, ours vs PEFT.
 
-Presets: LORA_BENCH_E2E, comma-separated names from lkbench/e2e.py (default llama-2048 on a GPU,
+Presets: LORA_BENCH_E2E, comma-separated names from bench/lkbench/e2e.py (default llama-2048 on a GPU,
 smoke without one). extra_info carries tokens per step and, on a GPU, the peak memory.
 """
 import os
 
 import pytest
 import torch
-from lkbench import e2e as E
-from lkbench.memory import MB, free
+from bench.lkbench import e2e as E
+from bench.lkbench.memory import MB, free
 
 CUDA = torch.cuda.is_available()
 PRESETS = [p for p in os.environ.get("LORA_BENCH_E2E", "llama-2048" if CUDA else "smoke").split(",") if p]

@@ -1,7 +1,7 @@
 """Multi-adapter LoRA (fused_multi_lora_linear): a mixed batch of several adapters against one adapter on the
 same rows, forward+backward, timed interleaved with the package's one timer (lora_kernels/timing.py).
 
-The issue's target (GPU): 4 adapters of rank 16 mixed in one batch of M = 8192 rows, 4096→4096, bf16:
+The target (GPU): 4 adapters of rank 16 mixed in one batch of M = 8192 rows, 4096→4096, bf16:
 forward+backward within 1.15× of a single-adapter batch of the same M. Two row layouts:
 
     training  16 samples × 512 tokens, adapters round-robin per sample: nearly every row tile holds one adapter
@@ -13,9 +13,9 @@ import random
 
 import pytest
 import torch
-from lkbench import HAS_CUDA
+from bench.lkbench import HAS_CUDA
 
-from lora_kernels.functional import AdapterSegments, fused_lora_linear, fused_multi_lora_linear
+from lora_kernels import AdapterSegments, fused_lora_linear, fused_multi_lora_linear
 from lora_kernels.timing import Timer
 
 N_ADAPTERS, RANK = 4, 16

@@ -11,10 +11,10 @@ import os
 
 import pytest
 import torch
-from lkbench import cases as C
-from lkbench import impls as I
-from lkbench.memory import MB, peak_bytes
-from lkbench.ops_bench import PASSES
+from bench.lkbench import cases as C
+from bench.lkbench import impls as I
+from bench.lkbench.memory import MB, peak_bytes
+from bench.lkbench.ops_bench import PASSES
 from lora_kernels.timing import L2_FLUSH_BYTES
 
 CUDA = torch.cuda.is_available()

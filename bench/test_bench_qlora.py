@@ -1,4 +1,4 @@
-"""QLoRA benchmark cases (issue 15): one 4-bit LoRA layer, forward and forward+backward, side by side.
+"""QLoRA benchmark cases: one 4-bit LoRA layer, forward and forward+backward, side by side.
 
     qlora        ours, FusedLoraLinear4bit on the Triton backend, GEMM path chosen per shape (LORA_KERNELS_GEMM=auto)
     qlora_fused  ours, W dequantized tile by tile inside the Triton GEMMs (LORA_KERNELS_GEMM=fused)
@@ -6,8 +6,8 @@
     peft_qlora   PEFT's lora.bnb.Linear4bit over bitsandbytes' Linear4bit (bnb dequantizes W, cuBLAS, unfused LoRA)
     dense        ours, FusedLoraLinear over the same W in the activation dtype (the ≤ 1.25× target's reference)
 
-Cases: on a GPU the issue's — NF4 with double quantization, M=8192, 4096→4096 and 4096→14336, r=16, p=0.1,
-bf16 activations, fp32 adapters; without one a tiny smoke case under the Triton interpreter. The issue's targets
+Cases: on a GPU the target shapes — NF4 with double quantization, M=8192, 4096→4096 and 4096→14336, r=16, p=0.1,
+bf16 activations, fp32 adapters; without one a tiny smoke case under the Triton interpreter. The targets
 (GPU, not measured here): qlora fwd+bwd ≥ 1.5× faster than peft_qlora, ≤ 1.25× the time of dense.
 Rounds: LORA_BENCH_ROUNDS (default 20 on a GPU), warm-up rounds: LORA_BENCH_WARMUP (default 3).
 """
@@ -24,7 +24,7 @@ WARMUP = int(os.environ.get("LORA_BENCH_WARMUP", "3" if CUDA else "0"))
 bnb = pytest.importorskip("bitsandbytes")
 
 import lora_kernels as lk  # noqa: E402
-from lkbench.impls import lora_env  # noqa: E402
+from bench.lkbench.impls import lora_env  # noqa: E402
 
 # (name, M, K, N, r, p, dtype)
 CASES = ([("q_proj", 8192, 4096, 4096, 16, 0.1, torch.bfloat16),

@@ -17,6 +17,46 @@ if not _HAS_CUDA:
 import pytest  # noqa: E402
 
 
+def _interpreter_problem():
+    """Why Triton's interpreter cannot run the kernels here, or None.
+
+    triton < 3.9's interpreter turns a loop bound into a Python int with int() on a 1-element array, which
+    numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"): every kernel with
+    a loop fails. The GPU image pairs triton 3.6 with numpy 2.5 (compiled kernels are unaffected). Probed with
+    such a loop rather than guessed from version numbers, so a fixed triton or numpy passes on its own merits.
+    """
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:  # no triton (e.g. not Linux): the Triton tests skip themselves
+        return None
+
+    @triton.jit
+    def _loop_bound_probe(x_ptr, n):
+        acc = 0.0
+        for i in range(n):
+            acc += tl.load(x_ptr + i)
+        tl.store(x_ptr, acc)
+
+    x = torch.ones(2)
+    try:
+        _loop_bound_probe[(1,)](x, 2)
+    except Exception as err:  # noqa: BLE001 - any failure here means no interpreter test can pass
+        import numpy
+
+        fix = (" Install numpy<2.4 beside this triton (pip install 'numpy<2.4'), or triton>=3.9."
+               if "0-dimensional" in str(err) else "")
+        return (f"Triton's interpreter cannot run a kernel loop here (triton {triton.__version__}, numpy "
+                f"{numpy.__version__}): {err}.{fix}")
+    return None
+
+
+def pytest_sessionstart(session):
+    problem = _interpreter_problem() if os.environ.get("TRITON_INTERPRET") == "1" else None
+    if problem:
+        pytest.exit(problem, returncode=pytest.ExitCode.USAGE_ERROR)
+
+
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:
         return

@@ -442,6 +442,7 @@ def _strided_rows(M, K, dtype, pad, gen):
     return base[:, :K]
 
 
+@pytest.mark.smoke
 @pytest.mark.gpu
 @pytest.mark.parametrize("seed,M,K,p", MASK_CASES + [(31337, 1000, 4096, 0.1)])
 def test_gpu_mask_matches_triton(ext, seed, M, K, p):
@@ -535,6 +536,7 @@ def test_gpu_extension_errors(ext):
         ext.dropout_grad_a(torch.randn(4, 2, device="cuda").half(), x, s, 0.1, 1.0)
 
 
+@pytest.mark.smoke
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("p", [0.0, 0.2])

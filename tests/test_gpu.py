@@ -50,6 +50,7 @@ def _assert_matches_fp32_oracle(case, p, dy, y, grads, manual_seed=1234):
         assert rel_err(grads[name], g_ref[name]) < 3e-2, name
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("K,N", [(4096, 4096), (4096, 14336), (14336, 4096)])
 @pytest.mark.parametrize("gemm", ["fused", "split"])
 def test_llama_shapes_bf16(K, N, gemm, monkeypatch):
@@ -112,6 +113,7 @@ def test_deterministic_mode_bitwise_on_gpu(monkeypatch):
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
+@pytest.mark.smoke
 def test_auto_gemm_measures_each_pass_once_on_gpu(monkeypatch):
     """auto times fused against split (cuBLAS + the in-place LoRA pass) on the first call of a shape, keeps
     the faster, and the chosen path's results match the oracle."""
@@ -132,6 +134,7 @@ def test_auto_gemm_measures_each_pass_once_on_gpu(monkeypatch):
     gemm_dispatch.clear_gemm_choices()
 
 
+@pytest.mark.smoke
 def test_no_gemm_measuring_while_capturing_a_cuda_graph():
     graph, seen = torch.cuda.CUDAGraph(), []
     buf = torch.zeros(4, device="cuda")

@@ -4,7 +4,7 @@ Grids, chosen with LORA_BENCH_GRID (or a script's --grid); the default is `headl
 machine and `smoke` without one, so a CPU run never tries a 4096-wide GEMM under the interpreter.
 
     smoke     tiny shapes that the Triton interpreter runs in well under a second (CPU CI)
-    headline  the issue's target cases: K→N 4096→4096, 4096→14336, 14336→4096 at M=8192, r=16,
+    headline  the target cases: K→N 4096→4096, 4096→14336, 14336→4096 at M=8192, r=16,
               bf16, dropout 0 and 0.1, adapters in PEFT's default fp32 and in bf16
     full      every Llama-7B/8B/70B projection shape × M {2048, 8192, 16384} × r {8, 16, 64}
               × dropout {0, 0.1} × {bf16, fp16}, adapters fp32; ordered so the cases closest to
@@ -120,12 +120,14 @@ def default_grid() -> str:
     return os.environ.get("LORA_BENCH_GRID") or ("headline" if HAS_CUDA else "smoke")
 
 
-def select(grid: Optional[str] = None, match: Optional[str] = None) -> List[Case]:
-    """The cases of `grid` whose name matches the regex `match` (default: LORA_BENCH_MATCH)."""
+def select(grid: Optional[str] = None, match: Optional[str] = None, require_cuda: bool = True) -> List[Case]:
+    """The cases of `grid` whose name matches the regex `match` (default: LORA_BENCH_MATCH).
+
+    require_cuda=False lists a GPU grid on a CPU, for checking a script's arguments without running them."""
     grid = grid or default_grid()
     if grid not in GRIDS:
         raise ValueError(f"grid={grid!r} is not one of {', '.join(GRIDS)}")
-    if grid != "smoke" and not HAS_CUDA:
+    if grid != "smoke" and require_cuda and not HAS_CUDA:
         raise RuntimeError(f"grid={grid!r} needs a CUDA GPU; on CPU use the smoke grid")
     cases = {"smoke": _smoke, "headline": _headline, "full": _full}[grid]()
     match = match if match is not None else os.environ.get("LORA_BENCH_MATCH")

@@ -7,14 +7,13 @@ for the adapters (float32 on a bf16 base), so the only difference is the LoRA la
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional
 
 import torch
-from lora_kernels.backends import gemm_dispatch
+from lora_kernels.timing import Timer
 
+from ._internals import gemm_dispatch
 from .memory import MB, free
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -129,20 +128,12 @@ def run_one(impl: str, p: Preset, device, warmup: int, steps: int) -> dict:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     resident = torch.cuda.memory_allocated(device) if cuda else None
-    times = []
-    for _ in range(steps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            loss = step()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            loss = step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    step_ms = statistics.median(times)
+    losses = []
+    # Timer's one warm-up step lies after the peak reset: steady state, nothing left to autotune. No L2 flush:
+    # a whole model's step does not run out of L2.
+    timed = Timer(device, warmup=1, reps=steps, flush_l2=False).measure(lambda _: losses.append(step()))
+    step_ms = timed["median_ms"]
+    loss = losses[-1]
     peak = torch.cuda.max_memory_allocated(device) if cuda else None
     out = {
         "step_ms": round(step_ms, 3),

@@ -15,7 +15,7 @@
     peft        PEFT's LoRA Linear (peft.tuners.lora.Linear) from get_peft_model
     torch       a plain unfused PyTorch LoRA, as a user would write it: F.dropout, two F.linear, add
 
-fused_gemm, split_gemm and hybrid answer the issue's question "does a cuBLAS base GEMM plus a separate LoRA
+fused_gemm, split_gemm and hybrid answer the question "does a cuBLAS base GEMM plus a separate LoRA
 pass beat one fused Triton GEMM?" for each shape; `fused` shows what the automatic choice makes of it.
 """
 from __future__ import annotations
@@ -29,9 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_kernels.backends.triton import dot_precision
-from lora_kernels.layer import linear_sharing
-
+from ._internals import dot_precision, linear_sharing
 from .cases import Case
 
 IMPLS = ("base", "fused", "fused_gemm", "split_gemm", "ours_torch", "ours_cuda", "hybrid", "peft", "torch")
@@ -154,9 +152,9 @@ class _HybridLora(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W, A, B, scaling: float, p: float):
-        from lora_kernels.backends.base import draw_seed
         from lora_kernels.ops.layout import rows_of
         from lora_kernels.ops.lora_shrink import lora_shrink
+        from ._internals import draw_seed
 
         dt = x.dtype
         seed = draw_seed(x.device) if p > 0 else torch.zeros(1, dtype=torch.int64, device=x.device)
@@ -260,7 +258,7 @@ def build(name: str, case: Case, t: Tensors) -> Built:
 
 def reference_output(case: Case, t: Tensors) -> torch.Tensor:
     """y without dropout in float32, the yardstick for every LoRA implementation's output."""
-    from lora_kernels.reference import lora_linear_reference
+    from ._internals import lora_linear_reference
 
     f = lambda u: u.float()  # noqa: E731
     return lora_linear_reference(f(t.x), f(t.W), None, f(t.A), f(t.B), case.lora_alpha / case.r)

@@ -2,7 +2,7 @@
 
 Passes:  fwd     the training-mode forward (graph recorded, tensors saved), output dropped
          bwd     backward alone: the forward runs untimed before each repetition
-         fwdbwd  forward + backward, the number the issue's targets are about
+         fwdbwd  forward + backward, the number the targets are about
 Backward is torch.autograd.grad over x and the trainable tensors (not .backward()), so no gradient
 accumulation kernel is timed. The results are written as the flat fields of the results schema
 (`<impl>_ms` is forward+backward) plus a per-implementation breakdown under "impls".
@@ -12,12 +12,12 @@ from __future__ import annotations
 from typing import Dict, Iterable, List
 
 import torch
-from lora_kernels.backends import gemm_dispatch
+from lora_kernels.timing import Timer
 
 from . import impls as I
+from ._internals import gemm_dispatch
 from .cases import Case
 from .memory import MB, free, peak_bytes, saved_bytes
-from lora_kernels.timing import Timer
 
 PASSES = ("fwd", "bwd", "fwdbwd")
 # Field names in the results file: "fused" is ours on Triton (GEMM path chosen per shape), the others keep

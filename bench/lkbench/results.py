@@ -44,7 +44,7 @@ def _git(*args) -> Optional[str]:
         return None
 
 
-def _version(module: str) -> Optional[str]:
+def package_version(module: str) -> Optional[str]:
     try:
         return __import__(module).__version__
     except Exception:  # noqa: BLE001 - a missing optional package is recorded as None
@@ -61,11 +61,11 @@ def environment(device: torch.device) -> dict:
     return {
         "device": device_name(device),
         "torch": torch.__version__,
-        "triton": _version("triton"),
+        "triton": package_version("triton"),
         "cuda": torch.version.cuda,
-        "transformers": _version("transformers"),
-        "peft": _version("peft"),
-        "lora_kernels": _version("lora_kernels"),
+        "transformers": package_version("transformers"),
+        "peft": package_version("peft"),
+        "lora_kernels": package_version("lora_kernels"),
         # LORA_BENCH_COMMIT: for copies of the tree without .git (e.g. a work tree shipped to a GPU box).
         "commit": _git("rev-parse", "HEAD") or os.environ.get("LORA_BENCH_COMMIT"),
         # Uncommitted changes to tracked files mean the commit alone does not reproduce the numbers.
