@@ -62,6 +62,31 @@ def _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
+def _base_in_activation_dtype(x, weight, bias):
+    """x, weight, bias as the base GEMM takes them: nn.Linear's autocast semantics (the adapters keep their own
+    dtype), else the base layer must already be in x's dtype."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"x has dtype {x.dtype} but weight has {weight.dtype}"
+                         + ("" if bias is None else f" and bias has {bias.dtype}")
+                         + ": the base layer must be in the activation dtype (or run under torch.autocast)")
+    return x, weight, bias
+
+
+def _fold_tensor_scaling(lora_B, scaling, device):
+    """(lora_B, scaling) for the kernels. A tensor scaling is folded into lora_B, never read on the host:
+    s·xa·Bᵀ = xa·(s·B)ᵀ, and autograd turns the gradient of s·B into s·grad_B. Kept in at least float32 so a
+    half-precision lora_B is not rounded twice."""
+    if not isinstance(scaling, torch.Tensor):
+        return lora_B, float(scaling)
+    dt = torch.promote_types(lora_B.dtype, torch.float32)
+    return lora_B.to(dt) * scaling.to(device=device, dtype=dt), 1.0
+
+
 def fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p: float = 0.0, training: bool = True):
     """y = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ with x of shape (..., in_features).
 
@@ -80,23 +105,11 @@ def fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p: float
         return _fused_qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p, training)
     _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        # Autocast semantics of nn.Linear for the base path; the adapters stay in their own dtype.
-        dt = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise ValueError(f"x has dtype {x.dtype} but weight has {weight.dtype}"
-                         + ("" if bias is None else f" and bias has {bias.dtype}")
-                         + ": the base layer must be in the activation dtype (or run under torch.autocast)")
+    x, weight, bias = _base_in_activation_dtype(x, weight, bias)
     p = float(dropout_p) if training else 0.0
     fn = FUNCTIONS[resolve_backend(x)]
     with torch.autocast(device_type, enabled=False):
-        if isinstance(scaling, torch.Tensor):
-            # s·xa·Bᵀ = xa·(s·B)ᵀ; autograd turns the gradient of s·B into s·grad_B. Kept in at least float32
-            # so a half-precision lora_B is not rounded twice.
-            dt = torch.promote_types(lora_B.dtype, torch.float32)
-            lora_B, scaling = lora_B.to(dt) * scaling.to(device=x.device, dtype=dt), 1.0
+        lora_B, scaling = _fold_tensor_scaling(lora_B, scaling, x.device)
         return fn.apply(x, weight, bias, lora_A, lora_B, float(scaling), p)
 
 
@@ -129,9 +142,7 @@ def _fused_qlora_linear(x, qweight: QuantizedWeight, bias, lora_A, lora_B, scali
     p = float(dropout_p) if training else 0.0
     fn = FUNCTIONS_4BIT[resolve_backend_4bit(x)]
     with torch.autocast(device_type, enabled=False):
-        if isinstance(scaling, torch.Tensor):
-            dt = torch.promote_types(lora_B.dtype, torch.float32)
-            lora_B, scaling = lora_B.to(dt) * scaling.to(device=x.device, dtype=dt), 1.0
+        lora_B, scaling = _fold_tensor_scaling(lora_B, scaling, x.device)
         return fn.apply(x, *qweight.tensors(), bias, lora_A, lora_B, float(scaling), p, qweight.quant_type,
                         qweight.blocksize, qweight.nested_blocksize, qweight.shape[0])
 
@@ -282,14 +293,7 @@ def fused_multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, dropout
                          "with fused_lora_linear, or dequantize the base first")
     n, present = _validate_multi(x, weight, bias, lora_As, lora_Bs, scalings, dropout_ps, segments)
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dt = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise ValueError(f"x has dtype {x.dtype} but weight has {weight.dtype}"
-                         + ("" if bias is None else f" and bias has {bias.dtype}")
-                         + ": the base layer must be in the activation dtype (or run under torch.autocast)")
+    x, weight, bias = _base_in_activation_dtype(x, weight, bias)
     if present == 0:
         return torch.nn.functional.linear(x, weight, bias)
     backend = resolve_backend(x)

@@ -65,6 +65,14 @@ def base_grads(dy, x, need_weight: bool, need_bias: bool, weight_dtype, bias_dty
     return grad_w, grad_b
 
 
+def _named_ops(cls, fwd_attr: str, bwd_attr: str):
+    """The (forward, backward) custom ops a Function subclass names in these class attributes."""
+    fwd_op, bwd_op = getattr(cls, fwd_attr), getattr(cls, bwd_attr)
+    if fwd_op is None or bwd_op is None:
+        raise TypeError(f"{cls.__name__} must set both {fwd_attr} and {bwd_attr}")
+    return fwd_op, bwd_op
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """Base of the backends' autograd Functions. A subclass names its custom ops:
 
@@ -81,9 +89,7 @@ class LoraLinearFunction(torch.autograd.Function):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        fwd_op, bwd_op = cls.fwd_op, cls.bwd_op
-        if fwd_op is None or bwd_op is None:
-            raise TypeError(f"{cls.__name__} must set both fwd_op and bwd_op")
+        fwd_op, bwd_op = _named_ops(cls, "fwd_op", "bwd_op")
 
         def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float):
             y, xa, seed = fwd_op(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
@@ -145,9 +151,7 @@ class QLoraLinearFunction(torch.autograd.Function):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        fwd_op, bwd_op = cls.qfwd_op, cls.qbwd_op
-        if fwd_op is None or bwd_op is None:
-            raise TypeError(f"{cls.__name__} must set both qfwd_op and qbwd_op")
+        fwd_op, bwd_op = _named_ops(cls, "qfwd_op", "qbwd_op")
 
         def forward(ctx, x, packed, absmax, nested_absmax, nested_code, offset, bias, lora_A, lora_B,
                     scaling: float, dropout_p: float, quant_type: str, blocksize: int, nested_blocksize: int,
@@ -202,9 +206,7 @@ class MultiLoraLinearFunction(torch.autograd.Function):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        fwd_op, bwd_op = cls.fwd_op, cls.bwd_op
-        if fwd_op is None or bwd_op is None:
-            raise TypeError(f"{cls.__name__} must set both fwd_op and bwd_op")
+        fwd_op, bwd_op = _named_ops(cls, "fwd_op", "bwd_op")
 
         def forward(ctx, x, weight, bias, lora_A, lora_B, row_adapter, ranks, scalings, dropout_ps):
             y, xa, seed = fwd_op(x, weight, bias, lora_A, lora_B, row_adapter, ranks, scalings, dropout_ps)

@@ -117,11 +117,13 @@ def triton_lora_bwd(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, seed: t
     return _backward(dy, x, xa, seed, weight, lora_A, lora_B, scaling, dropout_p, need_x, need_lora_a, need_lora_b)
 
 
-def _backward(dy, x, xa, seed, weight, lora_A, lora_B, scaling, dropout_p, need_x, need_lora_a, need_lora_b):
-    """triton_lora_bwd for a dense weight or a 4-bit QuantizedWeight."""
+def _backward(dy, x, xa, seed, weight, lora_A, lora_B, scaling, dropout_p, need_x, need_lora_a, need_lora_b,
+              adapters=None):
+    """Backward passes 1 and 2 for a dense weight or a 4-bit QuantizedWeight. With `adapters` (ops/segments.py)
+    they run segmented: lora_A / lora_B hold every adapter stacked, scaling and dropout come from the table."""
+    from ..ops.format_4bit import QuantizedWeight
     from ..ops.lora_dy_b import lora_dy_b
     from ..ops.lora_linear_bwd_dx import lora_linear_bwd_dx
-    from ..ops.format_4bit import QuantizedWeight
 
     grad_x, grad_a, grad_b = not_computed(x), not_computed(lora_A), not_computed(lora_B)
     dy, dy_rows = _rows_or_copy(dy.to(x.dtype))
@@ -131,13 +133,14 @@ def _backward(dy, x, xa, seed, weight, lora_A, lora_B, scaling, dropout_p, need_
     x, x_rows = _rows_or_copy(x)
     precision = dot_precision(x.dtype)
     dyb, grad_b32 = lora_dy_b(dy, dy_rows, lora_B, xa, scaling, compute_dyb=need_x or need_lora_a,
-                              compute_grad_b=need_lora_b, dot_precision=precision)
+                              compute_grad_b=need_lora_b, dot_precision=precision, adapters=adapters)
     if need_x or need_lora_a:
         run = lambda gemm: lora_linear_bwd_dx(  # noqa: E731
             dy, dy_rows, weight, dyb, lora_A, x, x_rows, seed, scaling, dropout_p, compute_dx=need_x,
-            compute_grad_a=need_lora_a, dot_precision=precision, gemm=gemm)
-        key = gemm_key("bwd", x, x_rows.M, x.shape[-1], dy.shape[-1], lora_A.shape[0], dropout=dropout_p > 0.0,
-                       grad_A=need_lora_a, w4bit=isinstance(weight, QuantizedWeight))
+            compute_grad_a=need_lora_a, dot_precision=precision, gemm=gemm, adapters=adapters)
+        dropout = adapters.has_dropout if adapters is not None else dropout_p > 0.0
+        key = gemm_key("bwd", x, x_rows.M, x.shape[-1], dy.shape[-1], lora_A.shape[-2], dropout=dropout,
+                       grad_A=need_lora_a, w4bit=isinstance(weight, QuantizedWeight), segmented=adapters is not None)
         # Without grad_x there is no base GEMM to place.
         dx, grad_a32 = run(choose_gemm(key, x.device, run) if need_x else "fused")
         if need_x:
@@ -241,34 +244,10 @@ def triton_multi_lora_bwd(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, s
                           ranks: List[int], scalings: List[float], dropout_ps: List[float], need_x: bool,
                           need_lora_a: bool, need_lora_b: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_A (n, r_max, K), grad_B (n, N, r_max)), each empty when not needed: backward passes 1, 2."""
-    from ..ops.lora_dy_b import lora_dy_b
-    from ..ops.lora_linear_bwd_dx import lora_linear_bwd_dx
     from ..ops.segments import adapter_table
 
-    grad_x, grad_a, grad_b = not_computed(x), not_computed(lora_A), not_computed(lora_B)
-    dy, dy_rows = _rows_or_copy(dy.to(x.dtype))
-    if dy_rows.M == 0:
-        return (torch.zeros_like(x) if need_x else grad_x, torch.zeros_like(lora_A) if need_lora_a else grad_a,
-                torch.zeros_like(lora_B) if need_lora_b else grad_b)
-    x, x_rows = _rows_or_copy(x)
-    precision = dot_precision(x.dtype)
     adapters = adapter_table(row_adapter, ranks, scalings, dropout_ps)
-    dyb, grad_b32 = lora_dy_b(dy, dy_rows, lora_B, xa, 1.0, compute_dyb=need_x or need_lora_a,
-                              compute_grad_b=need_lora_b, dot_precision=precision, adapters=adapters)
-    if need_x or need_lora_a:
-        run = lambda gemm: lora_linear_bwd_dx(  # noqa: E731
-            dy, dy_rows, weight, dyb, lora_A, x, x_rows, seed, 1.0, 0.0, compute_dx=need_x,
-            compute_grad_a=need_lora_a, dot_precision=precision, gemm=gemm, adapters=adapters)
-        key = gemm_key("bwd", x, x_rows.M, x.shape[-1], dy.shape[-1], lora_A.shape[1],
-                       dropout=adapters.has_dropout, grad_A=need_lora_a, segmented=True)
-        dx, grad_a32 = run(choose_gemm(key, x.device, run) if need_x else "fused")
-        if need_x:
-            grad_x = dx
-        if need_lora_a:
-            grad_a = grad_a32.to(lora_A.dtype)
-    if need_lora_b:
-        grad_b = grad_b32.to(lora_B.dtype)
-    return grad_x, grad_a, grad_b
+    return _backward(dy, x, xa, seed, weight, lora_A, lora_B, 1.0, 0.0, need_x, need_lora_a, need_lora_b, adapters)
 
 
 triton_multi_lora_bwd.register_fake(fake_multi_bwd)
