@@ -3,8 +3,9 @@ from .backends import resolve_backend
 from .functional import AdapterSegments, fused_lora_linear, fused_multi_lora_linear
 from .layer import FusedLoraLinear
 from .config import LoraConfig
-from .inject import (add_new_trainable_to_optimizer, disable_adapter, inject_lora, merge_and_unload,
-                     print_trainable_parameters, set_trainable, trainable_parameters, unload)
+from .inject import disable_adapter, inject_lora, merge_and_unload, unload
+from .trainability import (add_new_trainable_to_optimizer, print_trainable_parameters, set_trainable,
+                           trainable_parameters)
 from .persistence import load_adapter, save_adapter
 from .adapters import batch_adapters, set_adapter
 

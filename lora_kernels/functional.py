@@ -19,7 +19,6 @@ import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .backends import FUNCTIONS, FUNCTIONS_4BIT, MULTI_FUNCTIONS, resolve_backend, resolve_backend_4bit
 from .backends.base import FLOAT_DTYPES, QuantizedWeight, dequantize, from_bnb  # noqa: F401  (the 4-bit format)

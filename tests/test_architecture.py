@@ -24,6 +24,7 @@ ALLOWED = {
     # inject -> integrations: inject_lora on a transformers model that is already imported installs the adapter-only
     # checkpoint hooks (a lazy, conditional import; the integration never loads transformers for anyone else).
     "inject": {"config", "layer", "integrations"},
+    "trainability": {"inject"},
     "persistence": {"config", "inject", "layer"},
     "adapters": {"functional", "inject", "layer"},
     "data": set(),

@@ -12,6 +12,8 @@ LoraLinearFunction saves x, xa and the seed (plus the parameters) for backward �
 a dropped copy or a cast copy of x — and computes the rare gradients of a trainable base W and b itself.
 Inputs arrive validated and cast by functional.fused_lora_linear.
 """
+from typing import Optional, Tuple
+
 import torch
 
 from ..ops.format_4bit import QuantizedWeight, dequantize, from_bnb  # noqa: F401  (re-exported upwards)
@@ -133,9 +135,53 @@ def quantized_weight(packed, absmax, nested_absmax, nested_code, offset, quant_t
                            nested_code, offset, nested_blocksize)
 
 
-def fake_qbwd(dy, x, xa, seed, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, scaling,
-              dropout_p, quant_type, blocksize, nested_blocksize, out_features, need_x, need_lora_a, need_lora_b):
-    return fake_bwd(dy, x, xa, seed, None, lora_A, lora_B, scaling, dropout_p, need_x, need_lora_a, need_lora_b)
+def qlora_ops(backend: str, dense_fwd, dense_bwd, xa_flat: bool):
+    """Register the 4-bit custom-op pair lora_kernels::{backend}_qlora_fwd / _bwd (signatures above) and return
+    them. Each rebuilds the QuantizedWeight from its arguments and runs the backend's own passes with it:
+
+        dense_fwd(x, qweight, bias, lora_A, lora_B, scaling, dropout_p) -> (y, xa, seed)
+        dense_bwd(dy, x, xa, seed, qweight, lora_A, lora_B, scaling, dropout_p, need_x, need_lora_a, need_lora_b)
+
+    xa_flat: the backend keeps xa as an (M, r) float32 matrix (else in x's shape and dtype), for the fake impl.
+    """
+
+    @torch.library.custom_op(f"lora_kernels::{backend}_qlora_fwd", mutates_args=())
+    def qfwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
+             nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+             lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout_p: float, quant_type: str,
+             blocksize: int, nested_blocksize: int, out_features: int) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                torch.Tensor]:
+        qw = quantized_weight(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize,
+                              nested_blocksize, out_features, x.shape[-1])
+        return dense_fwd(x, qw, bias, lora_A, lora_B, scaling, dropout_p)
+
+    @qfwd.register_fake
+    def _(x, packed, absmax, nested_absmax, nested_code, offset, bias, lora_A, lora_B, scaling, dropout_p,
+          quant_type, blocksize, nested_blocksize, out_features):
+        y = x.new_empty((*x.shape[:-1], out_features))
+        if xa_flat:
+            xa = x.new_empty((x.numel() // x.shape[-1], lora_A.shape[0]), dtype=torch.float32)
+        else:
+            xa = x.new_empty((*x.shape[:-1], lora_A.shape[0]))
+        return y, xa, x.new_empty((1,), dtype=torch.int64)
+
+    @torch.library.custom_op(f"lora_kernels::{backend}_qlora_bwd", mutates_args=())
+    def qbwd(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, seed: torch.Tensor, packed: torch.Tensor,
+             absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
+             offset: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+             dropout_p: float, quant_type: str, blocksize: int, nested_blocksize: int, out_features: int,
+             need_x: bool, need_lora_a: bool, need_lora_b: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        qw = quantized_weight(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize,
+                              nested_blocksize, out_features, x.shape[-1])
+        return dense_bwd(dy, x, xa, seed, qw, lora_A, lora_B, scaling, dropout_p, need_x, need_lora_a, need_lora_b)
+
+    @qbwd.register_fake
+    def _(dy, x, xa, seed, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, scaling, dropout_p,
+          quant_type, blocksize, nested_blocksize, out_features, need_x, need_lora_a, need_lora_b):
+        return fake_bwd(dy, x, xa, seed, None, lora_A, lora_B, scaling, dropout_p, need_x, need_lora_a, need_lora_b)
+
+    return (getattr(torch.ops.lora_kernels, f"{backend}_qlora_fwd"),
+            getattr(torch.ops.lora_kernels, f"{backend}_qlora_bwd"))
 
 
 class QLoraLinearFunction(torch.autograd.Function):
@@ -186,6 +232,17 @@ class QLoraLinearFunction(torch.autograd.Function):
 #         per adapter. xa = dropout(x)·A[a(m)]ᵀ per row (r_max columns; 0 for base rows), one seed for all.
 #     multi_bwd_op(dy, x, xa, seed, weight, lora_A, lora_B, row_adapter, ranks, scalings, dropout_ps,
 #                  need_x, need_lora_a, need_lora_b) -> (grad_x, grad_A (n, r_max, K), grad_B (n, N, r_max))
+
+
+def fake_multi_fwd(xa_dtype=None):
+    """The fake impl of a multi-adapter forward op whose xa is (M, r_max) in `xa_dtype` (None: x's dtype)."""
+
+    def fake(x, weight, bias, lora_A, lora_B, row_adapter, ranks, scalings, dropout_ps):
+        M = x.numel() // x.shape[-1]
+        return (x.new_empty((*x.shape[:-1], weight.shape[0])),
+                x.new_empty((M, lora_A.shape[1]), dtype=xa_dtype or x.dtype), x.new_empty((1,), dtype=torch.int64))
+
+    return fake
 
 
 def fake_multi_bwd(dy, x, xa, seed, weight, lora_A, lora_B, row_adapter, ranks, scalings, dropout_ps, need_x,

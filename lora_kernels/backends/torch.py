@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import (LoraLinearFunction, MultiLoraLinearFunction, QLoraLinearFunction, dequantize, draw_seed, fake_bwd,
-                   fake_multi_bwd, fake_qbwd, flat, no_seed, not_computed, quantized_weight)
+                   fake_multi_bwd, fake_multi_fwd, flat, no_seed, not_computed, qlora_ops)
 
 
 def torch_keep_mask(seed: int, shape, p: float, device) -> torch.Tensor:
@@ -85,49 +85,23 @@ class TorchLoraLinear(LoraLinearFunction):
     bwd_op = torch.ops.lora_kernels.torch_lora_bwd
 
 
-# QLoRA: the same math with W dequantized by this package's own PyTorch code (quantized.dequantize, bit for bit
-# bitsandbytes'). The W-sized temporary lives for one op call only; backward dequantizes again.
-@torch.library.custom_op("lora_kernels::torch_qlora_fwd", mutates_args=())
-def torch_qlora_fwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
-                    nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                    lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout_p: float, quant_type: str,
-                    blocksize: int, nested_blocksize: int, out_features: int) -> Tuple[torch.Tensor, torch.Tensor,
-                                                                                       torch.Tensor]:
-    qw = quantized_weight(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize,
-                          nested_blocksize, out_features, x.shape[-1])
-    return torch_lora_fwd(x, dequantize(qw, x.dtype), bias, lora_A, lora_B, scaling, dropout_p)
+# QLoRA: the same math with W dequantized by this package's own PyTorch code (ops/format_4bit.dequantize, bit for
+# bit bitsandbytes'). The W-sized temporary lives for one op call only; backward dequantizes again.
+def _qlora_fwd(x, qweight, bias, lora_A, lora_B, scaling, dropout_p):
+    return torch_lora_fwd(x, dequantize(qweight, x.dtype), bias, lora_A, lora_B, scaling, dropout_p)
 
 
-@torch_qlora_fwd.register_fake
-def _(x, packed, absmax, nested_absmax, nested_code, offset, bias, lora_A, lora_B, scaling, dropout_p, quant_type,
-      blocksize, nested_blocksize, out_features):
-    y = x.new_empty((*x.shape[:-1], out_features))
-    return y, x.new_empty((*x.shape[:-1], lora_A.shape[0])), x.new_empty((1,), dtype=torch.int64)
-
-
-@torch.library.custom_op("lora_kernels::torch_qlora_bwd", mutates_args=())
-def torch_qlora_bwd(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, seed: torch.Tensor, packed: torch.Tensor,
-                    absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
-                    offset: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                    dropout_p: float, quant_type: str, blocksize: int, nested_blocksize: int, out_features: int,
-                    need_x: bool, need_lora_a: bool, need_lora_b: bool) -> Tuple[torch.Tensor, torch.Tensor,
-                                                                                 torch.Tensor]:
-    qw = quantized_weight(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize,
-                          nested_blocksize, out_features, x.shape[-1])
+def _qlora_bwd(dy, x, xa, seed, qweight, lora_A, lora_B, scaling, dropout_p, need_x, need_lora_a, need_lora_b):
     # grad_x alone reads W: without it nothing is dequantized.
-    weight = dequantize(qw, x.dtype) if need_x else x.new_empty((0,))
+    weight = dequantize(qweight, x.dtype) if need_x else x.new_empty((0,))
     return torch_lora_bwd(dy, x, xa, seed, weight, lora_A, lora_B, scaling, dropout_p, need_x, need_lora_a,
                           need_lora_b)
-
-
-torch_qlora_bwd.register_fake(fake_qbwd)
 
 
 class TorchQLoraLinear(QLoraLinearFunction):
     """Torch backend over a 4-bit base."""
 
-    qfwd_op = torch.ops.lora_kernels.torch_qlora_fwd
-    qbwd_op = torch.ops.lora_kernels.torch_qlora_bwd
+    qfwd_op, qbwd_op = qlora_ops("torch", _qlora_fwd, _qlora_bwd, xa_flat=False)
 
 
 def unavailable_reason(x: torch.Tensor):
@@ -184,11 +158,7 @@ def torch_multi_lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     return y.reshape(*x.shape[:-1], weight.shape[0]), xa, seed
 
 
-@torch_multi_lora_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, row_adapter, ranks, scalings, dropout_ps):
-    M = x.numel() // x.shape[-1]
-    return (x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((M, lora_A.shape[1])),
-            x.new_empty((1,), dtype=torch.int64))
+torch_multi_lora_fwd.register_fake(fake_multi_fwd())
 
 
 @torch.library.custom_op("lora_kernels::torch_multi_lora_bwd", mutates_args=())

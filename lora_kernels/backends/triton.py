@@ -20,7 +20,7 @@ import torch
 
 from ..settings import interpreting
 from .base import (KERNEL_DTYPES, LoraLinearFunction, MultiLoraLinearFunction, QLoraLinearFunction, draw_seed,
-                   fake_bwd, fake_fwd_flat_xa, fake_multi_bwd, fake_qbwd, no_seed, not_computed, quantized_weight)
+                   fake_bwd, fake_fwd_flat_xa, fake_multi_bwd, fake_multi_fwd, no_seed, not_computed, qlora_ops)
 from .gemm_dispatch import choose as choose_gemm
 from .gemm_dispatch import gemm_key
 
@@ -162,45 +162,10 @@ class TritonLoraLinear(LoraLinearFunction):
     bwd_op = torch.ops.lora_kernels.triton_lora_bwd
 
 
-@torch.library.custom_op("lora_kernels::triton_qlora_fwd", mutates_args=())
-def triton_qlora_fwd(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor],
-                     nested_code: Optional[torch.Tensor], offset: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                     lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout_p: float, quant_type: str,
-                     blocksize: int, nested_blocksize: int, out_features: int) -> Tuple[torch.Tensor, torch.Tensor,
-                                                                                        torch.Tensor]:
-    qw = quantized_weight(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize,
-                          nested_blocksize, out_features, x.shape[-1])
-    return _forward(x, qw, bias, lora_A, lora_B, scaling, dropout_p)
-
-
-@triton_qlora_fwd.register_fake
-def _(x, packed, absmax, nested_absmax, nested_code, offset, bias, lora_A, lora_B, scaling, dropout_p, quant_type,
-      blocksize, nested_blocksize, out_features):
-    M = x.numel() // x.shape[-1]
-    return (x.new_empty((*x.shape[:-1], out_features)), x.new_empty((M, lora_A.shape[0]), dtype=torch.float32),
-            x.new_empty((1,), dtype=torch.int64))
-
-
-@torch.library.custom_op("lora_kernels::triton_qlora_bwd", mutates_args=())
-def triton_qlora_bwd(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, seed: torch.Tensor, packed: torch.Tensor,
-                     absmax: torch.Tensor, nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor],
-                     offset: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                     dropout_p: float, quant_type: str, blocksize: int, nested_blocksize: int, out_features: int,
-                     need_x: bool, need_lora_a: bool, need_lora_b: bool) -> Tuple[torch.Tensor, torch.Tensor,
-                                                                                  torch.Tensor]:
-    qw = quantized_weight(packed, absmax, nested_absmax, nested_code, offset, quant_type, blocksize,
-                          nested_blocksize, out_features, x.shape[-1])
-    return _backward(dy, x, xa, seed, qw, lora_A, lora_B, scaling, dropout_p, need_x, need_lora_a, need_lora_b)
-
-
-triton_qlora_bwd.register_fake(fake_qbwd)
-
-
 class TritonQLoraLinear(QLoraLinearFunction):
     """Triton backend over a 4-bit base: W dequantized inside the two GEMM passes."""
 
-    qfwd_op = torch.ops.lora_kernels.triton_qlora_fwd
-    qbwd_op = torch.ops.lora_kernels.triton_qlora_bwd
+    qfwd_op, qbwd_op = qlora_ops("triton", _forward, _backward, xa_flat=True)
 
 
 # Several adapters in one batch (base.py's multi-adapter contract): the same four launches, segmented
@@ -231,11 +196,7 @@ def triton_multi_lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     return run(choose_gemm(key, x.device, run)), xa, seed
 
 
-@triton_multi_lora_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, row_adapter, ranks, scalings, dropout_ps):
-    M = x.numel() // x.shape[-1]
-    return (x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((M, lora_A.shape[1]), dtype=torch.float32),
-            x.new_empty((1,), dtype=torch.int64))
+triton_multi_lora_fwd.register_fake(fake_multi_fwd(torch.float32))
 
 
 @torch.library.custom_op("lora_kernels::triton_multi_lora_bwd", mutates_args=())
