@@ -70,3 +70,19 @@ def pytest_collection_modifyitems(config, items):
 def _default_backend(monkeypatch):
     """Each test starts from LORA_KERNELS_BACKEND=auto unless it sets its own."""
     monkeypatch.delenv("LORA_KERNELS_BACKEND", raising=False)
+
+
+@pytest.fixture
+def count_kernel_calls(monkeypatch):
+    """A list that gets one entry per fused_lora_linear call made by a fused PEFT layer."""
+    from lora_kernels.integrations import peft as lk_peft
+
+    calls = []
+    real = lk_peft.fused_lora_linear
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lk_peft, "fused_lora_linear", counting)
+    return calls

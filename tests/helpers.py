@@ -23,3 +23,35 @@ def keep_mask(backend, seed, x_shape, p, device="cpu"):
     for s in x_shape[:-1]:
         M *= s
     return dropout_mask(seed, M, K, p).reshape(x_shape)
+
+
+def gpu_tile_configs(monkeypatch):
+    """{kernel: the autotune configs a GPU would try} for the four LoRA kernels, with the interpreter's
+    single small config switched off, so a test can force each GPU tile shape onto the kernels."""
+    from lora_kernels.ops import configs as C
+    from lora_kernels.ops.lora_dy_b import _lora_dy_b_kernel
+    from lora_kernels.ops.lora_linear_bwd_dx import _lora_linear_bwd_dx_kernel
+    from lora_kernels.ops.lora_linear_fwd import _lora_linear_fwd_kernel
+    from lora_kernels.ops.lora_shrink import _lora_shrink_kernel
+
+    monkeypatch.setattr(C, "interpreting", lambda: False)
+    return {
+        _lora_shrink_kernel: C.rowblock_configs("BLOCK_K"),
+        _lora_dy_b_kernel: C.rowblock_configs("BLOCK_N"),
+        _lora_linear_fwd_kernel: C.gemm_configs(out_block="BLOCK_N", reduce_block="BLOCK_K"),
+        _lora_linear_bwd_dx_kernel: C.gemm_configs(out_block="BLOCK_K", reduce_block="BLOCK_N"),
+    }
+
+
+def assert_matches_oracle(backend, case, p, dy, y, grads):
+    """y and the grads of x, lora_A, lora_B of a run with manual seed 1234 against the float64 oracle (with the
+    mask `backend` drew), within TOL of the input's dtype, each in its own tensor's dtype and shape."""
+    dtype = case["x"].dtype
+    mask = keep_mask(backend, seed_for(1234), case["x"].shape, p) if p > 0 else None
+    y_ref, g_ref = oracle(case, mask, p, dy)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    tol = TOL[dtype]
+    assert rel_err(y, y_ref) < tol
+    for name in ("x", "lora_A", "lora_B"):
+        assert grads[name].dtype == case[name].dtype
+        assert rel_err(grads[name], g_ref[name]) < tol, name

@@ -8,7 +8,7 @@ import triton
 
 import lora_kernels as lk
 from lora_kernels.backends import gemm_dispatch
-from helpers import TOL, keep_mask, make_case, oracle, rel_err, seed_for
+from helpers import TOL, gpu_tile_configs, keep_mask, make_case, oracle, rel_err, seed_for
 
 
 @pytest.fixture(autouse=True)
@@ -265,19 +265,7 @@ def test_every_gpu_tile_config_computes_the_same(monkeypatch):
     """The GPU's autotune configs (tiles up to 256 wide, much larger than these shapes) run here under the
     interpreter, one config at a time for every kernel, on both GEMM paths: the edge masks and the rank loop
     must be right for each tile shape the autotuner may pick on a GPU."""
-    from lora_kernels.ops import configs as C
-    from lora_kernels.ops.lora_dy_b import _lora_dy_b_kernel
-    from lora_kernels.ops.lora_linear_bwd_dx import _lora_linear_bwd_dx_kernel
-    from lora_kernels.ops.lora_linear_fwd import _lora_linear_fwd_kernel
-    from lora_kernels.ops.lora_shrink import _lora_shrink_kernel
-
-    monkeypatch.setattr(C, "interpreting", lambda: False)
-    gpu = {
-        _lora_shrink_kernel: C.rowblock_configs("BLOCK_K"),
-        _lora_dy_b_kernel: C.rowblock_configs("BLOCK_N"),
-        _lora_linear_fwd_kernel: C.gemm_configs(out_block="BLOCK_N", reduce_block="BLOCK_K"),
-        _lora_linear_bwd_dx_kernel: C.gemm_configs(out_block="BLOCK_K", reduce_block="BLOCK_N"),
-    }
+    gpu = gpu_tile_configs(monkeypatch)
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
     case = make_case((70,), 72, 66, 70, torch.float16, ab_dtype=torch.float32)  # r = 70: two rank chunks
     dy = torch.randn(70, 66, generator=torch.Generator().manual_seed(2)).half()

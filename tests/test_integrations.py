@@ -8,7 +8,6 @@ import torch
 import torch.nn as nn
 
 import lora_kernels as lk
-import lora_kernels.integrations.peft as lk_peft
 from lora_kernels.inject import lora_layers
 from lora_kernels.integrations.peft import FusedPeftLinear, fuse_peft_model, unfuse_peft_model
 from lora_kernels.integrations.transformers import AdapterCheckpointCallback, apply_fused_lora
@@ -26,19 +25,6 @@ def _logits_and_grads(pm, x):
     out = pm(x, labels=x)
     out.loss.backward()
     return out.logits.detach(), {k: g.clone() for k, g in peft_lora_grads(pm).items()}
-
-
-@pytest.fixture
-def count_kernel_calls(monkeypatch):
-    calls = []
-    real = lk_peft.fused_lora_linear
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(lk_peft, "fused_lora_linear", counting)
-    return calls
 
 
 # -- fuse_peft_model ----------------------------------------------------------------------------------------

@@ -11,10 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lora_kernels.backends.triton as triton_backend
 from lora_kernels.functional import AdapterSegments, fused_lora_linear, fused_multi_lora_linear
 from lora_kernels.reference import TOL, make_multi_case, multi_oracle, rel_err
-from helpers import keep_mask, seed_for
+from helpers import gpu_tile_configs, keep_mask, seed_for
 
 BACKEND_DTYPES = [("triton", torch.float32), ("triton", torch.float16), ("torch", torch.float32),
                   ("torch", torch.bfloat16)]
@@ -501,19 +500,7 @@ def test_every_gpu_tile_config_and_both_gemm_paths(monkeypatch):
     """The GPU's autotune configs (row tiles up to 256: one tile spans every sample here, so the adapter loop
     runs for all of them) under the interpreter, one config at a time for each kernel, alternating the fused
     path with atomics and the split path with deterministic partials (sized from the smallest BLOCK_M)."""
-    from lora_kernels.ops import configs as C
-    from lora_kernels.ops.lora_dy_b import _lora_dy_b_kernel
-    from lora_kernels.ops.lora_linear_bwd_dx import _lora_linear_bwd_dx_kernel
-    from lora_kernels.ops.lora_linear_fwd import _lora_linear_fwd_kernel
-    from lora_kernels.ops.lora_shrink import _lora_shrink_kernel
-
-    monkeypatch.setattr(C, "interpreting", lambda: False)
-    gpu = {
-        _lora_shrink_kernel: C.rowblock_configs("BLOCK_K"),
-        _lora_dy_b_kernel: C.rowblock_configs("BLOCK_N"),
-        _lora_linear_fwd_kernel: C.gemm_configs(out_block="BLOCK_N", reduce_block="BLOCK_K"),
-        _lora_linear_bwd_dx_kernel: C.gemm_configs(out_block="BLOCK_K", reduce_block="BLOCK_N"),
-    }
+    gpu = gpu_tile_configs(monkeypatch)
     lead, K, N, ranks = (6, 11), 40, 36, (1, 70, 8)  # r_max = 70: two rank chunks for adapter 1 only
     case = make_multi_case(lead, K, N, ranks, torch.float16, ab_dtype=torch.float32)
     segments = AdapterSegments([1, 0, None, 2, 1, 2])

@@ -17,7 +17,6 @@ import torch
 import torch.nn as nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import lora_kernels.integrations.peft as lk_peft
 from lora_kernels.integrations.peft import FusedPeftLinear, fuse_peft_model, unfuse_peft_model
 from lora_kernels.reference import lora_linear_reference
 
@@ -96,19 +95,6 @@ def _run(pm, kind, inputs):
     return out.detach(), grads
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    calls = []
-    real = lk_peft.fused_lora_linear
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(lk_peft, "fused_lora_linear", counting)
-    return calls
-
-
 def _assert_close(got, want, rel, what):
     """Max error at most `rel` times the largest magnitude of `want`: the fused and PEFT's matmuls round in
     different orders, so a gradient entry near zero is compared at the tensor's scale."""
@@ -159,7 +145,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_config_matrix_torch_backend(case, monkeypatch, kernel_calls):
+def test_config_matrix_torch_backend(case, monkeypatch, count_kernel_calls):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
     kind, cfg = CASES[case]
     pm = _peft(kind, **cfg)
@@ -169,15 +155,15 @@ def test_config_matrix_torch_backend(case, monkeypatch, kernel_calls):
                 nn.init.normal_(m.lora_B["default"].bias)  # PEFT starts it at zero
     if "dropout" in case:
         pm.eval()  # no dropout: equality holds; training-mode dropout is checked below
-    _assert_parity(pm, kind, _inputs(kind), kernel_calls)
+    _assert_parity(pm, kind, _inputs(kind), count_kernel_calls)
 
 
 @pytest.mark.parametrize("case", ["bias-all", "rslora", "llama-list-bias-rslora"])
-def test_config_matrix_interpreter(case, kernel_calls):
+def test_config_matrix_interpreter(case, count_kernel_calls):
     kind, cfg = CASES[case]
     pm = _peft(kind, **cfg)
     # the interpreter's fp32 dots accumulate in another order than torch's matmul
-    _assert_parity(pm, kind, _inputs(kind, batch=1, seq=5), kernel_calls, rel=1e-4)
+    _assert_parity(pm, kind, _inputs(kind, batch=1, seq=5), count_kernel_calls, rel=1e-4)
 
 
 # -- adapters: switching, several active, merging, disabling, saving ----------------------------------------
@@ -185,7 +171,7 @@ def test_config_matrix_interpreter(case, kernel_calls):
 SECOND = dict(r=2, lora_alpha=3, target_modules=["mlp_up", "head"], use_rslora=True, init_lora_weights=False)
 
 
-def test_set_adapter_after_fusing(monkeypatch, kernel_calls):
+def test_set_adapter_after_fusing(monkeypatch, count_kernel_calls):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
     pm = _peft("net", target_modules=["attn_proj", "mlp_up"])
     pm.add_adapter("second", peft.LoraConfig(**SECOND))
@@ -199,23 +185,23 @@ def test_set_adapter_after_fusing(monkeypatch, kernel_calls):
     for name, n_layers in (("default", 4), ("second", 3), ("default", 4)):
         pm.set_adapter(name)
         reference.set_adapter(name)
-        del kernel_calls[:]
+        del count_kernel_calls[:]
         got = _run(pm, "net", x)
-        assert len(kernel_calls) == n_layers
+        assert len(count_kernel_calls) == n_layers
         _assert_same_run(got, _run(reference, "net", x), rel=1e-5)
         outs[name] = got[0]
     assert not torch.allclose(outs["default"], outs["second"])
 
 
-def test_active_adapters_on_disjoint_layers_are_each_fused(monkeypatch, kernel_calls):
+def test_active_adapters_on_disjoint_layers_are_each_fused(monkeypatch, count_kernel_calls):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
     pm = _peft("net", target_modules=["attn_proj"])
     pm.add_adapter("other", peft.LoraConfig(r=2, target_modules=["head"], init_lora_weights=False))
     pm.base_model.set_adapter(["default", "other"])  # each layer holds one of them: PEFT runs that one
-    _assert_parity(pm, "net", _inputs("net"), kernel_calls)
+    _assert_parity(pm, "net", _inputs("net"), count_kernel_calls)
 
 
-def test_a_wrapped_tuner_layer_stays_on_peft_path(monkeypatch, kernel_calls):
+def test_a_wrapped_tuner_layer_stays_on_peft_path(monkeypatch, count_kernel_calls):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
     torch.manual_seed(0)
     # a mixed model stacks a LoRA layer on a LoHa layer: the LoRA layer's base_layer adds LoHa's own delta
@@ -229,30 +215,30 @@ def test_a_wrapped_tuner_layer_stays_on_peft_path(monkeypatch, kernel_calls):
         assert report.fused == ["base_model.model.embed"]
         assert "loha" in report.skipped["base_model.model.head"].lower()
         torch.testing.assert_close(pm(x), want, rtol=1e-6, atol=1e-6)
-    assert len(kernel_calls) == 1
+    assert len(count_kernel_calls) == 1
 
 
-def test_merge_unmerge_and_merge_and_unload(monkeypatch, kernel_calls):
+def test_merge_unmerge_and_merge_and_unload(monkeypatch, count_kernel_calls):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
     pm = _peft("llama", target_modules=["q_proj", "o_proj", "up_proj"]).eval()
     x = _inputs("llama")
     fuse_peft_model(pm)
     with torch.no_grad():
         fused = pm(x).logits
-        assert len(kernel_calls) == 3
+        assert len(count_kernel_calls) == 3
         pm.merge_adapter()
         merged = pm(x).logits
-        assert len(kernel_calls) == 3  # merged: PEFT's path, the base layer holds the delta
+        assert len(count_kernel_calls) == 3  # merged: PEFT's path, the base layer holds the delta
         torch.testing.assert_close(merged, fused, rtol=1e-5, atol=1e-5)
         pm.unmerge_adapter()
         torch.testing.assert_close(pm(x).logits, fused, rtol=1e-5, atol=1e-5)
-        assert len(kernel_calls) == 6
+        assert len(count_kernel_calls) == 6
         unloaded = pm.merge_and_unload()
         assert not any(isinstance(m, (FusedPeftLinear, peft.tuners.lora.LoraLayer)) for m in unloaded.modules())
         torch.testing.assert_close(unloaded(x).logits, fused, rtol=1e-5, atol=1e-5)
 
 
-def test_disable_adapter_gives_the_base_model(monkeypatch, kernel_calls):
+def test_disable_adapter_gives_the_base_model(monkeypatch, count_kernel_calls):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
     x = _inputs("net")
     with torch.no_grad():
@@ -263,12 +249,12 @@ def test_disable_adapter_gives_the_base_model(monkeypatch, kernel_calls):
         fused = pm(x)
         with pm.disable_adapter():
             torch.testing.assert_close(pm(x), base_out, rtol=0, atol=0)
-        assert len(kernel_calls) == 4
+        assert len(count_kernel_calls) == 4
         torch.testing.assert_close(pm(x), fused, rtol=0, atol=0)
-    assert len(kernel_calls) == 8
+    assert len(count_kernel_calls) == 8
 
 
-def test_save_pretrained_from_pretrained_roundtrip(tmp_path, monkeypatch, kernel_calls):
+def test_save_pretrained_from_pretrained_roundtrip(tmp_path, monkeypatch, count_kernel_calls):
     from safetensors.torch import load_file
 
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
@@ -295,7 +281,7 @@ def test_save_pretrained_from_pretrained_roundtrip(tmp_path, monkeypatch, kernel
             pm.set_adapter(name)
             loaded.set_adapter(name)
             torch.testing.assert_close(loaded(x), pm(x), rtol=0, atol=0)
-    assert len(kernel_calls) == 2 * (4 + 3)  # "default" on 4 layers, "second" on 3, in both models
+    assert len(count_kernel_calls) == 2 * (4 + 3)  # "default" on 4 layers, "second" on 3, in both models
 
 
 # -- dropout (training mode, p > 0) -------------------------------------------------------------------------
@@ -332,7 +318,7 @@ def _kept(term, layer):
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("auto", id="interpreter")])
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_dropout_mask_statistics_match_peft(backend, p, monkeypatch, kernel_calls):
+def test_dropout_mask_statistics_match_peft(backend, p, monkeypatch, count_kernel_calls):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", backend)
     pm, layer = _identity_lora(p)
     s = layer.scaling["default"]
@@ -350,7 +336,7 @@ def test_dropout_mask_statistics_match_peft(backend, p, monkeypatch, kernel_call
     check(_lora_term(pm, layer, x, seed=0))  # PEFT's own dropout
     fuse_peft_model(pm)
     kept = check(_lora_term(pm, layer, x, seed=0))
-    assert len(kernel_calls) == 1
+    assert len(count_kernel_calls) == 1
     # the mask is a function of torch's seed: reproducible with it, different without
     assert torch.equal(_kept(_lora_term(pm, layer, x, seed=0), layer), kept)
     assert not torch.equal(_kept(_lora_term(pm, layer, x, seed=1), layer), kept)
@@ -382,7 +368,7 @@ def test_dropout_gradients_use_the_forward_mask(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("auto", id="interpreter")])
-def test_dropout_output_is_linear_in_lora_B(backend, monkeypatch, kernel_calls):
+def test_dropout_output_is_linear_in_lora_B(backend, monkeypatch, count_kernel_calls):
     """With the seed fixed the mask is fixed, so the LoRA term is linear in lora_B (the mask does not depend on
     the weights)."""
     monkeypatch.setenv("LORA_KERNELS_BACKEND", backend)
@@ -402,4 +388,4 @@ def test_dropout_output_is_linear_in_lora_B(backend, monkeypatch, kernel_calls):
         return _lora_term(pm, layer, x, seed)
 
     torch.testing.assert_close(term(B1 + 2 * B2), term(B1) + 2 * term(B2), rtol=1e-5, atol=1e-5)
-    assert len(kernel_calls) == 3
+    assert len(count_kernel_calls) == 3
