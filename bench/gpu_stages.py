@@ -26,7 +26,8 @@ EXT_BUILD = ("build/gpu-ext", "build/gpu-ext-tmp")   # --build-lib, --build-temp
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process group (the collector saves and exits), SIGKILL after GRACE_S."""
+    """SIGTERM to the process group (the collector saves and exits), SIGKILL after GRACE_S; then SIGKILL to
+    whatever of the group outlived its leader (a compiler or test worker must not run on into the next stage)."""
     if proc.poll() is not None:
         return
     try:
@@ -37,6 +38,10 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
     except ProcessLookupError:
         proc.wait()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the whole group is gone already
+        pass
 
 
 @dataclass
