@@ -2,6 +2,7 @@
 
     bench/run_gpu.sh --out "$OUT"                    # preset quick: 480 s in all, for a 10-minute command
     bench/run_gpu.sh --out "$OUT" --preset short     # 180 s: the headline case first, for a short remainder
+    bench/run_gpu.sh --out "$OUT" --preset adapters  # 210 s: the QLoRA and multi-adapter suites, after quick
     bench/run_gpu.sh --out DIR --preset ci           # self-hosted GPU CI: every GPU test and benchmark
     bench/run_gpu.sh --dry-run --out DIR             # on a CPU: the checks below, nothing measured
 
@@ -16,8 +17,8 @@ and only its own stage waits for it.
 Output in --out (default bench/results), flat, one stem <gpu-slug>-<UTC date>: <stem>.json (the results,
 with device, torch, triton and commit; LORA_BENCH_COMMIT where the tree has no .git), <stem>.md and .png
 (regenerated after every stage that adds results), <stem>.stages.json (the environment and how each stage
-ended), <stem>.logs.tar.gz (every stage's log), and in the ci preset <stem>.pytest-benchmark.json: at most
-6 files, within LIMITS.
+ended), <stem>.logs.tar.gz (every stage's log), and in the ci (adapters) preset <stem>.pytest-benchmark.json
+(<stem>.adapters.pytest-benchmark.json): at most 6 files, within LIMITS.
 
 --dry-run (CI runs it: tests/test_gpu_script.py) detects the environment for real, prints the deadline
 plan from the stages' estimated H100 times, runs each stage's command line in its parse-only form (collect

@@ -168,6 +168,7 @@ SMOKE = ["-m", "gpu and smoke", "tests"]
 # One test of the extension's set compiles the float32 Triton path with autotuning (~38 kernels, estimated
 # 90 s on an H100) only to compare masks end to end, which test_gpu_mask_matches_triton already does per
 # element; the time-limited presets leave it to the ci preset.
+ADAPTER_SUITES = ["bench/test_bench_qlora.py", "bench/test_bench_multi.py"]
 EXT_TESTS_QUICK = ["-m", "gpu", "tests/test_cuda_ext.py", "-k", "not drop_the_same_elements"]
 
 STAGES: Dict[str, Stage] = {s.name: s for s in [
@@ -198,11 +199,17 @@ STAGES: Dict[str, Stage] = {s.name: s for s in [
     Stage("suite", "the pytest-benchmark suites on the headline grid", 900, 60, 2400,
           lambda run, limit: [*_pytest(run, ["bench/", "-q"]), *_suite_args(run)],
           lambda run: [[*_pytest(run, ["bench/", "--collect-only", "-q"]), *_suite_args(run)]]),
+    # adapters preset: the QLoRA and multi-adapter targets (issues 14, 15), which the quick preset has no room for
+    Stage("adapter_suites", "pytest-benchmark: QLoRA NF4 layer vs PEFT's QLoRA and our dense layer; a 4-adapter "
+          "mixed batch vs one adapter", 150, 60, None,
+          lambda run, limit: [*_pytest(run, [*ADAPTER_SUITES, "-q"]), *_suite_args(run, "adapters")],
+          lambda run: [[*_pytest(run, [*ADAPTER_SUITES, "--collect-only", "-q"]), *_suite_args(run, "adapters")]]),
 ]}
 
 
-def _suite_args(run: Run) -> List[str]:
-    return [f"--benchmark-json={run.out / (run.stem + '.pytest-benchmark.json')}", "--benchmark-group-by=group",
+def _suite_args(run: Run, tag: str = "") -> List[str]:
+    name = f"{run.stem}.{tag + '.' if tag else ''}pytest-benchmark.json"
+    return [f"--benchmark-json={run.out / name}", "--benchmark-group-by=group",
             "--benchmark-columns=median,min,max,rounds"]
 
 
@@ -222,6 +229,9 @@ PRESETS = {
     "short": Preset(180, ["headline", "smoke_tests", "shapes"],
                     "the remainder of a lent machine (about 4 minutes, its start included): the headline case "
                     "first"),
+    # For a second command: compiling the 4-bit and segmented kernels takes most of it (estimated).
+    "adapters": Preset(210, ["adapter_suites"],
+                       "QLoRA and multi-adapter benchmarks, for the remainder of a lent machine after quick"),
     "ci": Preset(9000, ["headline_grid", "gpu_tests", "e2e_all", "ext_all", "suite", "full"],
                  "the self-hosted GPU CI: every GPU test and benchmark"),
 }
