@@ -74,15 +74,17 @@ def _default_backend(monkeypatch):
 
 @pytest.fixture
 def count_kernel_calls(monkeypatch):
-    """A list that gets one entry per fused_lora_linear call made by a fused PEFT layer."""
+    """A list that gets one entry per fused_lora_linear call made by a fused PEFT layer or a FusedLoraLinear."""
+    from lora_kernels import layer as lk_layer
     from lora_kernels.integrations import peft as lk_peft
 
     calls = []
-    real = lk_peft.fused_lora_linear
+    for module in (lk_layer, lk_peft):
+        real = module.fused_lora_linear
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+        def counting(*args, _real=real, **kwargs):
+            calls.append(1)
+            return _real(*args, **kwargs)
 
-    monkeypatch.setattr(lk_peft, "fused_lora_linear", counting)
+        monkeypatch.setattr(module, "fused_lora_linear", counting)
     return calls

@@ -11,8 +11,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 import lora_kernels as lk
-import lora_kernels.integrations.peft as lk_peft
-import lora_kernels.layer as lk_layer
 from lora_kernels.integrations.peft import fuse_peft_model
 from lora_kernels.integrations.transformers import apply_fused_lora
 
@@ -59,59 +57,47 @@ def common(tmp_path):
 
 
 @pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts the fused op's calls from both FusedLoraLinear and fuse_peft_model's layers. The torch backend keeps
-    these multi-step runs quick; the Triton kernels themselves are covered op by op elsewhere."""
+def kernel_calls(monkeypatch, count_kernel_calls):
+    """The torch backend keeps these multi-step runs quick; the Triton kernels are covered op by op elsewhere."""
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
-    calls = []
-    for module in (lk_layer, lk_peft):
-        real = module.fused_lora_linear
-
-        def counting(*args, _real=real, **kwargs):
-            calls.append(1)
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(module, "fused_lora_linear", counting)
-    return calls
+    return count_kernel_calls
 
 
-def snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+def is_peft_adapter(name):
+    return ".lora_" in name and ".default." in name
 
 
-def assert_only_adapters_trained(model, before, is_adapter):
+def is_our_adapter(name):
+    return ".lora_" in name
+
+
+def train_and_check(trainer, model, kernel_calls, is_adapter):
+    """Runs the trainer and checks what every run must show: three finite losses, the kernels called, and only
+    the adapter's parameters changed (and trainable). Returns the losses."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses))), losses
+    assert kernel_calls
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed, "nothing trained"
     assert all(is_adapter(n) for n in changed), sorted(n for n in changed if not is_adapter(n))
     assert all(not p.requires_grad for n, p in model.named_parameters() if not is_adapter(n))
-
-
-def losses(trainer):
-    out = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    assert len(out) == 3 and all(torch.isfinite(torch.tensor(out))), out
-    return out
+    return losses
 
 
 def test_sft_on_a_fused_peft_model(tmp_path, kernel_calls):
     model = fused_peft()
-    before = snapshot(model)
     trainer = SFTTrainer(model=model, args=SFTConfig(**common(tmp_path)), train_dataset=sft_data(),
                          processing_class=tokenizer())
-    trainer.train()
-    losses(trainer)
-    assert kernel_calls
-    assert_only_adapters_trained(model, before, lambda n: ".lora_" in n and ".default." in n)
+    train_and_check(trainer, model, kernel_calls, is_peft_adapter)
 
 
 def test_sft_on_an_apply_fused_lora_model_saves_the_adapter(tmp_path, kernel_calls):
     model = apply_fused_lora(base_model(), **LORA)
-    before = snapshot(model)
     trainer = SFTTrainer(model=model, args=SFTConfig(**common(tmp_path)), train_dataset=sft_data(),
                          processing_class=tokenizer())
-    trainer.train()
-    losses(trainer)
-    assert kernel_calls
-    assert_only_adapters_trained(model, before, lambda n: ".lora_" in n)
+    train_and_check(trainer, model, kernel_calls, is_our_adapter)
     trainer.save_model()  # SFTTrainer saves through Trainer: the adapter in PEFT's format, not the model
     files = set(os.listdir(tmp_path))
     assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
@@ -124,11 +110,8 @@ def test_dpo_on_a_fused_peft_model_uses_no_second_base(tmp_path, kernel_calls):
     trainer = DPOTrainer(model=model, ref_model=None, args=DPOConfig(**common(tmp_path)), train_dataset=dpo_data(),
                          processing_class=tokenizer())
     assert trainer.ref_model is None and "ref" in model.peft_config
-    before = snapshot(model)  # after TRL added the "ref" adapter, which must stay frozen
-    trainer.train()
-    losses(trainer)
-    assert kernel_calls
-    assert_only_adapters_trained(model, before, lambda n: ".lora_" in n and ".default." in n)
+    # Checked after TRL added the "ref" adapter, which must stay frozen.
+    train_and_check(trainer, model, kernel_calls, is_peft_adapter)
 
 
 def test_dpo_on_an_apply_fused_lora_model_references_the_adapter_disabled_model(tmp_path, kernel_calls):
@@ -136,15 +119,11 @@ def test_dpo_on_an_apply_fused_lora_model_references_the_adapter_disabled_model(
     # precompute_ref_log_probs=True computes the reference log-probs once, before the first step, from this
     # model, whose fresh adapters (lora_B = 0) leave it equal to the base. No second copy of the base exists.
     model = apply_fused_lora(base_model(), **LORA)
-    before = snapshot(model)
     trainer = DPOTrainer(model=model, ref_model=None, args=DPOConfig(**common(tmp_path), precompute_ref_log_probs=True),
                          train_dataset=dpo_data(), processing_class=tokenizer())
     assert trainer.ref_model is None
-    trainer.train()
-    first = losses(trainer)[0]
+    first = train_and_check(trainer, model, kernel_calls, is_our_adapter)[0]
     assert abs(first - torch.log(torch.tensor(2.0)).item()) < 1e-5  # policy == reference at step 1
-    assert kernel_calls
-    assert_only_adapters_trained(model, before, lambda n: ".lora_" in n)
 
     # The stored reference is the adapter-disabled model's, also after training has moved the adapters.
     rows = [trainer.train_dataset[i] for i in range(4)]
