@@ -49,16 +49,20 @@ import json
 import os
 from typing import Dict, Optional
 
+import torch
 import torch.nn as nn
 from transformers import PreTrainedModel
 
 from ..config import LoraConfig
-from ..inject import ModulesToSaveWrapper, inject_lora, lora_layers
-from ..persistence import PREFIX, WEIGHTS_NAME, _write_files, adapter_config, adapter_state_dict, save_adapter
+from ..inject import ModulesToSaveWrapper, inject_lora, lora_layers, model_adapters
+from ..layer import DEFAULT_ADAPTER
+from ..persistence import PREFIX, WEIGHTS_NAME, adapter_tensors, own_name, own_names, save_adapter, save_adapters
 from ..training.distributed import unwrap
 
 # transformers' SAFE_WEIGHTS_INDEX_NAME: the file Trainer's resume path reads when there is no model.safetensors.
 INDEX_NAME = "model.safetensors.index.json"
+# The adapters other than "default", under the model's own parameter names: what Trainer's resume loads for them.
+NAMED_ADAPTERS_NAME = "named_adapters.safetensors"
 _HOOKS_ATTR = "_lora_kernels_adapter_checkpoints"  # True: installed; False: turned off on purpose
 
 
@@ -118,7 +122,9 @@ def disable_adapter_checkpoints(model: PreTrainedModel) -> PreTrainedModel:
 
 def _save_pretrained(self: PreTrainedModel, save_directory, is_main_process: bool = True,
                      state_dict: Optional[dict] = None, **kwargs):
-    """save_pretrained of a model with fused LoRA: the adapter in PEFT's format, as PeftModel.save_pretrained."""
+    """save_pretrained of a model with fused LoRA: every adapter in PEFT's format and layout, as
+    PeftModel.save_pretrained ("default" at save_directory, any other adapter in save_directory/<name>), plus
+    what Trainer's resume reads (see the module docstring)."""
     if not lora_layers(self):
         # merged or unloaded: a plain transformers model again, saved in full by transformers.
         return type(self).save_pretrained(self, save_directory, is_main_process=is_main_process,
@@ -129,29 +135,45 @@ def _save_pretrained(self: PreTrainedModel, save_directory, is_main_process: boo
     if not is_main_process:
         return
     directory = os.fspath(save_directory)
-    os.makedirs(directory, exist_ok=True)
-    if state_dict is None:
-        save_adapter(self, directory)
-    else:
-        # Trainer passes the gathered state dict under DeepSpeed and FSDP, where the module's own parameters
-        # may be shards: the adapter's tensors are taken from it, by the model's own names.
-        names = _model_names(self)
-        tensors = {key: state_dict.get(names[key], t) for key, t in adapter_state_dict(self).items()}
-        config = adapter_config(self).to_peft_dict()
-        config["base_model_name_or_path"] = getattr(self, "name_or_path", None) or None
-        config["task_type"] = None
-        _write_files(directory, config, {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()})
-    _write_index(self, directory)
+    # state_dict: Trainer passes the gathered one under DeepSpeed and FSDP, where the module's own parameters
+    # may be shards; the adapters' tensors are taken from it, by the model's own names.
+    save_adapters(self, directory, state_dict=state_dict)
+    _write_resume_files(self, directory, state_dict)
 
 
-def _write_index(model: nn.Module, directory: str) -> None:
-    """The sharded-checkpoint index transformers.Trainer reads on resume: every adapter tensor, by the model's
-    own name, lives in adapter_model.safetensors (under PEFT's key, which the load pre-hook translates)."""
-    names = _model_names(model)
+def _write_resume_files(model: nn.Module, directory: str, state_dict: Optional[dict]) -> None:
+    """The sharded-checkpoint index transformers.Trainer reads on resume. "default"'s tensors (by the model's own
+    names) are in adapter_model.safetensors under PEFT's keys, which the load pre-hook translates. The other
+    adapters' files use the very same keys (PEFT's files do not name the adapter), so for resume their tensors
+    are also written, under the model's own names, to NAMED_ADAPTERS_NAME, which the index points them at."""
+    weight_map: Dict[str, str] = {}
+    named: Dict[str, torch.Tensor] = {}
+    for adapter in model_adapters(model):
+        names = own_names(model, adapter)
+        if adapter == DEFAULT_ADAPTER:
+            weight_map.update({own: WEIGHTS_NAME for own in names.values()})
+            continue
+        tensors = adapter_tensors(model, adapter, state_dict)
+        for key, own in names.items():
+            named[own] = tensors[key]
+    for own in weight_map:  # a trained bias or modules_to_save copy, in every adapter's file: "default"'s serves
+        named.pop(own, None)
+    weight_map.update({own: NAMED_ADAPTERS_NAME for own in named})
+    path = os.path.join(directory, NAMED_ADAPTERS_NAME)
+    if named:
+        from safetensors.torch import save_file
+
+        tmp = os.path.join(directory, f".{NAMED_ADAPTERS_NAME}.tmp")
+        save_file(named, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    elif os.path.exists(path):  # an earlier save's, in a reused directory: nothing points at it any more
+        os.unlink(path)
     index = {
-        "metadata": {"format": "lora_kernels adapter-only checkpoint: the frozen base weights are not here; "
-                               "the tensors are in adapter_model.safetensors under PEFT's keys"},
-        "weight_map": {names[key]: WEIGHTS_NAME for key in adapter_state_dict(model)},
+        "metadata": {"format": f"lora_kernels adapter-only checkpoint: the frozen base weights are not here; "
+                               f"the adapter 'default' is in {WEIGHTS_NAME} under PEFT's keys, the others in "
+                               f"their subfolders (PEFT's format) and again in {NAMED_ADAPTERS_NAME} under the "
+                               "model's own names"},
+        "weight_map": dict(sorted(weight_map.items())),
     }
     tmp = os.path.join(directory, f".{INDEX_NAME}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -161,32 +183,13 @@ def _write_index(model: nn.Module, directory: str) -> None:
 
 # -- load -----------------------------------------------------------------------------------------------------
 
-def _model_names(model: nn.Module) -> Dict[str, str]:
-    """{PEFT file key: the model's own state-dict name} for every tensor the adapter file holds."""
-    layers = lora_layers(model)
-    wrappers = [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
-    own = set(model.state_dict().keys())
-    out = {}
-    for key in adapter_state_dict(model):
-        name = key[len(PREFIX):]
-        out[key] = _own_name(name, layers, wrappers, own)
-    return out
-
-
-def _own_name(name: str, layers, wrappers, own) -> Optional[str]:
-    """The model's state-dict name of the tensor PEFT stores as `base_model.model.<name>`, or None."""
-    for suffix, attr in ((".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B"), (".base_layer.bias", "bias")):
-        if name.endswith(suffix) and name[: -len(suffix)] in layers:
-            return f"{name[: -len(suffix)]}.{attr}"
-    if name in own:
-        return name
-    # modules_to_save: PEFT names the wrapped module's own tensors; ours live in the wrapper's trained copy.
-    for w in wrappers:
-        if name.startswith(w + "."):
-            candidate = f"{w}.trained_module.{name[len(w) + 1:]}"
-            if candidate in own:
-                return candidate
-    return None
+def _peft_keys_adapter(model: nn.Module) -> Optional[str]:
+    """The adapter that PEFT-keyed tensors given to load_state_dict fill: "default" (what a checkpoint's root
+    holds), else the model's only adapter; None when that is ambiguous (several adapters, none "default")."""
+    names = model_adapters(model)
+    if DEFAULT_ADAPTER in names or not names:
+        return DEFAULT_ADAPTER
+    return names[0] if len(names) == 1 else None
 
 
 def _load_peft_keys(module: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -197,16 +200,25 @@ def _load_peft_keys(module: nn.Module, state_dict, prefix, local_metadata, stric
     if not keys:
         return
     own = set(module.state_dict().keys())
+    keys = [k for k in keys if k[len(prefix):] not in own]  # a model whose own names start with base_model.model.
+    if not keys:
+        return
+    adapter = _peft_keys_adapter(module)
+    if adapter is None:
+        # Recorded as a load error (raised even with strict=False), as below.
+        error_msgs.append(f"adapter keys such as {keys[0]!r} are PEFT's, which do not say which adapter they belong "
+                          f"to, and {type(module).__name__} has several adapters {model_adapters(module)}, none "
+                          "named 'default'; load each adapter folder with lora_kernels.load_adapter(model, path, "
+                          "adapter_name=...)")
+        return
     layers = lora_layers(module)
     wrappers = [n for n, m in module.named_modules() if isinstance(m, ModulesToSaveWrapper)]
     for key in keys:
-        if key[len(prefix):] in own:  # a model whose own names happen to start with base_model.model.
-            continue
-        name = _own_name(key[len(peft_prefix):], layers, wrappers, own)
+        name = own_name(module, key[len(peft_prefix):], adapter, layers, wrappers, own)
         if name is None:
             # Recorded as a load error (raised even with strict=False): a checkpoint's adapter must load entirely.
-            error_msgs.append(f"adapter key {key!r} names no LoRA layer, trained bias or modules_to_save tensor "
-                              f"of {type(module).__name__}")
+            error_msgs.append(f"adapter key {key!r} names no LoRA layer of adapter {adapter!r}, trained bias or "
+                              f"modules_to_save tensor of {type(module).__name__}")
             continue
         state_dict[prefix + name] = state_dict.pop(key)
 
