@@ -2,8 +2,8 @@
 
     model = apply_fused_lora(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     trainer = Trainer(model=model, args=TrainingArguments(..., save_steps=500))
-    trainer.train()                              # checkpoint-N/ holds the adapter (PEFT format), not the model
-    trainer.train(resume_from_checkpoint=True)   # adapter, optimizer, scheduler, RNG and step restored
+    trainer.train()                              # checkpoint-N/ holds the adapters (PEFT format), not the model
+    trainer.train(resume_from_checkpoint=True)   # adapters, optimizer, scheduler, RNG and step restored
 
 How Trainer is made to checkpoint the adapter only (and why this way)
 ---------------------------------------------------------------------
@@ -17,14 +17,21 @@ on resume such a model falls through to the sharded-checkpoint loader and fails 
 (huggingface/transformers#29607). So `enable_adapter_checkpoints` uses the two hooks Trainer already calls on
 any PreTrainedModel, both on this one model instance (never on the class, never on transformers):
 
-- save: `model.save_pretrained` is replaced on the instance by one that writes `lora_kernels.save_adapter`'s
-  PEFT files (what PeftModel.save_pretrained writes, loadable with PeftModel.from_pretrained or load_adapter),
-  plus `model.safetensors.index.json` naming the file that holds the adapter's tensors. Once no LoRA layer is
-  left (merge_and_unload / unload), it is transformers' own save_pretrained again: the full model.
+- save: `model.save_pretrained` is replaced on the instance by one that writes every adapter as
+  PeftModel.save_pretrained does (`persistence.save_adapters`): the adapter "default" at the directory's root,
+  any other adapter in a subfolder named after it (also with no "default", as PEFT), each loadable with
+  PeftModel.from_pretrained or load_adapter; plus `model.safetensors.index.json` naming the files that hold the
+  adapters' tensors. Once no LoRA layer is left (merge_and_unload / unload), it is transformers' own
+  save_pretrained again: the full model.
 - resume: with no model.safetensors in the checkpoint, `_load_from_checkpoint` reads that index with
-  `load_sharded_checkpoint(model, dir, strict=False)`, which calls `model.load_state_dict(<adapter file>)`. A
-  load_state_dict pre-hook on the model renames PEFT's keys (`base_model.model.<path>.lora_A.weight`) to the
-  model's own (`<path>.lora_A`); a PEFT key that names nothing in the model is an error, never silently dropped.
+  `load_sharded_checkpoint(model, dir, strict=False)`, which calls `model.load_state_dict(<file>)` per file it
+  names. A load_state_dict pre-hook on the model renames PEFT's keys (`base_model.model.<path>.lora_A.weight`) to
+  the model's own names of the "default" adapter (`<path>.lora_A`; of the only adapter, in a one-adapter model);
+  a PEFT key that names nothing in the model is an error, never silently dropped. PEFT's key names no adapter,
+  so the other adapters' subfolder files cannot be told apart by load_state_dict: their tensors are written a
+  second time, under the model's own names (`<path>.lora_As.<name>`), to `named_adapters.safetensors` at the
+  root, which the index points them at (the price: those adapters take twice their size on disk; PeftModel
+  itself is resumed by Trainer from the subfolders, a path only a PeftModel gets).
   Trainer then restores optimizer, scheduler, RNG states and the step from the checkpoint as for any model.
   (Trainer logs that the frozen base weights are missing from the checkpoint: they are, by design; the base
   comes from the model you built.)
@@ -37,6 +44,10 @@ Not covered: `load_best_model_at_end=True`. Trainer's best-model loader, seeing 
 not a PeftModel, reads model.safetensors or pytorch_model.bin and fails at the end of training (transformers' own
 PeftAdapterMixin adapters fail the same way). `disable_adapter_checkpoints(model)` goes back to full-model
 checkpoints for such runs; a PEFT model passed through fuse_peft_model has both.
+
+Mixed batches of several adapters under Trainer (README, "Trainer: adapter-only checkpoints and resume"): a data
+collator keeps each row's adapter name, a Trainer subclass runs compute_loss inside `batch_adapters`, and
+TrainingArguments(remove_unused_columns=False) keeps the names column; checkpoints and resume are as above.
 
 Gradient checkpointing needs nothing special: the dropout seed is drawn from torch's RNG at forward, and
 torch.utils.checkpoint restores the RNG state before recomputing, so the recomputed forward regenerates the very
@@ -56,7 +67,7 @@ from transformers import PreTrainedModel
 from ..config import LoraConfig
 from ..inject import ModulesToSaveWrapper, inject_lora, lora_layers, model_adapters
 from ..layer import DEFAULT_ADAPTER
-from ..persistence import PREFIX, WEIGHTS_NAME, adapter_tensors, own_name, own_names, save_adapter, save_adapters
+from ..persistence import PREFIX, WEIGHTS_NAME, adapter_tensors, own_name, own_names, save_adapters
 from ..training.distributed import unwrap
 
 # transformers' SAFE_WEIGHTS_INDEX_NAME: the file Trainer's resume path reads when there is no model.safetensors.
@@ -229,9 +240,9 @@ def _callback_class():
     from transformers import TrainerCallback
 
     class AdapterCheckpointCallback(TrainerCallback):
-        """Writes the adapter (PEFT format, via save_adapter) into every checkpoint-<step> directory Trainer saves,
-        and into `output_dir` at the end of training, so each checkpoint is loadable with load_adapter or
-        PeftModel.from_pretrained.
+        """Writes the adapters (PEFT format and layout, via save_adapters: "default" at the root, any other in a
+        subfolder named after it) into every checkpoint-<step> directory Trainer saves, and into `output_dir` at
+        the end of training, so each checkpoint is loadable with load_adapter or PeftModel.from_pretrained.
 
         A model from apply_fused_lora / inject_lora no longer needs it (its own save_pretrained writes the adapter
         into each checkpoint, see the module docstring); it stays for plain nn.Module models, which Trainer saves
@@ -241,12 +252,12 @@ def _callback_class():
         def on_save(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
             if state.is_world_process_zero and model is not None:
                 directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-                save_adapter(unwrap(model), directory)
+                save_adapters(unwrap(model), directory)
             return control
 
         def on_train_end(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
             if state.is_world_process_zero and model is not None:
-                save_adapter(unwrap(model), args.output_dir)
+                save_adapters(unwrap(model), args.output_dir)
             return control
 
     # Named as if defined at module level (repr, and lookup by name resolves through __getattr__ below).
