@@ -7,6 +7,8 @@ tensors' own dtype. Either library reads what the other writes.
 
 A model with several named adapters saves and loads one adapter per directory (adapter_name=), under the same
 keys as a single-adapter save, which is what PEFT's save_pretrained writes for each of its adapters.
+save_adapters writes all of them in PeftModel.save_pretrained's layout: "default" in the directory itself, every
+other adapter in a subfolder named after it.
 
 Saving replaces config and weights together (a crash leaves the old adapter or the new one, never a mix; see
 save_adapter). Loading validates the whole directory against the model (peft_type, every key, every shape,
@@ -81,7 +83,8 @@ def _saved_adapter(model: nn.Module, adapter_name: Optional[str]) -> str:
     if adapter_name is None:
         if len(names) > 1:
             raise ValueError(f"the model has several adapters {names}; pass adapter_name= to say which one to save "
-                             "(one directory per adapter, as PEFT)")
+                             "(one directory per adapter, as PEFT), or save them all with "
+                             "lora_kernels.persistence.save_adapters (a transformers model: save_pretrained)")
         return names[0]
     return check_adapter(model, adapter_name)
 
@@ -137,6 +140,55 @@ def adapter_config(model: nn.Module, adapter_name: Optional[str] = None) -> Lora
         alpha_pattern={re.escape(n): s.lora_alpha for n, s in specs.items() if s.lora_alpha != a0},
         modules_to_save=wrapped or None, fan_in_fan_out=fan.pop(),
     )
+
+
+def own_name(model: nn.Module, name: str, adapter_name: str, layers: Dict[str, FusedLoraLinear],
+             wrappers: List[str], own) -> Optional[str]:
+    """The model's state-dict name of the tensor an adapter file stores as `base_model.model.<name>` for adapter
+    `adapter_name`, or None. layers: lora_layers(model); wrappers: the ModulesToSaveWrapper paths; own: the
+    model's state-dict names."""
+    for suffix, i in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
+        path = name[: -len(suffix)]
+        if name.endswith(suffix) and path in layers:
+            layer = layers[path]
+            if adapter_name not in layer.adapter_names:
+                return None
+            # The first adapter of a layer is lora_A / lora_B, further ones lora_As.<name> / lora_Bs.<name>.
+            param = layer.adapter_params(adapter_name)[i]
+            return f"{path}.{next(n for n, p in layer.named_parameters() if p is param)}"
+    if name.endswith(".base_layer.bias") and name[: -len(".base_layer.bias")] in layers:
+        return f"{name[: -len('.base_layer.bias')]}.bias"
+    if name in own:
+        return name
+    # modules_to_save: PEFT names the wrapped module's own tensors; ours live in the wrapper's trained copy.
+    for w in wrappers:
+        if name.startswith(w + "."):
+            candidate = f"{w}.trained_module.{name[len(w) + 1:]}"
+            if candidate in own:
+                return candidate
+    return None
+
+
+def own_names(model: nn.Module, adapter_name: Optional[str] = None) -> Dict[str, str]:
+    """{file key: the model's own state-dict name} for every tensor of one adapter's file (adapter_state_dict)."""
+    adapter_name = _saved_adapter(model, adapter_name)
+    layers = lora_layers(model)
+    wrappers = [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    own = set(model.state_dict().keys())
+    return {key: own_name(model, key[len(PREFIX):], adapter_name, layers, wrappers, own)
+            for key in adapter_state_dict(model, adapter_name)}
+
+
+def adapter_tensors(model: nn.Module, adapter_name: Optional[str] = None,
+                    state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """One adapter's file contents: {file key: contiguous CPU copy in the tensor's own dtype} (safetensors needs
+    contiguous, unshared storage). With state_dict (the model's own names, as Trainer passes a gathered one under
+    DeepSpeed / FSDP, where the module's own parameters may be shards) the tensors are taken from it."""
+    tensors = adapter_state_dict(model, adapter_name)
+    if state_dict is not None:
+        names = own_names(model, adapter_name)
+        tensors = {key: state_dict.get(names[key], t) for key, t in tensors.items()}
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
 # -- save -------------------------------------------------------------------------------------------------
@@ -217,13 +269,16 @@ def save_adapter(model: nn.Module, path: PathLike, *, adapter_name: Optional[str
     Config and weights are replaced together, never one without the other: a new directory is built as a
     sibling and renamed into place; in an existing directory see _replace_in. Folders get the umask's mode.
     """
+    _save_one(model, path, adapter_name, base_model_name_or_path, task_type, None)
+
+
+def _save_one(model: nn.Module, path: PathLike, adapter_name: Optional[str], base_model_name_or_path: Optional[str],
+              task_type: Optional[str], state_dict: Optional[Dict[str, torch.Tensor]]) -> None:
     path = os.fspath(path)
     config_dict = adapter_config(model, adapter_name).to_peft_dict()
     config_dict["base_model_name_or_path"] = base_model_name_or_path or getattr(model, "name_or_path", None) or None
     config_dict["task_type"] = task_type
-    # Contiguous CPU copies in the tensors' own dtype: safetensors needs contiguous, non-shared storage.
-    tensors = {k: v.detach().to("cpu").contiguous().clone()
-               for k, v in adapter_state_dict(model, adapter_name).items()}
+    tensors = adapter_tensors(model, adapter_name, state_dict)
     if os.path.isdir(path):
         _replace_in(path, config_dict, tensors)
         return
@@ -237,6 +292,32 @@ def save_adapter(model: nn.Module, path: PathLike, *, adapter_name: Optional[str
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def adapter_folder(directory: PathLike, adapter_name: str) -> str:
+    """Where PeftModel.save_pretrained puts an adapter: "default" in `directory` itself, any other adapter in
+    the subfolder `directory/<adapter_name>` (also when the model has no "default" adapter, or only one adapter)."""
+    directory = os.fspath(directory)
+    return directory if adapter_name == DEFAULT_ADAPTER else os.path.join(directory, adapter_name)
+
+
+def save_adapters(model: nn.Module, directory: PathLike, *, base_model_name_or_path: Optional[str] = None,
+                  task_type: Optional[str] = None,
+                  state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, str]:
+    """Write every adapter of the model in the layout of PEFT's save_pretrained (adapter_folder): the adapter
+    "default" at `directory`, each other one in `directory/<name>`, each folder in save_adapter's format and
+    replaced as save_adapter replaces one. PeftModel.from_pretrained(base, directory) reads "default";
+    peft_model.load_adapter(directory/<name>, adapter_name=<name>) each other one. state_dict: take the tensors
+    from it, by the model's own names (see adapter_tensors). Returns {adapter name: folder}."""
+    names = model_adapters(model)
+    if not names:
+        raise ValueError(f"the model ({type(model).__name__}) has no LoRA layer to save; call inject_lora first")
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    folders = {name: adapter_folder(directory, name) for name in names}
+    for name, folder in folders.items():
+        _save_one(model, folder, name, base_model_name_or_path, task_type, state_dict)
+    return folders
 
 
 # -- load -------------------------------------------------------------------------------------------------

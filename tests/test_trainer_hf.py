@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import load_sharded_checkpoint
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME as INDEX_NAME
 
 import lora_kernels as lk
@@ -206,3 +207,152 @@ def test_load_best_model_at_end_needs_full_model_checkpoints(tmp_path):
     lk.inject_lora(model, lk.LoraConfig(r=2, target_modules=["k_proj"]))  # stays off
     model.save_pretrained(tmp_path / "again")
     assert "model.safetensors" in os.listdir(tmp_path / "again")
+
+
+# -- several adapters ------------------------------------------------------------------------------------------
+
+def two_adapters(first="default", lora_seed=0):
+    """Adapter `first` (r=4 on q/v, apply_fused_lora's when it is "default") and "b" (r=6, another alpha and
+    dropout, on q/k: shares q_proj), both trainable."""
+    cfg_a = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.1,
+             "init_lora_weights": False}
+    cfg_b = lk.LoraConfig(r=6, lora_alpha=3, target_modules=["q_proj", "k_proj"], lora_dropout=0.05,
+                          init_lora_weights=False)
+    model = base_model()
+    torch.manual_seed(lora_seed)
+    if first == "default":
+        apply_fused_lora(model, **cfg_a)
+    else:
+        lk.inject_lora(model, lk.LoraConfig(**cfg_a), adapter_name=first)
+    return lk.inject_lora(model, cfg_b, adapter_name="b")
+
+
+def peft_two_adapters(first):
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(base_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                        adapter_name=first)
+    pm.add_adapter("b", LoraConfig(r=6, lora_alpha=3, target_modules=["q_proj", "k_proj"]))
+    return pm
+
+
+def adapter_files(directory):
+    """Relative paths of the PEFT files under `directory`."""
+    return sorted(os.path.relpath(os.path.join(d, f), directory) for d, _, files in os.walk(directory)
+                  for f in files if f in ADAPTER_FILES)
+
+
+@pytest.mark.parametrize("first", ["default", "chat"])
+def test_save_pretrained_writes_every_adapter_in_peft_layout_and_peft_loads_each(tmp_path, first):
+    model = two_adapters(first).eval()
+    want = trained_params(model)
+    model.save_pretrained(tmp_path / "ours")
+    peft_two_adapters(first).save_pretrained(tmp_path / "peft")
+    # PEFT's layout file for file: "default" at the root, every other adapter in a subfolder named after it.
+    assert adapter_files(tmp_path / "ours") == adapter_files(tmp_path / "peft")
+    assert not set(os.listdir(tmp_path / "ours")) & FULL_MODEL_FILES
+
+    x = dataset(n=2)[0]["input_ids"][None]
+    root = str(tmp_path / "ours" / first) if first != "default" else str(tmp_path / "ours")
+    pm = peft.PeftModel.from_pretrained(base_model(), root, adapter_name=first)
+    pm.load_adapter(str(tmp_path / "ours" / "b"), adapter_name="b")
+    pm.eval()
+    with torch.no_grad():
+        for name in (first, "b"):
+            lk.set_adapter(model, name)
+            pm.set_adapter(name)
+            assert_rel_close(pm(x).logits, model(x).logits, rel=1e-5, what=f"PEFT adapter {name}")
+        assert not torch.allclose(pm(x).logits, base_model()(x).logits)
+
+    # What Trainer's resume reads: every adapter, bit for bit, into a model whose adapters were initialised
+    # differently (the first adapter of k_proj is b: names differ per layer).
+    fresh = two_adapters(first, lora_seed=5)
+    load_sharded_checkpoint(fresh, tmp_path / "ours", strict=False)
+    got = trained_params(fresh)
+    assert got.keys() == want.keys() and any(".lora_As.b" in n for n in got) and any(".k_proj.lora_A" in n for n in got)
+    for n, p in got.items():
+        torch.testing.assert_close(p, want[n], rtol=0, atol=0, msg=n)
+    if first != "default":
+        # PEFT-keyed tensors through load_state_dict fill "default"; without one, which adapter they belong to is
+        # ambiguous: an error.
+        with pytest.raises(RuntimeError, match=r"several adapters \['chat', 'b'\], none named 'default'"):
+            fresh.load_state_dict(load_file(tmp_path / "ours" / first / "adapter_model.safetensors"), strict=False)
+    if first == "default":
+        # A gathered state dict (DeepSpeed / FSDP) is where every adapter's tensors come from.
+        sd = {k: v.clone() for k, v in model.state_dict().items()}
+        sd["model.layers.1.self_attn.q_proj.lora_Bs.b"] += 1.0
+        model.save_pretrained(tmp_path / "sd", state_dict=sd)
+        key = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"
+        torch.testing.assert_close(load_file(tmp_path / "sd" / "b" / "adapter_model.safetensors")[key],
+                                   sd["model.layers.1.self_attn.q_proj.lora_Bs.b"])
+        fresh = two_adapters(first, lora_seed=5)
+        load_sharded_checkpoint(fresh, tmp_path / "sd", strict=False)
+        torch.testing.assert_close(fresh.model.layers[1].self_attn.q_proj.lora_Bs["b"],
+                                   sd["model.layers.1.self_attn.q_proj.lora_Bs.b"], rtol=0, atol=0)
+    # lk.save_adapter keeps asking which adapter, and says how to save them all.
+    with pytest.raises(ValueError, match=r"several adapters .*pass adapter_name=.*save_pretrained"):
+        lk.save_adapter(model, tmp_path / "one")
+
+
+def with_adapter_names(rows):
+    """Rows of the mixed-batch dataset: each sample names its adapter (None: the base model)."""
+    names = ["default", "b", None, "b", "default", "default", "b", None]
+    return [{**row, "adapter": names[i % len(names)]} for i, row in enumerate(rows)]
+
+
+def mixed_trainer(model, output_dir):
+    """README's recipe: the collator keeps each row's adapter name, compute_loss runs the batch under
+    batch_adapters."""
+    from transformers import default_data_collator
+
+    def collate(rows):
+        batch = default_data_collator([{k: v for k, v in r.items() if k != "adapter"} for r in rows])
+        batch["adapter"] = [r["adapter"] for r in rows]
+        return batch
+
+    class MixedAdapterTrainer(Trainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            with lk.batch_adapters(model, inputs.pop("adapter")):
+                return super().compute_loss(model, inputs, *args, **kwargs)
+
+    # remove_unused_columns=False: else Trainer drops the "adapter" column, which the model's forward does not take.
+    return MixedAdapterTrainer(model=model, args=args(output_dir, max_steps=4, save_steps=2,
+                                                                 remove_unused_columns=False),
+                               train_dataset=with_adapter_names(dataset()), data_collator=collate)
+
+
+def test_mixed_batches_of_two_adapters_resume_exactly(tmp_path):
+    full = two_adapters()
+    start = trained_params(full)
+    full_trainer = mixed_trainer(full, tmp_path / "full")
+    full_trainer.train()
+    end = trained_params(full)
+    for adapter in ("lora_A", "lora_As.b"):  # both adapters trained in the mixed batches
+        assert any(adapter in n and not torch.equal(p, start[n]) for n, p in end.items()), adapter
+
+    ckpt = tmp_path / "full" / "checkpoint-2"
+    files = set(os.listdir(ckpt))
+    assert ADAPTER_FILES <= files and not files & FULL_MODEL_FILES, files
+    assert set(os.listdir(ckpt / "b")) == ADAPTER_FILES
+    shutil.copytree(ckpt, tmp_path / "resumed" / "checkpoint-2")
+    resumed = two_adapters(lora_seed=1)
+    trainer = mixed_trainer(resumed, tmp_path / "resumed")
+    steps = StepRecorder()
+    trainer.add_callback(steps)
+    trainer.train(resume_from_checkpoint=True)
+
+    assert steps.seen == [3, 4] and trainer.state.global_step == 4
+
+    def losses(t):
+        return [(e["step"], e["loss"]) for e in t.state.log_history if "loss" in e]
+
+    assert losses(trainer) == losses(full_trainer) and len(losses(trainer)) == 4  # dropout on: RNG restored too
+    got = trained_params(resumed)
+    assert got.keys() == end.keys()
+    for n, p in got.items():
+        torch.testing.assert_close(p, end[n], rtol=0, atol=0, msg=n)
+    opt, opt_full = trainer.optimizer.state_dict(), full_trainer.optimizer.state_dict()
+    assert opt["state"].keys() == opt_full["state"].keys()
+    for i, s in opt["state"].items():
+        for k, v in s.items():
+            torch.testing.assert_close(v, opt_full["state"][i][k], rtol=0, atol=0, msg=f"optimizer {i} {k}")

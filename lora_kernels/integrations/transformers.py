@@ -2,8 +2,8 @@
 
     model = apply_fused_lora(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     trainer = Trainer(model=model, args=TrainingArguments(..., save_steps=500))
-    trainer.train()                              # checkpoint-N/ holds the adapter (PEFT format), not the model
-    trainer.train(resume_from_checkpoint=True)   # adapter, optimizer, scheduler, RNG and step restored
+    trainer.train()                              # checkpoint-N/ holds the adapters (PEFT format), not the model
+    trainer.train(resume_from_checkpoint=True)   # adapters, optimizer, scheduler, RNG and step restored
 
 How Trainer is made to checkpoint the adapter only (and why this way)
 ---------------------------------------------------------------------
@@ -17,14 +17,21 @@ on resume such a model falls through to the sharded-checkpoint loader and fails 
 (huggingface/transformers#29607). So `enable_adapter_checkpoints` uses the two hooks Trainer already calls on
 any PreTrainedModel, both on this one model instance (never on the class, never on transformers):
 
-- save: `model.save_pretrained` is replaced on the instance by one that writes `lora_kernels.save_adapter`'s
-  PEFT files (what PeftModel.save_pretrained writes, loadable with PeftModel.from_pretrained or load_adapter),
-  plus `model.safetensors.index.json` naming the file that holds the adapter's tensors. Once no LoRA layer is
-  left (merge_and_unload / unload), it is transformers' own save_pretrained again: the full model.
+- save: `model.save_pretrained` is replaced on the instance by one that writes every adapter as
+  PeftModel.save_pretrained does (`persistence.save_adapters`): the adapter "default" at the directory's root,
+  any other adapter in a subfolder named after it (also with no "default", as PEFT), each loadable with
+  PeftModel.from_pretrained or load_adapter; plus `model.safetensors.index.json` naming the files that hold the
+  adapters' tensors. Once no LoRA layer is left (merge_and_unload / unload), it is transformers' own
+  save_pretrained again: the full model.
 - resume: with no model.safetensors in the checkpoint, `_load_from_checkpoint` reads that index with
-  `load_sharded_checkpoint(model, dir, strict=False)`, which calls `model.load_state_dict(<adapter file>)`. A
-  load_state_dict pre-hook on the model renames PEFT's keys (`base_model.model.<path>.lora_A.weight`) to the
-  model's own (`<path>.lora_A`); a PEFT key that names nothing in the model is an error, never silently dropped.
+  `load_sharded_checkpoint(model, dir, strict=False)`, which calls `model.load_state_dict(<file>)` per file it
+  names. A load_state_dict pre-hook on the model renames PEFT's keys (`base_model.model.<path>.lora_A.weight`) to
+  the model's own names of the "default" adapter (`<path>.lora_A`; of the only adapter, in a one-adapter model);
+  a PEFT key that names nothing in the model is an error, never silently dropped. PEFT's key names no adapter,
+  so the other adapters' subfolder files cannot be told apart by load_state_dict: their tensors are written a
+  second time, under the model's own names (`<path>.lora_As.<name>`), to `named_adapters.safetensors` at the
+  root, which the index points them at (the price: those adapters take twice their size on disk; PeftModel
+  itself is resumed by Trainer from the subfolders, a path only a PeftModel gets).
   Trainer then restores optimizer, scheduler, RNG states and the step from the checkpoint as for any model.
   (Trainer logs that the frozen base weights are missing from the checkpoint: they are, by design; the base
   comes from the model you built.)
@@ -38,6 +45,10 @@ not a PeftModel, reads model.safetensors or pytorch_model.bin and fails at the e
 PeftAdapterMixin adapters fail the same way). `disable_adapter_checkpoints(model)` goes back to full-model
 checkpoints for such runs; a PEFT model passed through fuse_peft_model has both.
 
+Mixed batches of several adapters under Trainer (README, "Trainer: adapter-only checkpoints and resume"): a data
+collator keeps each row's adapter name, a Trainer subclass runs compute_loss inside `batch_adapters`, and
+TrainingArguments(remove_unused_columns=False) keeps the names column; checkpoints and resume are as above.
+
 Gradient checkpointing needs nothing special: the dropout seed is drawn from torch's RNG at forward, and
 torch.utils.checkpoint restores the RNG state before recomputing, so the recomputed forward regenerates the very
 same mask. model.generate works as on the base model (eval mode: no dropout).
@@ -49,16 +60,20 @@ import json
 import os
 from typing import Dict, Optional
 
+import torch
 import torch.nn as nn
 from transformers import PreTrainedModel
 
 from ..config import LoraConfig
-from ..inject import ModulesToSaveWrapper, inject_lora, lora_layers
-from ..persistence import PREFIX, WEIGHTS_NAME, _write_files, adapter_config, adapter_state_dict, save_adapter
+from ..inject import ModulesToSaveWrapper, inject_lora, lora_layers, model_adapters
+from ..layer import DEFAULT_ADAPTER
+from ..persistence import PREFIX, WEIGHTS_NAME, adapter_tensors, own_name, own_names, save_adapters
 from ..training.distributed import unwrap
 
 # transformers' SAFE_WEIGHTS_INDEX_NAME: the file Trainer's resume path reads when there is no model.safetensors.
 INDEX_NAME = "model.safetensors.index.json"
+# The adapters other than "default", under the model's own parameter names: what Trainer's resume loads for them.
+NAMED_ADAPTERS_NAME = "named_adapters.safetensors"
 _HOOKS_ATTR = "_lora_kernels_adapter_checkpoints"  # True: installed; False: turned off on purpose
 
 
@@ -118,7 +133,9 @@ def disable_adapter_checkpoints(model: PreTrainedModel) -> PreTrainedModel:
 
 def _save_pretrained(self: PreTrainedModel, save_directory, is_main_process: bool = True,
                      state_dict: Optional[dict] = None, **kwargs):
-    """save_pretrained of a model with fused LoRA: the adapter in PEFT's format, as PeftModel.save_pretrained."""
+    """save_pretrained of a model with fused LoRA: every adapter in PEFT's format and layout, as
+    PeftModel.save_pretrained ("default" at save_directory, any other adapter in save_directory/<name>), plus
+    what Trainer's resume reads (see the module docstring)."""
     if not lora_layers(self):
         # merged or unloaded: a plain transformers model again, saved in full by transformers.
         return type(self).save_pretrained(self, save_directory, is_main_process=is_main_process,
@@ -129,29 +146,45 @@ def _save_pretrained(self: PreTrainedModel, save_directory, is_main_process: boo
     if not is_main_process:
         return
     directory = os.fspath(save_directory)
-    os.makedirs(directory, exist_ok=True)
-    if state_dict is None:
-        save_adapter(self, directory)
-    else:
-        # Trainer passes the gathered state dict under DeepSpeed and FSDP, where the module's own parameters
-        # may be shards: the adapter's tensors are taken from it, by the model's own names.
-        names = _model_names(self)
-        tensors = {key: state_dict.get(names[key], t) for key, t in adapter_state_dict(self).items()}
-        config = adapter_config(self).to_peft_dict()
-        config["base_model_name_or_path"] = getattr(self, "name_or_path", None) or None
-        config["task_type"] = None
-        _write_files(directory, config, {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()})
-    _write_index(self, directory)
+    # state_dict: Trainer passes the gathered one under DeepSpeed and FSDP, where the module's own parameters
+    # may be shards; the adapters' tensors are taken from it, by the model's own names.
+    save_adapters(self, directory, state_dict=state_dict)
+    _write_resume_files(self, directory, state_dict)
 
 
-def _write_index(model: nn.Module, directory: str) -> None:
-    """The sharded-checkpoint index transformers.Trainer reads on resume: every adapter tensor, by the model's
-    own name, lives in adapter_model.safetensors (under PEFT's key, which the load pre-hook translates)."""
-    names = _model_names(model)
+def _write_resume_files(model: nn.Module, directory: str, state_dict: Optional[dict]) -> None:
+    """The sharded-checkpoint index transformers.Trainer reads on resume. "default"'s tensors (by the model's own
+    names) are in adapter_model.safetensors under PEFT's keys, which the load pre-hook translates. The other
+    adapters' files use the very same keys (PEFT's files do not name the adapter), so for resume their tensors
+    are also written, under the model's own names, to NAMED_ADAPTERS_NAME, which the index points them at."""
+    weight_map: Dict[str, str] = {}
+    named: Dict[str, torch.Tensor] = {}
+    for adapter in model_adapters(model):
+        names = own_names(model, adapter)
+        if adapter == DEFAULT_ADAPTER:
+            weight_map.update({own: WEIGHTS_NAME for own in names.values()})
+            continue
+        tensors = adapter_tensors(model, adapter, state_dict)
+        for key, own in names.items():
+            named[own] = tensors[key]
+    for own in weight_map:  # a trained bias or modules_to_save copy, in every adapter's file: "default"'s serves
+        named.pop(own, None)
+    weight_map.update({own: NAMED_ADAPTERS_NAME for own in named})
+    path = os.path.join(directory, NAMED_ADAPTERS_NAME)
+    if named:
+        from safetensors.torch import save_file
+
+        tmp = os.path.join(directory, f".{NAMED_ADAPTERS_NAME}.tmp")
+        save_file(named, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    elif os.path.exists(path):  # an earlier save's, in a reused directory: nothing points at it any more
+        os.unlink(path)
     index = {
-        "metadata": {"format": "lora_kernels adapter-only checkpoint: the frozen base weights are not here; "
-                               "the tensors are in adapter_model.safetensors under PEFT's keys"},
-        "weight_map": {names[key]: WEIGHTS_NAME for key in adapter_state_dict(model)},
+        "metadata": {"format": f"lora_kernels adapter-only checkpoint: the frozen base weights are not here; "
+                               f"the adapter 'default' is in {WEIGHTS_NAME} under PEFT's keys, the others in "
+                               f"their subfolders (PEFT's format) and again in {NAMED_ADAPTERS_NAME} under the "
+                               "model's own names"},
+        "weight_map": dict(sorted(weight_map.items())),
     }
     tmp = os.path.join(directory, f".{INDEX_NAME}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -161,32 +194,13 @@ def _write_index(model: nn.Module, directory: str) -> None:
 
 # -- load -----------------------------------------------------------------------------------------------------
 
-def _model_names(model: nn.Module) -> Dict[str, str]:
-    """{PEFT file key: the model's own state-dict name} for every tensor the adapter file holds."""
-    layers = lora_layers(model)
-    wrappers = [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
-    own = set(model.state_dict().keys())
-    out = {}
-    for key in adapter_state_dict(model):
-        name = key[len(PREFIX):]
-        out[key] = _own_name(name, layers, wrappers, own)
-    return out
-
-
-def _own_name(name: str, layers, wrappers, own) -> Optional[str]:
-    """The model's state-dict name of the tensor PEFT stores as `base_model.model.<name>`, or None."""
-    for suffix, attr in ((".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B"), (".base_layer.bias", "bias")):
-        if name.endswith(suffix) and name[: -len(suffix)] in layers:
-            return f"{name[: -len(suffix)]}.{attr}"
-    if name in own:
-        return name
-    # modules_to_save: PEFT names the wrapped module's own tensors; ours live in the wrapper's trained copy.
-    for w in wrappers:
-        if name.startswith(w + "."):
-            candidate = f"{w}.trained_module.{name[len(w) + 1:]}"
-            if candidate in own:
-                return candidate
-    return None
+def _peft_keys_adapter(model: nn.Module) -> Optional[str]:
+    """The adapter that PEFT-keyed tensors given to load_state_dict fill: "default" (what a checkpoint's root
+    holds), else the model's only adapter; None when that is ambiguous (several adapters, none "default")."""
+    names = model_adapters(model)
+    if DEFAULT_ADAPTER in names or not names:
+        return DEFAULT_ADAPTER
+    return names[0] if len(names) == 1 else None
 
 
 def _load_peft_keys(module: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -197,16 +211,25 @@ def _load_peft_keys(module: nn.Module, state_dict, prefix, local_metadata, stric
     if not keys:
         return
     own = set(module.state_dict().keys())
+    keys = [k for k in keys if k[len(prefix):] not in own]  # a model whose own names start with base_model.model.
+    if not keys:
+        return
+    adapter = _peft_keys_adapter(module)
+    if adapter is None:
+        # Recorded as a load error (raised even with strict=False), as below.
+        error_msgs.append(f"adapter keys such as {keys[0]!r} are PEFT's, which do not say which adapter they belong "
+                          f"to, and {type(module).__name__} has several adapters {model_adapters(module)}, none "
+                          "named 'default'; load each adapter folder with lora_kernels.load_adapter(model, path, "
+                          "adapter_name=...)")
+        return
     layers = lora_layers(module)
     wrappers = [n for n, m in module.named_modules() if isinstance(m, ModulesToSaveWrapper)]
     for key in keys:
-        if key[len(prefix):] in own:  # a model whose own names happen to start with base_model.model.
-            continue
-        name = _own_name(key[len(peft_prefix):], layers, wrappers, own)
+        name = own_name(module, key[len(peft_prefix):], adapter, layers, wrappers, own)
         if name is None:
             # Recorded as a load error (raised even with strict=False): a checkpoint's adapter must load entirely.
-            error_msgs.append(f"adapter key {key!r} names no LoRA layer, trained bias or modules_to_save tensor "
-                              f"of {type(module).__name__}")
+            error_msgs.append(f"adapter key {key!r} names no LoRA layer of adapter {adapter!r}, trained bias or "
+                              f"modules_to_save tensor of {type(module).__name__}")
             continue
         state_dict[prefix + name] = state_dict.pop(key)
 
@@ -217,9 +240,9 @@ def _callback_class():
     from transformers import TrainerCallback
 
     class AdapterCheckpointCallback(TrainerCallback):
-        """Writes the adapter (PEFT format, via save_adapter) into every checkpoint-<step> directory Trainer saves,
-        and into `output_dir` at the end of training, so each checkpoint is loadable with load_adapter or
-        PeftModel.from_pretrained.
+        """Writes the adapters (PEFT format and layout, via save_adapters: "default" at the root, any other in a
+        subfolder named after it) into every checkpoint-<step> directory Trainer saves, and into `output_dir` at
+        the end of training, so each checkpoint is loadable with load_adapter or PeftModel.from_pretrained.
 
         A model from apply_fused_lora / inject_lora no longer needs it (its own save_pretrained writes the adapter
         into each checkpoint, see the module docstring); it stays for plain nn.Module models, which Trainer saves
@@ -229,12 +252,12 @@ def _callback_class():
         def on_save(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
             if state.is_world_process_zero and model is not None:
                 directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-                save_adapter(unwrap(model), directory)
+                save_adapters(unwrap(model), directory)
             return control
 
         def on_train_end(self, args, state, control, model: Optional[nn.Module] = None, **kwargs):
             if state.is_world_process_zero and model is not None:
-                save_adapter(unwrap(model), args.output_dir)
+                save_adapters(unwrap(model), args.output_dir)
             return control
 
     # Named as if defined at module level (repr, and lookup by name resolves through __getattr__ below).
