@@ -6,7 +6,7 @@ from .config import LoraConfig
 from .inject import disable_adapter, inject_lora, merge_and_unload, unload
 from .trainability import (add_new_trainable_to_optimizer, print_trainable_parameters, set_trainable,
                            trainable_parameters)
-from .persistence import load_adapter, save_adapter
+from .persistence import load_adapter, save_adapter, save_adapters
 from .adapters import batch_adapters, set_adapter
 
 __version__ = "0.1.0"
@@ -27,6 +27,7 @@ __all__ = [
     "set_trainable",
     "add_new_trainable_to_optimizer",
     "save_adapter",
+    "save_adapters",
     "load_adapter",
     "set_adapter",
     "batch_adapters",

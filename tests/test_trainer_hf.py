@@ -251,6 +251,11 @@ def test_save_pretrained_writes_every_adapter_in_peft_layout_and_peft_loads_each
     # PEFT's layout file for file: "default" at the root, every other adapter in a subfolder named after it.
     assert adapter_files(tmp_path / "ours") == adapter_files(tmp_path / "peft")
     assert not set(os.listdir(tmp_path / "ours")) & FULL_MODEL_FILES
+    # The public function for any model writes the same adapter folders (without Trainer's index file).
+    any_dir = str(tmp_path / "any")
+    assert lk.save_adapters(model, any_dir) == {n: any_dir if n == "default" else os.path.join(any_dir, n)
+                                                for n in (first, "b")}
+    assert adapter_files(tmp_path / "any") == adapter_files(tmp_path / "peft")
 
     x = dataset(n=2)[0]["input_ids"][None]
     root = str(tmp_path / "ours" / first) if first != "default" else str(tmp_path / "ours")
