@@ -16,7 +16,8 @@ transformers = pytest.importorskip("transformers")
 
 from lora_kernels.layer_4bit import FusedLoraLinear4bit  # noqa: E402
 
-QUICK = ["--max-steps", "4", "--seq-len", "32", "--batch-size", "2", "--eval-every", "2", "--no-progress"]
+QUICK = ["--max-steps", "4", "--seq-len", "32", "--batch-size", "2", "--eval-every", "2", "--eval-max-batches", "4",
+         "--no-progress"]
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -108,6 +109,8 @@ def test_peft_loads_the_adapter_on_the_same_4bit_base(qlora_run):
             base_only = theirs(ids).logits
     assert not torch.allclose(want, base_only)   # the adapter moved off zero
     torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+    import lora_kernels as lk   # the counts the run prints: a packed 4-bit weight counts as PEFT counts it
+    assert lk.trainable_parameters(model)[1] == theirs.get_nb_trainable_parameters()[1]
 
 
 def test_resume_of_a_4bit_run_is_exact(qlora_run, tmp_path):
