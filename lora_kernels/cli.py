@@ -80,8 +80,8 @@ def cmd_finetune(args) -> int:
     from .data import DEMO_PATH, DataError, load_packed, split_eval
     from .models import build_tiny_model, check_seq_len, save_tiny_base
     from .training import TrainConfig, Trainer, TrainingInterrupted, init_distributed
-    from .training.distributed import barrier
     from .training.checkpoint import latest_checkpoint
+    from .training.distributed import barrier
     from .training.resources import choose_threads, model_width, resolve_device
     from .training.rundir import check_writable, refuse_or_clear
 
