@@ -81,11 +81,13 @@ def cmd_finetune(args) -> int:
     from .models import build_tiny_model, check_seq_len, save_tiny_base
     from .training import TrainConfig, Trainer, TrainingInterrupted, init_distributed
     from .training.checkpoint import latest_checkpoint
+    from .training.distributed import barrier
     from .training.resources import choose_threads, model_width, resolve_device
     from .training.rundir import check_writable, refuse_or_clear
 
     if args.resume is not None and args.overwrite:
         raise CLIError("--resume continues the run in --output-dir and --overwrite replaces it: pass one")
+    _check_quantize_flags(args)
     rank, world, device = init_distributed()
     if args.device:
         device = _user_error(resolve_device, args.device)
@@ -105,19 +107,24 @@ def cmd_finetune(args) -> int:
     precision = args.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    quant = _quantization(args, precision)
 
     torch.manual_seed(args.seed)  # LoRA init: the same on every rank (DDP also broadcasts rank 0's)
     if args.model != TINY:
         dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.load_dtype]
-        model, tok = _load_model(args.model, dtype=dtype)
+        model, tok = _load_model(args.model, dtype=dtype, quant=quant, device=device)
         lr = args.lr if args.lr is not None else DEFAULT_LR
     elif args.resume is not None and os.path.isfile(os.path.join(base_dir, "config.json")):
-        model, tok = _load_model(base_dir, dtype=torch.float32)  # the run's own base, whatever --seed says now
+        # the run's own base, whatever --seed says now
+        model, tok = _load_model(base_dir, dtype=torch.float32, quant=quant, device=device)
         lr = args.lr if args.lr is not None else TINY_LR
     else:
         model, tok = build_tiny_model(args.seq_len, seed=args.seed)
         if main:  # the random base is part of the result: merge and PEFT need it
             save_tiny_base(model, tok, base_dir)
+        if quant is not None:  # 4-bit through transformers' loader, as a user loads the saved base
+            barrier(world)
+            model, tok = _load_model(base_dir, dtype=torch.float32, quant=quant, device=device)
         lr = args.lr if args.lr is not None else TINY_LR
     warning = _user_error(check_seq_len, model, args.seq_len)
     if warning and main:
@@ -133,7 +140,8 @@ def cmd_finetune(args) -> int:
     n = torch.get_num_threads()
     where = f"device {device}" + (f" ({n} intra-op thread{'s' if n > 1 else ''})" if device.type == "cpu" else "")
     say(f"model: {args.model} ({total / 1e6:.2f}M parameters, {trainable / 1e3:.1f}K trainable = "
-        f"{100 * trainable / total:.2f}%), {where}, precision {precision}, {world} process(es)")
+        f"{100 * trainable / total:.2f}%), {where}, precision {precision}, "
+        + (f"base {quant.describe()}, " if quant else "") + f"{world} process(es)")
 
     try:
         train_ds = load_packed(data_path, tok, args.seq_len)
@@ -187,30 +195,61 @@ def cmd_finetune(args) -> int:
             + (f", {result.skipped_steps} non-finite steps skipped" if result.skipped_steps else ""))
         say(f"adapter (PEFT format): {args.output_dir}/adapter_config.json, adapter_model.safetensors")
         say(f"metrics: {result.metrics_path}" + (f"; loss curve: {result.plot_path}" if result.plot_path else ""))
-        say(_how_to_load(base_dir, args.output_dir))
+        say(_how_to_load(base_dir, args.output_dir, quant))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
 
 
-def _load_model(path: str, dtype):
+def _check_quantize_flags(args) -> None:
+    """--quantize's companions and conflicts, before anything is loaded or written."""
+    from .models import require_bitsandbytes
+
+    if args.double_quant and not args.quantize:
+        raise CLIError("--double-quant quantizes the 4-bit base's scales: it needs --quantize nf4|fp4")
+    if args.quantize and args.strategy == "fsdp":
+        raise CLIError("--quantize with --strategy fsdp is not supported (FSDP2 would shard the packed 4-bit "
+                       "weights without their quantization state): use --strategy ddp or one process")
+    if args.quantize:
+        _user_error(require_bitsandbytes)
+
+
+def _quantization(args, precision: str):
+    """The 4-bit settings of the run (None without --quantize): bnb computes in the run's precision."""
+    import torch
+
+    from .models import Quantization
+
+    if not args.quantize:
+        return None
+    compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return Quantization(args.quantize, args.double_quant, compute)
+
+
+def _load_model(path: str, dtype, quant=None, device=None):
     from .models import load_pretrained
 
     if not os.path.exists(path):
         raise CLIError(f"--model {path!r}: no such directory (give a local transformers model directory, "
                        f"or {TINY!r} for the built-in default)")
     try:
-        return load_pretrained(path, dtype=dtype)
+        return load_pretrained(path, dtype=dtype, quantization=quant, device=device)
     except ValueError as err:
         raise CLIError(f"--model {err}") from None
 
 
-def _how_to_load(base_dir: str, adapter_dir: str) -> str:
+def _how_to_load(base_dir: str, adapter_dir: str, quant=None) -> str:
+    header, imports = "", "AutoModelForCausalLM"
+    load_base = f"AutoModelForCausalLM.from_pretrained({base_dir!r})"
+    if quant is not None:  # the 4-bit base the adapter trained on
+        header, imports = "    import torch\n", imports + ", BitsAndBytesConfig"
+        load_base = (f"AutoModelForCausalLM.from_pretrained(\n        {base_dir!r},\n"
+                     f"        quantization_config={quant.python_source()})")
     return (
         "load it with PEFT:\n"
-        "    from transformers import AutoModelForCausalLM\n"
+        f"{header}    from transformers import {imports}\n"
         "    from peft import PeftModel\n"
-        f"    base = AutoModelForCausalLM.from_pretrained({base_dir!r})\n"
+        f"    base = {load_base}\n"
         f"    model = PeftModel.from_pretrained(base, {adapter_dir!r})\n"
         "or with lora_kernels (fused layers):  lk.load_adapter(base, "
         f"{adapter_dir!r})\n"
@@ -220,10 +259,16 @@ def _how_to_load(base_dir: str, adapter_dir: str) -> str:
 # -- merge ---------------------------------------------------------------------------------------
 def cmd_merge(args) -> int:
     from . import load_adapter, merge_and_unload
+    from .models import stored_quantization
     from .training.rundir import check_writable
 
     if not os.path.isdir(args.adapter) or not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
         raise CLIError(f"--adapter {args.adapter!r}: not an adapter directory (no adapter_config.json)")
+    method = stored_quantization(args.model)
+    if method is not None:  # merging would re-quantize W + s·B·A, and the result would not be the merged model
+        raise CLIError(f"--model {args.model!r} is stored quantized ({method}): merge into the full-precision "
+                       "base the adapter was trained on (for a --quantize run of the tiny model: "
+                       "OUTPUT_DIR/base_model)")
     _user_error(check_writable, args.output_dir)
     model, tok = _load_model(args.model, dtype="auto")  # merge in the checkpoint's own dtype, as PEFT does
     try:
@@ -250,21 +295,34 @@ def cmd_check(args) -> int:
 
         env = dict(os.environ, TRITON_INTERPRET="1")
         return subprocess.call([sys.executable, "-m", "lora_kernels.cli", "check", *args.argv], env=env)
-    from .parity_check import check_parity
+    from .parity_check import check_parity, check_parity_4bit
 
     os.environ["LORA_KERNELS_BACKEND"] = args.backend
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = args.dtype or (list(DTYPES) if device.type == "cuda" else ["float32", "float16"])
     results = check_parity(dtypes, device)
     print("fused forward/backward vs the float64 reference; error = max |fused - reference| / max(max |reference|, 1)")
-    for res in results:
-        errors = "; ".join(f"{name} {err:.2e}{'' if err < res.tol else ' FAIL'}" for name, err in res.errors.items())
-        print(f"backend={res.backend} device={res.device} dtype={res.dtype} shape=(M={res.M}, K={res.K}, N={res.N}, "
-              f"r={res.r}{', bias' if res.bias else ''}): {errors} (tolerance {res.tol:.0e})")
+    _print_parity(results)
+    try:  # a 4-bit W on every backend with 4-bit kernels (or the one asked for), vs bnb's own dequantization
+        results_4bit = check_parity_4bit(dtypes, device, None if args.backend == "auto" else [args.backend])
+    except ImportError as err:
+        print(f"4-bit (QLoRA) cases skipped: bitsandbytes cannot be imported ({err}); pip install bitsandbytes")
+        results_4bit = []
+    if results_4bit:
+        print("4-bit (QLoRA) base: the reference's W is bitsandbytes' dequantization of the packed weight")
+        _print_parity(results_4bit)
+    results += results_4bit
     failed = not all(res.ok for res in results)
     interp = " (Triton interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else ""
     print(("FAILED: errors above tolerance" if failed else "OK: all within tolerance") + interp)
     return 1 if failed else 0
+
+
+def _print_parity(results) -> None:
+    for res in results:
+        errors = "; ".join(f"{name} {err:.2e}{'' if err < res.tol else ' FAIL'}" for name, err in res.errors.items())
+        print(f"backend={res.backend} device={res.device} dtype={res.dtype}{res.label} shape=(M={res.M}, K={res.K}, "
+              f"N={res.N}, r={res.r}{', bias' if res.bias else ''}): {errors} (tolerance {res.tol:.0e})")
 
 
 # -- bench ---------------------------------------------------------------------------------------
@@ -296,6 +354,7 @@ def cmd_bench(args) -> int:
 
 # -- parser --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from .models.quantized import QUANT_TYPES
     from .training.loop import EVAL_MAX_BATCHES
     from .training.resources import SMALL_MODEL_WIDTH
 
@@ -339,8 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 autocast on a GPU that has it, fp32 on CPU; fp16 uses a GradScaler")
     f.add_argument("--load-dtype", choices=["fp32", "bf16", "fp16", "auto"], default="fp32",
-                   help="dtype of the frozen base weights when loading --model (auto: the checkpoint's own); "
-                   "adapters are float32 either way")
+                   help="dtype of the frozen base weights when loading --model (auto: the checkpoint's own; with "
+                   "--quantize: of the layers left unquantized); adapters are float32 either way")
+    f.add_argument("--quantize", choices=QUANT_TYPES, default=None,
+                   help="QLoRA: load the base's linear layers 4-bit (NF4 or FP4) through transformers + "
+                   "bitsandbytes, computing in --precision's dtype; the adapters train on the fused 4-bit kernels")
+    f.add_argument("--double-quant", action="store_true",
+                   help="with --quantize: quantize the 4-bit scales too (bnb_4bit_use_double_quant)")
     f.add_argument("--eval-every", type=_nonneg_int, default=50, help="evaluate every N steps (0: at the end only)")
     f.add_argument("--eval-max-batches", type=_nonneg_int, default=EVAL_MAX_BATCHES,
                    help="batches per evaluation, the final one included (the same first rows each time; 0: the "
@@ -367,10 +431,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", formatter_class=fmt, help="compare the kernels with the reference on this machine",
                        description="Run the fused forward and backward on small odd shapes and compare y, grad_x, "
-                       "grad_A, grad_B with the float64 reference. Without a GPU the Triton kernels run under "
-                       "Triton's interpreter (slow but real). Exit status 1 if any error exceeds its tolerance.")
+                       "grad_A, grad_B with the float64 reference; then the same with a 4-bit (QLoRA) base: NF4 and "
+                       "FP4, double quant on and off, two blocksizes, with and without dropout, on every backend with "
+                       "4-bit kernels that runs here (needs bitsandbytes; the reference uses its dequantized W). "
+                       "Without a GPU the Triton kernels run under Triton's interpreter (slow but real). Exit status 1 "
+                       "if any error exceeds its tolerance.")
     c.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto",
-                   help="LORA_KERNELS_BACKEND for the check (auto: Triton on GPU and under the interpreter)")
+                   help="LORA_KERNELS_BACKEND for the check (auto: Triton on GPU and under the interpreter; the "
+                   "4-bit cases run on every backend with 4-bit kernels)")
     c.add_argument("--dtype", action="append", choices=DTYPES,
                    help="dtype to check (repeatable); default fp32+fp16 on CPU, plus bf16 on GPU")
     c.set_defaults(func=cmd_check)

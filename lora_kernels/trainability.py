@@ -57,13 +57,22 @@ def add_new_trainable_to_optimizer(optimizer: torch.optim.Optimizer, model: nn.M
     return [n for n, _ in new]
 
 
+def _numel(p: torch.Tensor) -> int:
+    """Weights a Parameter holds: a bitsandbytes 4-bit Params4bit packs two per byte of its storage dtype, and
+    counts as the weights it stands for (as PEFT counts it)."""
+    if type(p).__name__ == "Params4bit":
+        return p.numel() * 2 * p.element_size()
+    return p.numel()
+
+
 def trainable_parameters(model: nn.Module) -> Tuple[int, int]:
     """(trainable, total) parameter counts, each shared Parameter counted once (PEFT's numbers)."""
     trainable = total = 0
     for _, p in model.named_parameters():
-        total += p.numel()
+        n = _numel(p)
+        total += n
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += n
     return trainable, total
 
 

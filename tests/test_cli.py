@@ -183,6 +183,39 @@ def test_check_runs_triton_interpreter_and_passes():
     if not torch.cuda.is_available():
         assert "device=cpu" in proc.stdout and "(Triton interpreter)" in proc.stdout
     assert "grad_A " in proc.stdout and "(tolerance 2e-05)" in proc.stdout
+    # The 4-bit (QLoRA) cases: on both backends, NF4 and FP4, double quant on and off, with and without dropout.
+    lines_4bit = [line for line in proc.stdout.splitlines() if " weight=4-bit(" in line]
+    for backend in ("triton", "torch"):
+        mine = [line for line in lines_4bit if line.startswith(f"backend={backend} ")]
+        assert len(mine) == 4 and all("y " in line and "grad_x " in line and "FAIL" not in line for line in mine)
+        for part in ("4-bit(nf4,", "4-bit(fp4,", "double quant)", "blocksize 32", "blocksize 64", "dropout=0.1"):
+            assert any(part in line for line in mine), (backend, part)
+        assert any("dropout" not in line for line in mine)
+
+
+def test_check_fails_on_a_wrong_4bit_dequantization(monkeypatch, capsys):
+    """A 4-bit kernel bug (here: the torch backend reads NF4 codes as FP4 and vice versa) fails check, exit 1."""
+    import lora_kernels.backends.torch as torch_backend
+
+    real = torch_backend.dequantize
+    swapped = {"nf4": "fp4", "fp4": "nf4"}
+    monkeypatch.setattr(torch_backend, "dequantize",
+                        lambda qw, dtype: real(qw._replace(quant_type=swapped[qw.quant_type]), dtype))
+    assert main(["check", "--backend", "torch", "--dtype", "float32"]) == 1
+    out = capsys.readouterr().out
+    failed = [line for line in out.splitlines() if line.startswith("backend=") and "FAIL" in line]
+    assert failed and all(" weight=4-bit(" in line for line in failed)
+    assert all("y " in line and "FAIL" in line.split("grad_x")[1].split(";")[0] for line in failed)
+    assert "FAILED: errors above tolerance" in out
+
+
+def test_check_without_bitsandbytes_skips_the_4bit_cases(monkeypatch, capsys):
+    for name in ("bitsandbytes", "bitsandbytes.functional"):
+        monkeypatch.setitem(sys.modules, name, None)
+    assert main(["check", "--backend", "torch", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "4-bit (QLoRA) cases skipped: bitsandbytes cannot be imported" in out and "pip install bitsandbytes" in out
+    assert " weight=4-bit(" not in out and "OK: all within tolerance" in out
 
 
 def test_bench_prints_device_and_three_timings(capsys):

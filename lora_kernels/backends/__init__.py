@@ -55,3 +55,23 @@ def resolve_backend_4bit(x) -> str:
     if requested_backend() == "cuda":
         raise ValueError("LORA_KERNELS_BACKEND=cuda has no 4-bit (QLoRA) kernels; use triton, torch or auto")
     return resolve_backend(x)
+
+
+def backends_4bit_for(x) -> list:
+    """The backends with 4-bit kernels that can compute x here (`lora-kernels check` runs each)."""
+    return [name for name in FUNCTIONS_4BIT if _MODULES[name].unavailable_reason(x) is None]
+
+
+def keep_mask(backend: str, seed, shape, p: float):
+    """The dropout keep-mask (bool, `shape`) that `backend` derives from `seed` (a 1-element int64 tensor, as a
+    forward draws it): the oracle's mask for a run with dropout."""
+    if backend == "torch":
+        return torch_backend.torch_keep_mask(int(seed.item()), shape, p, seed.device)
+    if backend != "triton":
+        raise ValueError(f"keep_mask: no mask for backend {backend!r}")
+    from ..ops.dropout import dropout_mask
+
+    K, M = shape[-1], 1
+    for s in shape[:-1]:
+        M *= s
+    return dropout_mask(seed, M, K, p).reshape(shape)

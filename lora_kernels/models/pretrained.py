@@ -7,10 +7,12 @@ from ..data.tokenizer import ByteTokenizer
 from .quiet import no_progress_bars
 
 
-def load_pretrained(path: str, dtype=None):
+def load_pretrained(path: str, dtype=None, quantization=None, device=None):
     """(model, tokenizer) from a directory written by save_pretrained; the byte tokenizer where one is saved.
 
-    dtype: the frozen base's dtype ("auto": the checkpoint's own). Every problem is a ValueError naming the path.
+    dtype: the frozen base's dtype ("auto": the checkpoint's own; with `quantization`, that of the modules left
+    unquantized). quantization: a models.quantized.Quantization to load the linear layers 4-bit through
+    transformers + bitsandbytes, placed (and quantized) on `device`. Every problem is a ValueError naming the path.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -18,7 +20,10 @@ def load_pretrained(path: str, dtype=None):
         raise ValueError(f"{path!r}: not a transformers model directory (no config.json)")
     try:
         with no_progress_bars():
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+            kwargs = {}
+            if quantization is not None:
+                kwargs = dict(quantization_config=quantization.bnb_config(), device_map={"": str(device or "cpu")})
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, **kwargs)
     except (OSError, ValueError) as err:
         raise ValueError(f"{path!r}: cannot load the model: {err}") from None
     if ByteTokenizer.is_saved_in(path):
