@@ -2,6 +2,7 @@
 
     lora-kernels finetune --output-dir out/demo            # built-in tiny Llama on the shipped demo data
     lora-kernels finetune --model path/to/hf-model --data train.jsonl --output-dir out/run
+    lora-kernels finetune --adapter sql=sql.jsonl --adapter chat=chat.jsonl --output-dir out/two   # out/two/sql/, ...
     lora-kernels merge --model path/to/hf-model --adapter out/run --output-dir out/merged
     lora-kernels check                                     # kernels vs the float64 reference, here
     lora-kernels bench                                     # base vs fused vs PEFT timing, here
@@ -13,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 TINY = "tiny"
 BASE_SUBDIR = "base_model"
@@ -78,10 +80,12 @@ def cmd_finetune(args) -> int:
 
     from . import LoraConfig, inject_lora, save_adapter, trainable_parameters
     from .data import DEMO_PATH, DataError, load_packed, split_eval
+    from .layer import DEFAULT_ADAPTER
     from .models import build_tiny_model, check_seq_len, save_tiny_base
     from .training import TrainConfig, Trainer, TrainingInterrupted, init_distributed
     from .training.checkpoint import latest_checkpoint
     from .training.distributed import barrier
+    from .training.multi import MultiAdapterTrainer, adapter_outputs
     from .training.resources import choose_threads, model_width, resolve_device
     from .training.rundir import check_writable, refuse_or_clear
 
@@ -93,8 +97,9 @@ def cmd_finetune(args) -> int:
         device = _user_error(resolve_device, args.device)
     main = rank == 0
     say = print if main else (lambda *a, **k: None)
+    specs = _adapter_specs(args)  # {name: data file} of --adapter flags; None for a one-adapter run
     data_path = args.data or DEMO_PATH
-    for flag, path in (("--data", data_path), ("--eval-data", args.eval_data)):
+    for flag, path in (("--data", None if specs else data_path), ("--eval-data", args.eval_data)):
         if path is not None and not os.path.isfile(path):
             raise CLIError(f"{flag} {path!r}: no such file")
     if args.resume not in (None, "latest") and not os.path.isdir(args.resume):
@@ -103,7 +108,7 @@ def cmd_finetune(args) -> int:
     base_dir = os.path.join(args.output_dir, BASE_SUBDIR) if args.model == TINY else os.path.abspath(args.model)
     if args.resume is None:  # before anything is written: a previous run is refused, or cleared on --overwrite
         _user_error(refuse_or_clear, args.output_dir, args.overwrite,
-                    extra=(BASE_SUBDIR,) if args.model == TINY else (), clear=main)
+                    extra=((BASE_SUBDIR,) if args.model == TINY else ()) + adapter_outputs(specs or ()), clear=main)
     precision = args.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -135,7 +140,8 @@ def cmd_finetune(args) -> int:
 
     cfg = _user_error(LoraConfig, r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=args.target_modules, use_rslora=args.use_rslora)
-    _user_error(inject_lora, model, cfg)
+    for name in specs or [DEFAULT_ADAPTER]:
+        _user_error(inject_lora, model, cfg, adapter_name=name)
     trainable, total = trainable_parameters(model)
     n = torch.get_num_threads()
     where = f"device {device}" + (f" ({n} intra-op thread{'s' if n > 1 else ''})" if device.type == "cpu" else "")
@@ -144,19 +150,18 @@ def cmd_finetune(args) -> int:
         + (f"base {quant.describe()}, " if quant else "") + f"{world} process(es)")
 
     try:
-        train_ds = load_packed(data_path, tok, args.seq_len)
-        eval_ds = None
-        if args.eval_data:
-            eval_ds = load_packed(args.eval_data, tok, args.seq_len)
-        elif args.eval_fraction > 0:
-            train_ds, eval_ds = split_eval(train_ds, args.eval_fraction, seed=args.seed, in_place=True)
+        if specs:
+            train_ds, eval_ds = _load_adapter_data(specs, tok, args, say, world)
+        else:
+            train_ds = load_packed(data_path, tok, args.seq_len)
+            eval_ds = None
+            if args.eval_data:
+                eval_ds = load_packed(args.eval_data, tok, args.seq_len)
+            elif args.eval_fraction > 0:
+                train_ds, eval_ds = split_eval(train_ds, args.eval_fraction, seed=args.seed, in_place=True)
+            say(f"data: {data_path}: {_rows_report(train_ds, eval_ds, args, world)}")
     except DataError as err:
         raise CLIError(str(err)) from None
-    held_out = ""
-    if eval_ds is not None:
-        per_eval = min(len(eval_ds), args.eval_max_batches * args.batch_size * world or len(eval_ds))
-        held_out = f", {len(eval_ds)} for eval ({per_eval} evaluated each time)"
-    say(f"data: {data_path}: {len(train_ds)} rows of {args.seq_len} tokens for training{held_out}")
 
     try:
         tcfg = TrainConfig(output_dir=args.output_dir, max_steps=args.max_steps, batch_size=args.batch_size,
@@ -172,8 +177,16 @@ def cmd_finetune(args) -> int:
         # Record the base model as PEFT does, so PeftModel.from_pretrained(adapter) finds it.
         save_adapter(m, directory, base_model_name_or_path=os.path.abspath(base_dir), task_type="CAUSAL_LM")
 
+    def save_named(m, directory, name):
+        save_adapter(m, directory, adapter_name=name, base_model_name_or_path=os.path.abspath(base_dir),
+                     task_type="CAUSAL_LM")
+
     try:
-        trainer = Trainer(model, train_ds, tcfg, eval_data=eval_ds, save_adapter=save, device=device)
+        if specs:
+            trainer = MultiAdapterTrainer(model, train_ds, tcfg, eval_data=eval_ds, save_adapter=save_named,
+                                          device=device)
+        else:
+            trainer = Trainer(model, train_ds, tcfg, eval_data=eval_ds, save_adapter=save, device=device)
         result = trainer.train(resume_from=args.resume)
     except ValueError as err:
         raise CLIError(str(err)) from None
@@ -193,9 +206,13 @@ def cmd_finetune(args) -> int:
         say(f"done: {result.step} steps in {result.seconds:.1f}s, loss {first:.3f} -> {result.loss:.3f}"
             + (f", eval loss {result.eval_loss:.3f}" if result.eval_loss is not None else "")
             + (f", {result.skipped_steps} non-finite steps skipped" if result.skipped_steps else ""))
-        say(f"adapter (PEFT format): {args.output_dir}/adapter_config.json, adapter_model.safetensors")
+        if specs:
+            say(_adapters_report(specs, result, args.output_dir))
+        else:
+            say(f"adapter (PEFT format): {args.output_dir}/adapter_config.json, adapter_model.safetensors")
         say(f"metrics: {result.metrics_path}" + (f"; loss curve: {result.plot_path}" if result.plot_path else ""))
-        say(_how_to_load(base_dir, args.output_dir, quant))
+        say(_how_to_load(base_dir, os.path.join(args.output_dir, next(iter(specs))) if specs else args.output_dir,
+                         quant))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
@@ -224,6 +241,86 @@ def _quantization(args, precision: str):
         return None
     compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return Quantization(args.quantize, args.double_quant, compute)
+
+
+def _rows_report(train_ds, eval_ds, args, world: int) -> str:
+    held_out = ""
+    if eval_ds is not None:
+        per_eval = min(len(eval_ds), args.eval_max_batches * args.batch_size * world or len(eval_ds))
+        held_out = f", {len(eval_ds)} for eval ({per_eval} evaluated each time)"
+    return f"{len(train_ds)} rows of {args.seq_len} tokens for training{held_out}"
+
+
+# -- finetune: several adapters (--adapter NAME=FILE ...) -----------------------------------------
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")  # it names the folder OUTPUT_DIR/NAME: no separators, no dots
+RESERVED_NAMES = (BASE_SUBDIR, "checkpoints", "__base__")  # folders a run writes itself; PEFT's base-row name
+
+
+def _adapter_specs(args) -> Optional[Dict[str, str]]:
+    """{name: data file} of the --adapter flags in the order given (None without any), each checked."""
+    if not args.adapter:
+        return None
+    if args.data:
+        raise CLIError("--adapter and --data both give training data: pass --data for one adapter, or "
+                       "--adapter NAME=FILE for each of several")
+    if args.eval_data:
+        raise CLIError("--eval-data is for a --data run; with --adapter each adapter holds out --eval-fraction "
+                       "of its own file")
+    if args.quantize:
+        raise CLIError("--adapter with --quantize is not supported: a 4-bit (QLoRA) layer holds one adapter; mixed "
+                       "batches of several adapters run on a dense base")
+    specs: Dict[str, str] = {}
+    seen: Dict[str, str] = {}
+    for value in args.adapter:
+        name, sep, path = value.partition("=")
+        if not sep:
+            raise CLIError(f"--adapter {value!r}: expected NAME=FILE, e.g. --adapter sql=sql.jsonl")
+        if not name:
+            raise CLIError(f"--adapter {value!r}: the adapter name before '=' is empty")
+        if not ADAPTER_NAME.fullmatch(name):
+            raise CLIError(f"--adapter {value!r}: the name may hold only letters, digits, '_' and '-' (it names "
+                           "the folder OUTPUT_DIR/NAME)")
+        if name in RESERVED_NAMES:
+            raise CLIError(f"--adapter {value!r}: {name!r} is reserved (the run uses OUTPUT_DIR/{BASE_SUBDIR} and "
+                           "OUTPUT_DIR/checkpoints; __base__ means the base model): choose another name")
+        if name.lower() in seen:  # a case-insensitive filesystem would put both in one folder
+            raise CLIError(f"--adapter {value!r}: the name {name!r} is already given ({seen[name.lower()]!r})")
+        if not path:
+            raise CLIError(f"--adapter {value!r}: no data file after '='")
+        if not os.path.isfile(path):
+            raise CLIError(f"--adapter {value!r}: no such file {path!r}")
+        seen[name.lower()] = name
+        specs[name] = path
+    return specs
+
+
+def _load_adapter_data(specs: Dict[str, str], tok, args, say, world: int):
+    """({name: training rows}, {name: held-out rows}) with each file packed and split as a --data run's."""
+    from .data import load_packed, split_eval
+
+    train, held = {}, {}
+    for name, path in specs.items():
+        train[name], ev = load_packed(path, tok, args.seq_len), None
+        if args.eval_fraction > 0:
+            train[name], ev = split_eval(train[name], args.eval_fraction, seed=args.seed, in_place=True)
+        if ev is not None:
+            held[name] = ev
+        say(f"data: adapter {name}: {path}: {_rows_report(train[name], ev, args, world)}")
+    say(f"each micro-batch: {args.batch_size} rows of each of the {len(specs)} adapters")
+    return train, held or None
+
+
+def _adapters_report(specs: Dict[str, str], result, output_dir: str) -> str:
+    """Per adapter: its final train (and eval) loss and its folder."""
+    last = result.history[-1] if result.history else {}
+    evals = [r for r in result.history if "eval_loss" in r]
+    lines = []
+    for name in specs:
+        loss = last.get(f"loss/{name}", float("nan"))
+        ev = evals[-1].get(f"eval_loss/{name}") if evals else None
+        lines.append(f"  {name}: loss {loss:.3f}" + (f", eval loss {ev:.3f}" if ev is not None else "")
+                     + f" -> {os.path.join(output_dir, name)}/")
+    return "adapters (PEFT format, one folder each):\n" + "\n".join(lines)
 
 
 def _load_model(path: str, dtype, quant=None, device=None):
@@ -263,6 +360,11 @@ def cmd_merge(args) -> int:
     from .training.rundir import check_writable
 
     if not os.path.isdir(args.adapter) or not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
+        inside = sorted(d for d in os.listdir(args.adapter) if os.path.isfile(
+            os.path.join(args.adapter, d, "adapter_config.json"))) if os.path.isdir(args.adapter) else []
+        if inside:  # a multi-adapter finetune's output directory
+            raise CLIError(f"--adapter {args.adapter!r} holds several adapters ({', '.join(inside)}): pass one "
+                           f"of them, e.g. --adapter {os.path.join(args.adapter, inside[0])}")
         raise CLIError(f"--adapter {args.adapter!r}: not an adapter directory (no adapter_config.json)")
     method = stored_quantization(args.model)
     if method is not None:  # merging would re-quantize W + s·B·A, and the result would not be the merged model
@@ -372,6 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--data", default=None, help="training data: .jsonl with {'text'} or {'prompt','response'} lines "
                    "(loss on the response only), or plain text (documents split by blank lines); default: the "
                    "shipped demo set")
+    f.add_argument("--adapter", action="append", default=None, metavar="NAME=FILE",
+                   help="train several adapters at once, repeatable (instead of --data): adapter NAME on FILE, "
+                   "saved to OUTPUT_DIR/NAME; each micro-batch holds --batch-size rows of every adapter and runs "
+                   "the base once; each adapter holds out --eval-fraction of its own file")
     f.add_argument("--eval-data", default=None, help="evaluation data (same formats); default: hold out "
                    "--eval-fraction of --data")
     f.add_argument("--eval-fraction", type=_fraction, default=0.05, help="share of packed rows held out for eval")

@@ -158,13 +158,18 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, config.warmup_steps, config.max_steps, config.min_lr_ratio))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
-        self.batches = ShardedBatches(train_data, config.batch_size, config.seed, self.rank, self.world)
+        self.batches = self._make_batches(train_data)
         self.eval_data = eval_data
         self.step = 0
         self.skipped = 0
         self.tokens_seen = 0
         os.makedirs(config.output_dir, exist_ok=True)
         self.metrics = MetricsLog(os.path.join(config.output_dir, METRICS_FILE), writer=self.is_main)
+
+    def _make_batches(self, train_data):
+        """This rank's micro-batch source: next(), state(), load_state(), epoch (multi.py mixes several)."""
+        cfg = self.cfg
+        return ShardedBatches(train_data, cfg.batch_size, cfg.seed, self.rank, self.world)
 
     # -- one step --------------------------------------------------------------------------------
     def _autocast(self):
@@ -266,10 +271,14 @@ class Trainer:
     def _start_fresh(self) -> None:
         """A new run in a used directory would mix its metrics and checkpoints with the old run's (pruning keeps
         the highest step numbers, which could be the old run's): refuse, or clear them when cfg.overwrite."""
-        refuse_or_clear(self.cfg.output_dir, self.cfg.overwrite, clear=self.is_main)
+        refuse_or_clear(self.cfg.output_dir, self.cfg.overwrite, extra=self._extra_run_outputs(), clear=self.is_main)
         barrier(self.world)  # nobody writes before rank 0 has cleared
         self.metrics.clear()
         barrier(self.world)
+
+    def _extra_run_outputs(self) -> Tuple[str, ...]:
+        """Outputs beyond rundir.RUN_OUTPUTS that this trainer writes into output_dir (relative paths)."""
+        return ()
 
     def _save_adapter(self, directory: str) -> None:
         """save_adapter_fn(unwrapped model, directory) on rank 0; every rank calls this (FSDP2 gathers)."""
@@ -340,16 +349,26 @@ class Trainer:
                   "tokens_per_s": out["tokens"] / max(dt, 1e-9), "skipped": out["skipped"],
                   "skipped_total": self.skipped, "tokens_seen": self.tokens_seen, "epoch": self.batches.epoch}
         due_eval = (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.max_steps
+        record.update(out.get("extra", {}))  # e.g. multi.py's per-adapter losses and grad norms
         if due_eval and self.eval_data is not None:
             result = self.evaluate(progress=eval_progress(bar))
             record.update(result)
             bar.write(f"step {self.step}: eval loss {result['eval_loss']:.4f}, "
-                      f"perplexity {result['eval_ppl']:.2f} ({result['eval_rows']} rows)")
+                      f"perplexity {result['eval_ppl']:.2f} ({result['eval_rows']} rows)" + self._eval_detail(result))
         if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or "eval_loss" in record:
             self.metrics.append(record)
         bar.update(1)
-        bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", skipped=self.skipped)
+        bar.set_postfix(loss=f"{out['loss']:.3f}", **self._postfix_detail(out),
+                        tok_s=f"{record['tokens_per_s']:.0f}", skipped=self.skipped)
         return record
+
+    def _eval_detail(self, result: dict) -> str:
+        """Text appended to the progress bar's eval line."""
+        return ""
+
+    def _postfix_detail(self, out: dict) -> Dict[str, str]:
+        """Fields the progress bar shows after the loss."""
+        return {}
 
     def _stop_requested(self, stop) -> bool:
         """Whether any rank got Ctrl-C: all ranks must stop at the same step to checkpoint together."""
