@@ -8,11 +8,13 @@
     interrupt.py    Ctrl-C: stop at a step boundary with a checkpoint (TrainingInterrupted)
     rundir.py       the output directory: writable, previous run refused or cleared
     resources.py    the device a user names, CPU threads for a model's width
+    multi.py        MultiAdapterTrainer: several adapters of one base in mixed batches, each on its own data
 """
 from .distributed import init_distributed, trainable_state_dict, unwrap
 from .interrupt import TrainingInterrupted
 from .loop import EVAL_MAX_BATCHES, Trainer, TrainConfig, TrainResult, causal_lm_loss_sum, warmup_cosine
 from .metrics import plot_loss_curve
+from .multi import MultiAdapterTrainer
 
-__all__ = ["EVAL_MAX_BATCHES", "Trainer", "TrainConfig", "TrainResult", "TrainingInterrupted", "causal_lm_loss_sum",
-           "init_distributed", "plot_loss_curve", "trainable_state_dict", "unwrap", "warmup_cosine"]
+__all__ = ["EVAL_MAX_BATCHES", "MultiAdapterTrainer", "Trainer", "TrainConfig", "TrainResult", "TrainingInterrupted",
+           "causal_lm_loss_sum", "init_distributed", "plot_loss_curve", "trainable_state_dict", "unwrap", "warmup_cosine"]
