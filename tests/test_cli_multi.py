@@ -164,6 +164,7 @@ def test_bad_adapter_flags_are_one_line_errors(tmp_path, capsys):
     used = tmp_path / "used"
     (used / "qa").mkdir(parents=True)
     (used / "qa" / "adapter_config.json").write_text("{}")
+    (used / "qa" / "notes.txt").write_text("the user's")
     cases = [
         (["--adapter", str(prose)], "expected NAME=FILE"),
         (["--adapter", f"={prose}"], "the adapter name before '=' is empty"),
@@ -186,4 +187,9 @@ def test_bad_adapter_flags_are_one_line_errors(tmp_path, capsys):
     rc = main(["finetune", "--output-dir", str(used), *QUICK, *_flags(prose, qa)])
     line = _one_line_error(capsys.readouterr().err)
     assert rc == 2 and "previous run (qa/adapter_config.json)" in line and "--overwrite" in line
-    assert sorted(p.name for p in used.rglob("*")) == ["adapter_config.json", "qa"]
+    assert sorted(p.name for p in used.rglob("*")) == ["adapter_config.json", "notes.txt", "qa"]
+    # --overwrite replaces the run's own files in OUTPUT_DIR/NAME/ and nothing else there.
+    assert main(["finetune", "--output-dir", str(used), *QUICK, "--max-steps", "1", "--overwrite",
+                 *_flags(prose, qa)]) == 0
+    assert (used / "qa" / "notes.txt").read_text() == "the user's"
+    assert json.loads((used / "qa" / "adapter_config.json").read_text())["peft_type"] == "LORA"

@@ -358,17 +358,16 @@ class Trainer:
         if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or "eval_loss" in record:
             self.metrics.append(record)
         bar.update(1)
-        bar.set_postfix(loss=f"{out['loss']:.3f}", **self._postfix_detail(out),
-                        tok_s=f"{record['tokens_per_s']:.0f}", skipped=self.skipped)
+        bar.set_postfix(loss=self._loss_text(out), tok_s=f"{record['tokens_per_s']:.0f}", skipped=self.skipped)
         return record
 
     def _eval_detail(self, result: dict) -> str:
         """Text appended to the progress bar's eval line."""
         return ""
 
-    def _postfix_detail(self, out: dict) -> Dict[str, str]:
-        """Fields the progress bar shows after the loss."""
-        return {}
+    def _loss_text(self, out: dict) -> str:
+        """The loss as the progress bar shows it."""
+        return f"{out['loss']:.3f}"
 
     def _stop_requested(self, stop) -> bool:
         """Whether any rank got Ctrl-C: all ranks must stop at the same step to checkpoint together."""

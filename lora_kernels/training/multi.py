@@ -273,5 +273,6 @@ class MultiAdapterTrainer(Trainer):
     def _eval_detail(self, result: dict) -> str:
         return "; " + ", ".join(f"{name} {result[f'eval_loss/{name}']:.4f}" for name in self.eval_data)
 
-    def _postfix_detail(self, out: dict) -> Dict[str, str]:
-        return {name: f"{out['extra'][f'loss/{name}']:.3f}" for name in self.names}
+    def _loss_text(self, out: dict) -> str:
+        """The mean, then each adapter's: tqdm sorts postfix fields by name, so they stay together in one."""
+        return f"{out['loss']:.3f} (" + ", ".join(f"{n} {out['extra'][f'loss/{n}']:.3f}" for n in self.names) + ")"
