@@ -178,6 +178,7 @@ def test_bad_adapter_flags_are_one_line_errors(tmp_path, capsys):
         (["--adapter", f"a={tmp_path / 'missing.jsonl'}"], "no such file"),
         (["--adapter", f"a={prose}", "--data", str(qa)], "--adapter and --data both give training data"),
         (["--adapter", f"a={prose}", "--eval-data", str(qa)], "--eval-data is for a --data run"),
+        (["--adapter", f"a={prose}", "--quantize", "nf4"], "--adapter with --quantize is not supported"),
     ]
     for flags, expected in cases:
         rc = main(["finetune", "--output-dir", str(tmp_path / "o"), *QUICK, *flags])
