@@ -25,8 +25,8 @@ SCRIPT = textwrap.dedent("""
     init = trainable_state_dict(model)
     ds = load_packed(DEMO_PATH, tok, 32)
     cfg = TrainConfig(output_dir=out, max_steps=4, batch_size=2, lr=5e-3, warmup_steps=0, eval_every=0,
-                      progress=False, plot=False, strategy=strategy, save_every=2)
-    trainer = Trainer(model, ds, cfg, device=torch.device(device), save_adapter=lk.save_adapter)
+                      progress=False, plot=False, strategy=strategy, save_every=2, eval_batches=1)
+    trainer = Trainer(model, ds, cfg, eval_data=ds, device=torch.device(device), save_adapter=lk.save_adapter)
     first_rows = trainer.batches._order[:2].tolist()
     if resume:
         torch.manual_seed(1234 + dist.get_rank())  # restoring the checkpoint must undo this
@@ -49,6 +49,8 @@ def _torchrun(tmp_path, strategy, device="cpu", nproc=2, resume=None):
            str(script), str(tmp_path / "out"), strategy, device] + ([resume] if resume else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    # The end-of-run eval runs on every rank (all take part in the reduction), but only rank 0 reports it.
+    assert (proc.stdout + proc.stderr).count("step 4: eval loss") == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [torch.load(tmp_path / "out" / f"rank{r}_result.pt") for r in range(nproc)]
 
 

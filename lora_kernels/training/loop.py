@@ -353,8 +353,9 @@ class Trainer:
         if due_eval and self.eval_data is not None:
             result = self.evaluate(progress=eval_progress(bar))
             record.update(result)
-            bar.write(f"step {self.step}: eval loss {result['eval_loss']:.4f}, "
-                      f"perplexity {result['eval_ppl']:.2f} ({result['eval_rows']} rows)" + self._eval_detail(result))
+            if self.is_main:  # tqdm's write prints even where the bar is disabled: once per run, not per rank
+                bar.write(f"step {self.step}: eval loss {result['eval_loss']:.4f}, perplexity "
+                          f"{result['eval_ppl']:.2f} ({result['eval_rows']} rows)" + self._eval_detail(result))
         if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or "eval_loss" in record:
             self.metrics.append(record)
         bar.update(1)
