@@ -386,8 +386,8 @@ def saved_storages(fn):
                                            ("torch", torch.bfloat16)])
 def test_saves_x_once_and_the_shrink(backend, dtype, monkeypatch):
     """Two layers (q and v) read one x with 3 adapters and dropout: saved are x (once), per layer the (M, r_max)
-    shrink, a seed, the (M,) row ids (one tensor shared by both layers) and the stacked adapters —
-    nothing else of x's size, no mask, no per-adapter copy."""
+    shrink, a seed, the (M,) row ids and row order (one tensor each, shared by both layers) and the stacked
+    adapters — nothing else of x's size, no mask, no per-adapter copy."""
     monkeypatch.setenv("LORA_KERNELS_BACKEND", backend)
     lead, K, N, ranks = (4, 16), 48, 40, (2, 8, 5)
     segments = AdapterSegments([0, 2, None, 1])
@@ -411,10 +411,10 @@ def test_saves_x_once_and_the_shrink(backend, dtype, monkeypatch):
     shapes = sorted(shape for _, shape in saved.values())
     xa_shape = (M, r_max)
     assert shapes.count(xa_shape) == 2  # one shrink per layer
-    assert shapes.count((M,)) == 1      # the row ids: one tensor for both layers
+    assert shapes.count((M,)) == 2      # the row ids and the row order: one tensor each for both layers
     assert shapes.count((3, r_max, K)) == 2 and shapes.count((3, N, r_max)) == 2  # the stacked adapters
     assert shapes.count((1,)) == 2      # the seeds
-    assert len(saved) == 1 + 2 + 1 + 4 + 2
+    assert len(saved) == 1 + 2 + 2 + 4 + 2
 
 
 def test_bad_segments_and_adapter_lists_are_refused(monkeypatch):
