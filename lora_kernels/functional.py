@@ -218,8 +218,8 @@ class AdapterSegments:
 
     def row_order(self, num_rows: int, device="cpu") -> torch.Tensor:
         """(num_rows,) int32 on `device`: the logical rows sorted by adapter index, base-only rows first, each
-        adapter's rows in their batch order (a stable sort), so row tiles that walk it hold one adapter's rows
-        (two at a boundary). Sorted by the model's numbering, which every layer's slots keep."""
+        adapter's rows in their batch order (a stable sort), so a row tile that walks it holds one adapter's
+        rows, or those of the few adapters whose runs meet inside it. Sorted by the model's numbering, which every layer's slots keep."""
         key = (num_rows, torch.device(device))
         order = self._row_orders.get(key)
         if order is None:

@@ -18,10 +18,11 @@ constexpr; with it, a program that owns a row tile
       a with A[a] / B[a] (row masks; other rows read as 0), up to a's own rank (padding chunks are skipped),
     - reads its scaling, dropout threshold and 1/(1-p) from per-adapter tables.
 
-Sorted, a tile spans a contiguous run of adapter ids: one iteration inside an adapter's run, two where a
-tile straddles the boundary of two runs, so a launch does at most (tiles + adapters - 1) adapter iterations
-per column tile whatever order the batch's rows come in (a decode batch of one-token samples in random
-order included). One launch serves all adapters, and the autotuned tiles, the grouped tile order and the
+Sorted, a tile spans a contiguous run of adapter ids: one iteration inside an adapter's run, one more for
+each boundary between runs inside the tile, so a launch's row tiles do at most (row tiles + adapters - 1)
+adapter iterations between them (per column block), whatever order the batch's rows come in (a decode batch
+of one-token samples in random order included; in batch order that could be row tiles × adapters). Adapters
+with fewer rows than a tile still share tiles: many adapters of a few rows each keep a long loop per tile. One launch serves all adapters, and the autotuned tiles, the grouped tile order and the
 base GEMM are the single-adapter kernels' (the GEMM's row loads and stores are gathered and scattered
 through the order, whole rows at a time).
 """
