@@ -5,7 +5,10 @@ interleaved with the package's one timer (lora_kernels/timing.py). Three compari
                          forward+backward; target ≤ 1.15× (GPU). Two row layouts:
                            training  16 samples × 512 tokens, adapters round-robin per sample: nearly every row
                                      tile holds one adapter
-                           decode    8192 one-token samples, adapters in random order: every tile holds all four
+                           decode    8192 one-token samples, adapters in random order: in batch order every
+                                     tile would hold all four; the kernels walk the rows sorted by adapter
+                                     (AdapterSegments.row_order), so a tile holds one (two at a boundary) and
+                                     its rows are gathered from across the batch
     mixed vs sequential  training the 4 adapters in one mixed batch against 4 single-adapter batches of M/4 rows
                          one after another (4 runs' worth of steps), forward+backward; reported, no target
     serving vs PEFT      inference (no grad) of PEFT's mixed batch, `layer(x, adapter_names=[...])`, on PEFT's

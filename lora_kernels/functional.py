@@ -154,11 +154,14 @@ class AdapterSegments:
         y = fused_multi_lora_linear(x, W, b, [A_a, A_b], [B_a, B_b], [s_a, s_b], [p_a, p_b], segments)
 
     The kernels want one int32 adapter id per logical row of a layer's input, in that layer's own numbering
-    of its adapters (a layer may hold only some of the model's adapters). The per-sample list lives here on
-    the host; each distinct (row count, layer adapter set, device) costs one small host-to-device copy per forward,
-    cached here, so all layers that see the same rows and hold the same adapters share one tensor, and
-    nothing is ever read back from the device. Rows are batch-major: sample b owns rows b·T .. (b+1)·T - 1
-    of x's logical rows, T = rows / batch (x of shape (batch, ...)); generate()'s one-token steps are T = 1.
+    of its adapters (a layer may hold only some of the model's adapters), and the order their row tiles walk:
+    the logical rows sorted by adapter (row_order). The per-sample list lives here on the host; each distinct
+    (row count, layer adapter set, device) costs one small host-to-device copy per forward, cached here, so all
+    layers that see the same rows and hold the same adapters share one tensor, and nothing is ever read back
+    from the device. The order depends on the row count and device only: computed once per forward, it serves
+    every layer (a layer's slots keep the model's adapter order). Rows are batch-major: sample b owns rows
+    b·T .. (b+1)·T - 1 of x's logical rows, T = rows / batch (x of shape (batch, ...)); generate()'s one-token
+    steps are T = 1.
     """
 
     def __init__(self, sample_adapters: Sequence[Optional[int]]):
@@ -178,6 +181,7 @@ class AdapterSegments:
         # sees an input rather than constants and does not recompile for every new mix of adapters.
         self.sample_ids = torch.tensor(ids, dtype=torch.int32)
         self._row_ids: Dict[Tuple[int, Tuple[int, ...], torch.device], torch.Tensor] = {}
+        self._row_orders: Dict[Tuple[int, torch.device], torch.Tensor] = {}
 
     @classmethod
     def from_names(cls, names: Sequence[Optional[str]], adapter_names: Sequence[str]):
@@ -211,6 +215,21 @@ class AdapterSegments:
             ids = ids.repeat_interleave(self.rows_per_sample(num_rows))
             self._row_ids[key] = ids
         return ids
+
+    def row_order(self, num_rows: int, device="cpu") -> torch.Tensor:
+        """(num_rows,) int32 on `device`: the logical rows sorted by adapter index, base-only rows first, each
+        adapter's rows in their batch order (a stable sort), so a row tile that walks it holds one adapter's
+        rows, or those of the few adapters whose runs meet inside it. Sorted by the model's numbering, which every layer's slots keep."""
+        key = (num_rows, torch.device(device))
+        order = self._row_orders.get(key)
+        if order is None:
+            T = self.rows_per_sample(num_rows)
+            # Sorting the samples sorts the rows (a sample's rows share its adapter); tensor ops, like row_adapter,
+            # so torch.compile sees the ids as an input.
+            samples = torch.sort(self.sample_ids, stable=True).indices.to(torch.int32).to(device, non_blocking=True)
+            order = (samples[:, None] * T + torch.arange(T, dtype=torch.int32, device=device)).reshape(-1)
+            self._row_orders[key] = order
+        return order
 
     def __repr__(self) -> str:
         return f"AdapterSegments({list(a if a >= 0 else None for a in self.sample_adapters)})"
@@ -274,7 +293,8 @@ def fused_multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, dropout
     """y = x·Wᵀ + b + s_a·(dropout_{p_a}(x[m])·A_aᵀ)·B_aᵀ for each row m, a = its sample's adapter (or none).
 
     Several adapters on one base layer in one mixed batch: the base GEMM runs once for the whole batch and
-    the LoRA shrink / expand are segmented by adapter inside the kernels (one launch for all adapters).
+    the LoRA shrink / expand are segmented by adapter inside the kernels (one launch for all adapters; their
+    row tiles walk the rows sorted by adapter, segments.row_order).
 
     lora_As[i] (r_i, in), lora_Bs[i] (out, r_i), scalings[i] (a number or a 0-dim tensor) and dropout_ps[i]
     describe adapter i of `segments` (an AdapterSegments, built once per forward and shared by every layer).
@@ -320,5 +340,7 @@ def fused_multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, dropout
         lora_A = _stack_padded([lora_As[i].to(ab_dtype) for i in idx], r_max)  # (n, r_max, K)
         lora_B = _stack_padded([B.t() for B in stacked_B], r_max).transpose(1, 2)  # (n, N, r_max), a view
         ps = [float(dropout_ps[i]) if training else 0.0 for i in idx]
-        row_adapter = segments.row_adapter(math.prod(x.shape[:-1]), x.device, slots)
-        return MULTI_FUNCTIONS[backend].apply(x, weight, bias, lora_A, lora_B, row_adapter, ranks, float_scalings, ps)
+        M = math.prod(x.shape[:-1])
+        row_adapter, row_order = segments.row_adapter(M, x.device, slots), segments.row_order(M, x.device)
+        return MULTI_FUNCTIONS[backend].apply(x, weight, bias, lora_A, lora_B, row_adapter, row_order, ranks,
+                                              float_scalings, ps)

@@ -5,7 +5,9 @@ and float16) and the torch backend (float32, bfloat16).
 Contracts checked here: parity for 1, 2 and 5 adapters with different ranks, rows in any order, base-only
 rows; gradients of each adapter from its own rows only; per-adapter dropout regenerated in backward;
 deterministic mode; the number of kernel launches does not depend on the number of adapters; x is saved
-once, with the (M, r_max) shrink.
+once, with the (M, r_max) shrink; the kernels' row tiles walk the rows sorted by adapter (a stable sort, one
+per forward), so a random-order batch's tiles each loop over a short run of adapters, with each logical
+row's dropout mask unchanged.
 """
 import pytest
 import torch
@@ -386,8 +388,8 @@ def saved_storages(fn):
                                            ("torch", torch.bfloat16)])
 def test_saves_x_once_and_the_shrink(backend, dtype, monkeypatch):
     """Two layers (q and v) read one x with 3 adapters and dropout: saved are x (once), per layer the (M, r_max)
-    shrink, a seed, the (M,) row ids (one tensor shared by both layers) and the stacked adapters —
-    nothing else of x's size, no mask, no per-adapter copy."""
+    shrink, a seed, the (M,) row ids and row order (one tensor each, shared by both layers) and the stacked
+    adapters — nothing else of x's size, no mask, no per-adapter copy."""
     monkeypatch.setenv("LORA_KERNELS_BACKEND", backend)
     lead, K, N, ranks = (4, 16), 48, 40, (2, 8, 5)
     segments = AdapterSegments([0, 2, None, 1])
@@ -411,10 +413,10 @@ def test_saves_x_once_and_the_shrink(backend, dtype, monkeypatch):
     shapes = sorted(shape for _, shape in saved.values())
     xa_shape = (M, r_max)
     assert shapes.count(xa_shape) == 2  # one shrink per layer
-    assert shapes.count((M,)) == 1      # the row ids: one tensor for both layers
+    assert shapes.count((M,)) == 2      # the row ids and the row order: one tensor each for both layers
     assert shapes.count((3, r_max, K)) == 2 and shapes.count((3, N, r_max)) == 2  # the stacked adapters
     assert shapes.count((1,)) == 2      # the seeds
-    assert len(saved) == 1 + 2 + 1 + 4 + 2
+    assert len(saved) == 1 + 2 + 2 + 4 + 2
 
 
 def test_bad_segments_and_adapter_lists_are_refused(monkeypatch):
@@ -452,6 +454,102 @@ def test_row_ids_computed_once_per_layer_set():
     assert segments.row_adapter(8) is segments.row_adapter(8)
     assert segments.row_adapter(8).tolist() == [2, 2, 0, 0, -1, -1, 1, 1]
     assert segments.row_adapter(4, slots=(0, -1, 1)).tolist() == [1, 0, -1, -1]
+
+
+def test_row_order_is_a_stable_sort_by_adapter_shared_by_every_layer():
+    """Base rows first, then each adapter's rows in batch order; one tensor per row count, whatever a layer's
+    slots (they keep the model's order, so the sorted rows are runs of slots for every layer)."""
+    segments = AdapterSegments([2, 0, None, 1, 0])
+    order = segments.row_order(10)
+    assert order.dtype == torch.int32 and order.tolist() == [4, 5, 2, 3, 8, 9, 6, 7, 0, 1]
+    assert segments.row_order(10) is order and segments.row_order(5).tolist() == [2, 1, 4, 3, 0]
+    for slots in (None, (0, -1, 1), (-1, 0, -1)):
+        ids = segments.row_adapter(10, slots=slots)[order.long()].tolist()
+        runs = [a for i, a in enumerate(ids) if a >= 0 and (i == 0 or ids[i - 1] != a)]
+        assert len(runs) == len(set(runs)), (slots, ids)  # each adapter's rows in one run (base rows: one or more)
+
+
+def record_tile_spans(monkeypatch):
+    """{kernel module: set of (first, last) adapter ids of the row tiles it ran}, read from the real kernels under
+    the interpreter (they look tile_adapters up in their module's globals at run time)."""
+    import lora_kernels.ops.lora_dy_b as dy_b
+    import lora_kernels.ops.lora_linear_bwd_dx as bwd_dx
+    import lora_kernels.ops.lora_linear_fwd as fwd
+    import lora_kernels.ops.lora_shrink as shrink
+
+    spans = {}
+    for module in (shrink, fwd, dy_b, bwd_dx):
+        def spy(aid_ptr, rm, row_ok, _real=module.tile_adapters, _name=module.__name__.rsplit(".", 1)[1]):
+            aid, first, last = _real(aid_ptr, rm, row_ok)
+            spans.setdefault(_name, set()).add((first.handle.data.item(), last.handle.data.item()))
+            return aid, first, last
+
+        monkeypatch.setattr(module, "tile_adapters", spy)
+    return spans
+
+
+def expected_spans(ids, block_m):
+    """[(first, last) adapter id of each block_m-row tile] of rows with adapter `ids` (-1: base) in tile order."""
+    spans = []
+    for i in range(0, len(ids), block_m):
+        used = [a for a in ids[i:i + block_m] if a >= 0]
+        spans.append((min(used), max(used)) if used else (2**31 - 1, -1))
+    return spans
+
+
+def loop_count(spans):
+    """Adapter-loop iterations of tiles with these spans (range(first, last + 1), empty for base-only tiles)."""
+    return sum(max(0, last - first + 1) for first, last in spans)
+
+
+def test_tiles_of_a_random_order_decode_batch_span_a_run_of_adapters(monkeypatch):
+    """48 one-token samples, 4 adapters and base rows in random order: in batch order every 16-row tile holds
+    (nearly) every adapter; the kernels' tiles walk the sorted rows, so each spans one or two adapters."""
+    import random
+
+    samples = [None, 0, 1, 2, 3] * 9 + [1, 2, 3]
+    random.Random(3).shuffle(samples)
+    segments = AdapterSegments(samples)
+    case = make_multi_case((48,), 24, 20, (8, 2, 16, 4), torch.float32)
+    ids = segments.row_adapter(48).tolist()
+    block_m = 16  # the interpreter's one config (ops/configs.py)
+    in_batch_order, sorted_order = expected_spans(ids, block_m), expected_spans(sorted(ids), block_m)
+    # The batch is one that needs the sort: batch-order tiles each loop over all four adapters.
+    assert loop_count(in_batch_order) == 4 * len(in_batch_order) and loop_count(sorted_order) <= 3 + 4 - 1
+    spans = record_tile_spans(monkeypatch)
+    dy = torch.randn(48, 20, generator=torch.Generator().manual_seed(1))
+    run("triton", case, segments, [0.1, 0.0, 0.2, 0.0], monkeypatch, dy=dy)
+    assert spans == {name: set(sorted_order) for name in ("lora_shrink", "lora_linear_fwd", "lora_dy_b",
+                                                          "lora_linear_bwd_dx")}
+
+
+def test_sorted_tiles_keep_each_logical_rows_dropout_mask_bit_for_bit(monkeypatch):
+    """With W = 0 and A = B = I every output is exact: y = dropout_{p_a}(x) and grad_x = dropout_{p_a}(dy) per
+    logical row, bit for bit the Philox mask of that row, and the same as walking the rows in batch order (the
+    kernels before the sort): every M-indexed tensor is read and written at its logical row."""
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    T, K = 3, 24
+    samples = [2, None, 0, 1, 2, 0, None, 1, 1, 0, 2, None]
+    ps = [0.25, 0.0, 0.5]
+    x = torch.randn(len(samples), T, K, generator=torch.Generator().manual_seed(4))
+    dy = torch.randn(len(samples), T, K, generator=torch.Generator().manual_seed(5))
+    batch_order = AdapterSegments(samples)
+    monkeypatch.setattr(batch_order, "row_order", lambda M, device: torch.arange(M, dtype=torch.int32, device=device))
+    results = []
+    for segments in (AdapterSegments(samples), batch_order):
+        xg = x.clone().requires_grad_(True)
+        torch.manual_seed(1234)
+        y = fused_multi_lora_linear(xg, segments=segments, **identity_adapters(K, ps))
+        y.backward(dy)
+        results.append((y.detach(), xg.grad))
+    rows = row_ids(AdapterSegments(samples), len(samples) * T)
+    keep = multi_keep_mask("triton", seed_for(1234), x.shape, rows, ps)
+    scale = torch.tensor([1.0 / (1.0 - ps[a]) if a >= 0 else 0.0 for a in rows]).view(len(samples), T, 1)
+    lora_rows = torch.tensor([a >= 0 for a in rows]).view(len(samples), T, 1)
+    want_y = torch.where(keep & lora_rows, x * scale, 0.0)
+    want_dx = torch.where(keep & lora_rows, dy * scale, 0.0)
+    for y, dx in results:
+        assert torch.equal(y, want_y) and torch.equal(dx, want_dx)
 
 
 def test_fullgraph_compile_traces_the_custom_ops(monkeypatch):

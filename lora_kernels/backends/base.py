@@ -226,18 +226,21 @@ class QLoraLinearFunction(torch.autograd.Function):
 
 # Several adapters in one batch (functional.fused_multi_lora_linear): the same contract over stacked adapters.
 #
-#     multi_fwd_op(x, weight, bias, lora_A, lora_B, row_adapter, ranks, scalings, dropout_ps) -> (y, xa, seed)
+#     multi_fwd_op(x, weight, bias, lora_A, lora_B, row_adapter, row_order, ranks, scalings, dropout_ps)
+#         -> (y, xa, seed)
 #         lora_A (n, r_max, K) and lora_B (n, N, r_max): the layer's adapters zero-padded to the largest rank;
-#         row_adapter (M,) int32: each logical row's adapter, -1 = base only; ranks, scalings, dropout_ps: one
-#         per adapter. xa = dropout(x)·A[a(m)]ᵀ per row (r_max columns; 0 for base rows), one seed for all.
-#     multi_bwd_op(dy, x, xa, seed, weight, lora_A, lora_B, row_adapter, ranks, scalings, dropout_ps,
+#         row_adapter (M,) int32: each logical row's adapter, -1 = base only; row_order (M,) int32: the logical
+#         rows sorted by adapter (the order the kernels' row tiles walk; a backend may ignore it); ranks,
+#         scalings, dropout_ps: one per adapter. xa = dropout(x)·A[a(m)]ᵀ per logical row (r_max columns; 0 for
+#         base rows), one seed for all.
+#     multi_bwd_op(dy, x, xa, seed, weight, lora_A, lora_B, row_adapter, row_order, ranks, scalings, dropout_ps,
 #                  need_x, need_lora_a, need_lora_b) -> (grad_x, grad_A (n, r_max, K), grad_B (n, N, r_max))
 
 
 def fake_multi_fwd(xa_dtype=None):
     """The fake impl of a multi-adapter forward op whose xa is (M, r_max) in `xa_dtype` (None: x's dtype)."""
 
-    def fake(x, weight, bias, lora_A, lora_B, row_adapter, ranks, scalings, dropout_ps):
+    def fake(x, weight, bias, lora_A, lora_B, row_adapter, row_order, ranks, scalings, dropout_ps):
         M = x.numel() // x.shape[-1]
         return (x.new_empty((*x.shape[:-1], weight.shape[0])),
                 x.new_empty((M, lora_A.shape[1]), dtype=xa_dtype or x.dtype), x.new_empty((1,), dtype=torch.int64))
@@ -245,15 +248,15 @@ def fake_multi_fwd(xa_dtype=None):
     return fake
 
 
-def fake_multi_bwd(dy, x, xa, seed, weight, lora_A, lora_B, row_adapter, ranks, scalings, dropout_ps, need_x,
-                   need_lora_a, need_lora_b):
+def fake_multi_bwd(dy, x, xa, seed, weight, lora_A, lora_B, row_adapter, row_order, ranks, scalings, dropout_ps,
+                   need_x, need_lora_a, need_lora_b):
     return fake_bwd(dy, x, xa, seed, weight, lora_A, lora_B, 1.0, 0.0, need_x, need_lora_a, need_lora_b)
 
 
 class MultiLoraLinearFunction(torch.autograd.Function):
     """Base of the backends' multi-adapter autograd Functions; a subclass names multi_fwd_op and multi_bwd_op.
 
-    Saves x, xa (M, r_max), the seed and the (M,) row ids, plus the stacked adapters (parameter-sized) —
+    Saves x, xa (M, r_max), the seed, the (M,) row ids and row order (both shared by the model's layers), plus the stacked adapters (parameter-sized) —
     never a per-adapter copy of x or a mask. Gradients of the stacked adapters flow back through
     the zero-padded torch.cat of functional._stack_padded to each adapter's own tensors.
     """
@@ -265,22 +268,23 @@ class MultiLoraLinearFunction(torch.autograd.Function):
         super().__init_subclass__(**kwargs)
         fwd_op, bwd_op = _named_ops(cls, "fwd_op", "bwd_op")
 
-        def forward(ctx, x, weight, bias, lora_A, lora_B, row_adapter, ranks, scalings, dropout_ps):
-            y, xa, seed = fwd_op(x, weight, bias, lora_A, lora_B, row_adapter, ranks, scalings, dropout_ps)
-            ctx.save_for_backward(x, xa, seed, weight, lora_A, lora_B, row_adapter)
+        def forward(ctx, x, weight, bias, lora_A, lora_B, row_adapter, row_order, ranks, scalings, dropout_ps):
+            y, xa, seed = fwd_op(x, weight, bias, lora_A, lora_B, row_adapter, row_order, ranks, scalings,
+                                 dropout_ps)
+            ctx.save_for_backward(x, xa, seed, weight, lora_A, lora_B, row_adapter, row_order)
             ctx.adapter_args = (ranks, scalings, dropout_ps)
             ctx.bias_dtype = None if bias is None else bias.dtype
             return y
 
         def backward(ctx, dy):
-            x, xa, seed, weight, lora_A, lora_B, row_adapter = ctx.saved_tensors
+            x, xa, seed, weight, lora_A, lora_B, row_adapter, row_order = ctx.saved_tensors
             need_x, need_weight, need_bias, need_lora_a, need_lora_b = ctx.needs_input_grad[:5]
             with torch.autocast(x.device.type, enabled=False):
-                grad_x, grad_a, grad_b = bwd_op(dy, x, xa, seed, weight, lora_A, lora_B, row_adapter,
+                grad_x, grad_a, grad_b = bwd_op(dy, x, xa, seed, weight, lora_A, lora_B, row_adapter, row_order,
                                                 *ctx.adapter_args, need_x, need_lora_a, need_lora_b)
                 grad_w, grad_bias = base_grads(dy, x, need_weight, need_bias, weight.dtype, ctx.bias_dtype)
             return (grad_x if need_x else None, grad_w, grad_bias, grad_a if need_lora_a else None,
-                    grad_b if need_lora_b else None, None, None, None, None)
+                    grad_b if need_lora_b else None, None, None, None, None, None)
 
         cls.forward = staticmethod(forward)
         cls.backward = staticmethod(backward)

@@ -140,9 +140,10 @@ def _one_hot(row_adapter, n, dtype):
 
 @torch.library.custom_op("lora_kernels::torch_multi_lora_fwd", mutates_args=())
 def torch_multi_lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-                         lora_B: torch.Tensor, row_adapter: torch.Tensor, ranks: List[int], scalings: List[float],
-                         dropout_ps: List[float]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, xa (M, r_max) in x's dtype, seed)."""
+                         lora_B: torch.Tensor, row_adapter: torch.Tensor, row_order: torch.Tensor, ranks: List[int],
+                         scalings: List[float], dropout_ps: List[float]) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]:
+    """(y, xa (M, r_max) in x's dtype, seed). row_order is not needed: the matmuls take the rows as they are."""
     dt = x.dtype
     n, r_max, K = lora_A.shape
     x2 = flat(x)
@@ -164,8 +165,9 @@ torch_multi_lora_fwd.register_fake(fake_multi_fwd())
 @torch.library.custom_op("lora_kernels::torch_multi_lora_bwd", mutates_args=())
 def torch_multi_lora_bwd(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, seed: torch.Tensor,
                          weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, row_adapter: torch.Tensor,
-                         ranks: List[int], scalings: List[float], dropout_ps: List[float], need_x: bool,
-                         need_lora_a: bool, need_lora_b: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         row_order: torch.Tensor, ranks: List[int], scalings: List[float], dropout_ps: List[float],
+                         need_x: bool, need_lora_a: bool, need_lora_b: bool) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                      torch.Tensor]:
     """(grad_x, grad_A (n, r_max, K), grad_B (n, N, r_max)), each empty when not needed."""
     dt = x.dtype
     n, r_max, K = lora_A.shape

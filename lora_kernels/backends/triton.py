@@ -169,13 +169,14 @@ class TritonQLoraLinear(QLoraLinearFunction):
 
 
 # Several adapters in one batch (base.py's multi-adapter contract): the same four launches, segmented
-# (ops/segments.py): their number does not depend on how many adapters the batch uses.
+# (ops/segments.py): their number does not depend on how many adapters the batch uses, and their row tiles
+# walk the rows in row_order (sorted by adapter).
 
 @torch.library.custom_op("lora_kernels::triton_multi_lora_fwd", mutates_args=())
 def triton_multi_lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                          lora_A: torch.Tensor, lora_B: torch.Tensor, row_adapter: torch.Tensor, ranks: List[int],
-                          scalings: List[float], dropout_ps: List[float]) -> Tuple[torch.Tensor, torch.Tensor,
-                                                                                    torch.Tensor]:
+                          lora_A: torch.Tensor, lora_B: torch.Tensor, row_adapter: torch.Tensor,
+                          row_order: torch.Tensor, ranks: List[int], scalings: List[float],
+                          dropout_ps: List[float]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, xa (M, r_max) float32, seed): forward passes 1 and 2, segmented."""
     from ..ops.lora_linear_fwd import lora_linear_fwd
     from ..ops.lora_shrink import lora_shrink
@@ -183,7 +184,7 @@ def triton_multi_lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
 
     x, rows = _rows_or_copy(x)
     precision = dot_precision(x.dtype)
-    adapters = adapter_table(row_adapter, ranks, scalings, dropout_ps)
+    adapters = adapter_table(row_adapter, row_order, ranks, scalings, dropout_ps)
     seed = draw_seed(x.device) if adapters.has_dropout else no_seed(x.device)
     r_max = lora_A.shape[1]
     if rows.M == 0:
@@ -202,12 +203,13 @@ triton_multi_lora_fwd.register_fake(fake_multi_fwd(torch.float32))
 @torch.library.custom_op("lora_kernels::triton_multi_lora_bwd", mutates_args=())
 def triton_multi_lora_bwd(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, seed: torch.Tensor,
                           weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, row_adapter: torch.Tensor,
-                          ranks: List[int], scalings: List[float], dropout_ps: List[float], need_x: bool,
-                          need_lora_a: bool, need_lora_b: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          row_order: torch.Tensor, ranks: List[int], scalings: List[float], dropout_ps: List[float],
+                          need_x: bool, need_lora_a: bool, need_lora_b: bool) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                       torch.Tensor]:
     """(grad_x, grad_A (n, r_max, K), grad_B (n, N, r_max)), each empty when not needed: backward passes 1, 2."""
     from ..ops.segments import adapter_table
 
-    adapters = adapter_table(row_adapter, ranks, scalings, dropout_ps)
+    adapters = adapter_table(row_adapter, row_order, ranks, scalings, dropout_ps)
     return _backward(dy, x, xa, seed, weight, lora_A, lora_B, 1.0, 0.0, need_x, need_lora_a, need_lora_b, adapters)
 
 

@@ -5,8 +5,9 @@ registers, and each (BLOCK_N, r) slice of grad_B is added to a float32 buffer wi
 read once for both products. Under torch.use_deterministic_algorithms(True) each row block writes its own
 partial grad_B instead and torch sums the partials in a fixed order.
 
-Segmented (several adapters, ops/segments.py): B is (n, N, r_max) and grad_B (n, N, r_max). Each dy tile is
-loaded once per n-step; for each adapter present in the row block, the rows of that adapter (the others
+Segmented (several adapters, ops/segments.py): B is (n, N, r_max) and grad_B (n, N, r_max). A row block is a
+run of the rows sorted by adapter (dy, xa and dyB addressed through the order); each dy tile is loaded once
+per n-step; for each adapter present in the row block (usually one), the rows of that adapter (the others
 zeroed) are multiplied with B[a] into dyB and with s_a·xa into grad_B[a]. Base-only rows get dyB = 0 and
 add nothing to any grad_B.
 """
@@ -16,7 +17,7 @@ import triton.language as tl
 
 from .configs import lora_block_r, min_block_m, rowblock_configs
 from .layout import Rows, row_offsets
-from .segments import AdapterTable, any_row, tile_adapters
+from .segments import AdapterTable, any_row, logical_rows, tile_adapters
 
 
 @triton.autotune(configs=rowblock_configs("BLOCK_N"), key=["M_BUCKET", "N", "R", "SEGMENTED"],
@@ -31,7 +32,7 @@ def _lora_dy_b_kernel(
     stride_dbm, stride_dbr,
     stride_gbs, stride_gbn, stride_gbr,
     scaling,
-    aid_ptr, rank_ptr, scale_ptr, stride_ba, stride_gba,
+    aid_ptr, order_ptr, rank_ptr, scale_ptr, stride_ba, stride_gba,
     COMPUTE_DYB: tl.constexpr, COMPUTE_GRAD_B: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SEGMENTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -42,6 +43,8 @@ def _lora_dy_b_kernel(
     rn = tl.arange(0, BLOCK_N)
     row_ok = rm < M
     r_ok = rr < R
+    if SEGMENTED:  # the block is a run of the rows sorted by adapter; rm is a logical row from here on
+        rm = logical_rows(order_ptr, rm, row_ok)
     dy_rows = dy_ptr + row_offsets(rm, dy_inner, stride_dy_outer, stride_dy_inner)
     dtype = dy_ptr.dtype.element_ty
     if SEGMENTED:
@@ -118,8 +121,8 @@ def lora_dy_b(dy: torch.Tensor, rows: Rows, lora_B: torch.Tensor, xa: torch.Tens
         dyb.stride(0), dyb.stride(1),
         grad_b.stride(0) if deterministic else 0, grad_b.stride(-2), grad_b.stride(-1),
         scaling,
-        *((adapters.row_adapter, adapters.rank, adapters.scaling, lora_B.stride(0), grad_b.stride(1)) if segmented
-          else (xa, xa, xa, 0, 0)),  # unused pointers when single
+        *((adapters.row_adapter, adapters.row_order, adapters.rank, adapters.scaling, lora_B.stride(0),
+           grad_b.stride(1)) if segmented else (xa, xa, xa, xa, 0, 0)),  # unused pointers when single
         COMPUTE_DYB=compute_dyb, COMPUTE_GRAD_B=compute_grad_b, DETERMINISTIC=deterministic,
         DOT_PRECISION=dot_precision, BLOCK_R=block_r, SEGMENTED=segmented,
     )

@@ -14,10 +14,12 @@ and adds the masked LoRA term in place.
 A 4-bit base (QLoRA) arrives as a QuantizedWeight: the fused path dequantizes each W tile in registers where
 the dense kernel loads it (W_4BIT, ops/dequant_4bit.py); the split path dequantizes W once into a buffer for
 torch.mm and frees it on return. Nothing W-sized is kept from forward.
-Segmented (several adapters, ops/segments.py): only the LoRA part changes. A is (n, r_max, K) and grad_A
-(n, r_max, K); the tile loops over the adapters its rows use: s_a·dyB[rows of a]·A[a] into the grad_x
-epilogue and s_a·dyB[rows of a]ᵀ·dropout(x) into grad_A[a], each row's mask drawn at its adapter's rate.
-The GEMM loop, the tiles and the tile order are those of the single-adapter kernel.
+Segmented (several adapters, ops/segments.py): a row tile is a run of the rows sorted by adapter (dy, x, dyB
+and grad_x addressed through the order, the mask drawn for the logical rows); otherwise only the LoRA part
+changes. A is (n, r_max, K) and grad_A (n, r_max, K); the tile loops over the adapters its rows use (usually
+one): s_a·dyB[rows of a]·A[a] into the grad_x epilogue and s_a·dyB[rows of a]ᵀ·dropout(x) into grad_A[a], each
+row's mask drawn at its adapter's rate. The GEMM loop, the tiles and the tile order are those of the
+single-adapter kernel.
 """
 import torch
 import triton
@@ -29,7 +31,7 @@ from .dequant_4bit import dequant_4bit_tile, dequantize_4bit, flat_bytes, kernel
 from .format_4bit import QuantizedWeight
 from .dropout import drop_threshold, dropout_keep
 from .layout import Rows, grouped_tile, row_offsets
-from .segments import AdapterTable, any_row, tile_adapters
+from .segments import AdapterTable, any_row, logical_rows, tile_adapters
 
 
 # Autotuning runs the kernel many times: grad_A accumulates with atomics, and the split path adds to grad_x
@@ -49,7 +51,7 @@ def _lora_linear_bwd_dx_kernel(
     stride_dxm, stride_dxk,
     stride_gas, stride_gar, stride_gak,
     scaling, threshold, keep_scale,
-    aid_ptr, rank_ptr, scale_ptr, threshold_ptr, keep_scale_ptr, stride_aa, stride_gaa,
+    aid_ptr, order_ptr, rank_ptr, scale_ptr, threshold_ptr, keep_scale_ptr, stride_aa, stride_gaa,
     q_absmax_ptr, q_code_ptr, q_absmax2_ptr, q_code2_ptr, q_offset_ptr,
     W_4BIT: tl.constexpr, Q_BLOCK: tl.constexpr, Q_BLOCK2: tl.constexpr, Q_DOUBLE: tl.constexpr,
     Q_ALIGNED: tl.constexpr,
@@ -65,6 +67,8 @@ def _lora_linear_bwd_dx_kernel(
     row_ok = rm < M
     k_ok = rk < K
     tile_ok = row_ok[:, None] & k_ok[None, :]
+    if SEGMENTED:  # the tile is a run of the rows sorted by adapter; rm is a logical row from here on
+        rm = logical_rows(order_ptr, rm, row_ok)
     dtype = x_ptr.dtype.element_ty
     dx_ptrs = dx_ptr + rm.to(tl.int64)[:, None] * stride_dxm + rk[None, :] * stride_dxk  # M * K may pass 2**31
 
@@ -204,9 +208,9 @@ def lora_linear_bwd_dx(dy: torch.Tensor, dy_rows: Rows, weight: torch.Tensor, dy
         dx2.stride(0), dx2.stride(1),
         grad_a.stride(0) if deterministic else 0, grad_a.stride(-2), grad_a.stride(-1),
         *((1.0, 0, 1.0) if segmented else (scaling, drop_threshold(p), 1.0 / (1.0 - p))),
-        *((adapters.row_adapter, adapters.rank, adapters.scaling, adapters.threshold, adapters.keep_scale,
-           lora_A.stride(0), grad_a.stride(1)) if segmented
-          else (seed, seed, seed, seed, seed, 0, 0)),  # unused pointers when single
+        *((adapters.row_adapter, adapters.row_order, adapters.rank, adapters.scaling, adapters.threshold,
+           adapters.keep_scale, lora_A.stride(0), grad_a.stride(1)) if segmented
+          else (seed, seed, seed, seed, seed, seed, 0, 0)),  # unused pointers when single
         COMPUTE_DX=compute_dx, BASE_IN_DX=base_in_dx, COMPUTE_GRAD_A=compute_grad_a,
         HAS_DROPOUT=adapters.has_dropout if segmented else p > 0.0, DETERMINISTIC=deterministic,
         SEGMENTED=segmented,

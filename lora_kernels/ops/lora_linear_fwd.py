@@ -12,9 +12,11 @@ A 4-bit base (QLoRA: bitsandbytes NF4/FP4, ops/format_4bit.py) arrives as a Quan
 path reads its packed bytes and dequantizes each W tile in registers where the dense kernel loads it (W_4BIT,
 ops/dequant_4bit.py), so only 0.5 B per weight crosses memory; the split path dequantizes W once into a
 buffer for torch.mm and frees it on return.
-Segmented (several adapters, ops/segments.py): only the LoRA epilogue changes. B is (n, N, r_max); the
-tile loops over the adapters its rows use and adds s_a·xa[rows of a]·B[a]ᵀ, so the k-loop, the tiles and
-the tile order are those of the single-adapter kernel.
+Segmented (several adapters, ops/segments.py): a row tile is a run of the rows sorted by adapter, its rows
+of x gathered and of y (and xa) read and written through the order; otherwise only the LoRA epilogue changes.
+B is (n, N, r_max); the tile loops over the adapters its rows use (usually one) and adds s_a·xa[rows of a]·B[a]ᵀ,
+so the k-loop, the tiles and the tile order are those of the single-adapter kernel. On the split path
+torch.mm writes x·Wᵀ in logical order and the kernel adds to it through the order.
 """
 import torch
 import triton
@@ -25,7 +27,7 @@ from .configs import gemm_configs, lora_block_r
 from .dequant_4bit import dequant_4bit_tile, dequantize_4bit, flat_bytes, kernel_args, launch_options
 from .format_4bit import QuantizedWeight
 from .layout import Rows, grouped_tile, row_offsets
-from .segments import AdapterTable, any_row, tile_adapters
+from .segments import AdapterTable, any_row, logical_rows, tile_adapters
 
 
 # restore_value: on the split path the kernel adds to y in place, and autotuning runs it many times.
@@ -41,7 +43,7 @@ def _lora_linear_fwd_kernel(
     stride_bn, stride_br,
     stride_ym, stride_yn,
     scaling,
-    aid_ptr, rank_ptr, scale_ptr, stride_ba,
+    aid_ptr, order_ptr, rank_ptr, scale_ptr, stride_ba,
     q_absmax_ptr, q_code_ptr, q_absmax2_ptr, q_code2_ptr, q_offset_ptr,
     HAS_BIAS: tl.constexpr, BASE_IN_Y: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     W_4BIT: tl.constexpr, Q_BLOCK: tl.constexpr, Q_BLOCK2: tl.constexpr, Q_DOUBLE: tl.constexpr,
@@ -55,6 +57,8 @@ def _lora_linear_fwd_kernel(
     row_ok = rm < M
     col_ok = rn < N
     tile_ok = row_ok[:, None] & col_ok[None, :]
+    if SEGMENTED:  # the tile is a run of the rows sorted by adapter; rm is a logical row from here on
+        rm = logical_rows(order_ptr, rm, row_ok)
     # int64 row offsets: M * N may pass 2**31 elements.
     y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
 
@@ -149,8 +153,8 @@ def lora_linear_fwd(x: torch.Tensor, rows: Rows, weight: torch.Tensor, bias, xa:
         lora_B.stride(-2), lora_B.stride(-1),
         y2.stride(0), y2.stride(1),
         scaling,
-        *((adapters.row_adapter, adapters.rank, adapters.scaling, lora_B.stride(0)) if segmented
-          else (xa, xa, xa, 0)),  # unused pointers when single
+        *((adapters.row_adapter, adapters.row_order, adapters.rank, adapters.scaling, lora_B.stride(0))
+          if segmented else (xa, xa, xa, xa, 0)),  # unused pointers when single
         HAS_BIAS=bias is not None, BASE_IN_Y=gemm == "split", DOT_PRECISION=dot_precision,
         BLOCK_R=lora_block_r(R), SEGMENTED=segmented, **kernel_args(quant, y2), **launch_options(quant),
     )

@@ -4,8 +4,9 @@ The dropout mask is generated in registers from the seed (ops/dropout.py) and th
 applied once to the float32 accumulator, so no dropped copy of x exists anywhere.
 
 Segmented (several adapters, ops/segments.py): A is (n, r_max, K) and row m uses A[a(m)] with a(m)'s own
-dropout rate; the x tile is loaded and masked once per k-step and multiplied with each adapter present in
-the row block, its other rows zeroed. Base-only rows get xa = 0.
+dropout rate; a row block is a run of the rows sorted by adapter (x and xa read and written through the
+order), its x tile is loaded and masked once per k-step and multiplied with each adapter present in the
+block (usually one), its other rows zeroed. Base-only rows get xa = 0.
 """
 import torch
 import triton
@@ -14,7 +15,7 @@ import triton.language as tl
 from .configs import lora_block_r, rowblock_configs
 from .dropout import drop_threshold, dropout_keep
 from .layout import Rows, row_offsets
-from .segments import AdapterTable, any_row, tile_adapters
+from .segments import AdapterTable, any_row, logical_rows, tile_adapters
 
 
 @triton.autotune(configs=rowblock_configs("BLOCK_K"), key=["M_BUCKET", "K", "R", "SEGMENTED"])
@@ -26,15 +27,17 @@ def _lora_shrink_kernel(
     stride_ar, stride_ak,
     stride_xam, stride_xar,
     threshold, keep_scale,
-    aid_ptr, rank_ptr, threshold_ptr, keep_scale_ptr, stride_aa,
+    aid_ptr, order_ptr, rank_ptr, threshold_ptr, keep_scale_ptr, stride_aa,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, SEGMENTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     rk = tl.arange(0, BLOCK_K)
-    x_rows = x_ptr + row_offsets(rm, x_inner, stride_x_outer, stride_x_inner)
     row_ok = rm < M
+    if SEGMENTED:  # the block is a run of the rows sorted by adapter; rm is a logical row from here on
+        rm = logical_rows(order_ptr, rm, row_ok)
+    x_rows = x_ptr + row_offsets(rm, x_inner, stride_x_outer, stride_x_inner)
     r_ok = rr < R
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
@@ -87,8 +90,8 @@ def lora_shrink(x: torch.Tensor, rows: Rows, lora_A: torch.Tensor, seed: torch.T
         lora_A.stride(-2), lora_A.stride(-1),
         xa.stride(0), xa.stride(1),
         0 if segmented else drop_threshold(p), 1.0 if segmented else 1.0 / (1.0 - p),
-        *((adapters.row_adapter, adapters.rank, adapters.threshold, adapters.keep_scale, lora_A.stride(0))
-          if segmented else (seed, seed, seed, seed, 0)),  # unused pointers when single
+        *((adapters.row_adapter, adapters.row_order, adapters.rank, adapters.threshold, adapters.keep_scale,
+           lora_A.stride(0)) if segmented else (seed, seed, seed, seed, seed, 0)),  # unused pointers when single
         HAS_DROPOUT=adapters.has_dropout if segmented else p > 0.0, DOT_PRECISION=dot_precision,
         SEGMENTED=segmented, BLOCK_R=block_r,
     )

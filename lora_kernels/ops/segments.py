@@ -2,17 +2,29 @@
 
 In a mixed batch every logical row m of x has an adapter a(m) in 0..n-1 of the layer, or -1 (base only).
 The layer's adapters arrive stacked and zero-padded to the largest rank: A (n, r_max, K), B (n, N, r_max).
-The four LoRA kernels take a SEGMENTED constexpr; with it, a program that owns a row tile
 
+Row tiles walk the rows sorted by adapter (SGMV-style grouping). The order is a permutation of the logical
+rows, a stable sort by the model's adapter index with base-only rows first, built once per forward from the
+per-sample list (functional.AdapterSegments.row_order) and shared by every layer: a layer's own slot numbering
+keeps the model's order, so the sorted order groups its slots too (rows of an adapter it lacks become a run
+of base-only rows). Tile position i holds logical row order[i]; every M-indexed tensor (x, y, dy, dx, xa,
+dyB) stays in logical order and is read and written through the permutation (`logical_rows`), and the
+dropout mask stays a function of (seed, logical row, column). The four LoRA kernels take a SEGMENTED
+constexpr; with it, a program that owns a row tile
+
+    - maps its positions to logical rows through the order,
     - loads the tile's adapter ids (one int32 per row) and takes first..last of the ids present,
     - loops over those adapters, skipping ids absent from the tile, and multiplies only the rows of adapter
       a with A[a] / B[a] (row masks; other rows read as 0), up to a's own rank (padding chunks are skipped),
     - reads its scaling, dropout threshold and 1/(1-p) from per-adapter tables.
 
-So one launch serves all adapters, the autotuned tiles and the grouped tile order stay the single-adapter
-kernels', and a tile inside one sample (in training a sample's rows are contiguous and usually longer than
-a tile) runs exactly one iteration. A tile spanning k adapters does k small rank-wide dots instead of one;
-the base GEMM, which is most of the work, is untouched.
+Sorted, a tile spans a contiguous run of adapter ids: one iteration inside an adapter's run, one more for
+each boundary between runs inside the tile, so a launch's row tiles do at most (row tiles + adapters - 1)
+adapter iterations between them (per column block), whatever order the batch's rows come in (a decode batch
+of one-token samples in random order included; in batch order that could be row tiles × adapters). Adapters
+with fewer rows than a tile still share tiles: many adapters of a few rows each keep a long loop per tile. One launch serves all adapters, and the autotuned tiles, the grouped tile order and the
+base GEMM are the single-adapter kernels' (the GEMM's row loads and stores are gathered and scattered
+through the order, whole rows at a time).
 """
 import functools
 from typing import NamedTuple, Sequence
@@ -30,6 +42,7 @@ _NO_ADAPTER = tl.constexpr(2**31 - 1)
 class AdapterTable(NamedTuple):
     """The per-row ids and per-adapter constants of one segmented call, on the device of x."""
     row_adapter: torch.Tensor   # (M,) int32: adapter slot of each logical row, -1 for base-only rows
+    row_order: torch.Tensor     # (M,) int32: the logical rows sorted by adapter; tile position i holds row_order[i]
     rank: torch.Tensor          # (n,) int32: each adapter's own rank (<= r_max); rank chunks past it are skipped
     scaling: torch.Tensor       # (n,) float32
     threshold: torch.Tensor     # (n,) int32: drop_threshold(p_a), 0 for p_a = 0 (every element kept)
@@ -47,12 +60,19 @@ def _constants(device: str, ranks, scalings, dropout_ps):
             torch.tensor([1.0 / (1.0 - p) for p in dropout_ps], dtype=torch.float32, device=device))
 
 
-def adapter_table(row_adapter: torch.Tensor, ranks: Sequence[int], scalings: Sequence[float],
-                  dropout_ps: Sequence[float]) -> AdapterTable:
+def adapter_table(row_adapter: torch.Tensor, row_order: torch.Tensor, ranks: Sequence[int],
+                  scalings: Sequence[float], dropout_ps: Sequence[float]) -> AdapterTable:
     rank, scaling, threshold, keep_scale = _constants(str(row_adapter.device), tuple(int(r) for r in ranks),
                                                       tuple(float(s) for s in scalings),
                                                       tuple(float(p) for p in dropout_ps))
-    return AdapterTable(row_adapter, rank, scaling, threshold, keep_scale, any(p > 0.0 for p in dropout_ps))
+    return AdapterTable(row_adapter, row_order, rank, scaling, threshold, keep_scale,
+                        any(p > 0.0 for p in dropout_ps))
+
+
+@triton.jit
+def logical_rows(order_ptr, pos, pos_ok):
+    """The logical rows at sorted positions `pos` of a tile (0 where out of range: those are masked anyway)."""
+    return tl.load(order_ptr + pos, mask=pos_ok, other=0)
 
 
 @triton.jit
