@@ -88,3 +88,13 @@ def count_kernel_calls(monkeypatch):
 
         monkeypatch.setattr(module, "fused_lora_linear", counting)
     return calls
+
+
+@pytest.fixture
+def cli_defaults(monkeypatch):
+    """The CLI tests' setting: the torch backend (multi-step runs stay quick; the kernels are tested op by op),
+    and torch's thread count put back afterwards (finetune sets it for the process it runs in)."""
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

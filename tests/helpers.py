@@ -55,3 +55,10 @@ def assert_matches_oracle(backend, case, p, dy, y, grads):
     for name in ("x", "lora_A", "lora_B"):
         assert grads[name].dtype == case[name].dtype
         assert rel_err(grads[name], g_ref[name]) < tol, name
+
+
+def one_line_error(err: str, command: str = "finetune") -> str:
+    """The stderr of a CLI user error: exactly one line `lora-kernels <cmd>: error: ...`, no traceback."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lora-kernels {command}: error: "), err
+    return lines[0]

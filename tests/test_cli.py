@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from helpers import one_line_error
 from lora_kernels.cli import build_parser, main
 
 FINETUNE_FLAGS = ["--model", "--data", "--output-dir", "--max-steps", "--r", "--lora-alpha", "--lora-dropout",
@@ -18,24 +19,7 @@ FINETUNE_FLAGS = ["--model", "--data", "--output-dir", "--max-steps", "--r", "--
 QUICK = ["--max-steps", "4", "--seq-len", "32", "--batch-size", "2", "--eval-every", "2", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _torch_backend(monkeypatch):
-    monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    """finetune sets torch's thread count for the process it runs in: put it back for the next test."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def _one_line_error(err: str, command: str = "finetune") -> str:
-    """The stderr of a user error: exactly one line `lora-kernels <cmd>: error: ...`, no traceback."""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"lora-kernels {command}: error: "), err
-    return lines[0]
+pytestmark = pytest.mark.usefixtures("cli_defaults")
 
 
 @pytest.mark.parametrize("command", ["finetune", "merge", "check", "bench"])
@@ -245,7 +229,7 @@ def test_a_used_output_dir_is_refused_and_left_alone(finetuned, tmp_path, capsys
     run = _copy(finetuned, tmp_path)
     before = _snapshot(run)
     rc = main(["finetune", "--output-dir", str(run), *QUICK])
-    line = _one_line_error(capsys.readouterr().err)
+    line = one_line_error(capsys.readouterr().err)
     assert rc == 2 and "--resume" in line and "--overwrite" in line and "previous run" in line
     assert _snapshot(run) == before
 
@@ -260,7 +244,7 @@ def test_overwrite_replaces_the_previous_run_only(finetuned, tmp_path, capsys):
     assert (run / "notes.txt").read_text() == "mine"
     capsys.readouterr()
     assert main(["finetune", "--output-dir", str(run), "--overwrite", "--resume", *QUICK]) == 2
-    assert "pass one" in _one_line_error(capsys.readouterr().err)
+    assert "pass one" in one_line_error(capsys.readouterr().err)
 
 
 def test_resume_of_a_finished_run_says_so_and_changes_nothing(finetuned, tmp_path, capsys):
@@ -292,12 +276,12 @@ def _error_cases(tmp_path):
 def test_user_errors_are_one_line_with_status_2(tmp_path, capsys):
     for flags, expected in _error_cases(tmp_path):
         rc = main(["finetune", "--output-dir", str(tmp_path / "o"), *QUICK, *flags])
-        line = _one_line_error(capsys.readouterr().err)
+        line = one_line_error(capsys.readouterr().err)
         assert rc == 2 and expected in line, (flags, line)
     assert main(["bench", "--device", "foo"]) == 2
-    assert "--device 'foo'" in _one_line_error(capsys.readouterr().err, "bench")
+    assert "--device 'foo'" in one_line_error(capsys.readouterr().err, "bench")
     rc = main(["merge", "--model", str(tmp_path), "--adapter", str(tmp_path), "--output-dir", str(tmp_path / "m")])
-    assert rc == 2 and _one_line_error(capsys.readouterr().err, "merge")
+    assert rc == 2 and one_line_error(capsys.readouterr().err, "merge")
 
 
 def test_seq_len_below_2_is_refused_by_the_parser(tmp_path, capsys):
@@ -404,4 +388,4 @@ def test_finetune_a_local_gpt2_with_all_linear(gpt2_dir, tmp_path, capsys):
 
 def test_gpt2_seq_len_beyond_its_positions_is_an_error(gpt2_dir, tmp_path, capsys):
     rc = main(["finetune", "--model", str(gpt2_dir), "--output-dir", str(tmp_path / "o"), *QUICK, "--seq-len", "65"])
-    assert rc == 2 and "exceeds the model's 64 learned positions" in _one_line_error(capsys.readouterr().err)
+    assert rc == 2 and "exceeds the model's 64 learned positions" in one_line_error(capsys.readouterr().err)

@@ -9,28 +9,14 @@ import pytest
 import torch
 
 import lora_kernels as lk
+from helpers import one_line_error
 from lora_kernels.cli import main
 
 QUICK = ["--max-steps", "4", "--seq-len", "32", "--batch-size", "2", "--eval-every", "2", "--save-every", "2",
          "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _torch_backend(monkeypatch):
-    monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def _one_line_error(err: str, command: str = "finetune") -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"lora-kernels {command}: error: "), err
-    return lines[0]
+pytestmark = pytest.mark.usefixtures("cli_defaults")
 
 
 def _write_data(directory):
@@ -139,7 +125,7 @@ def test_resume_with_other_adapters_is_refused(multi_run, tmp_path, capsys):
     shutil.copytree(run, resumed)
     rc = main(["finetune", "--output-dir", str(resumed), "--adapter", f"prose={prose}", "--adapter", f"other={qa}",
                "--resume", *QUICK])
-    assert rc == 2 and "does not match the model's trainable parameters" in _one_line_error(capsys.readouterr().err)
+    assert rc == 2 and "does not match the model's trainable parameters" in one_line_error(capsys.readouterr().err)
 
 
 def test_merge_takes_one_adapter_folder_of_the_run(multi_run, tmp_path, capsys):
@@ -147,7 +133,7 @@ def test_merge_takes_one_adapter_folder_of_the_run(multi_run, tmp_path, capsys):
 
     run, _, _ = multi_run
     rc = main(["merge", "--model", str(run / "base_model"), "--adapter", str(run), "--output-dir", str(tmp_path / "m")])
-    line = _one_line_error(capsys.readouterr().err, "merge")
+    line = one_line_error(capsys.readouterr().err, "merge")
     assert rc == 2 and "holds several adapters (prose, qa)" in line and f"--adapter {run / 'prose'}" in line
     assert main(["merge", "--model", str(run / "base_model"), "--adapter", str(run / "qa"),
                  "--output-dir", str(tmp_path / "m")]) == 0
@@ -182,11 +168,11 @@ def test_bad_adapter_flags_are_one_line_errors(tmp_path, capsys):
     ]
     for flags, expected in cases:
         rc = main(["finetune", "--output-dir", str(tmp_path / "o"), *QUICK, *flags])
-        line = _one_line_error(capsys.readouterr().err)
+        line = one_line_error(capsys.readouterr().err)
         assert rc == 2 and expected in line, (flags, line)
     # A folder holding an adapter of an earlier run is a previous run: refused before anything is written.
     rc = main(["finetune", "--output-dir", str(used), *QUICK, *_flags(prose, qa)])
-    line = _one_line_error(capsys.readouterr().err)
+    line = one_line_error(capsys.readouterr().err)
     assert rc == 2 and "previous run (qa/adapter_config.json)" in line and "--overwrite" in line
     assert sorted(p.name for p in used.rglob("*")) == ["adapter_config.json", "notes.txt", "qa"]
     # --overwrite replaces the run's own files in OUTPUT_DIR/NAME/ and nothing else there.

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from helpers import one_line_error
 from lora_kernels.cli import main
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -21,16 +22,7 @@ QUICK = ["--max-steps", "4", "--seq-len", "32", "--batch-size", "2", "--eval-eve
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@pytest.fixture(autouse=True)
-def _torch_backend(monkeypatch):
-    monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("cli_defaults")
 
 
 def _finetune(flags):
@@ -160,9 +152,9 @@ def test_merge_of_a_4bit_run_into_the_full_precision_base(qlora_run, tmp_path, c
     (stored / "config.json").write_text(json.dumps(cfg))
     capsys.readouterr()
     assert main(["merge", "--model", str(stored), "--adapter", str(run), "--output-dir", str(tmp_path / "m2")]) == 2
-    err = capsys.readouterr().err.strip()
+    err = one_line_error(capsys.readouterr().err, "merge")
     assert err.startswith("lora-kernels merge: error: --model") and "stored quantized (bitsandbytes)" in err
-    assert "full-precision" in err and "\n" not in err and not (tmp_path / "m2").exists()
+    assert "full-precision" in err and not (tmp_path / "m2").exists()
 
 
 @pytest.mark.parametrize("flags,expected", [
@@ -176,8 +168,8 @@ def test_quantize_flag_errors_are_one_line_and_write_nothing(flags, expected, tm
         monkeypatch.setitem(sys.modules, "bitsandbytes", None)   # `import bitsandbytes` raises ImportError
     out = tmp_path / "o"
     assert main(["finetune", "--output-dir", str(out), *QUICK, *flags]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("lora-kernels finetune: error: ") and "\n" not in err and expected in err, err
+    err = one_line_error(capsys.readouterr().err)
+    assert expected in err, err
     if "__no_bnb__" in expected or "bitsandbytes" in expected:
         assert "pip install bitsandbytes" in err
     assert not out.exists()
