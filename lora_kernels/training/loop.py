@@ -198,17 +198,7 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(self.params, clip)))
-        finite = math.isfinite(grad_norm)
-        if self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)  # skips the update itself when the unscaled grads hold inf/NaN
-            self.scaler.update()
-        elif finite:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
-        if not finite:
-            self.skipped += 1
+        lr, finite = self._update(grad_norm)
         tokens = sum(ids.numel() for ids, _ in micro) * self.world
         self.tokens_seen += tokens
         mean_loss = sum_over_ranks(loss_sum.reshape(1), self.world).item() / self.world
@@ -369,6 +359,22 @@ class Trainer:
     def _loss_text(self, out: dict) -> str:
         """The loss as the progress bar shows it."""
         return f"{out['loss']:.3f}"
+
+    def _update(self, grad_norm: float):
+        """The optimizer and scheduler step after clipping; a non-finite gradient norm skips the update (and is
+        counted). Returns (the learning rate used, whether the gradients were finite)."""
+        finite = math.isfinite(grad_norm)
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # skips the update itself when the unscaled grads hold inf/NaN
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        if not finite:
+            self.skipped += 1
+        return lr, finite
 
     def _stop_requested(self, stop) -> bool:
         """Whether any rank got Ctrl-C: all ranks must stop at the same step to checkpoint together."""

@@ -209,17 +209,7 @@ class MultiAdapterTrainer(Trainer):
         norms = {name: float(full_tensor(torch.nn.utils.clip_grad_norm_(params, clip)))
                  for name, params in self.adapter_params.items()}
         grad_norm = math.sqrt(sum(n * n for n in norms.values()))
-        finite = math.isfinite(grad_norm)
-        if self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        elif finite:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
-        if not finite:
-            self.skipped += 1
+        lr, finite = self._update(grad_norm)
         tokens = sum(ids.numel() for ids, _, _ in micro) * self.world
         self.tokens_seen += tokens
         losses = (sum_over_ranks(parts, self.world) / self.world).tolist()
