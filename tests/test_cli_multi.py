@@ -125,7 +125,12 @@ def test_resume_with_other_adapters_is_refused(multi_run, tmp_path, capsys):
     shutil.copytree(run, resumed)
     rc = main(["finetune", "--output-dir", str(resumed), "--adapter", f"prose={prose}", "--adapter", f"other={qa}",
                "--resume", *QUICK])
-    assert rc == 2 and "does not match the model's trainable parameters" in one_line_error(capsys.readouterr().err)
+    err = one_line_error(capsys.readouterr().err)
+    assert rc == 2 and "does not match the model's trainable parameters" in err and "--adapter names" in err
+    # Resuming it as a single-adapter run is refused the same way (its further adapters are extra parameters).
+    rc = main(["finetune", "--output-dir", str(resumed), "--data", str(prose), "--resume", *QUICK])
+    err = one_line_error(capsys.readouterr().err)
+    assert rc == 2 and "unexpected" in err and "lora_As.qa" in err, err
 
 
 def test_merge_takes_one_adapter_folder_of_the_run(multi_run, tmp_path, capsys):

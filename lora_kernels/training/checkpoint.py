@@ -150,7 +150,8 @@ def read_checkpoint(path: str, rank: int, world: int,
         missing = sorted(set(trainable_names) - set(trainable))
         extra = sorted(set(trainable) - set(trainable_names))
         raise ValueError(f"resume: checkpoint {path!r} does not match the model's trainable parameters "
-                         f"(missing {missing[:3]}, unexpected {extra[:3]})")
+                         f"(missing {missing[:3]}, unexpected {extra[:3]}); resume with the model, --target-modules, "
+                         "--r and --adapter names of the run that wrote it")
     mine = _read(lambda: read_state(os.path.join(path, rank_stem(rank))))
     return trainable, state, mine
 
