@@ -21,7 +21,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 
-from .packing import IGNORE_INDEX, TokenPacker, pack_documents
+from .packing import IGNORE_INDEX, TokenPacker, pack_documents, text_encoder
 from .progress import loading_bar
 
 DEMO_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.jsonl")
@@ -225,16 +225,17 @@ def load_packed(path: str, tokenizer, seq_len: int, *, progress: Optional[bool] 
     packer = TokenPacker(seq_len, pad)  # checks seq_len before a large file is read
     if progress is None:
         progress = os.environ.get("RANK", "0") == "0"
+    encode = text_encoder(tokenizer)
     with loading_bar(path, enabled=progress) as advance:
         batch, chars = [], 0
         for record in iter_records(path, advance):
             batch.append((record.prompt, record.text))
             chars += len(record.text) + len(record.prompt or "")
             if chars >= BATCH_CHARS or len(batch) >= BATCH_RECORDS:
-                pack_documents(packer, batch, tokenizer)
+                pack_documents(packer, batch, tokenizer, encode)
                 batch, chars = [], 0
         if batch:
-            pack_documents(packer, batch, tokenizer)
+            pack_documents(packer, batch, tokenizer, encode)
     ds = PackedDataset(*packer.finish())
     if ds.num_loss_tokens() == 0:
         raise DataError(path, None, "no token carries loss after tokenization")

@@ -9,11 +9,13 @@ records they came from.
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence, Tuple
+import functools
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from .segments import SegmentEncoder, segmentable
 from .tokenizer import ByteTokenizer
 
 IGNORE_INDEX = -100
@@ -87,47 +89,64 @@ class TokenPacker:
 
 
 # -- tokenizing a batch of texts ---------------------------------------------------------------------
+Encode = Callable[[Sequence[str]], List[np.ndarray]]
+
+
 def _is_fast_hf(tokenizer) -> bool:
     return bool(getattr(tokenizer, "is_fast", False)) and callable(tokenizer)
 
 
 def _pieces(text: str) -> List[str]:
-    """`text` cut before a space about every PIECE_CHARS characters.
+    """`text` cut about every PIECE_CHARS characters, before a space that follows a non-space character.
 
-    Why: a batch tokenizer spreads a batch over cores, but one 50 MB document is one item, and its encoding
-    (offsets and all) is held at once. Byte-level BPE (GPT-2, Llama 3, Qwen) and WordPiece split words at
-    spaces anyway, so cutting before a space leaves the tokens unchanged; a SentencePiece tokenizer that
-    prefixes each input with "▁" may differ by a token at a cut, once per PIECE_CHARS characters.
+    Why: one 50 MB document is one item of a batch, and all of its encoding would be held at once. Such a cut
+    leaves the ids unchanged for every tokenizer segments.segmentable admits (see there). Elsewhere, and where
+    half a piece has no such space (text without spaces, e.g. Chinese), a cut can change the tokens next to
+    it: a SentencePiece tokenizer that prefixes each input with "▁" (Llama 2's legacy one) adds a token there.
     """
     if len(text) <= PIECE_CHARS:
         return [text]
     out, start = [], 0
     while len(text) - start > PIECE_CHARS:
-        cut = text.rfind(" ", start + PIECE_CHARS // 2, start + PIECE_CHARS)
-        if cut <= start:
-            cut = start + PIECE_CHARS  # no space (e.g. CJK text): cut anywhere
+        lo, hi = start + PIECE_CHARS // 2, start + PIECE_CHARS
+        cut = text.rfind(" ", lo, hi)
+        while cut > lo and text[cut - 1].isspace():
+            cut = text.rfind(" ", lo, cut)
+        if cut < 0 or text[cut - 1].isspace():
+            cut = hi  # no safe cut: cut anywhere
         out.append(text[start:cut])
         start = cut
     out.append(text[start:])
     return out
 
 
-def encode_texts(tokenizer, texts: Sequence[str]) -> List[np.ndarray]:
-    """Token ids of each text, without special tokens, as int arrays; batched where the tokenizer can."""
+def text_encoder(tokenizer) -> Encode:
+    """encode(texts) -> the ids of each text without special tokens, as int arrays; batched where the tokenizer
+    can. Made once per file, so a fast tokenizer's segment cache (segments.py) serves the whole file."""
     if isinstance(tokenizer, ByteTokenizer):
-        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
+        return lambda texts: [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
     if not _is_fast_hf(tokenizer):
-        return [np.asarray(tokenizer.encode(t, add_special_tokens=False), dtype=np.int32) for t in texts]
+        return lambda texts: [np.asarray(tokenizer.encode(t, add_special_tokens=False), dtype=np.int32)
+                              for t in texts]
+    if segmentable(tokenizer):
+        return functools.partial(_encode_in_pieces, SegmentEncoder(tokenizer))
+
+    def call(batch: List[str]) -> List[np.ndarray]:
+        encoded = tokenizer(batch, add_special_tokens=False, return_attention_mask=False,
+                            return_token_type_ids=False)["input_ids"]
+        return [np.asarray(ids, dtype=np.int32) for ids in encoded]
+    return functools.partial(_encode_in_pieces, call)
+
+
+def _encode_in_pieces(call: Encode, texts: Sequence[str]) -> List[np.ndarray]:
     parts: List[List[np.ndarray]] = [[] for _ in texts]
     batch, owners, chars = [], [], 0
 
     def flush():
-        # One call per ~PIECE_CHARS * 16 characters: enough to keep every core busy, while the tokenizer's
-        # per-token Python lists (and its encodings) for one call stay small.
-        encoded = tokenizer(batch, add_special_tokens=False, return_attention_mask=False,
-                            return_token_type_ids=False)["input_ids"]
-        for i, ids in zip(owners, encoded):
-            parts[i].append(np.asarray(ids, dtype=np.int32))
+        # One call per ~PIECE_CHARS * 16 characters: enough to keep every core busy, while what one call holds
+        # (the tokenizer's encodings, per-token Python lists) stays small.
+        for i, ids in zip(owners, call(batch)):
+            parts[i].append(ids)
         batch.clear()
         owners.clear()
 
@@ -144,18 +163,20 @@ def encode_texts(tokenizer, texts: Sequence[str]) -> List[np.ndarray]:
     return [p[0] if len(p) == 1 else np.concatenate(p) for p in parts]
 
 
-def pack_documents(packer: TokenPacker, docs: Sequence[Tuple[Optional[str], str]], tokenizer) -> None:
+def pack_documents(packer: TokenPacker, docs: Sequence[Tuple[Optional[str], str]], tokenizer,
+                   encode: Optional[Encode] = None) -> None:
     """Append documents (prompt or None, text) as [bos] prompt text [eos]; bos and the prompt carry no loss.
 
     Prompt and text are tokenized separately (as TRL does) so the loss boundary is exact. The batch goes
     to the packer as one array: per-document appends cost more than the byte tokenizer's encoding.
+    encode: text_encoder(tokenizer), made once for a whole file.
     """
     bos = getattr(tokenizer, "bos_token_id", None)
     eos = getattr(tokenizer, "eos_token_id", None)
     bos_a = np.array([bos] if bos is not None else [], dtype=np.int32)
     eos_a = np.array([eos] if eos is not None else [], dtype=np.int32)
     prompts = [p for p, _ in docs if p is not None]
-    encoded = encode_texts(tokenizer, prompts + [t for _, t in docs])
+    encoded = (encode or text_encoder(tokenizer))(prompts + [t for _, t in docs])
     prompt_ids, text_ids = iter(encoded[:len(prompts)]), iter(encoded[len(prompts):])
     pieces, loss = [], []
     for prompt, _ in docs:
