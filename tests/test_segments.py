@@ -12,6 +12,7 @@ from lora_kernels.data.segments import SegmentEncoder, segmentable
 # Every kind of whitespace next to every kind of character: where a cut would be unsafe, a wrong cut shows.
 TRICKY = [
     "  two leading spaces, then  two  inside and a trailing one ",
+    "code:\n    if x:\n        return  x   +  1\n    return    0   ",
     "tab\tbefore and after\t word\t\tend\t",
     "lines\nand\n  indented\n\tlines\r\nwith CRLF \r\n and a space after a newline \n",
     "no-break\u00a0space \u00a0 ideographic\u3000space \u3000x em\u2003space",
@@ -28,6 +29,10 @@ TRICKY = [
 def _corpus():
     texts = [r.text for r in read_records(DEMO_PATH)] + [r.prompt for r in read_records(DEMO_PATH) if r.prompt]
     return texts + TRICKY
+
+
+# Training only: runs of spaces common enough that the vocabulary merges them ("ĠĠĠ"), as code-trained ones do.
+INDENTED = ["def f(x):\n    if x:\n        return  x   +  1\n    return    0"] * 20
 
 
 def _fast(kind):
@@ -58,7 +63,7 @@ def _fast(kind):
     else:
         raise ValueError(kind)
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, initial_alphabet=alphabet)
-    tok.train_from_iterator(_corpus(), trainer)
+    tok.train_from_iterator(_corpus() + INDENTED, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>", bos_token="<s>", pad_token="<pad>",
                                    unk_token="<unk>")
 
@@ -96,6 +101,7 @@ def test_one_line_file_cut_into_pieces_packs_the_same_rows(fast, tmp_path, monke
     monkeypatch.setattr(packing, "CHUNK_TOKENS", 37)
     pieces = packing._pieces(text)
     assert len(pieces) > 100 and all(p.startswith(" ") for p in pieces[1:])  # every cut a safe one
+    assert isinstance(packing.text_encoder(fast).args[0], SegmentEncoder)  # the path load_packed takes
     ds = load_packed(str(path), fast, 16)
     assert torch.equal(ds.input_ids, want[0]) and torch.equal(ds.labels, want[1])
 
@@ -103,10 +109,13 @@ def test_one_line_file_cut_into_pieces_packs_the_same_rows(fast, tmp_path, monke
 def test_segmentable_refuses_tokenizers_a_cut_can_change():
     """Llama 2's legacy normalizer prefixes "▁" to each input; an rstrip token swallows the space after it;
     BPE dropout is random. Those go through tokenizer(text), and a file of short documents packs the same."""
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken, normalizers
 
     legacy = _fast("legacy")
     assert not segmentable(legacy)
+    prepend = _fast("metaspace")
+    prepend._tokenizer.normalizer = normalizers.Prepend("▁")
+    assert not segmentable(prepend)
     ok = _fast("bytelevel")
     assert segmentable(ok)
     ok._tokenizer.add_special_tokens([AddedToken("<sep>", rstrip=True)])
