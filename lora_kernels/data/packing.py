@@ -1,9 +1,9 @@
 """Tokenizing documents in batches and packing the token stream into fixed-length rows, in bounded memory.
 
 The loader streams records through here: a batch of documents is tokenized at once (a fast Hugging Face
-tokenizer encodes a batch on all cores; the byte tokenizer is a buffer view), and its tokens are appended
-to staging chunks (an int32 id and a loss flag per token). Only at the end are the (rows, seq_len) int64
-tensors allocated, and each staging chunk is freed as it is copied in. Peak memory is the packed result
+tokenizer encodes each distinct segment once where that is exact, see segments.py, else a batch on all cores;
+the byte tokenizer is a buffer view), and its tokens are appended to staging chunks (an int32 id and a loss
+flag per token). Only at the end are the (rows, seq_len) int64 tensors allocated, and each staging chunk is freed as it is copied in. Peak memory is the packed result
 plus ~5 bytes a token of staging, not Python lists of every token (8 bytes a pointer, twice) plus the
 records they came from.
 """

@@ -17,7 +17,7 @@ can span such a cut. `segmentable` admits only tokenizers for which that holds:
     BertNormalizer (not Prepend, as in Llama 2's legacy tokenizer, nor Replace, nor Precompiled);
   - added tokens without whitespace in them and without rstrip (which would swallow the space after them);
   - no BPE dropout (the same word must always give the same ids), no truncation or padding set on the backend.
-Other fast tokenizers are called on the text itself (packing.encode_texts).
+Other fast tokenizers are called on the text itself (packing.text_encoder).
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ import numpy as np
 
 CACHE_SEGMENTS = 1 << 19  # distinct segments kept (~100 MB at most); the cache restarts when full
 GROUP_SEGMENTS = 4096     # new segments per tokenizer input
-# Python's \S is "not str.isspace()", which holds for every Unicode White_Space character (and a few more):
-# no cut follows a tab, a newline or a no-break space.
+# Python's \S is "not str.isspace()", and isspace() is true for every Unicode White_Space character (and a few
+# more): no cut follows a tab, a newline or a no-break space.
 CUT = re.compile(r"(?<=\S) ")
 SPACE_AFTER_SPACE = re.compile(r"\s ")  # without one, every space but a leading one is a cut: str.split does it
 
