@@ -1,5 +1,5 @@
 """Training data: local JSONL / text loaders (loader.py), streaming tokenization and packing (packing.py), a fast
-Hugging Face tokenizer's encoding by distinct segments (segments.py), the loading bar (progress.py), the per-rank
+Hugging Face tokenizer's encoding by distinct segments (word_cache.py), the loading bar (progress.py), the per-rank
 batch order (batches.py), the byte tokenizer, the demo set.
 
 demo.jsonl (DEMO_PATH) is a small English set written for this package: short prose about LoRA and

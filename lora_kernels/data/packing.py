@@ -1,7 +1,7 @@
 """Tokenizing documents in batches and packing the token stream into fixed-length rows, in bounded memory.
 
 The loader streams records through here: a batch of documents is tokenized at once (a fast Hugging Face
-tokenizer encodes each distinct segment once where that is exact, see segments.py, else a batch on all cores;
+tokenizer encodes each distinct segment once where that is exact, see word_cache.py, else a batch on all cores;
 the byte tokenizer is a buffer view), and its tokens are appended to staging chunks (an int32 id and a loss
 flag per token). Only at the end are the (rows, seq_len) int64 tensors allocated, and each staging chunk is freed as it is copied in. Peak memory is the packed result
 plus ~5 bytes a token of staging, not Python lists of every token (8 bytes a pointer, twice) plus the
@@ -15,7 +15,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .segments import SegmentEncoder, segmentable
+from .word_cache import SegmentEncoder, segmentable
 from .tokenizer import ByteTokenizer
 
 IGNORE_INDEX = -100
@@ -122,7 +122,7 @@ def _pieces(text: str) -> List[str]:
 
 def text_encoder(tokenizer) -> Encode:
     """encode(texts) -> the ids of each text without special tokens, as int arrays; batched where the tokenizer
-    can. Made once per file, so a fast tokenizer's segment cache (segments.py) serves the whole file."""
+    can. Made once per file, so a fast tokenizer's segment cache (word_cache.py) serves the whole file."""
     if isinstance(tokenizer, ByteTokenizer):
         return lambda texts: [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
     if not _is_fast_hf(tokenizer):

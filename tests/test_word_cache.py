@@ -1,4 +1,4 @@
-"""Encoding by distinct segments (lora_kernels/data/segments.py) gives exactly the tokenizer's own ids."""
+"""Encoding by distinct segments (lora_kernels/data/word_cache.py) gives exactly the tokenizer's own ids."""
 import json
 
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lora_kernels.data import DEMO_PATH, encode_record, load_packed, pack, read_records
-from lora_kernels.data import packing, segments
-from lora_kernels.data.segments import SegmentEncoder, segmentable
+from lora_kernels.data import packing, word_cache
+from lora_kernels.data.word_cache import SegmentEncoder, segmentable
 
 # Every kind of whitespace next to every kind of character: where a cut would be unsafe, a wrong cut shows.
 TRICKY = [
@@ -47,7 +47,7 @@ def _fast(kind):
         alphabet = pre_tokenizers.ByteLevel.alphabet()
     elif kind == "llama3":  # Llama 3's split regex, then bytes
         tok = Tokenizer(models.BPE())
-        pattern = next(p for p in segments._SPLIT_PATTERNS if "{1,3}" in p)
+        pattern = next(p for p in word_cache._SPLIT_PATTERNS if "{1,3}" in p)
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), "isolated"),
                                                      pre_tokenizers.ByteLevel(add_prefix_space=False,
                                                                               use_regex=False)])
@@ -77,7 +77,7 @@ def test_segment_ids_equal_the_tokenizers_own(fast, monkeypatch):
     """Tricky whitespace, a text holding the separator token (that group is encoded one by one), the cache
     reused across calls and restarted when full, small groups: always tokenizer(text)'s ids."""
     assert segmentable(fast)
-    monkeypatch.setattr(segments, "GROUP_SEGMENTS", 7)
+    monkeypatch.setattr(word_cache, "GROUP_SEGMENTS", 7)
     texts = _corpus()
     want = [fast(t, add_special_tokens=False)["input_ids"] for t in texts]
     enc = SegmentEncoder(fast)
@@ -85,7 +85,7 @@ def test_segment_ids_equal_the_tokenizers_own(fast, monkeypatch):
         got = enc(half)
         assert [list(g) for g in got] == [w for w, t in zip(want, texts) if t in half]
         assert all(g.dtype == np.int32 for g in got)
-    monkeypatch.setattr(segments, "CACHE_SEGMENTS", 5)
+    monkeypatch.setattr(word_cache, "CACHE_SEGMENTS", 5)
     assert [list(g) for g in enc(texts)] == want and [list(g) for g in enc(texts)] == want
 
 
