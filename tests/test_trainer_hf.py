@@ -69,6 +69,26 @@ def trained_params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def assert_resumed_like_full(trainer, full_trainer, resumed_model, want, steps):
+    """A run resumed from a checkpoint ends where the uninterrupted one did: the same (step, loss) log (dropout
+    on, so the RNG was restored too), the trained parameters `want` and the Adam state, bit for bit. Returns the
+    resumed model's trained parameters."""
+    def losses(t):
+        return [(e["step"], e["loss"]) for e in t.state.log_history if "loss" in e]
+
+    assert losses(trainer) == losses(full_trainer) and len(losses(trainer)) == steps
+    got = trained_params(resumed_model)
+    assert got.keys() == want.keys()
+    for n, p in got.items():
+        torch.testing.assert_close(p, want[n], rtol=0, atol=0, msg=n)
+    opt, opt_full = trainer.optimizer.state_dict(), full_trainer.optimizer.state_dict()
+    assert opt["state"].keys() == opt_full["state"].keys()
+    for i, s in opt["state"].items():
+        for k, v in s.items():
+            torch.testing.assert_close(v, opt_full["state"][i][k], rtol=0, atol=0, msg=f"optimizer {i} {k}")
+    return got
+
+
 @pytest.mark.parametrize("how", ["apply_fused_lora", "inject_lora"])
 def test_checkpoints_hold_only_the_adapter_and_peft_loads_them(tmp_path, how):
     model = fused_model(how)
@@ -126,20 +146,8 @@ def test_resume_continues_exactly_like_the_uninterrupted_run(tmp_path):
 
     assert steps.seen == [4, 5, 6] and trainer.state.global_step == 6
 
-    def losses(t):
-        return [(e["step"], e["loss"]) for e in t.state.log_history if "loss" in e]
-
-    assert losses(trainer) == losses(full_trainer) and len(losses(trainer)) == 6  # dropout on: RNG restored too
-    want = trained_params(full)
-    got = trained_params(resumed)
-    assert got.keys() == want.keys() and any("lm_head" in n for n in got)
-    for n, p in got.items():
-        torch.testing.assert_close(p, want[n], rtol=0, atol=0, msg=n)
-    opt, opt_full = trainer.optimizer.state_dict(), full_trainer.optimizer.state_dict()
-    assert opt["state"].keys() == opt_full["state"].keys()
-    for i, s in opt["state"].items():
-        for k, v in s.items():
-            torch.testing.assert_close(v, opt_full["state"][i][k], rtol=0, atol=0, msg=f"optimizer {i} {k}")
+    got = assert_resumed_like_full(trainer, full_trainer, resumed, trained_params(full), steps=6)
+    assert any("lm_head" in n for n in got)
     assert trainer.lr_scheduler.state_dict() == full_trainer.lr_scheduler.state_dict()
 
 
@@ -348,16 +356,4 @@ def test_mixed_batches_of_two_adapters_resume_exactly(tmp_path):
 
     assert steps.seen == [3, 4] and trainer.state.global_step == 4
 
-    def losses(t):
-        return [(e["step"], e["loss"]) for e in t.state.log_history if "loss" in e]
-
-    assert losses(trainer) == losses(full_trainer) and len(losses(trainer)) == 4  # dropout on: RNG restored too
-    got = trained_params(resumed)
-    assert got.keys() == end.keys()
-    for n, p in got.items():
-        torch.testing.assert_close(p, end[n], rtol=0, atol=0, msg=n)
-    opt, opt_full = trainer.optimizer.state_dict(), full_trainer.optimizer.state_dict()
-    assert opt["state"].keys() == opt_full["state"].keys()
-    for i, s in opt["state"].items():
-        for k, v in s.items():
-            torch.testing.assert_close(v, opt_full["state"][i][k], rtol=0, atol=0, msg=f"optimizer {i} {k}")
+    assert_resumed_like_full(trainer, full_trainer, resumed, end, steps=4)
