@@ -20,6 +20,27 @@ from .layout import Rows, row_offsets
 from .segments import AdapterTable, any_row, logical_rows, tile_adapters
 
 
+@triton.jit
+def _dyb_and_grad_b(acc, dy, xa, b_ptr, gb_ptr, nn, rr, n_ok, r_ok, stride_bn, stride_br, stride_gbn, stride_gbr,
+                    COMPUTE_DYB: tl.constexpr, COMPUTE_GRAD_B: tl.constexpr, DETERMINISTIC: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """One n-step of one adapter (B at b_ptr, its grad_B slice of this row block at gb_ptr) for the rows of dy
+    (rows of other adapters zeroed): returns acc + dy·B[nn, rr] and adds dyᵀ·xa (xa already scaled) to grad_B.
+    Serves the whole row block, or one segment of it."""
+    if COMPUTE_DYB:
+        b = tl.load(b_ptr + nn[:, None] * stride_bn + rr[None, :] * stride_br, mask=n_ok[:, None] & r_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(dy, b.to(dy.dtype), acc, input_precision=DOT_PRECISION)
+    if COMPUTE_GRAD_B:
+        part = tl.dot(tl.trans(dy), xa, input_precision=DOT_PRECISION)
+        gb = gb_ptr + nn[:, None] * stride_gbn + rr[None, :] * stride_gbr
+        if DETERMINISTIC:
+            tl.store(gb, part, mask=n_ok[:, None] & r_ok[None, :])
+        else:
+            tl.atomic_add(gb, part, mask=n_ok[:, None] & r_ok[None, :])
+    return acc
+
+
 @triton.autotune(configs=rowblock_configs("BLOCK_N"), key=["M_BUCKET", "N", "R", "SEGMENTED"],
                  reset_to_zero=["grad_b_ptr"])
 @triton.jit
@@ -54,6 +75,8 @@ def _lora_dy_b_kernel(
         xa = tl.load(xa_ptr + rm[:, None] * stride_xam + rr[None, :] * stride_xar,
                      mask=row_ok[:, None] & r_ok[None, :], other=0.0)
         xa = (xa * scaling).to(dtype)
+    else:
+        xa = 0.0  # no grad_B: _dyb_and_grad_b does not read it
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -64,32 +87,15 @@ def _lora_dy_b_kernel(
             for a_id in range(first, last + 1):
                 sel = aid == a_id
                 if any_row(sel) & (tl.program_id(1) * BLOCK_R < tl.load(rank_ptr + a_id)):
-                    dy_a = tl.where(sel[:, None], dy, 0.0)
-                    if COMPUTE_DYB:
-                        b = tl.load(b_ptr + tl.cast(a_id, tl.int64) * stride_ba + nn[:, None] * stride_bn
-                                    + rr[None, :] * stride_br, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-                        acc = tl.dot(dy_a, b.to(dtype), acc, input_precision=DOT_PRECISION)
-                    if COMPUTE_GRAD_B:
-                        part = tl.dot(tl.trans(dy_a), xa, input_precision=DOT_PRECISION)
-                        gb = (grad_b_ptr + pid_m.to(tl.int64) * stride_gbs + tl.cast(a_id, tl.int64) * stride_gba
-                              + nn[:, None] * stride_gbn + rr[None, :] * stride_gbr)
-                        if DETERMINISTIC:
-                            tl.store(gb, part, mask=n_ok[:, None] & r_ok[None, :])
-                        else:
-                            tl.atomic_add(gb, part, mask=n_ok[:, None] & r_ok[None, :])
+                    acc = _dyb_and_grad_b(
+                        acc, tl.where(sel[:, None], dy, 0.0), xa, b_ptr + tl.cast(a_id, tl.int64) * stride_ba,
+                        grad_b_ptr + pid_m.to(tl.int64) * stride_gbs + tl.cast(a_id, tl.int64) * stride_gba,
+                        nn, rr, n_ok, r_ok, stride_bn, stride_br, stride_gbn, stride_gbr,
+                        COMPUTE_DYB, COMPUTE_GRAD_B, DETERMINISTIC, DOT_PRECISION)
         else:
-            if COMPUTE_DYB:
-                b = tl.load(b_ptr + nn[:, None] * stride_bn + rr[None, :] * stride_br,
-                            mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-                acc = tl.dot(dy, b.to(dtype), acc, input_precision=DOT_PRECISION)
-        if COMPUTE_GRAD_B and not SEGMENTED:
-            part = tl.dot(tl.trans(dy), xa, input_precision=DOT_PRECISION)
-            gb = (grad_b_ptr + pid_m.to(tl.int64) * stride_gbs
-                  + nn[:, None] * stride_gbn + rr[None, :] * stride_gbr)
-            if DETERMINISTIC:
-                tl.store(gb, part, mask=n_ok[:, None] & r_ok[None, :])
-            else:
-                tl.atomic_add(gb, part, mask=n_ok[:, None] & r_ok[None, :])
+            acc = _dyb_and_grad_b(acc, dy, xa, b_ptr, grad_b_ptr + pid_m.to(tl.int64) * stride_gbs, nn, rr, n_ok,
+                                  r_ok, stride_bn, stride_br, stride_gbn, stride_gbr,
+                                  COMPUTE_DYB, COMPUTE_GRAD_B, DETERMINISTIC, DOT_PRECISION)
     if COMPUTE_DYB:
         tl.store(dyb_ptr + rm[:, None] * stride_dbm + rr[None, :] * stride_dbr, acc,
                  mask=row_ok[:, None] & r_ok[None, :])

@@ -34,6 +34,38 @@ from .layout import Rows, grouped_tile, row_offsets
 from .segments import AdapterTable, any_row, logical_rows, tile_adapters
 
 
+@triton.jit
+def _lora_dx_and_grad_a(lora, dyb_ptr, a_ptr, ga_ptr, x_ptr, x, rm, rk, rr, rows, k_ok, rank, scale, keep_scale,
+                        stride_dbm, stride_dbr, stride_ar, stride_ak, stride_gar, stride_gak,
+                        COMPUTE_DX: tl.constexpr, COMPUTE_GRAD_A: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                        DETERMINISTIC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """For one adapter (A at a_ptr, its grad_A slice of this row block at ga_ptr), in BLOCK_R rank chunks up to
+    `rank`, with d = scale·dyB[rows] (other rows read as 0): returns lora + d·A, and adds keep_scale·dᵀ·x (x
+    already masked; unused without COMPUTE_GRAD_A) to grad_A, in x's dtype. Serves the whole tile, or one
+    segment of it."""
+    dtype = x_ptr.dtype.element_ty
+    for r0 in range(0, rank, BLOCK_R):
+        r_idx = r0 + rr
+        r_ok = r_idx < rank
+        dyb = tl.load(dyb_ptr + rm[:, None] * stride_dbm + r_idx[None, :] * stride_dbr,
+                      mask=rows[:, None] & r_ok[None, :], other=0.0)
+        dyb = (dyb * scale).to(dtype)
+        if COMPUTE_DX:
+            a = tl.load(a_ptr + r_idx[:, None] * stride_ar + rk[None, :] * stride_ak,
+                        mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            lora = tl.dot(dyb, a.to(dtype), lora, input_precision=DOT_PRECISION)
+        if COMPUTE_GRAD_A:
+            part = tl.dot(tl.trans(dyb), x, input_precision=DOT_PRECISION)
+            if HAS_DROPOUT:
+                part = part * keep_scale
+            ga = ga_ptr + r_idx[:, None] * stride_gar + rk[None, :] * stride_gak
+            if DETERMINISTIC:
+                tl.store(ga, part, mask=r_ok[:, None] & k_ok[None, :])
+            else:
+                tl.atomic_add(ga, part, mask=r_ok[:, None] & k_ok[None, :])
+    return lora
+
+
 # Autotuning runs the kernel many times: grad_A accumulates with atomics, and the split path adds to grad_x
 # in place, so both are reset between runs.
 @triton.autotune(configs=gemm_configs(out_block="BLOCK_K", reduce_block="BLOCK_N"),
@@ -107,56 +139,27 @@ def _lora_linear_bwd_dx_kernel(
         x = tl.load(x_rows[:, None] + rk[None, :] * stride_xk, mask=tile_ok, other=0.0)
         if HAS_DROPOUT:
             x = tl.where(keep, x, 0.0)
+    else:
+        x = 0.0  # no grad_A: the helper below does not read it
 
     lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     rr = tl.arange(0, BLOCK_R)
     if SEGMENTED:
         for a_id in range(first, last + 1):
             sel = aid == a_id
-            if any_row(sel):
-                rank = tl.load(rank_ptr + a_id)
-                s_a = tl.load(scale_ptr + a_id)
-                for r0 in range(0, rank, BLOCK_R):  # up to a's own rank: A[a]'s padding rows are zero
-                    r_idx = r0 + rr
-                    r_ok = r_idx < rank
-                    dyb = tl.load(dyb_ptr + rm[:, None] * stride_dbm + r_idx[None, :] * stride_dbr,
-                                  mask=sel[:, None] & r_ok[None, :], other=0.0)
-                    dyb = (dyb * s_a).to(dtype)
-                    if COMPUTE_DX:
-                        a = tl.load(a_ptr + tl.cast(a_id, tl.int64) * stride_aa + r_idx[:, None] * stride_ar
-                                    + rk[None, :] * stride_ak, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-                        lora = tl.dot(dyb, a.to(dtype), lora, input_precision=DOT_PRECISION)
-                    if COMPUTE_GRAD_A:
-                        part = tl.dot(tl.trans(dyb), x, input_precision=DOT_PRECISION)
-                        if HAS_DROPOUT:
-                            part = part * tl.load(keep_scale_ptr + a_id)
-                        ga = (grad_a_ptr + pid_m.to(tl.int64) * stride_gas + tl.cast(a_id, tl.int64) * stride_gaa
-                              + r_idx[:, None] * stride_gar + rk[None, :] * stride_gak)
-                        if DETERMINISTIC:
-                            tl.store(ga, part, mask=r_ok[:, None] & k_ok[None, :])
-                        else:
-                            tl.atomic_add(ga, part, mask=r_ok[:, None] & k_ok[None, :])
+            if any_row(sel):  # up to a's own rank: A[a]'s padding rows are zero
+                lora = _lora_dx_and_grad_a(
+                    lora, dyb_ptr, a_ptr + tl.cast(a_id, tl.int64) * stride_aa,
+                    grad_a_ptr + pid_m.to(tl.int64) * stride_gas + tl.cast(a_id, tl.int64) * stride_gaa, x_ptr,
+                    x, rm, rk, rr, sel, k_ok, tl.load(rank_ptr + a_id), tl.load(scale_ptr + a_id),
+                    tl.load(keep_scale_ptr + a_id) if HAS_DROPOUT else 1.0, stride_dbm, stride_dbr,
+                    stride_ar, stride_ak, stride_gar, stride_gak,
+                    COMPUTE_DX, COMPUTE_GRAD_A, HAS_DROPOUT, DETERMINISTIC, DOT_PRECISION, BLOCK_R)
     else:
-        for r0 in range(0, R, BLOCK_R):
-            r_idx = r0 + rr
-            r_ok = r_idx < R
-            dyb = tl.load(dyb_ptr + rm[:, None] * stride_dbm + r_idx[None, :] * stride_dbr,
-                          mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-            dyb = (dyb * scaling).to(dtype)
-            if COMPUTE_DX:
-                a = tl.load(a_ptr + r_idx[:, None] * stride_ar + rk[None, :] * stride_ak,
-                            mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-                lora = tl.dot(dyb, a.to(dtype), lora, input_precision=DOT_PRECISION)
-            if COMPUTE_GRAD_A:
-                part = tl.dot(tl.trans(dyb), x, input_precision=DOT_PRECISION)
-                if HAS_DROPOUT:
-                    part = part * keep_scale
-                ga = (grad_a_ptr + pid_m.to(tl.int64) * stride_gas
-                      + r_idx[:, None] * stride_gar + rk[None, :] * stride_gak)
-                if DETERMINISTIC:
-                    tl.store(ga, part, mask=r_ok[:, None] & k_ok[None, :])
-                else:
-                    tl.atomic_add(ga, part, mask=r_ok[:, None] & k_ok[None, :])
+        lora = _lora_dx_and_grad_a(
+            lora, dyb_ptr, a_ptr, grad_a_ptr + pid_m.to(tl.int64) * stride_gas, x_ptr, x, rm, rk, rr, row_ok, k_ok,
+            R, scaling, keep_scale, stride_dbm, stride_dbr, stride_ar, stride_ak, stride_gar, stride_gak,
+            COMPUTE_DX, COMPUTE_GRAD_A, HAS_DROPOUT, DETERMINISTIC, DOT_PRECISION, BLOCK_R)
 
     if COMPUTE_DX:
         if HAS_DROPOUT:

@@ -30,6 +30,23 @@ from .layout import Rows, grouped_tile, row_offsets
 from .segments import AdapterTable, any_row, logical_rows, tile_adapters
 
 
+@triton.jit
+def _add_expand(acc, xa_ptr, b_ptr, y_ptr, rm, rn, rr, rows, col_ok, rank, scale, stride_xam, stride_xar,
+                stride_bn, stride_br, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc + scale·xa[rows, :rank]·B[:, :rank]ᵀ in BLOCK_R rank chunks (rr = arange(BLOCK_R)), in y's dtype (as
+    PEFT's lora_B runs); rows not selected read xa as 0. One adapter's expand: the tile's, or one segment's."""
+    dtype = y_ptr.dtype.element_ty
+    for r0 in range(0, rank, BLOCK_R):
+        r_idx = r0 + rr
+        r_ok = r_idx < rank
+        xa = tl.load(xa_ptr + rm[:, None] * stride_xam + r_idx[None, :] * stride_xar,
+                     mask=rows[:, None] & r_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + rn[None, :] * stride_bn + r_idx[:, None] * stride_br,
+                    mask=col_ok[None, :] & r_ok[:, None], other=0.0)
+        acc = tl.dot((xa * scale).to(dtype), b.to(dtype), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
 # restore_value: on the split path the kernel adds to y in place, and autotuning runs it many times.
 @triton.autotune(configs=gemm_configs(out_block="BLOCK_N", reduce_block="BLOCK_K"),
                  key=["M_BUCKET", "N", "K", "R", "BASE_IN_Y", "W_4BIT", "SEGMENTED"], restore_value=["y_ptr"])
@@ -88,28 +105,13 @@ def _lora_linear_fwd_kernel(
         for a_id in range(first, last + 1):
             sel = aid == a_id
             if any_row(sel):
-                rank = tl.load(rank_ptr + a_id)
-                s_a = tl.load(scale_ptr + a_id)
-                b_a = b_ptr + tl.cast(a_id, tl.int64) * stride_ba
-                for r0 in range(0, rank, BLOCK_R):  # up to a's own rank: B[a]'s padding columns are zero
-                    r_idx = r0 + rr
-                    r_ok = r_idx < rank
-                    xa = tl.load(xa_ptr + rm[:, None] * stride_xam + r_idx[None, :] * stride_xar,
-                                 mask=sel[:, None] & r_ok[None, :], other=0.0)
-                    b = tl.load(b_a + rn[None, :] * stride_bn + r_idx[:, None] * stride_br,
-                                mask=col_ok[None, :] & r_ok[:, None], other=0.0)
-                    acc = tl.dot((xa * s_a).to(y_ptr.dtype.element_ty), b.to(y_ptr.dtype.element_ty), acc,
-                                 input_precision=DOT_PRECISION)
+                # up to a's own rank: B[a]'s padding columns are zero
+                acc = _add_expand(acc, xa_ptr, b_ptr + tl.cast(a_id, tl.int64) * stride_ba, y_ptr, rm, rn, rr, sel,
+                                  col_ok, tl.load(rank_ptr + a_id), tl.load(scale_ptr + a_id), stride_xam,
+                                  stride_xar, stride_bn, stride_br, DOT_PRECISION, BLOCK_R)
     else:
-        for r0 in range(0, R, BLOCK_R):
-            r_idx = r0 + rr
-            r_ok = r_idx < R
-            xa = tl.load(xa_ptr + rm[:, None] * stride_xam + r_idx[None, :] * stride_xar,
-                         mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-            b = tl.load(b_ptr + rn[None, :] * stride_bn + r_idx[:, None] * stride_br,
-                        mask=col_ok[None, :] & r_ok[:, None], other=0.0)
-            acc = tl.dot((xa * scaling).to(y_ptr.dtype.element_ty), b.to(y_ptr.dtype.element_ty), acc,
-                         input_precision=DOT_PRECISION)
+        acc = _add_expand(acc, xa_ptr, b_ptr, y_ptr, rm, rn, rr, row_ok, col_ok, R, scaling, stride_xam, stride_xar,
+                          stride_bn, stride_br, DOT_PRECISION, BLOCK_R)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
