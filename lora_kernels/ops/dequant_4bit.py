@@ -34,13 +34,19 @@ def _codes(packed_ptr, idx, mask, code_ptr):
 @triton.jit
 def _scales(block, mask, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, BLOCKSIZE2: tl.constexpr,
             DOUBLE_QUANT: tl.constexpr):
-    """The float32 absmax of blocks `block`: stored, or fl(fl(code2[a]·absmax2[block // BLOCKSIZE2]) + offset)."""
+    """The float32 absmax of blocks `block`: stored, or fl(fl(code2[a]·absmax2[block // BLOCKSIZE2]) + offset).
+
+    One return after an if/else, not a return inside the if: Triton's compiler types every return of a function,
+    also one after a constexpr branch that returned, and under DOUBLE_QUANT the stored absmax is uint8 (the
+    interpreter never noticed; tests/test_triton_compile.py compiles this for sm_90)."""
     if DOUBLE_QUANT:
         q_absmax = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         scale = tl.load(code2_ptr + q_absmax, mask=mask, other=0.0) * tl.load(absmax2_ptr + block // BLOCKSIZE2,
                                                                               mask=mask, other=0.0)
-        return scale + tl.load(offset_ptr)
-    return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return scale
 
 
 @triton.jit
