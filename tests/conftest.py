@@ -3,6 +3,7 @@
 TRITON_INTERPRET must be set before triton is first imported, hence at the top of conftest.
 """
 import os
+import sys
 
 try:
     import torch
@@ -70,6 +71,23 @@ def pytest_collection_modifyitems(config, items):
 def _default_backend(monkeypatch):
     """Each test starts from LORA_KERNELS_BACKEND=auto unless it sets its own."""
     monkeypatch.delenv("LORA_KERNELS_BACKEND", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _bnb_reference_in_compute_dtype():
+    """bitsandbytes' Linear4bit, in eval mode without grad on a CPU with AVX512-BF16, repacks its weight into a
+    CPU-only layout and multiplies in bfloat16 (~1e-2 off on unit-scale logits), on other CPUs in the compute
+    dtype: PEFT's QLoRA outputs, our tests' reference, would then depend on the CPU. Layers built during a test
+    take the compute-dtype path everywhere (bnb reads the flag per module at construction). The refusal of a
+    repacked weight by our kernels is tested in test_qlora_dequant.py."""
+    modules = sys.modules.get("bitsandbytes.nn.modules")   # imported at collection by the files that use bnb
+    if modules is None:
+        yield
+        return
+    mp = pytest.MonkeyPatch()   # its own: a test's monkeypatch.undo() must not drop it
+    mp.setattr(modules, "has_avx512bf16", lambda: False)
+    yield
+    mp.undo()
 
 
 @pytest.fixture

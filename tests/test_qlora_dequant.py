@@ -106,3 +106,15 @@ def test_params4bit_and_bad_quant_states():
 
     with pytest.raises(ValueError, match="unsupported bitsandbytes QuantState.*lacks offset, state2"):
         from_bnb(lin.weight.data, OldState())
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_weight_repacked_by_bnb_cpu_inference_is_refused(double_quant):
+    """bnb's eval-mode CPU path (AVX512-BF16 machines) repacks a Linear4bit's bytes into another layout and, with
+    double quantization, drops state2: the kernels must say so, not read the bytes as the standard layout."""
+    bnb = pytest.importorskip("bitsandbytes")
+    w = bnb.nn.Params4bit(torch.randn(64, 128), requires_grad=False, quant_type="nf4",
+                          compress_statistics=double_quant)._quantize("cpu")
+    packed, qs = bf._convert_weight_packed_for_cpu(w.data, w.quant_state)
+    with pytest.raises(ValueError, match="repacked by bitsandbytes' CPU inference path"):
+        from_bnb(packed, qs)

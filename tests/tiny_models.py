@@ -6,9 +6,9 @@ ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 VOCAB = 128
 
 
-def tiny_llama(seed=0, attention_bias=False, dtype=torch.float32):
+def tiny_llama(seed=0, attention_bias=False, dtype=torch.float32, hidden_size=48, intermediate_size=96):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    cfg = LlamaConfig(hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=VOCAB, attention_bias=attention_bias)
     return LlamaForCausalLM(cfg).to(dtype)
 

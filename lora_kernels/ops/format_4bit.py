@@ -92,14 +92,15 @@ def from_bnb(weight, quant_state=None) -> QuantizedWeight:
     if qs is None:
         raise ValueError("weight has no bitsandbytes quant_state: expected a quantized Params4bit (moved to its "
                          "device or loaded 4-bit) or packed data with a QuantState")
+    # Before the field check: the repacking drops state2 of a double-quantized weight.
+    if getattr(qs, "packing_format_for_cpu", False):
+        raise ValueError("the Params4bit was repacked by bitsandbytes' CPU inference path (packing_format_for_cpu): "
+                         "the kernels read bitsandbytes' standard 4-bit layout only")
     missing = [f for f in ("absmax", "blocksize", "quant_type", "shape", "code", "offset", "state2")
                if not hasattr(qs, f)]
     if missing:
         raise ValueError(f"unsupported bitsandbytes QuantState (bitsandbytes {_bnb_version()}): it lacks "
                          f"{', '.join(missing)}")
-    if getattr(qs, "packing_format_for_cpu", False):
-        raise ValueError("the Params4bit was repacked by bitsandbytes' CPU inference path (packing_format_for_cpu): "
-                         "the kernels read bitsandbytes' standard 4-bit layout only")
     if qs.quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type {qs.quant_type!r} is not supported: the kernels read {' and '.join(QUANT_TYPES)}")
     if qs.blocksize not in BLOCKSIZES:
