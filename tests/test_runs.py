@@ -221,7 +221,7 @@ def test_resuming_a_finished_run_trains_and_writes_nothing(tmp_path):
 # -- threads, devices, sequence length ----------------------------------------------------------------------
 
 def test_thread_choice():
-    assert choose_threads(128, env={}) == 1  # the tiny default: one thread (README "Fine-tuning")
+    assert choose_threads(128, env={}) == 1  # the tiny default: one thread (docs/finetune.md, "CPU threads")
     assert choose_threads(SMALL_MODEL_WIDTH - 1, env={}) == 1
     assert choose_threads(896, env={}) == 1  # a 0.5B-class width: measured no faster on 2 threads
     assert choose_threads(SMALL_MODEL_WIDTH, env={}) is None  # wider: torch's default, one per core

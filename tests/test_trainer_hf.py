@@ -314,8 +314,8 @@ def with_adapter_names(rows):
 
 
 def mixed_trainer(model, output_dir):
-    """README's recipe: the collator keeps each row's adapter name, compute_loss runs the batch under
-    batch_adapters."""
+    """The recipe of docs/peft_transformers.md: the collator keeps each row's adapter name, compute_loss runs the
+    batch under batch_adapters."""
     from transformers import default_data_collator
 
     def collate(rows):

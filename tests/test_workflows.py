@@ -1,6 +1,6 @@
-"""The seeds' encoder workflow, as the README's Workflows section shows it: BERT sequence classification with LoRA
-on layer 11's query/value and a trained classifier, layer 1's query/value added mid-training without losing the
-optimizer state, saved with save_adapter and loaded back by PEFT."""
+"""The seeds' encoder workflow, as docs/peft_transformers.md (Workflows) shows it: BERT sequence classification
+with LoRA on layer 11's query/value and a trained classifier, layer 1's query/value added mid-training without losing
+the optimizer state, saved with save_adapter and loaded back by PEFT."""
 import peft
 import pytest
 import torch

@@ -45,9 +45,9 @@ not a PeftModel, reads model.safetensors or pytorch_model.bin and fails at the e
 PeftAdapterMixin adapters fail the same way). `disable_adapter_checkpoints(model)` goes back to full-model
 checkpoints for such runs; a PEFT model passed through fuse_peft_model has both.
 
-Mixed batches of several adapters under Trainer (README, "Trainer: adapter-only checkpoints and resume"): a data
-collator keeps each row's adapter name, a Trainer subclass runs compute_loss inside `batch_adapters`, and
-TrainingArguments(remove_unused_columns=False) keeps the names column; checkpoints and resume are as above.
+Mixed batches of several adapters under Trainer (docs/peft_transformers.md, "Trainer: adapter-only checkpoints and
+resume"): a data collator keeps each row's adapter name, a Trainer subclass runs compute_loss inside `batch_adapters`,
+and TrainingArguments(remove_unused_columns=False) keeps the names column; checkpoints and resume are as above.
 
 Gradient checkpointing needs nothing special: the dropout seed is drawn from torch's RNG at forward, and
 torch.utils.checkpoint restores the RNG state before recomputing, so the recomputed forward regenerates the very

@@ -3,7 +3,7 @@
 Threads: torch starts one intra-op thread per core. For a narrow model each matmul is too small to split
 usefully, and on a machine where other processes hold cores the threads wait on each other at every op:
 on a shared 2-core CPU the tiny default (width 128) took 12.6 s per step with 2 threads against 1.2 s with
-1, and a 2-layer Llama at width 896 (a 0.5B model's) 27-28 s against 11-29 s (README "Fine-tuning"). So
+1, and a 2-layer Llama at width 896 (a 0.5B model's) 27-28 s against 11-29 s (docs/finetune.md, "CPU threads"). So
 below SMALL_MODEL_WIDTH we use one thread unless the user says otherwise (--threads, or OMP_NUM_THREADS,
 which torch itself honours); wider models, unmeasured here, keep torch's default.
 """
