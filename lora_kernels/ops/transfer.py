@@ -1,0 +1,17 @@
+"""Small host-to-device copies the launches need (adapter ids, row order, per-adapter constants), made so they
+neither stall the host nor break a CUDA graph capture. Plain PyTorch, no Triton (functional.py uses it)."""
+import torch
+
+
+def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor on `device`. To CUDA it is copied from pinned memory with non_blocking=True: the host
+    does not wait for the copy (from pageable memory it would), and a CUDA graph can capture it."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def capturing(device: torch.device) -> bool:
+    """True inside a CUDA graph capture on the current stream (kernels are recorded there, not run)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
