@@ -73,6 +73,17 @@ def _default_backend(monkeypatch):
 
 
 @pytest.fixture
+def gpu_like_autotune():
+    """Every autotuned kernel gets several configs and a stub timer (tests/gpu_like_autotune.py), so the
+    autotuner benchmarks and its hooks run as on a GPU; switched off (tuning caches cleared) afterwards."""
+    import gpu_like_autotune as mode
+
+    disable = mode.enable("last")
+    yield mode
+    disable()
+
+
+@pytest.fixture
 def count_kernel_calls(monkeypatch):
     """A list that gets one entry per fused_lora_linear call made by a fused PEFT layer or a FusedLoraLinear."""
     from lora_kernels import layer as lk_layer
