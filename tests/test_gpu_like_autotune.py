@@ -69,6 +69,24 @@ def test_frozen_adapter_grads_match_oracle(need, gemm, gpu_like_autotune, monkey
     _assert_autotuned(gpu_like_autotune)
 
 
+@pytest.mark.parametrize("need", [("x",), ("x", "lora_A")])
+def test_backward_leaves_saved_tensors_untouched(need, gpu_like_autotune, monkeypatch):
+    """With B frozen, grad_B's stand-in is the saved xa: autotuning must not zero it (nor any saved tensor)."""
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    case = make_case((3, 7), 24, 20, 5, torch.float32)
+    saved = []
+
+    def pack(t):
+        saved.append((t, t.clone()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _run_single(case, case["weight"], need)
+    assert len(saved) >= 5  # x, xa, seed, W, A, B
+    for i, (t, before) in enumerate(saved):
+        assert torch.equal(t, before), i
+
+
 @pytest.mark.parametrize("frozen", ["one", "all"])
 def test_mixed_batch_with_a_frozen_adapter(frozen, gpu_like_autotune, monkeypatch):
     """Adapter 1 frozen (or both: only x needs a gradient); rows of both adapters and base rows in one batch."""
