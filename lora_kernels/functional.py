@@ -16,7 +16,7 @@ adapters.
 """
 import functools
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -184,6 +184,7 @@ class AdapterSegments:
         self.sample_ids = torch.tensor(ids, dtype=torch.int32)
         self._row_ids: Dict[Tuple[int, Tuple[int, ...], torch.device], torch.Tensor] = {}
         self._row_orders: Dict[Tuple[int, torch.device], torch.Tensor] = {}
+        self._pinned: List[torch.Tensor] = []  # the copies' host sources, re-read by a CUDA graph that captured them
 
     @classmethod
     def from_names(cls, names: Sequence[Optional[str]], adapter_names: Sequence[str]):
@@ -213,7 +214,7 @@ class AdapterSegments:
         if ids is None:
             # slot_of[a] = the layer's slot of model adapter a; the appended -1 is what base samples (-1) index.
             slot_of = torch.tensor([*slots, -1], dtype=torch.int32)
-            ids = host_to_device(slot_of[self.sample_ids.long()], device)
+            ids = host_to_device(slot_of[self.sample_ids.long()], device, self._pinned)
             ids = ids.repeat_interleave(self.rows_per_sample(num_rows))
             self._row_ids[key] = ids
         return ids
@@ -228,7 +229,8 @@ class AdapterSegments:
             T = self.rows_per_sample(num_rows)
             # Sorting the samples sorts the rows (a sample's rows share its adapter); tensor ops, like row_adapter,
             # so torch.compile sees the ids as an input.
-            samples = host_to_device(torch.sort(self.sample_ids, stable=True).indices.to(torch.int32), device)
+            samples = host_to_device(torch.sort(self.sample_ids, stable=True).indices.to(torch.int32), device,
+                                     self._pinned)
             order = (samples[:, None] * T + torch.arange(T, dtype=torch.int32, device=device)).reshape(-1)
             self._row_orders[key] = order
         return order

@@ -72,6 +72,20 @@ def _default_backend(monkeypatch):
     monkeypatch.delenv("LORA_KERNELS_BACKEND", raising=False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _gpu_like_autotune_session():
+    """LORA_KERNELS_GPU_LIKE_AUTOTUNE=first|last runs the whole session in the GPU-like autotune mode (below)."""
+    winner = os.environ.get("LORA_KERNELS_GPU_LIKE_AUTOTUNE")
+    if not winner or os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    import gpu_like_autotune as mode
+
+    disable = mode.enable(winner)
+    yield
+    disable()
+
+
 @pytest.fixture
 def gpu_like_autotune():
     """Every autotuned kernel gets several configs and a stub timer (tests/gpu_like_autotune.py), so the

@@ -323,6 +323,20 @@ def test_every_launch_runs_under_x_device(monkeypatch):
     assert len(seen) > 20 and seen == [torch.device("cpu")] * len(seen)
 
 
+def test_cuda_extension_bindings_switch_to_their_tensors_device():
+    """The CUDA backend's kernels launch from csrc/bindings.cpp: each binding that launches holds a CUDAGuard on
+    its tensors' device before it does (the backend's torch ops follow their tensors by themselves)."""
+    import re
+
+    source = (ROOT / "csrc" / "bindings.cpp").read_text()
+    bindings = re.findall(r"^at::Tensor (\w+)\(.*?^}", source, flags=re.S | re.M)
+    bodies = re.findall(r"^at::Tensor \w+\(.*?^}", source, flags=re.S | re.M)
+    launching = [(name, body) for name, body in zip(bindings, bodies) if "launch_" in body]
+    assert len(launching) >= 4
+    for name, body in launching:
+        assert "CUDAGuard" in body and body.index("CUDAGuard") < body.index("launch_"), name
+
+
 @pytest.mark.gpu
 def test_layer_on_second_gpu_while_first_is_current(monkeypatch):
     """device_map="auto" splits a model over GPUs in one process: a layer on cuda:1 while cuda:0 is current."""
@@ -395,11 +409,12 @@ def test_row_tables_are_copied_from_pinned_memory_without_blocking(monkeypatch):
         return real_to(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "to", to)
-    transfer.host_to_device(torch.arange(3), torch.device("cuda:1"))
-    assert copies == ["pinned", ("to", "cuda:1", True)]
+    kept = []
+    transfer.host_to_device(torch.arange(3), torch.device("cuda:1"), kept)
+    assert copies == ["pinned", ("to", "cuda:1", True)] and len(kept) == 1
     calls = []
     real = functional.host_to_device
-    monkeypatch.setattr(functional, "host_to_device", lambda t, d: calls.append(str(d)) or real(t, d))
+    monkeypatch.setattr(functional, "host_to_device", lambda t, d, keep: calls.append(str(d)) or real(t, d, keep))
     segments = AdapterSegments([1, 0, None])
     segments.row_adapter(6, "cpu")
     segments.row_order(6, "cpu")
