@@ -1,12 +1,12 @@
 """Autotune as on a GPU, under Triton's interpreter.
 
 The interpreter build of lora_kernels/ops/configs.py gives each kernel one config, and an autotuner with one
-config never benchmarks: its reset_to_zero / restore_value / pre- and post-hooks never run on CPU. `enable()`
-gives every autotuned kernel of lora_kernels.ops two small configs (the interpreter's tile, and the same with
-BLOCK_M doubled: another row grouping of every partial sum) and a stub timer that runs each config twice, as a GPU's benchmark runs it many
-times, and ranks the configs in a fixed order (`winner`: "last" or "first"), so the hooks run exactly as on a
-GPU and the outcome does not depend on timing. Used by the `gpu_like_autotune` fixture (tests/conftest.py) and
-by subprocess scripts.
+config never benchmarks: its hooks (zeroing, restoring) never run on CPU. `enable()` gives every autotuned
+kernel of lora_kernels.ops two small configs (the interpreter's tile, and the same with BLOCK_M doubled: another
+row grouping of every partial sum) and a stub timer that runs each config twice, as a GPU's benchmark runs it
+many times, and ranks the configs in a fixed order (`winner`: "last" or "first"), so the hooks run exactly as
+on a GPU and the outcome does not depend on timing. Used by the `gpu_like_autotune` fixture, by
+LORA_KERNELS_GPU_LIKE_AUTOTUNE=first|last for a whole session (tests/conftest.py), and by subprocess scripts.
 """
 import importlib
 import pkgutil

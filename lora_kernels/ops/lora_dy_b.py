@@ -36,7 +36,8 @@ def _dyb_and_grad_b(acc, dy, xa, b_ptr, gb_ptr, nn, rr, n_ok, r_ok, stride_bn, s
         part = tl.dot(tl.trans(dy), xa, input_precision=DOT_PRECISION)
         gb = gb_ptr + nn[:, None] * stride_gbn + rr[None, :] * stride_gbr
         if DETERMINISTIC:  # this row block's slot, no other program's: waves add to it in launch order
-            tl.store(gb, tl.load(gb, mask=n_ok[:, None] & r_ok[None, :]) + part, mask=n_ok[:, None] & r_ok[None, :])
+            ok = n_ok[:, None] & r_ok[None, :]
+            tl.store(gb, tl.load(gb, mask=ok) + part, mask=ok)
         else:
             tl.atomic_add(gb, part, mask=n_ok[:, None] & r_ok[None, :])
     return acc
@@ -136,7 +137,7 @@ def lora_dy_b(dy: torch.Tensor, rows: Rows, lora_B: torch.Tensor, xa: torch.Tens
     flags = dict(COMPUTE_DYB=compute_dyb, COMPUTE_GRAD_B=compute_grad_b, DETERMINISTIC=deterministic,
                  DOT_PRECISION=dot_precision, BLOCK_R=block_r, SEGMENTED=segmented)
     for row0, end in waves:
-        grid = lambda meta, rows=end - row0: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(R, block_r))  # noqa: E731
+        grid = lambda meta, n=end - row0: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(R, block_r))  # noqa: E731
         if deterministic:  # the jit function itself: no autotuner, no timing
             _lora_dy_b_kernel.fn[grid](dy, lora_B, xa, dyb, grad_b, row0, end, *tail, **flags, **pinned.all_kwargs())
         else:

@@ -61,7 +61,8 @@ def _lora_dx_and_grad_a(lora, dyb_ptr, a_ptr, ga_ptr, x_ptr, x, rm, rk, rr, rows
                 part = part * keep_scale
             ga = ga_ptr + r_idx[:, None] * stride_gar + rk[None, :] * stride_gak
             if DETERMINISTIC:  # this row block's slot, no other program's: waves add to it in launch order
-                tl.store(ga, tl.load(ga, mask=r_ok[:, None] & k_ok[None, :]) + part, mask=r_ok[:, None] & k_ok[None, :])
+                ok = r_ok[:, None] & k_ok[None, :]
+                tl.store(ga, tl.load(ga, mask=ok) + part, mask=ok)
             else:
                 tl.atomic_add(ga, part, mask=r_ok[:, None] & k_ok[None, :])
     return lora
@@ -226,8 +227,8 @@ def lora_linear_bwd_dx(dy: torch.Tensor, dy_rows: Rows, weight: torch.Tensor, dy
         DOT_PRECISION=dot_precision, BLOCK_R=lora_block_r(R), **kernel_args(quant, dyb), **launch_options(quant),
     )
     for row0, end in waves:
-        rows = end - row0
-        grid = lambda meta, rows=rows: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
+        grid = lambda meta, n=end - row0: (  # noqa: E731
+            triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
         if deterministic:  # the jit function itself: no autotuner, no timing
             _lora_linear_bwd_dx_kernel.fn[grid](*head, row0, end, *tail, **flags, **pinned.all_kwargs())
         else:
