@@ -254,6 +254,24 @@ def test_deterministic_waves_bound_the_partials(monkeypatch):
     _check_single(case, dy, grads, ("x", "lora_A", "lora_B"))
     assert launches == [2] * 6  # dy_b: 3 waves, then bwd_dx: 3 waves, each with a 2-slot partial buffer
 
+    # Several adapters: a wave's slots hold every adapter's partial; adapters absent from a row block add nothing.
+    m = make_multi_case((4, 16), 24, 20, (4, 8), torch.float32)
+    segments = AdapterSegments([1, None, 0, 1])
+    x = m["x"].clone().requires_grad_(True)
+    As = [t.clone().requires_grad_(True) for t in m["lora_As"]]
+    Bs = [t.clone().requires_grad_(True) for t in m["lora_Bs"]]
+    torch.use_deterministic_algorithms(True)
+    try:
+        y = fused_multi_lora_linear(x, m["weight"], m["bias"], As, Bs, m["scalings"], [0.0, 0.0], segments)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+        y.backward(dy)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    _, want = multi_oracle(m, segments.row_adapter(64).tolist(), None, [0.0, 0.0], dy)
+    assert rel_err(x.grad, want["x"]) < TOL[torch.float32]
+    for got, ref in zip([t.grad for t in As + Bs], want["lora_As"] + want["lora_Bs"]):
+        assert rel_err(got, ref) < TOL[torch.float32]
+
 
 # Every launch on x's device (a model split over GPUs).
 
