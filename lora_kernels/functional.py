@@ -16,12 +16,13 @@ adapters.
 """
 import functools
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .backends import FUNCTIONS, FUNCTIONS_4BIT, MULTI_FUNCTIONS, resolve_backend, resolve_backend_4bit
 from .backends.base import FLOAT_DTYPES, QuantizedWeight, dequantize, from_bnb  # noqa: F401  (the 4-bit format)
+from .backends.base import host_to_device
 
 
 def _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
@@ -156,7 +157,8 @@ class AdapterSegments:
     The kernels want one int32 adapter id per logical row of a layer's input, in that layer's own numbering
     of its adapters (a layer may hold only some of the model's adapters), and the order their row tiles walk:
     the logical rows sorted by adapter (row_order). The per-sample list lives here on the host; each distinct
-    (row count, layer adapter set, device) costs one small host-to-device copy per forward, cached here, so all
+    (row count, layer adapter set, device) costs one small host-to-device copy per forward (from pinned memory,
+    without blocking the host: ops/transfer.py), cached here, so all
     layers that see the same rows and hold the same adapters share one tensor, and nothing is ever read back
     from the device. The order depends on the row count and device only: computed once per forward, it serves
     every layer (a layer's slots keep the model's adapter order). Rows are batch-major: sample b owns rows
@@ -182,6 +184,7 @@ class AdapterSegments:
         self.sample_ids = torch.tensor(ids, dtype=torch.int32)
         self._row_ids: Dict[Tuple[int, Tuple[int, ...], torch.device], torch.Tensor] = {}
         self._row_orders: Dict[Tuple[int, torch.device], torch.Tensor] = {}
+        self._pinned: List[torch.Tensor] = []  # the copies' host sources, re-read by a CUDA graph that captured them
 
     @classmethod
     def from_names(cls, names: Sequence[Optional[str]], adapter_names: Sequence[str]):
@@ -211,7 +214,7 @@ class AdapterSegments:
         if ids is None:
             # slot_of[a] = the layer's slot of model adapter a; the appended -1 is what base samples (-1) index.
             slot_of = torch.tensor([*slots, -1], dtype=torch.int32)
-            ids = slot_of[self.sample_ids.long()].to(device, non_blocking=True)
+            ids = host_to_device(slot_of[self.sample_ids.long()], device, self._pinned)
             ids = ids.repeat_interleave(self.rows_per_sample(num_rows))
             self._row_ids[key] = ids
         return ids
@@ -226,7 +229,8 @@ class AdapterSegments:
             T = self.rows_per_sample(num_rows)
             # Sorting the samples sorts the rows (a sample's rows share its adapter); tensor ops, like row_adapter,
             # so torch.compile sees the ids as an input.
-            samples = torch.sort(self.sample_ids, stable=True).indices.to(torch.int32).to(device, non_blocking=True)
+            samples = host_to_device(torch.sort(self.sample_ids, stable=True).indices.to(torch.int32), device,
+                                     self._pinned)
             order = (samples[:, None] * T + torch.arange(T, dtype=torch.int32, device=device)).reshape(-1)
             self._row_orders[key] = order
         return order

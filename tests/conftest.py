@@ -90,6 +90,31 @@ def _bnb_reference_in_compute_dtype():
     mp.undo()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _gpu_like_autotune_session():
+    """LORA_KERNELS_GPU_LIKE_AUTOTUNE=first|last runs the whole session in the GPU-like autotune mode (below)."""
+    winner = os.environ.get("LORA_KERNELS_GPU_LIKE_AUTOTUNE")
+    if not winner or os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    import gpu_like_autotune as mode
+
+    disable = mode.enable(winner)
+    yield
+    disable()
+
+
+@pytest.fixture
+def gpu_like_autotune():
+    """Every autotuned kernel gets several configs and a stub timer (tests/gpu_like_autotune.py), so the
+    autotuner benchmarks and its hooks run as on a GPU; switched off (tuning caches cleared) afterwards."""
+    import gpu_like_autotune as mode
+
+    disable = mode.enable("last")
+    yield mode
+    disable()
+
+
 @pytest.fixture
 def count_kernel_calls(monkeypatch):
     """A list that gets one entry per fused_lora_linear call made by a fused PEFT layer or a FusedLoraLinear."""

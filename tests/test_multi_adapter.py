@@ -249,18 +249,19 @@ def test_backward_regenerates_each_adapters_mask(backend, monkeypatch):
 
 
 def spy_launch_flag(monkeypatch, flag):
-    """{kernel name: [value of constexpr `flag` at each launch]} for the two gradient kernels."""
+    """{kernel name: [value of constexpr `flag` at each launch]} for the two gradient kernels (spied on the jit
+    function: deterministic mode launches it directly, with its pinned config)."""
     from lora_kernels.ops.lora_dy_b import _lora_dy_b_kernel
     from lora_kernels.ops.lora_linear_bwd_dx import _lora_linear_bwd_dx_kernel
 
     seen = {}
     for kernel, name in ((_lora_dy_b_kernel, "_lora_dy_b_kernel"),
                          (_lora_linear_bwd_dx_kernel, "_lora_linear_bwd_dx_kernel")):
-        def spy(*args, _run=kernel.run, _name=name, **kwargs):
+        def spy(*args, _run=kernel.fn.run, _name=name, **kwargs):
             seen.setdefault(_name, []).append(kwargs[flag])
             return _run(*args, **kwargs)
 
-        monkeypatch.setattr(kernel, "run", spy)
+        monkeypatch.setattr(kernel.fn, "run", spy)
     return seen
 
 

@@ -70,8 +70,10 @@ def keep_mask(backend: str, seed, shape, p: float):
     if backend != "triton":
         raise ValueError(f"keep_mask: no mask for backend {backend!r}")
     from ..ops.dropout import dropout_mask
+    from .base import on_device
 
     K, M = shape[-1], 1
     for s in shape[:-1]:
         M *= s
-    return dropout_mask(seed, M, K, p).reshape(shape)
+    with on_device(seed):
+        return dropout_mask(seed, M, K, p).reshape(shape)

@@ -12,11 +12,14 @@ LoraLinearFunction saves x, xa and the seed (plus the parameters) for backward â
 a dropped copy or a cast copy of x â€” and computes the rare gradients of a trainable base W and b itself.
 Inputs arrive validated and cast by functional.fused_lora_linear.
 """
+import contextlib
+import functools
 from typing import Optional, Tuple
 
 import torch
 
 from ..ops.format_4bit import QuantizedWeight, dequantize, from_bnb  # noqa: F401  (re-exported upwards)
+from ..ops.transfer import host_to_device  # noqa: F401  (re-exported upwards: functional's row ids)
 
 # What the kernels compute in; float64 is the torch backend's alone (the tests' oracle runs in it).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -34,6 +37,24 @@ def draw_seed(device: torch.device) -> torch.Tensor:
 def no_seed(device: torch.device) -> torch.Tensor:
     """The seed saved when there is no dropout (eval mode or p = 0): no RNG draw, so no RNG state advances."""
     return torch.zeros(1, dtype=torch.int64, device=device)
+
+
+def on_device(t: torch.Tensor):
+    """A context in which t's CUDA device is the current device (nothing off CUDA). Triton launches a kernel on
+    the current device, not on its arguments' device: a layer on cuda:1 of a model split over GPUs
+    (device_map="auto") would otherwise run on cuda:0 with cuda:1 pointers."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def on_device_of(position: int):
+    """Decorator: the function runs under on_device(its positional argument `position`)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def guarded(*args, **kwargs):
+            with on_device(args[position]):
+                return fn(*args, **kwargs)
+        return guarded
+    return wrap
 
 
 def not_computed(like: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,8 @@ import torch
 
 from ..settings import interpreting
 from .base import (KERNEL_DTYPES, LoraLinearFunction, MultiLoraLinearFunction, QLoraLinearFunction, draw_seed,
-                   fake_bwd, fake_fwd_flat_xa, fake_multi_bwd, fake_multi_fwd, no_seed, not_computed, qlora_ops)
+                   fake_bwd, fake_fwd_flat_xa, fake_multi_bwd, fake_multi_fwd, no_seed, not_computed, on_device_of,
+                   qlora_ops)
 from .gemm_dispatch import choose as choose_gemm
 from .gemm_dispatch import gemm_key
 
@@ -54,10 +55,23 @@ def unavailable_reason(x: torch.Tensor) -> Optional[Exception]:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """Follow torch's own TF32 switch for float32 matmuls, so fp32 results match nn.Linear's."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+    """Follow torch's own TF32 switch for float32 matmuls, so fp32 results match nn.Linear's (half precision
+    inputs ignore it)."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32" if fp32_matmul_uses_tf32() else "ieee"
+
+
+def fp32_matmul_uses_tf32() -> bool:
+    """Whether torch runs float32 matmuls in TF32 on CUDA. torch >= 2.9 says it in
+    torch.backends.cuda.matmul.fp32_precision ("tf32" | "ieee", resolved through torch.backends.fp32_precision;
+    "none" while neither API has set anything); reading the legacy allow_tf32 after the new API was used raises,
+    so it is read only where nothing newer says."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
 
 
 _warned_copy = False
@@ -87,6 +101,7 @@ def triton_lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
 
 
+@on_device_of(0)
 def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
     """triton_lora_fwd for a dense weight or a 4-bit QuantizedWeight (the launchers take either)."""
     from ..ops.lora_linear_fwd import lora_linear_fwd
@@ -117,6 +132,7 @@ def triton_lora_bwd(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, seed: t
     return _backward(dy, x, xa, seed, weight, lora_A, lora_B, scaling, dropout_p, need_x, need_lora_a, need_lora_b)
 
 
+@on_device_of(1)
 def _backward(dy, x, xa, seed, weight, lora_A, lora_B, scaling, dropout_p, need_x, need_lora_a, need_lora_b,
               adapters=None):
     """Backward passes 1 and 2 for a dense weight or a 4-bit QuantizedWeight. With `adapters` (ops/segments.py)
@@ -178,6 +194,11 @@ def triton_multi_lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
                           row_order: torch.Tensor, ranks: List[int], scalings: List[float],
                           dropout_ps: List[float]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, xa (M, r_max) float32, seed): forward passes 1 and 2, segmented."""
+    return _multi_forward(x, weight, bias, lora_A, lora_B, row_adapter, row_order, ranks, scalings, dropout_ps)
+
+
+@on_device_of(0)
+def _multi_forward(x, weight, bias, lora_A, lora_B, row_adapter, row_order, ranks, scalings, dropout_ps):
     from ..ops.lora_linear_fwd import lora_linear_fwd
     from ..ops.lora_shrink import lora_shrink
     from ..ops.segments import adapter_table

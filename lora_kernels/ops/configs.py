@@ -1,4 +1,7 @@
-"""Autotune configs: Hopper/Ampere-sized tiles on a GPU, one small tile under the interpreter."""
+"""Autotune configs: Hopper/Ampere-sized tiles on a GPU, one small tile under the interpreter; the autotuner's
+hooks, and the pinned config of deterministic mode."""
+import inspect
+
 import triton
 
 from ..settings import interpreting
@@ -40,7 +43,67 @@ def lora_block_r(r: int) -> int:
     return max(16, min(64, triton.next_power_of_2(r)))
 
 
-def min_block_m(kernel) -> int:
-    """The smallest BLOCK_M among an autotuned kernel's configs: sizes per-row-block partial buffers so they
-    fit whichever config the autotuner picks."""
-    return min(cfg.kwargs["BLOCK_M"] for cfg in kernel.configs)
+def output_hooks(zero=(), restore=()):
+    """(pre_hook, post_hook) for triton.autotune: what a benchmark run changes is put back, and nothing else.
+
+    zero and restore hold (argument, flag) pairs: the argument is zeroed before each run (accumulated with
+    atomics), or copied before and written back after it (updated in place), only in launches whose constexpr
+    `flag` is true, the flag under which the kernel writes that argument. Where the flag is false the launcher
+    passes a stand-in (often a view of a live tensor: dyB, xa) that no hook may touch, and on the fused GEMM
+    path, which overwrites its output, no copy of the output is made. After benchmarking Triton calls
+    pre_hook(reset_only=True) once more before the real launch: outputs zeroed again, nothing copied.
+    """
+    saved = {}
+
+    def pre_hook(nargs, reset_only=False):
+        for name, flag in zero:
+            if nargs[flag]:
+                nargs[name].zero_()
+        if not reset_only:
+            saved.clear()
+            saved.update({name: nargs[name].clone() for name, flag in restore if nargs[flag]})
+
+    def post_hook(nargs, exception):
+        for name, value in saved.items():
+            nargs[name].copy_(value)
+        saved.clear()
+
+    return pre_hook, post_hook
+
+
+def autotune(configs, key, zero=(), restore=(), **kwargs):
+    """triton.autotune with output_hooks(zero, restore), and tuning results cached on disk across processes
+    where this Triton supports it (cache_results, Triton >= 3.4; Triton skips it under the interpreter)."""
+    pre_hook, post_hook = output_hooks(zero, restore)
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        kwargs.setdefault("cache_results", True)
+    return triton.autotune(configs=configs, key=key, pre_hook=pre_hook, post_hook=post_hook, **kwargs)
+
+
+# Deterministic mode (torch.use_deterministic_algorithms): grad_A / grad_B are summed in partial buffers, one
+# slot per row block of a launch, DETERMINISTIC_SLOTS slots at most; rows past DETERMINISTIC_SLOTS·BLOCK_M run in
+# further launches (waves) that add to the same slots in launch order, and torch sums the slots. The grouping is
+# a function of M alone (pinned BLOCK_M, fixed slot count), and the partials take at most DETERMINISTIC_SLOTS ×
+# (adapters × r × K) (grad_A) or × (adapters × N × r) (grad_B) float32 values, whatever M is.
+DETERMINISTIC_SLOTS = 128
+
+
+def pinned_config(kernel):
+    """The one config deterministic mode launches `kernel` with, chosen without timing: the smallest tile (the
+    fewest registers and the least shared memory, so every build keeps it)."""
+    def size(cfg):
+        tile = 1
+        for name, value in cfg.kwargs.items():
+            tile *= value if name.startswith("BLOCK_") else 1
+        return tile, cfg.num_stages, cfg.num_warps
+    return min(kernel.configs, key=size)
+
+
+def row_waves(M: int, block_m: int, deterministic: bool):
+    """(slots, [(first row, end row) of each launch]): one launch over all M rows, or deterministic mode's
+    waves of at most DETERMINISTIC_SLOTS row blocks."""
+    if not deterministic:
+        return 1, [(0, M)]
+    slots = min(triton.cdiv(M, block_m), DETERMINISTIC_SLOTS)
+    wave = slots * block_m
+    return slots, [(row0, min(M, row0 + wave)) for row0 in range(0, M, wave)]

@@ -2,8 +2,9 @@
 
 Each program owns a block of rows and streams dy across N: the (BLOCK_M, r) dyB tile stays in
 registers, and each (BLOCK_N, r) slice of grad_B is added to a float32 buffer with atomics, so dy is
-read once for both products. Under torch.use_deterministic_algorithms(True) each row block writes its own
-partial grad_B instead and torch sums the partials in a fixed order.
+read once for both products. Under torch.use_deterministic_algorithms(True) the kernel runs with one pinned
+config and each row block adds its partial grad_B to its own slot instead (configs.row_waves: a bounded number
+of slots, rows beyond them in further launches), and torch sums the slots in a fixed order.
 
 Segmented (several adapters, ops/segments.py): B is (n, N, r_max) and grad_B (n, N, r_max). A row block is a
 run of the rows sorted by adapter (dy, xa and dyB addressed through the order); each dy tile is loaded once
@@ -15,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import lora_block_r, min_block_m, rowblock_configs
+from .configs import autotune, lora_block_r, pinned_config, row_waves, rowblock_configs
 from .layout import Rows, row_offsets
 from .segments import AdapterTable, any_row, logical_rows, tile_adapters
 
@@ -34,19 +35,22 @@ def _dyb_and_grad_b(acc, dy, xa, b_ptr, gb_ptr, nn, rr, n_ok, r_ok, stride_bn, s
     if COMPUTE_GRAD_B:
         part = tl.dot(tl.trans(dy), xa, input_precision=DOT_PRECISION)
         gb = gb_ptr + nn[:, None] * stride_gbn + rr[None, :] * stride_gbr
-        if DETERMINISTIC:
-            tl.store(gb, part, mask=n_ok[:, None] & r_ok[None, :])
+        if DETERMINISTIC:  # this row block's slot, no other program's: waves add to it in launch order
+            ok = n_ok[:, None] & r_ok[None, :]
+            tl.store(gb, tl.load(gb, mask=ok) + part, mask=ok)
         else:
             tl.atomic_add(gb, part, mask=n_ok[:, None] & r_ok[None, :])
     return acc
 
 
-@triton.autotune(configs=rowblock_configs("BLOCK_N"), key=["M_BUCKET", "N", "R", "SEGMENTED"],
-                 reset_to_zero=["grad_b_ptr"])
+# grad_B accumulates with atomics: zeroed between autotuning runs, only where this launch computes it.
+@autotune(configs=rowblock_configs("BLOCK_N"),
+          key=["M_BUCKET", "N", "R", "SEGMENTED", "COMPUTE_DYB", "COMPUTE_GRAD_B", "DETERMINISTIC", "DOT_PRECISION"],
+          zero=[("grad_b_ptr", "COMPUTE_GRAD_B")])
 @triton.jit
 def _lora_dy_b_kernel(
     dy_ptr, b_ptr, xa_ptr, dyb_ptr, grad_b_ptr,
-    M, N, R, M_BUCKET,
+    row0, M, N, R, M_BUCKET,
     dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn,
     stride_bn, stride_br,
     stride_xam, stride_xar,
@@ -58,8 +62,8 @@ def _lora_dy_b_kernel(
     SEGMENTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m = tl.program_id(0)  # this launch's row blocks cover rows row0..M-1 (row0 > 0: deterministic waves)
+    rm = row0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     rn = tl.arange(0, BLOCK_N)
     row_ok = rm < M
@@ -113,14 +117,14 @@ def lora_dy_b(dy: torch.Tensor, rows: Rows, lora_B: torch.Tensor, xa: torch.Tens
     # for base-only rows), grad_B slices of adapters absent from a block are left as zero-initialised.
     dyb = torch.empty((M, R), dtype=torch.float32, device=dy.device) if compute_dyb else xa
     deterministic = compute_grad_b and torch.are_deterministic_algorithms_enabled()
-    splits = triton.cdiv(M, min_block_m(_lora_dy_b_kernel)) if deterministic else 1
-    grad_shape = (splits, *lora_B.shape[:-2], N, R)  # (splits, [n,] N, R)
+    # Deterministic: one pinned config, so the row blocks (and the partial sums' grouping) never depend on timing.
+    pinned = pinned_config(_lora_dy_b_kernel) if deterministic else None
+    slots, waves = row_waves(M, pinned.kwargs["BLOCK_M"] if deterministic else 0, deterministic)
+    grad_shape = (slots, *lora_B.shape[:-2], N, R)  # (slots, [n,] N, R)
     grad_b = torch.zeros(grad_shape, dtype=torch.float32, device=dy.device) if compute_grad_b else xa[None, None]
     block_r = lora_block_r(R)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))  # noqa: E731
-    _lora_dy_b_kernel[grid](
-        dy, lora_B, xa, dyb, grad_b,
-        M, N, R, triton.next_power_of_2(M),
+    tail = (
+        N, R, triton.next_power_of_2(M),
         rows.inner, rows.stride_outer, rows.stride_inner, rows.stride_col,
         lora_B.stride(-2), lora_B.stride(-1),
         xa.stride(0), xa.stride(1),
@@ -129,7 +133,13 @@ def lora_dy_b(dy: torch.Tensor, rows: Rows, lora_B: torch.Tensor, xa: torch.Tens
         scaling,
         *((adapters.row_adapter, adapters.row_order, adapters.rank, adapters.scaling, lora_B.stride(0),
            grad_b.stride(1)) if segmented else (xa, xa, xa, xa, 0, 0)),  # unused pointers when single
-        COMPUTE_DYB=compute_dyb, COMPUTE_GRAD_B=compute_grad_b, DETERMINISTIC=deterministic,
-        DOT_PRECISION=dot_precision, BLOCK_R=block_r, SEGMENTED=segmented,
     )
+    flags = dict(COMPUTE_DYB=compute_dyb, COMPUTE_GRAD_B=compute_grad_b, DETERMINISTIC=deterministic,
+                 DOT_PRECISION=dot_precision, BLOCK_R=block_r, SEGMENTED=segmented)
+    for row0, end in waves:
+        grid = lambda meta, n=end - row0: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(R, block_r))  # noqa: E731
+        if deterministic:  # the jit function itself: no autotuner, no timing
+            _lora_dy_b_kernel.fn[grid](dy, lora_B, xa, dyb, grad_b, row0, end, *tail, **flags, **pinned.all_kwargs())
+        else:
+            _lora_dy_b_kernel[grid](dy, lora_B, xa, dyb, grad_b, row0, end, *tail, **flags)
     return (dyb if compute_dyb else None), (grad_b.sum(0) if compute_grad_b else None)

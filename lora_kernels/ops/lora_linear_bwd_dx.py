@@ -4,8 +4,9 @@ One GEMM over (M, K) tiles streams dy and W across N; its epilogue adds the LoRA
 dropout mask regenerated from the forward's seed. The same tile of x is then loaded once, masked,
 and multiplied with the dyB tile into grad_A (float32 atomics), so no (M, K) temporary exists.
 When x needs no gradient the GEMM is skipped and only grad_A is computed. Under
-torch.use_deterministic_algorithms(True) each row block writes its own partial grad_A instead of using
-atomics, and torch sums the partials in a fixed order.
+torch.use_deterministic_algorithms(True) the kernel runs with one pinned config and each row block adds its
+partial grad_A to its own slot instead of using atomics (configs.row_waves: a bounded number of slots, rows
+beyond them in further launches), and torch sums the slots in a fixed order.
 
 On the split path (gemm="split", see lora_kernels/backends/gemm_dispatch.py) torch's matmul (cuBLAS on a GPU)
 writes dy·W into grad_x first; the kernel then skips its reduction loop, starts from that tile of grad_x
@@ -26,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..settings import GEMM_PATHS
-from .configs import gemm_configs, lora_block_r, min_block_m
+from .configs import autotune, gemm_configs, lora_block_r, pinned_config, row_waves
 from .dequant_4bit import dequant_4bit_tile, dequantize_4bit, flat_bytes, kernel_args, launch_options
 from .format_4bit import QuantizedWeight
 from .dropout import drop_threshold, dropout_keep
@@ -59,22 +60,24 @@ def _lora_dx_and_grad_a(lora, dyb_ptr, a_ptr, ga_ptr, x_ptr, x, rm, rk, rr, rows
             if HAS_DROPOUT:
                 part = part * keep_scale
             ga = ga_ptr + r_idx[:, None] * stride_gar + rk[None, :] * stride_gak
-            if DETERMINISTIC:
-                tl.store(ga, part, mask=r_ok[:, None] & k_ok[None, :])
+            if DETERMINISTIC:  # this row block's slot, no other program's: waves add to it in launch order
+                ok = r_ok[:, None] & k_ok[None, :]
+                tl.store(ga, tl.load(ga, mask=ok) + part, mask=ok)
             else:
                 tl.atomic_add(ga, part, mask=r_ok[:, None] & k_ok[None, :])
     return lora
 
 
 # Autotuning runs the kernel many times: grad_A accumulates with atomics, and the split path adds to grad_x
-# in place, so both are reset between runs.
-@triton.autotune(configs=gemm_configs(out_block="BLOCK_K", reduce_block="BLOCK_N"),
-                 key=["M_BUCKET", "N", "K", "R", "BASE_IN_DX", "W_4BIT", "SEGMENTED"], reset_to_zero=["grad_a_ptr"],
-                 restore_value=["dx_ptr"])
+# in place, so each is reset between runs, only where this launch writes it (configs.output_hooks).
+@autotune(configs=gemm_configs(out_block="BLOCK_K", reduce_block="BLOCK_N"),
+          key=["M_BUCKET", "N", "K", "R", "BASE_IN_DX", "W_4BIT", "SEGMENTED", "COMPUTE_DX", "COMPUTE_GRAD_A",
+               "HAS_DROPOUT", "DETERMINISTIC", "DOT_PRECISION"],
+          zero=[("grad_a_ptr", "COMPUTE_GRAD_A")], restore=[("dx_ptr", "BASE_IN_DX")])
 @triton.jit
 def _lora_linear_bwd_dx_kernel(
     dy_ptr, w_ptr, dyb_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, grad_a_ptr,
-    M, N, K, R, M_BUCKET,
+    row0, M, N, K, R, M_BUCKET,
     dy_inner, stride_dy_outer, stride_dy_inner, stride_dyn,
     stride_wn, stride_wk,
     stride_dbm, stride_dbr,
@@ -92,9 +95,10 @@ def _lora_linear_bwd_dx_kernel(
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # The output tile is (BLOCK_M rows of x) × (BLOCK_K columns of x); BLOCK_N is the reduction step.
-    pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # The output tile is (BLOCK_M rows of x) × (BLOCK_K columns of x); BLOCK_N is the reduction step. This launch
+    # covers rows row0..M-1 (deterministic mode's waves; else row0 = 0); pid_m counts its row blocks.
+    pid_m, pid_k = grouped_tile(tl.program_id(0), M - row0, K, BLOCK_M, BLOCK_K, GROUP_M)
+    rm = row0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rm < M
     k_ok = rk < K
@@ -196,13 +200,14 @@ def lora_linear_bwd_dx(dy: torch.Tensor, dy_rows: Rows, weight: torch.Tensor, dy
     else:
         w, w_strides = weight, (weight.stride(0), weight.stride(1))
     deterministic = compute_grad_a and torch.are_deterministic_algorithms_enabled()
-    splits = triton.cdiv(M, min_block_m(_lora_linear_bwd_dx_kernel)) if deterministic else 1
-    grad_shape = (splits, *lora_A.shape[:-2], R, K)  # (splits, [n,] R, K)
+    # Deterministic: one pinned config, so the row blocks (and the partial sums' grouping) never depend on timing.
+    pinned = pinned_config(_lora_linear_bwd_dx_kernel) if deterministic else None
+    slots, waves = row_waves(M, pinned.kwargs["BLOCK_M"] if deterministic else 0, deterministic)
+    grad_shape = (slots, *lora_A.shape[:-2], R, K)  # (slots, [n,] R, K)
     grad_a = torch.zeros(grad_shape, dtype=torch.float32, device=x.device) if compute_grad_a else dyb[None, None]
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
-    _lora_linear_bwd_dx_kernel[grid](
-        dy, w, dyb, lora_A, x, seed, dx2, grad_a,
-        M, N, K, R, triton.next_power_of_2(M),
+    head = (dy, w, dyb, lora_A, x, seed, dx2, grad_a)
+    tail = (
+        N, K, R, triton.next_power_of_2(M),
         dy_rows.inner, dy_rows.stride_outer, dy_rows.stride_inner, dy_rows.stride_col,
         *w_strides,
         dyb.stride(0), dyb.stride(1),
@@ -214,9 +219,18 @@ def lora_linear_bwd_dx(dy: torch.Tensor, dy_rows: Rows, weight: torch.Tensor, dy
         *((adapters.row_adapter, adapters.row_order, adapters.rank, adapters.scaling, adapters.threshold,
            adapters.keep_scale, lora_A.stride(0), grad_a.stride(1)) if segmented
           else (seed, seed, seed, seed, seed, seed, 0, 0)),  # unused pointers when single
+    )
+    flags = dict(
         COMPUTE_DX=compute_dx, BASE_IN_DX=base_in_dx, COMPUTE_GRAD_A=compute_grad_a,
         HAS_DROPOUT=adapters.has_dropout if segmented else p > 0.0, DETERMINISTIC=deterministic,
         SEGMENTED=segmented,
         DOT_PRECISION=dot_precision, BLOCK_R=lora_block_r(R), **kernel_args(quant, dyb), **launch_options(quant),
     )
+    for row0, end in waves:
+        grid = lambda meta, n=end - row0: (  # noqa: E731
+            triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+        if deterministic:  # the jit function itself: no autotuner, no timing
+            _lora_linear_bwd_dx_kernel.fn[grid](*head, row0, end, *tail, **flags, **pinned.all_kwargs())
+        else:
+            _lora_linear_bwd_dx_kernel[grid](*head, row0, end, *tail, **flags)
     return dx, (grad_a.sum(0) if compute_grad_a else None)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..settings import GEMM_PATHS
-from .configs import gemm_configs, lora_block_r
+from .configs import autotune, gemm_configs, lora_block_r
 from .dequant_4bit import dequant_4bit_tile, dequantize_4bit, flat_bytes, kernel_args, launch_options
 from .format_4bit import QuantizedWeight
 from .layout import Rows, grouped_tile, row_offsets
@@ -47,9 +47,11 @@ def _add_expand(acc, xa_ptr, b_ptr, y_ptr, rm, rn, rr, rows, col_ok, rank, scale
     return acc
 
 
-# restore_value: on the split path the kernel adds to y in place, and autotuning runs it many times.
-@triton.autotune(configs=gemm_configs(out_block="BLOCK_N", reduce_block="BLOCK_K"),
-                 key=["M_BUCKET", "N", "K", "R", "BASE_IN_Y", "W_4BIT", "SEGMENTED"], restore_value=["y_ptr"])
+# On the split path the kernel adds to y in place and autotuning runs it many times: y is put back after each
+# run there, and only there (the fused path overwrites y: no copy of it is made).
+@autotune(configs=gemm_configs(out_block="BLOCK_N", reduce_block="BLOCK_K"),
+          key=["M_BUCKET", "N", "K", "R", "BASE_IN_Y", "W_4BIT", "SEGMENTED", "HAS_BIAS", "DOT_PRECISION"],
+          restore=[("y_ptr", "BASE_IN_Y")])
 @triton.jit
 def _lora_linear_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, xa_ptr, b_ptr, y_ptr,

@@ -12,13 +12,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import lora_block_r, rowblock_configs
+from .configs import autotune, lora_block_r, rowblock_configs
 from .dropout import drop_threshold, dropout_keep
 from .layout import Rows, row_offsets
 from .segments import AdapterTable, any_row, logical_rows, tile_adapters
 
 
-@triton.autotune(configs=rowblock_configs("BLOCK_K"), key=["M_BUCKET", "K", "R", "SEGMENTED"])
+@autotune(configs=rowblock_configs("BLOCK_K"), key=["M_BUCKET", "K", "R", "SEGMENTED", "HAS_DROPOUT", "DOT_PRECISION"])
 @triton.jit
 def _lora_shrink_kernel(
     x_ptr, a_ptr, xa_ptr, seed_ptr,

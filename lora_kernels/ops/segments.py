@@ -26,14 +26,14 @@ with fewer rows than a tile still share tiles: many adapters of a few rows each 
 base GEMM are the single-adapter kernels' (the GEMM's row loads and stores are gathered and scattered
 through the order, whole rows at a time).
 """
-import functools
-from typing import NamedTuple, Sequence
+from typing import Dict, NamedTuple, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
 from .dropout import drop_threshold
+from .transfer import capturing, host_to_device
 
 # Larger than any adapter id: the "first id" of a tile whose rows are all base-only (the adapter loop is empty).
 _NO_ADAPTER = tl.constexpr(2**31 - 1)
@@ -50,23 +50,44 @@ class AdapterTable(NamedTuple):
     has_dropout: bool           # any p_a > 0: the kernels generate the Philox mask at all
 
 
-@functools.lru_cache(maxsize=256)
-def _constants(device: str, ranks, scalings, dropout_ps):
-    # Scalings, ranks and dropout rates are fixed per adapter: cache their device copies so a forward pays
-    # no host-to-device copy per layer once the model's few distinct combinations have been seen.
-    return (torch.tensor(ranks, dtype=torch.int32, device=device),
-            torch.tensor(scalings, dtype=torch.float32, device=device),
-            torch.tensor([drop_threshold(p) for p in dropout_ps], dtype=torch.int32, device=device),
-            torch.tensor([1.0 / (1.0 - p) for p in dropout_ps], dtype=torch.float32, device=device))
+# Scalings, ranks and dropout rates are fixed per adapter: their device copies are cached so a forward pays no
+# host-to-device copy per layer once the model's few distinct combinations have been seen.
+_CONSTANTS: Dict[tuple, tuple] = {}
+_MAX_CACHED = 256
+
+
+def _filled(device: torch.device, values):
+    """The constants written by fill kernels, one per value, without host memory: inside a CUDA graph capture
+    the graph replays the fills, where a tensor cached during capture would hold nothing until the first replay
+    (kernels are recorded, not run) and a pageable copy is not allowed."""
+    out = []
+    for vals, dtype in values:
+        t = torch.empty(len(vals), dtype=dtype, device=device)
+        for i, v in enumerate(vals):
+            t.narrow(0, i, 1).fill_(v)
+        out.append(t)
+    return tuple(out)
 
 
 def adapter_table(row_adapter: torch.Tensor, row_order: torch.Tensor, ranks: Sequence[int],
                   scalings: Sequence[float], dropout_ps: Sequence[float]) -> AdapterTable:
-    rank, scaling, threshold, keep_scale = _constants(str(row_adapter.device), tuple(int(r) for r in ranks),
-                                                      tuple(float(s) for s in scalings),
-                                                      tuple(float(p) for p in dropout_ps))
-    return AdapterTable(row_adapter, row_order, rank, scaling, threshold, keep_scale,
-                        any(p > 0.0 for p in dropout_ps))
+    device = row_adapter.device
+    ranks, scalings, ps = tuple(int(r) for r in ranks), tuple(float(s) for s in scalings), \
+        tuple(float(p) for p in dropout_ps)
+    key = (str(device), ranks, scalings, ps)
+    values = ((ranks, torch.int32), (scalings, torch.float32), ([drop_threshold(p) for p in ps], torch.int32),
+              ([1.0 / (1.0 - p) for p in ps], torch.float32))
+    constants = _CONSTANTS.get(key)
+    if constants is None and capturing(device):
+        # First seen inside a capture: built for the graph only. One seen before (the usual warm-up step before
+        # capture) comes from the cache, made eagerly.
+        constants = _filled(device, values)
+    elif constants is None:
+        if len(_CONSTANTS) >= _MAX_CACHED:
+            _CONSTANTS.clear()
+        constants = _CONSTANTS[key] = tuple(host_to_device(torch.tensor(v, dtype=dt), device) for v, dt in values)
+    rank, scaling, threshold, keep_scale = constants
+    return AdapterTable(row_adapter, row_order, rank, scaling, threshold, keep_scale, any(p > 0.0 for p in ps))
 
 
 @triton.jit
