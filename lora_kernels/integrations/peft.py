@@ -54,7 +54,7 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer
 
 from ..functional import AdapterSegments, fused_lora_linear, fused_multi_lora_linear
-from ..layer import is_conv1d
+from ..layers import is_conv1d
 
 # torch keeps the global module hooks in these dicts of torch.nn.modules.module, mutated in place.
 _torch_module = torch.nn.modules.module

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ..config import LoraConfig
 from ..inject import ModulesToSaveWrapper, applied_configs, check_adapter, lora_layers, model_adapters
-from ..layer import FusedLoraLinear
+from ..layers import LoraLayer
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -71,7 +71,7 @@ def _saved_adapter(model: nn.Module, adapter_name: Optional[str]) -> str:
     return check_adapter(model, adapter_name)
 
 
-def _adapter_layers(model: nn.Module, adapter_name: str) -> Dict[str, FusedLoraLinear]:
+def _adapter_layers(model: nn.Module, adapter_name: str) -> Dict[str, LoraLayer]:
     return {n: layer for n, layer in lora_layers(model).items() if adapter_name in layer.adapter_names}
 
 
@@ -124,7 +124,7 @@ def adapter_config(model: nn.Module, adapter_name: Optional[str] = None) -> Lora
     )
 
 
-def own_name(model: nn.Module, name: str, adapter_name: str, layers: Dict[str, FusedLoraLinear],
+def own_name(model: nn.Module, name: str, adapter_name: str, layers: Dict[str, LoraLayer],
              wrappers: List[str], own) -> Optional[str]:
     """The model's state-dict name of the tensor an adapter file stores as `base_model.model.<name>` for adapter
     `adapter_name`, or None. layers: lora_layers(model); wrappers: the ModulesToSaveWrapper paths; own: the

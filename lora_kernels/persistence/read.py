@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..config import LoraConfig
 from ..inject import ModulesToSaveWrapper, find_modules_to_save, find_targets, inject_lora, model_adapters
-from ..layer import DEFAULT_ADAPTER, FusedLoraLinear, check_adapter_name, linear_features
+from ..layers import DEFAULT_ADAPTER, LoraLayer, check_adapter_name, linear_features
 from .keys import CONFIG_NAME, PREFIX, WEIGHTS_NAME, PathLike, _adapter_layers, _bias_keys, _saved_module_keys
 
 def read_adapter(path: PathLike, *, allow_nonfinite: bool = False) -> Tuple[LoraConfig, Dict[str, torch.Tensor]]:
@@ -65,7 +65,7 @@ def _expected_shapes(model: nn.Module, config: LoraConfig,
     expected = {}
     for name in new + existing:
         module = model.get_submodule(name)
-        held = isinstance(module, FusedLoraLinear) and adapter_name in module.adapter_names
+        held = isinstance(module, LoraLayer) and adapter_name in module.adapter_names
         r = module.adapter_spec(adapter_name).r if held else config.rank_for(name)
         in_features, out_features = linear_features(module)
         expected[f"{PREFIX}{name}.lora_A.weight"] = ((r, in_features), name)

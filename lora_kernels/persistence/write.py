@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..inject import model_adapters
-from ..layer import DEFAULT_ADAPTER
+from ..layers import DEFAULT_ADAPTER
 from .keys import CONFIG_NAME, WEIGHTS_NAME, PathLike, adapter_config, adapter_tensors
 
 STAGING = ".adapter-new"     # inside an existing adapter directory: the next adapter, complete, before the swap
