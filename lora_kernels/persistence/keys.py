@@ -81,7 +81,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> 
     layers = _adapter_layers(model, adapter_name)
     sd: Dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
-        sd[f"{PREFIX}{name}.lora_A.weight"], sd[f"{PREFIX}{name}.lora_B.weight"] = layer.adapter_params(adapter_name)
+        for suffix, t in layer.peft_tensors(adapter_name).items():
+            sd[f"{PREFIX}{name}.{suffix}"] = t
     configs = applied_configs(model, adapter_name) or applied_configs(model)
     for key, (_, p) in _bias_keys(model, _bias_mode(configs), set(layers)).items():
         sd[key] = p
@@ -129,15 +130,13 @@ def own_name(model: nn.Module, name: str, adapter_name: str, layers: Dict[str, L
     """The model's state-dict name of the tensor an adapter file stores as `base_model.model.<name>` for adapter
     `adapter_name`, or None. layers: lora_layers(model); wrappers: the ModulesToSaveWrapper paths; own: the
     model's state-dict names."""
-    for suffix, i in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
-        path = name[: -len(suffix)]
-        if name.endswith(suffix) and path in layers:
-            layer = layers[path]
-            if adapter_name not in layer.adapter_names:
-                return None
-            # The first adapter of a layer is lora_A / lora_B, further ones lora_As.<name> / lora_Bs.<name>.
-            param = layer.adapter_params(adapter_name)[i]
-            return f"{path}.{next(n for n, p in layer.named_parameters() if p is param)}"
+    hit = layer_key(name, layers)
+    if hit is not None:
+        path, suffix = hit
+        if adapter_name not in layers[path].adapter_names:
+            return None
+        # The first adapter of a layer is lora_A / lora_B, further ones lora_As.<name> / lora_Bs.<name>.
+        return f"{path}.{layers[path].peft_names(adapter_name)[suffix]}"
     if name.endswith(".base_layer.bias") and name[: -len(".base_layer.bias")] in layers:
         return f"{name[: -len('.base_layer.bias')]}.bias"
     if name in own:
@@ -148,6 +147,15 @@ def own_name(model: nn.Module, name: str, adapter_name: str, layers: Dict[str, L
             candidate = f"{w}.trained_module.{name[len(w) + 1:]}"
             if candidate in own:
                 return candidate
+    return None
+
+
+def layer_key(name: str, layers: Dict[str, LoraLayer]) -> Optional[Tuple[str, str]]:
+    """(layer path, suffix) when the file key `base_model.model.<name>` is an adapter tensor of one of `layers`
+    (the suffix is one of the layer type's peft_keys, e.g. `lora_A.weight`), else None."""
+    for i, c in enumerate(name):
+        if c == "." and name[:i] in layers and name[i + 1:] in layers[name[:i]].peft_keys:
+            return name[:i], name[i + 1:]
     return None
 
 

@@ -12,7 +12,8 @@ import torch.nn as nn
 from ..config import LoraConfig
 from ..inject import ModulesToSaveWrapper, find_modules_to_save, find_targets, inject_lora, model_adapters
 from ..layers import DEFAULT_ADAPTER, LoraLayer, check_adapter_name, linear_features
-from .keys import CONFIG_NAME, PREFIX, WEIGHTS_NAME, PathLike, _adapter_layers, _bias_keys, _saved_module_keys
+from .keys import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, PathLike, _adapter_layers, _bias_keys, _saved_module_keys,
+                   layer_key)
 
 def read_adapter(path: PathLike, *, allow_nonfinite: bool = False) -> Tuple[LoraConfig, Dict[str, torch.Tensor]]:
     """Read and check a PEFT LoRA adapter directory; errors name the file (and key) at fault.
@@ -145,17 +146,16 @@ def load_adapter(model: nn.Module, path: PathLike, is_trainable: bool = True,
             target.copy_(t.to(device=target.device, dtype=target.dtype))
     if not is_trainable:
         for layer in layers.values():
-            for p in layer.adapter_params(adapter_name):
-                p.requires_grad_(False)
+            layer.set_adapter_trainable(adapter_name, False)
     return model
 
 
 def _model_tensor(model, key: str, layers, params, adapter_name: str) -> torch.Tensor:
     """The model tensor a file key loads into."""
     name = key[len(PREFIX):]
-    for suffix, i in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
-        if name.endswith(suffix) and name[: -len(suffix)] in layers:
-            return layers[name[: -len(suffix)]].adapter_params(adapter_name)[i]
+    hit = layer_key(name, layers)
+    if hit is not None:
+        return layers[hit[0]].peft_tensors(adapter_name)[hit[1]]
     if name.endswith(".base_layer.bias") and name[: -len(".base_layer.bias")] in layers:
         return layers[name[: -len(".base_layer.bias")]].bias
     if name in params:
