@@ -89,5 +89,6 @@ def _warn_frozen(model: nn.Module, used: List[str], layers) -> None:
     warnings.warn(f"batch_adapters: adapter(s) {frozen} have rows in this training batch but no trainable "
                   "parameter, so they get no gradient (set_adapter(name) freezes every other adapter, as PEFT's "
                   "does). To train them too, make their parameters trainable again: "
-                  "`layer.set_adapter_trainable(adapter, True)` for each layer in lora_kernels.inject.lora_layers(model)"
-                  ", or lora_kernels.set_trainable(model, '.*') for every adapter of every layer", stacklevel=4)
+                  "`layer.set_adapter_trainable(adapter, True)` for each layer in "
+                  "lora_kernels.inject.lora_layers(model), or lora_kernels.set_trainable(model, '.*') for every "
+                  "adapter of every layer", stacklevel=4)
