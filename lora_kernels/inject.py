@@ -2,7 +2,8 @@
 
 inject_lora replaces matching nn.Linear modules in place by LoRA layers (FusedLoraLinear, or the layer type the
 table in layers/registry.py picks for the base module) that share the Linear's own weight and bias Parameters (no
-copy of W), and freezes everything that is not LoRA (or a bias / modules_to_save module the config asks to train). Calling it again adds adapters to new targets and leaves existing ones alone.
+copy of W), and freezes everything that is not LoRA (or a bias / modules_to_save module the config asks to train).
+Calling it again adds adapters to new targets and leaves existing ones alone.
 The configs applied are kept on the model (attribute `_lora_kernels_configs`) so save_adapter can describe them.
 
 Named adapters: inject_lora(model, cfg, adapter_name="b") on a model that has adapter "a" adds "b" to the targets
