@@ -12,7 +12,8 @@ deadline (--deadline-s or LORA_BENCH_DEADLINE_S): a stage starts only if at leas
 its budget or what is left, whichever is less, and is then stopped (SIGTERM to its process group, SIGKILL
 after GRACE_S). The collector saves its JSON after every case and on SIGTERM, so a stage cut short keeps what
 it measured. The CUDA extension builds in the background from the start (TORCH_CUDA_ARCH_LIST, default 9.0)
-and only its own stage waits for it.
+and only its own stage waits for it. This file holds the command line, the deadline plan and the dry run;
+bench/gpu_runner.py runs a stage, bench/gpu_output.py writes and checks the output folder.
 
 Output in --out (default bench/results), flat, one stem <gpu-slug>-<UTC date>: <stem>.json (the results,
 with device, torch, triton and commit; LORA_BENCH_COMMIT where the tree has no .git), <stem>.md and .png
@@ -28,246 +29,25 @@ checks the files it wrote against LIMITS.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import io
-import json
 import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
-from bench.gpu_stages import (ENV_STAGE, GRACE_S, PRESETS, REPO, RESERVE_S, STAGES, Run, Stage, build_argv,
-                              build_env, ext_ready, stop)
+# LIMITS, LOG_CAP_BYTES, _capped: read by tests/test_gpu_script.py through this module, like the stages below.
+from bench.gpu_output import (LIMITS, LOG_CAP_BYTES, _brief, _capped, _headline_lines, check_layout,  # noqa: F401
+                              write_outputs)
+from bench.gpu_runner import Interrupted, _now, _tail, detect_env, report, run_command, run_stage, start_build
+from bench.gpu_stages import (ENV_STAGE, GRACE_S, PRESETS, REPO, RESERVE_S, STAGES, Run, Stage, build_env, ext_ready,
+                              stop)
 from bench.gpu_stages import collect_stage, pytest_stage  # noqa: F401  (one import for scripts and tests)
 
-# What comes back from a lent GPU machine's output folder; the run keeps within it everywhere.
-LIMITS = {"files": 8, "file_bytes": 16 * 2**20, "depth": 2}
-_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
-LOG_CAP_BYTES = 2 * 2**20    # per log in the tarball: its first and last MiB
 COMMAND_LIMIT_S = 600.0      # a lent machine's limit per command: the quick and short deadlines stay inside it
-
-
-class Interrupted(Exception):
-    """SIGTERM or SIGINT reached the orchestrator: stop the stage in flight, keep what was written."""
-
-
-# -- running --------------------------------------------------------------------------------------------------
-
-def _env_vars(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra or {}))
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH")
-                                                       else []))
-    return env
-
-
-def run_command(run: Run, argv: List[str], log: Path, limit: float, extra_env=None) -> tuple:
-    """(exit status, seconds, cut short) of argv with its output appended to `log`, stopped after `limit` s."""
-    t0 = time.monotonic()
-    with open(log, "ab") as f:
-        f.write(f"$ {' '.join(argv)}   # limit {limit:.0f} s, {_now()}\n".encode())
-        f.flush()
-        run.current = subprocess.Popen(argv, cwd=REPO, env=_env_vars(extra_env), stdout=f, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
-        cut = False
-        try:
-            rc = run.current.wait(timeout=None if limit == float("inf") else max(0.1, limit))
-        except subprocess.TimeoutExpired:
-            cut = True
-            stop(run.current)
-            rc = run.current.returncode
-        finally:
-            if run.current.poll() is None:  # Interrupted while waiting
-                stop(run.current)
-            run.current = None
-        f.write(f"# exit status {rc}{' (stopped: time limit)' if cut else ''} after "
-                f"{time.monotonic() - t0:.1f} s\n".encode())
-    return rc, time.monotonic() - t0, cut
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M:%S UTC")
-
-
-def _tail(path: Path, lines: int = 12) -> str:
-    try:
-        text = path.read_text(errors="replace").rstrip().splitlines()
-    except OSError:
-        return ""
-    return "\n".join(text[-lines:])
-
-
-_RESULT_LINE = re.compile(r"^(=+ )?.*\b\d+ (passed|failed|errors?|skipped|deselected)\b|no tests ran|^collect\.py: ")
-
-
-def _summary(path: Path) -> str:
-    """The line that says how a stage went: pytest's result line, collect.py's last word, or the last line."""
-    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip() and not ln.startswith("#")]
-    said = [ln for ln in lines if _RESULT_LINE.search(ln)]
-    return (said or lines or [""])[-1].strip("= ")[:300]
-
-
-def _stage_env_ok(run: Run, stage: Stage) -> Optional[str]:
-    missing = [n for n in stage.needs if not run.env.get(n)]
-    return None if not missing else f"not here: {', '.join(missing)}"
-
-
-def run_stage(run: Run, stage: Stage, index: int) -> dict:
-    rec = {"name": stage.name, "what": stage.what, "est_s": stage.est_s}
-    log = run.logs / f"{index:02d}-{stage.name}.log"
-    why = _stage_env_ok(run, stage)
-    left = run.left()
-    if why is None and left < stage.min_s:
-        why = f"deadline: {max(0.0, left):.0f} s left, needs at least {stage.min_s:.0f} s"
-    if why:
-        rec.update(status="skipped", why=why)
-        print(f"[{_now()}] {stage.name}: skipped ({why})", flush=True)
-        return rec
-    limit = left if stage.budget_s is None else min(stage.budget_s, left)
-    t0 = time.monotonic()
-    print(f"[{_now()}] {stage.name}: {stage.what} (limit {limit:.0f} s)", flush=True)
-    if stage.prepare is not None:
-        why = stage.prepare(run, limit - stage.min_s / 2)
-        if why:
-            log.write_text(why + "\n")
-            rec.update(status="failed", why=why, seconds=round(time.monotonic() - t0, 1))
-            print(f"[{_now()}] {stage.name}: FAILED: {why}", flush=True)
-            return rec
-        limit -= time.monotonic() - t0
-    rc, secs, cut = run_command(run, stage.argv(run, limit), log, limit)
-    rec.update(status="cut" if cut else ("ok" if rc == 0 else "failed"), rc=rc,
-               limit_s=None if limit == float("inf") else round(limit),
-               seconds=round(time.monotonic() - t0, 1), summary=_summary(log))
-    if cut:  # the run's deadline ending a stage is planned for; a stage outrunning its own budget is not
-        rec["cut_by"] = "budget" if stage.budget_s is not None and limit >= stage.budget_s else "deadline"
-    print(f"[{_now()}] {stage.name}: {rec['status']} in {rec['seconds']:.0f} s: {rec['summary']}", flush=True)
-    if rec["status"] != "ok":
-        print(_tail(log), flush=True)
-    return rec
-
-
-def report(run: Run) -> Optional[dict]:
-    """Regenerate the Markdown and PNG from the results file (a few seconds), within the reserve."""
-    if not run.results.exists():
-        return None
-    limit = max(5.0, min(60.0, run.deadline - time.monotonic() - GRACE_S))
-    args = [run.python, "-m", "bench.report", str(run.results)]
-    if not run.env.get("matplotlib", True):
-        args.append("--no-png")
-    rc, secs, cut = run_command(run, args, run.logs / "report.log", limit)
-    return {"rc": rc, "seconds": round(secs, 1), "cut": cut}
-
-
-def detect_env(run: Run) -> Optional[str]:
-    """The env stage: the environment record (bench.env) and nvidia-smi's full output into the logs."""
-    log = run.logs / "00-env.log"
-    if shutil.which("nvidia-smi"):
-        run_command(run, ["nvidia-smi"], log, 30)
-    out = run.logs / "env.json"
-    limit = max(30.0, min(120.0, run.left()))
-    try:
-        with open(out, "wb") as f:
-            proc = subprocess.run([run.python, "-m", "bench.env"], cwd=REPO, env=_env_vars(), stdout=f,
-                                  stderr=subprocess.PIPE, timeout=limit)
-    except subprocess.TimeoutExpired:
-        return f"python -m bench.env did not finish in {limit:.0f} s (torch import or CUDA initialisation hangs?)"
-    if proc.returncode != 0:
-        return f"python -m bench.env failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[-2000:]}"
-    run.env = json.loads(out.read_text())
-    run.stem = os.environ.get("LORA_BENCH_STEM") or run.env["stem"]
-    return None
-
-
-def start_build(run: Run) -> None:
-    """The CUDA extension's build, in the background at low priority so it does not slow the Triton numbers."""
-    if run.env.get("cuda_extension_built") or not run.env.get("nvcc") or not run.env.get("cuda_available"):
-        return
-    log = open(run.logs / "build-ext.log", "ab")
-    log.write(f"$ {' '.join(build_argv(run))}   # {build_env(run)}\n".encode())
-    log.flush()
-    run.build = subprocess.Popen(["nice", "-n", "10", *build_argv(run)], cwd=REPO, env=_env_vars(build_env(run)),
-                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
-
-
-# -- output --------------------------------------------------------------------------------------------------
-
-def check_layout(out: Path, files: Sequence[Path]) -> List[str]:
-    """What in `files` (under `out`) breaks LIMITS; empty when all is well."""
-    problems = []
-    if len(files) > LIMITS["files"]:
-        problems.append(f"{len(files)} files under {out}, more than {LIMITS['files']}")
-    for f in files:
-        rel = f.relative_to(out)
-        if len(rel.parts) - 1 > LIMITS["depth"]:
-            problems.append(f"{rel}: more than {LIMITS['depth']} folders deep")
-        bad = [p for p in rel.parts if not _NAME.match(p)]
-        if bad:
-            problems.append(f"{rel}: name {bad[0]!r} has characters other than letters, digits, '.', '_', '-'")
-        if f.stat().st_size > LIMITS["file_bytes"]:
-            problems.append(f"{rel}: {f.stat().st_size} bytes, more than {LIMITS['file_bytes']}")
-    return problems
-
-
-def _capped(path: Path) -> bytes:
-    data = path.read_bytes()
-    if len(data) <= LOG_CAP_BYTES:
-        return data
-    half = LOG_CAP_BYTES // 2
-    return data[:half] + f"\n[... {len(data) - 2 * half} bytes cut ...]\n".encode() + data[-half:]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def write_outputs(run: Run, done: bool = False) -> List[Path]:
-    """<stem>.stages.json and <stem>.logs.tar.gz, rewritten atomically (after every stage); this run's files."""
-    doc = {"preset": run.preset, "dry_run": run.dry_run, "started": run.started,
-           "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "finished": done,
-           "deadline_s": run.deadline_s, "limits": LIMITS, "env": run.env, "stages": run.records}
-    _atomic_write(run.out / f"{run.stem}.stages.json", (json.dumps(doc, indent=1) + "\n").encode())
-    tar_path = run.out / f"{run.stem}.logs.tar.gz"
-    tmp = tar_path.with_name(tar_path.name + ".tmp")
-    with tarfile.open(tmp, "w:gz") as tar:
-        for log in sorted(run.logs.iterdir()):
-            data = _capped(log)
-            info = tarfile.TarInfo(f"{run.stem}.logs/{log.name}")
-            info.size, info.mtime = len(data), int(time.time())
-            tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, tar_path)
-    for stray in run.out.glob(f"{run.stem}*.tmp"):  # a collector killed mid-write
-        stray.unlink()
-    return sorted(p for p in run.out.iterdir() if p.name.startswith(run.stem) and p.is_file())
-
-
-def _brief(rec: dict) -> str:
-    secs = rec.get("seconds")
-    return f"{rec['name']} {rec.get('status')}" + ("" if secs is None else f" {secs:.0f}s")
-
-
-def _headline_lines(run: Run) -> List[str]:
-    try:
-        doc = json.loads(run.results.read_text())
-    except (OSError, ValueError):
-        return []
-    lines = []
-    for c in doc.get("cases", []):
-        r = c.get("ratios") or {}
-        lines.append(f"  {c['name']}: fused {c.get('fused_ms')} ms, base {c.get('base_ms')} ms, "
-                     f"fused/base {r.get('fused_over_base')}, PEFT/fused {r.get('peft_over_fused')}, "
-                     f"torch/fused {r.get('torch_over_fused')}")
-    for e in doc.get("e2e", []):
-        lines.append(f"  {e['name']}: {e.get('ratios')}")
-    return lines
 
 
 # -- plan and dry run ------------------------------------------------------------------------------------------

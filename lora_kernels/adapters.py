@@ -8,14 +8,17 @@ not once per layer; each layer then runs fused_multi_lora_linear over the adapte
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import List, Optional, Sequence
 
+import torch
 import torch.nn as nn
 
 from .functional import AdapterSegments
-from .inject import ACTIVE_ATTR, adapter_parameters, check_adapter, lora_layers, model_adapters
+from .inject import ACTIVE_ATTR, check_adapter, lora_layers, model_adapters
 
 BASE = "__base__"  # PEFT's name for a base-model row in adapter_names=; None means the same here
+_WARNED_ATTR = "_lora_kernels_warned_frozen"  # the frozen adapters batch_adapters has warned about on this model
 
 
 def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
@@ -31,8 +34,7 @@ def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     for layer in layers.values():
         layer.active_adapter = adapter_name
         for name in layer.adapter_names:
-            for p in adapter_parameters(layer, name):
-                p.requires_grad_(name == adapter_name)
+            layer.set_adapter_trainable(name, name == adapter_name)
     object.__setattr__(model, ACTIVE_ATTR, adapter_name)
     return model
 
@@ -62,6 +64,8 @@ def batch_adapters(model: nn.Module, names: Sequence[Optional[str]]):
     segments = AdapterSegments.from_names(sample_names, order)  # once for the whole model
     used = {n for n in sample_names if n is not None}
     layers = list(lora_layers(model).values())
+    if model.training and torch.is_grad_enabled():
+        _warn_frozen(model, [n for n in order if n in used], layers)
     previous = [layer._batch for layer in layers]
     for layer in layers:
         layer.set_batch(segments, order, used)
@@ -70,3 +74,21 @@ def batch_adapters(model: nn.Module, names: Sequence[Optional[str]]):
     finally:
         for layer, batch in zip(layers, previous):
             layer._batch = batch
+
+
+def _warn_frozen(model: nn.Module, used: List[str], layers) -> None:
+    """Warn once per model and adapter when a training batch has rows of an adapter none of whose tensors train:
+    those rows compute, but the adapter learns nothing from them. set_adapter freezes every adapter but the one
+    it activates (as PEFT's does), so after set_adapter("a") a mixed batch of "a" and "b" trains "a" only."""
+    warned = vars(model).setdefault(_WARNED_ATTR, set())
+    frozen = [n for n in used if n not in warned
+              and not any(layer.adapter_trainable(n) for layer in layers if n in layer.adapter_names)]
+    if not frozen:
+        return
+    warned.update(frozen)
+    warnings.warn(f"batch_adapters: adapter(s) {frozen} have rows in this training batch but no trainable "
+                  "parameter, so they get no gradient (set_adapter(name) freezes every other adapter, as PEFT's "
+                  "does). To train them too, make their parameters trainable again: "
+                  "`layer.set_adapter_trainable(adapter, True)` for each layer in "
+                  "lora_kernels.inject.lora_layers(model), or lora_kernels.set_trainable(model, '.*') for every "
+                  "adapter of every layer", stacklevel=4)

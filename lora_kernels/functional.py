@@ -20,7 +20,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .backends import FUNCTIONS, FUNCTIONS_4BIT, MULTI_FUNCTIONS, resolve_backend, resolve_backend_4bit
+from . import backends
+from .backends import FUNCTIONS, FUNCTIONS_4BIT, MULTI_FUNCTIONS
 from .backends.base import FLOAT_DTYPES, QuantizedWeight, dequantize, from_bnb  # noqa: F401  (the 4-bit format)
 from .backends.base import host_to_device
 
@@ -107,7 +108,7 @@ def fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p: float
     device_type = x.device.type
     x, weight, bias = _base_in_activation_dtype(x, weight, bias)
     p = float(dropout_p) if training else 0.0
-    fn = FUNCTIONS[resolve_backend(x)]
+    fn = FUNCTIONS[backends.resolve_backend(x)]  # the one dispatch decision of this call
     with torch.autocast(device_type, enabled=False):
         lora_B, scaling = _fold_tensor_scaling(lora_B, scaling, x.device)
         return fn.apply(x, weight, bias, lora_A, lora_B, float(scaling), p)
@@ -140,7 +141,7 @@ def _fused_qlora_linear(x, qweight: QuantizedWeight, bias, lora_A, lora_B, scali
         raise ValueError(f"x has dtype {x.dtype} but bias has {bias.dtype}: the base layer's bias must be in the "
                          "activation dtype (or run under torch.autocast)")
     p = float(dropout_p) if training else 0.0
-    fn = FUNCTIONS_4BIT[resolve_backend_4bit(x)]
+    fn = FUNCTIONS_4BIT[backends.resolve_backend(x, four_bit=True)]  # the one dispatch decision of this call
     with torch.autocast(device_type, enabled=False):
         lora_B, scaling = _fold_tensor_scaling(lora_B, scaling, x.device)
         return fn.apply(x, *qweight.tensors(), bias, lora_A, lora_B, float(scaling), p, qweight.quant_type,
@@ -319,7 +320,7 @@ def fused_multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, dropout
     x, weight, bias = _base_in_activation_dtype(x, weight, bias)
     if present == 0:
         return torch.nn.functional.linear(x, weight, bias)
-    backend = resolve_backend(x)
+    backend = backends.resolve_backend(x)  # the one dispatch decision of this call
     if backend not in MULTI_FUNCTIONS:
         raise RuntimeError(f"LORA_KERNELS_BACKEND={backend} has no multi-adapter kernels; use triton or torch")
     # This layer's own numbering: slot j = the j-th adapter it holds; model adapters it lacks map to -1.

@@ -1,8 +1,9 @@
 """Putting FusedLoraLinear into a model and taking it out again, with PEFT's matching rules.
 
-inject_lora replaces matching nn.Linear modules in place by FusedLoraLinear layers that share the Linear's own
-weight and bias Parameters (no copy of W), and freezes everything that is not LoRA (or a bias / modules_to_save
-module the config asks to train). Calling it again adds adapters to new targets and leaves existing ones alone.
+inject_lora replaces matching nn.Linear modules in place by LoRA layers (FusedLoraLinear, or the layer type the
+table in layers/registry.py picks for the base module) that share the Linear's own weight and bias Parameters (no
+copy of W), and freezes everything that is not LoRA (or a bias / modules_to_save module the config asks to train).
+Calling it again adds adapters to new targets and leaves existing ones alone.
 The configs applied are kept on the model (attribute `_lora_kernels_configs`) so save_adapter can describe them.
 
 Named adapters: inject_lora(model, cfg, adapter_name="b") on a model that has adapter "a" adds "b" to the targets
@@ -15,13 +16,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
-import sys
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
 from .config import ALL_LINEAR, LoraConfig
-from .layer import DEFAULT_ADAPTER, FusedLoraLinear, check_adapter_name, is_conv1d, linear_sharing
+from .layers import DEFAULT_ADAPTER, LoraLayer, can_adapt, check_adapter_name, wrap
 
 CONFIGS_ATTR = "_lora_kernels_configs"
 ADAPTERS_ATTR = "_lora_kernels_adapters"  # {adapter name: [configs]}, in the order the adapters were added
@@ -105,9 +105,10 @@ def _is_target(config: LoraConfig, key: str, all_linear: Optional[set]) -> bool:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    """What can take an adapter: nn.Linear, and transformers' Conv1D (a linear layer with its weight transposed,
-    which PEFT's all-linear also matches)."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """What can take an adapter: a base module of the layer-type table (layers/registry.py): nn.Linear and its
+    bitsandbytes subclasses, and transformers' Conv1D (a linear layer with its weight transposed, which PEFT's
+    all-linear also matches)."""
+    return can_adapt(module)
 
 
 def _linear_candidates(model: nn.Module, limit: int = 8) -> str:
@@ -144,14 +145,14 @@ def find_targets(model: nn.Module, config: LoraConfig) -> Tuple[List[str], List[
     if config.target_modules == ALL_LINEAR:
         head = _output_head_name(model)
         all_linear = {n for n, m in model.named_modules()
-                      if (_is_linear(m) or isinstance(m, FusedLoraLinear)) and n != head}
+                      if (_is_linear(m) or isinstance(m, LoraLayer)) and n != head}
     new, existing = [], []
     for name, module in model.named_modules():
         if not name or any(name == w or name.startswith(w + ".") for w in wrapped):
             continue
         if not _is_target(config, name, all_linear):
             continue
-        if isinstance(module, FusedLoraLinear):
+        if isinstance(module, LoraLayer):
             existing.append(name)
         elif _is_linear(module):
             new.append(name)
@@ -195,9 +196,9 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def lora_layers(model: nn.Module) -> Dict[str, FusedLoraLinear]:
-    """{qualified name: FusedLoraLinear} for every adapter layer in the model."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, FusedLoraLinear)}
+def lora_layers(model: nn.Module) -> Dict[str, LoraLayer]:
+    """{qualified name: layer} for every adapter layer in the model (FusedLoraLinear and the other layer types)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
 def applied_configs(model: nn.Module, adapter_name: Optional[str] = None) -> List[LoraConfig]:
@@ -239,8 +240,8 @@ def _record(model: nn.Module, adapter_name: str, config: LoraConfig) -> None:
         object.__setattr__(model, ACTIVE_ATTR, adapter_name)
 
 
-def adapter_parameters(layer: FusedLoraLinear, adapter_name: Optional[str] = None) -> List[nn.Parameter]:
-    """lora_A and lora_B of one adapter of the layer, or of all of them."""
+def adapter_parameters(layer: LoraLayer, adapter_name: Optional[str] = None) -> List[nn.Parameter]:
+    """The tensors (lora_A, lora_B) of one adapter of the layer, or of all of them."""
     names = layer.adapter_names if adapter_name is None else [adapter_name]
     return [p for n in names for p in layer.adapter_params(n)]
 
@@ -249,7 +250,7 @@ def _is_bias_name(name: str) -> bool:
     return name == "bias" or name.endswith(".bias")
 
 
-def _freeze_all_but_adapters(model: nn.Module, new_layers: Iterable[Tuple[FusedLoraLinear, str]]) -> None:
+def _freeze_all_but_adapters(model: nn.Module, new_layers: Iterable[Tuple[LoraLayer, str]]) -> None:
     """Freeze every non-LoRA parameter except what the applied configs train; new adapters train.
 
     Existing adapters keep their requires_grad (set_trainable may have frozen some on purpose).
@@ -271,8 +272,7 @@ def _freeze_all_but_adapters(model: nn.Module, new_layers: Iterable[Tuple[FusedL
             train = True
         p.requires_grad_(train)
     for layer, adapter_name in new_layers:
-        for p in adapter_parameters(layer, adapter_name):
-            p.requires_grad_(True)
+        layer.set_adapter_trainable(adapter_name, True)
 
 
 def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
@@ -295,9 +295,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAUL
     new_layers = []
     for name in new:
         linear = model.get_submodule(name)
-        layer = FusedLoraLinear.from_linear(linear, r=config.rank_for(name), lora_alpha=config.alpha_for(name),
-                                            lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                                            init_lora_weights=config.init_lora_weights)
+        layer = wrap(linear, r=config.rank_for(name), lora_alpha=config.alpha_for(name),
+                     lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                     init_lora_weights=config.init_lora_weights)
         layer.rename_first_adapter(adapter_name)
         layer.active_adapter = active  # a layer lacking the model's active adapter computes its base output
         layer.train(linear.training)
@@ -320,30 +320,31 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAUL
                              else config.fan_in_fan_out)
     _record(model, adapter_name, config)
     _freeze_all_but_adapters(model, new_layers)
-    _hook_transformers_model(model)
+    for hook in _AFTER_INJECT:
+        hook(model)
     return model
 
 
-def _hook_transformers_model(model: nn.Module) -> None:
-    """A transformers PreTrainedModel saves adapter-only checkpoints under Trainer and resumes from them
-    (integrations/transformers.py). Only a model whose transformers module is already loaded can be one, so
-    plain torch users never import transformers here."""
-    modeling = sys.modules.get("transformers.modeling_utils")
-    if modeling is not None and isinstance(model, modeling.PreTrainedModel):
-        from .integrations.transformers import enable_adapter_checkpoints
+# Called with every model inject_lora has changed. Whoever owns a family of models registers here what that family
+# needs (integrations/__init__.py: a transformers model gets adapter-only Trainer checkpoints), so the injector
+# never imports the integrations above it.
+_AFTER_INJECT: List[Callable[[nn.Module], None]] = []
 
-        enable_adapter_checkpoints(model)
+
+def after_inject(hook: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
+    """Register `hook(model)` to run at the end of every inject_lora (once per hook); returns it (a decorator)."""
+    if hook not in _AFTER_INJECT:
+        _AFTER_INJECT.append(hook)
+    return hook
 
 
 # -- removing adapters ----------------------------------------------------------------------------------
 
-def _base_linear(layer: FusedLoraLinear) -> nn.Linear:
-    """An nn.Linear owning the layer's (unmerged) weight and bias Parameters."""
+def _base_linear(layer: LoraLayer) -> nn.Module:
+    """The base module (nn.Linear, Conv1D, bnb Linear4bit) owning the layer's (unmerged) weight and bias."""
     if layer.merged:
         layer.unmerge()
-    if getattr(layer, "is_4bit", False):  # a 4-bit base goes back to a bnb Linear4bit (layer.py, FusedLoraLinear4bit)
-        return layer.to_base()
-    linear = linear_sharing(layer.weight, layer.bias, layer.fan_in_fan_out)
+    linear = layer.to_base()
     linear.train(layer.training)
     return linear
 

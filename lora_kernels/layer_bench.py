@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from .backends import resolve_backend
-from .layer import FusedLoraLinear
+from .layers import FusedLoraLinear
 from .timing import Timer
 
 BASE, FUSED, PEFT = "base nn.Linear", "FusedLoraLinear", "PEFT LoRA Linear"

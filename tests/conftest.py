@@ -118,11 +118,11 @@ def gpu_like_autotune():
 @pytest.fixture
 def count_kernel_calls(monkeypatch):
     """A list that gets one entry per fused_lora_linear call made by a fused PEFT layer or a FusedLoraLinear."""
-    from lora_kernels import layer as lk_layer
     from lora_kernels.integrations import peft as lk_peft
+    from lora_kernels.layers import dense as lk_dense
 
     calls = []
-    for module in (lk_layer, lk_peft):
+    for module in (lk_dense, lk_peft):
         real = module.fused_lora_linear
 
         def counting(*args, _real=real, **kwargs):

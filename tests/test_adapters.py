@@ -147,6 +147,39 @@ def test_mixed_batch_gradients_reach_only_the_adapters_with_rows(torch_backend):
             assert_rel_close(mixed[n], g, 1e-4, f"grad {n} of {name}")
 
 
+
+def test_a_training_batch_with_rows_of_a_frozen_adapter_warns_once(torch_backend):
+    """set_adapter("a") freezes "b" (as PEFT's): a mixed training batch then gives "b" no gradient. Warned once,
+    naming "b" and how to make it train; after that it trains."""
+    import warnings
+
+    model = two_adapter_llama().train()
+    lk.set_adapter(model, "a")
+    ids = tokens(4, 6)
+    with pytest.warns(UserWarning, match=r"adapter\(s\) \['b'\] .* no gradient.*set_adapter_trainable"):
+        with lk.batch_adapters(model, NAMES):
+            model(ids).logits.sum().backward()
+    assert all(p.grad is None for layer in lora_layers(model).values() if "b" in layer.adapter_names
+               for p in layer.adapter_params("b"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with lk.batch_adapters(model, NAMES):  # once per model and adapter
+            model(ids).logits.sum()
+        model.eval()
+        with torch.no_grad(), lk.batch_adapters(model, NAMES):  # serving: nothing trains, nothing to say
+            model(ids)
+    model.train()
+    for layer in lora_layers(model).values():
+        if "b" in layer.adapter_names:
+            layer.set_adapter_trainable("b", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with lk.batch_adapters(model, NAMES):
+            model(ids).logits.sum().backward()
+    assert all(p.grad is not None for layer in lora_layers(model).values() if "b" in layer.adapter_names
+               for p in layer.adapter_params("b"))
+
+
 def test_shared_target_with_different_ranks_and_dropout_per_adapter(torch_backend):
     """r=1 and r=7 on one target, dropout 0.3 for a and none for b: in a training mixed batch only a's rows
     see dropout (they differ from eval and repeat under the same seed); b's and base rows equal eval."""

@@ -131,3 +131,91 @@ def test_train_step_changes_only_the_adapter():
         opt.step()
     assert torch.equal(layer.weight, w0)
     assert torch.count_nonzero(layer.lora_B) > 0
+
+
+# -- layer types: one table, one shared bookkeeping -------------------------------------------------------------
+
+def test_the_layer_type_table_picks_the_layer():
+    from lora_kernels.layers import LAYER_TYPES, FusedLoraLinear4bit, layer_type_for
+
+    assert layer_type_for(nn.Linear(4, 4)).layer is lk.FusedLoraLinear
+    assert layer_type_for(nn.Conv1d(3, 3, 1)) is None
+    assert LAYER_TYPES[0].layer is FusedLoraLinear4bit  # bnb linears subclass nn.Linear: their rows come first
+
+    class Mine(lk.FusedLoraLinear):
+        pass
+
+    assert type(Mine.from_linear(nn.Linear(4, 4), r=2)) is Mine  # from_linear on a subclass keeps it
+    with pytest.raises(ValueError, match=r"layer-type table \(.*torch nn.Linear.*\), got Conv1d"):
+        lk.FusedLoraLinear.from_linear(nn.Conv1d(3, 3, 1))
+
+
+class _ScaledLoraLayer(lk.layers.LoraLayer):
+    """A toy layer type, shaped like DoRA's: three tensors per adapter (A, B and an output scale g) and its own
+    merge rule W <- g·(W + s·B·A). It writes only parameters, math and merge rule; the rest comes from LoraLayer."""
+
+    adapter_tensor_names = ("lora_A", "lora_B", "lora_g")
+    peft_keys = ("lora_A.weight", "lora_B.weight", "lora_g.weight")
+    mixed_batches = False
+
+    def __init__(self, linear: nn.Linear, r: int):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.weight.requires_grad_(False)
+        self._init_adapters(r, 2 * r, 0.0, False, False, {"dtype": torch.float32})
+
+    def _adapter_shapes(self, r):
+        out_f, in_f = self.weight.shape
+        return (r, in_f), (out_f, r), (out_f,)
+
+    def _init_adapter(self, name, init_lora_weights):
+        for t in self.adapter_params(name):
+            nn.init.uniform_(t, 0.5, 1.0)
+
+    def _delta(self, name):
+        A, B, _ = self.adapter_params(name)
+        return self._scaling_dropout(name)[0] * B @ A
+
+    def _base_output(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def _adapter_output(self, x, name):
+        g = self.adapter_params(name)[2]
+        return nn.functional.linear(x, g[:, None] * (self.weight + self._delta(name)), self.bias)
+
+    def _merge_rule(self, name, sign):
+        g = self.adapter_params(name)[2]
+        self.weight.copy_(g[:, None] * (self.weight + self._delta(name)) if sign > 0
+                          else self.weight / g[:, None] - self._delta(name))
+
+    def to_base(self):
+        return lk.layers.linear_sharing(self.weight, self.bias)
+
+
+def test_a_new_layer_type_gets_the_adapter_bookkeeping():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    x = torch.randn(3, 6)
+    layer = _ScaledLoraLayer(base, r=2)
+    y_base = base(x).detach()
+    layer.add_adapter("b", r=3, lora_alpha=3)
+    assert layer.adapter_names == ["default", "b"]
+    assert layer.adapter_param_names("b") == ("lora_As.b", "lora_Bs.b", "lora_gs.b")
+    assert [tuple(t.shape) for t in layer.adapter_params("b")] == [(3, 6), (5, 3), (5,)]
+    assert set(layer.peft_names("b")) == {"lora_A.weight", "lora_B.weight", "lora_g.weight"}
+    y = layer(x)
+    layer.active_adapter = "b"
+    y_b = layer(x)
+    assert not torch.allclose(y, y_b)
+    with layer.disable_adapter():
+        assert torch.allclose(layer(x), y_base)
+    w0 = layer.weight.detach().clone()
+    layer.merge()  # the type's rule, on the active adapter
+    assert layer.merged and torch.allclose(layer(x), y_b, atol=1e-5) and not torch.allclose(layer.weight, w0)
+    layer.unmerge()
+    assert torch.allclose(layer(x), y_b, atol=1e-5) and torch.allclose(layer.weight, w0, atol=1e-6)
+    layer.set_adapter_trainable("b", False)
+    assert not layer.adapter_trainable("b") and layer.adapter_trainable("default")
+    layer.set_batch(lk.AdapterSegments([0, 1, None]), ["default", "b"], ["default", "b"])
+    with pytest.raises(ValueError, match="does not run mixed-adapter batches"):
+        layer(x)

@@ -72,8 +72,8 @@ def _crash_at(monkeypatch, k):
     for name in ("mkdir", "link", "unlink", "remove", "rename", "replace"):
         setattr(fake_os, name, step(getattr(os, name)))
     fake_shutil = types.SimpleNamespace(rmtree=step(shutil.rmtree), copy2=step(shutil.copy2))
-    monkeypatch.setattr(persistence, "os", fake_os)
-    monkeypatch.setattr(persistence, "shutil", fake_shutil)
+    monkeypatch.setattr(persistence.write, "os", fake_os)  # save_adapter lives in persistence/write.py
+    monkeypatch.setattr(persistence.write, "shutil", fake_shutil)
     import safetensors.torch
     monkeypatch.setattr(safetensors.torch, "save_file", step(safetensors.torch.save_file))
     return count

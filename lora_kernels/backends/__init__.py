@@ -38,9 +38,13 @@ FUNCTIONS_4BIT: Dict[str, Type[QLoraLinearFunction]] = {
 }
 
 
-def resolve_backend(x) -> str:
-    """The backend that will run for input `x`; the requested one's error when it cannot."""
+def resolve_backend(x, four_bit: bool = False) -> str:
+    """The backend that will run for input `x` (four_bit: over a 4-bit base weight, where cuda, asked for
+    explicitly, raises: it has no 4-bit kernels); the requested one's error when it cannot. One decision per call
+    of a functional entry point."""
     name = requested_backend()
+    if four_bit and name == "cuda":
+        raise ValueError("LORA_KERNELS_BACKEND=cuda has no 4-bit (QLoRA) kernels; use triton, torch or auto")
     if name == "auto":
         # cuda is never auto-picked until GPU measurements show where it wins.
         return "triton" if triton.unavailable_reason(x) is None else "torch"
@@ -51,10 +55,8 @@ def resolve_backend(x) -> str:
 
 
 def resolve_backend_4bit(x) -> str:
-    """resolve_backend for a 4-bit base weight: cuda, asked for explicitly, raises (it has no 4-bit kernels)."""
-    if requested_backend() == "cuda":
-        raise ValueError("LORA_KERNELS_BACKEND=cuda has no 4-bit (QLoRA) kernels; use triton, torch or auto")
-    return resolve_backend(x)
+    """resolve_backend for a 4-bit base weight (its name before resolve_backend's four_bit)."""
+    return resolve_backend(x, four_bit=True)
 
 
 def backends_4bit_for(x) -> list:

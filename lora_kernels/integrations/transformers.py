@@ -66,7 +66,7 @@ from transformers import PreTrainedModel
 
 from ..config import LoraConfig
 from ..inject import ModulesToSaveWrapper, inject_lora, lora_layers, model_adapters
-from ..layer import DEFAULT_ADAPTER
+from ..layers import DEFAULT_ADAPTER
 from ..persistence import PREFIX, WEIGHTS_NAME, adapter_tensors, own_name, own_names, save_adapters
 from ..training.distributed import unwrap
 

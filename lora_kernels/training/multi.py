@@ -37,7 +37,7 @@ from ..inject import adapter_parameters, lora_layers, model_adapters
 from .distributed import full_tensor, sum_over_ranks, unwrap
 from .loop import TrainConfig, Trainer, _logits
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT's names (persistence.py)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT's names (persistence/keys.py)
 
 
 def adapter_outputs(names: Sequence[str]) -> Tuple[str, ...]:

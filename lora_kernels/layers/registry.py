@@ -1,0 +1,86 @@
+"""The layer-type table: which LoRA layer type wraps which base module. The one place that decides it.
+
+inject_lora asks `can_adapt` which modules can take an adapter and `wrap` for the layer; FusedLoraLinear.from_linear
+reaches `wrap` through base.py's slot (filled below). A new layer type adds its row here; the first row whose
+test matches the module wins. Layer types that adapt parameters rather than modules (3-D expert weights, PEFT's
+target_parameters) will get a table of their own beside this one.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch.nn as nn
+
+from . import base
+from .base import LoraLayer
+from .dense import FusedLoraLinear, is_conv1d
+from .linear_4bit import FusedLoraLinear4bit
+
+
+def _bnb_nn():
+    """bitsandbytes.nn if it was imported (no module can be a bnb layer otherwise); never imports it."""
+    return sys.modules.get("bitsandbytes.nn")
+
+
+def is_bnb_4bit(module: nn.Module) -> bool:
+    bnb_nn = _bnb_nn()
+    return bnb_nn is not None and isinstance(module, bnb_nn.Linear4bit)
+
+
+def is_bnb_8bit(module: nn.Module) -> bool:
+    bnb_nn = _bnb_nn()
+    return bnb_nn is not None and isinstance(module, bnb_nn.Linear8bitLt)
+
+
+def is_bnb_quantized(module: nn.Module) -> bool:
+    """A bitsandbytes quantized linear (Linear4bit, Linear8bitLt). bitsandbytes is not imported for it."""
+    return is_bnb_4bit(module) or is_bnb_8bit(module)
+
+
+@dataclass(frozen=True)
+class LayerType:
+    base: str                                   # the base module, in words (errors, docs)
+    matches: Callable[[nn.Module], bool]
+    layer: Optional[type]                       # the LoraLayer subclass, built with its from_base(module, ...)
+    refused: Optional[str] = None               # why this base takes no adapter (layer is None)
+
+
+# First match wins: bitsandbytes' linears are nn.Linear subclasses, so their rows come before nn.Linear's.
+LAYER_TYPES: Tuple[LayerType, ...] = (
+    LayerType("bitsandbytes Linear4bit (NF4/FP4)", is_bnb_4bit, FusedLoraLinear4bit),
+    LayerType("bitsandbytes Linear8bitLt", is_bnb_8bit, None,
+              refused="8-bit bitsandbytes bases (Linear8bitLt) are not supported by the kernels; only 4-bit "
+                      "(Linear4bit, NF4/FP4)"),
+    LayerType("torch nn.Linear", lambda m: isinstance(m, nn.Linear), FusedLoraLinear),
+    LayerType("transformers Conv1D (GPT-2)", is_conv1d, FusedLoraLinear),
+)
+
+
+def layer_type_for(module: nn.Module) -> Optional[LayerType]:
+    """The table's row for `module`, or None when no layer type wraps it."""
+    return next((row for row in LAYER_TYPES if row.matches(module)), None)
+
+
+def can_adapt(module: nn.Module) -> bool:
+    """Whether the table has a row for `module` (a refused one included: wrapping it then says why not)."""
+    return layer_type_for(module) is not None
+
+
+def wrap(module: nn.Module, layer_class: Optional[type] = None, **adapter) -> LoraLayer:
+    """The LoRA layer over `module`, sharing its weight and bias (adapter: r, lora_alpha, lora_dropout, use_rslora,
+    init_lora_weights, lora_dtype). layer_class: build that class when it is a subclass of the row's layer type
+    (FusedLoraLinear.from_linear on a subclass keeps the subclass)."""
+    row = layer_type_for(module)
+    if row is None:
+        known = ", ".join(row.base for row in LAYER_TYPES if row.layer is not None)
+        raise ValueError(f"from_linear expects a base module of the layer-type table ({known}), got "
+                         f"{type(module).__name__}")
+    if row.layer is None:
+        raise ValueError(row.refused)
+    cls = layer_class if layer_class is not None and issubclass(layer_class, row.layer) else row.layer
+    return cls.from_base(module, **adapter)
+
+
+base._wrap_base[:] = [wrap]
