@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import re
 import sys
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -22,6 +21,8 @@ import torch.nn as nn
 
 from .config import ALL_LINEAR, LoraConfig
 from .layer import DEFAULT_ADAPTER, FusedLoraLinear, check_adapter_name, is_conv1d, linear_sharing
+from .patterns import fullmatch
+from .patterns import match as pattern_match
 
 CONFIGS_ATTR = "_lora_kernels_configs"
 ADAPTERS_ATTR = "_lora_kernels_adapters"  # {adapter name: [configs]}, in the order the adapters were added
@@ -65,12 +66,12 @@ def _excluded(config: LoraConfig, key: str) -> bool:
     ex = config.exclude_modules
     if ex is not None:
         if isinstance(ex, str):
-            if re.fullmatch(ex, key):
+            if fullmatch(ex, key):
                 return True
         elif _list_match(ex, key):
             return True
     # PEFT never puts an adapter on (or inside) a module it also trains in full.
-    return bool(config.modules_to_save) and any(re.match(rf"(^|.*\.){m}($|\..*)", key)
+    return bool(config.modules_to_save) and any(pattern_match(rf"(^|.*\.){m}($|\..*)", key)
                                                  for m in config.modules_to_save)
 
 
@@ -100,7 +101,7 @@ def _is_target(config: LoraConfig, key: str, all_linear: Optional[set]) -> bool:
     if tm == ALL_LINEAR:
         return key in all_linear
     if isinstance(tm, str):
-        return re.fullmatch(tm, key) is not None
+        return fullmatch(tm, key)  # linear time: a regex from adapter_config.json cannot hang the load
     return _list_match(tm, key)
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .config import check_lora_args
 from .functional import AdapterSegments, fused_lora_linear, fused_multi_lora_linear
+from .names import check_adapter_name as _check_name
 
 DEFAULT_ADAPTER = "default"
 
@@ -80,11 +81,8 @@ def linear_sharing(weight: torch.Tensor, bias: Optional[torch.Tensor], fan_in_fa
 
 
 def check_adapter_name(adapter_name) -> str:
-    """An adapter name is a non-empty string without "." (it is a ParameterDict key and part of parameter
-    names); "__base__" is PEFT's name for base-model rows in a mixed batch."""
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == "__base__":
-        raise ValueError(f"adapter_name must be a non-empty string without '.' and not '__base__', got {adapter_name!r}")
-    return adapter_name
+    """names.check_adapter_name: the one rule (an adapter name becomes a folder when saved)."""
+    return _check_name(adapter_name)
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,17 @@ ALLOWED = {
     "settings": set(),
     "timing": set(),
     "reference": set(),
-    "config": set(),
+    "names": set(),
+    "patterns": set(),
+    "config": {"patterns"},
     "ops": {"settings"},
     "backends": {"settings", "timing", "ops", "_cuda"},  # _cuda: the compiled csrc/ extension, when built
     "functional": {"backends"},
-    "layer": {"config", "functional", "layer_4bit"},  # layer_4bit: from_linear hands a 4-bit base to its sibling
+    "layer": {"config", "functional", "layer_4bit", "names"},  # layer_4bit: from_linear hands a 4-bit base to its sibling
     "layer_4bit": {"functional", "layer"},
     # inject -> integrations: inject_lora on a transformers model that is already imported installs the adapter-only
     # checkpoint hooks (a lazy, conditional import; the integration never loads transformers for anyone else).
-    "inject": {"config", "layer", "integrations"},
+    "inject": {"config", "layer", "integrations", "patterns"},
     "trainability": {"inject"},
     "persistence": {"config", "inject", "layer"},
     "adapters": {"functional", "inject", "layer"},

@@ -7,6 +7,7 @@ import os
 TINY = "tiny"
 BASE_SUBDIR = "base_model"
 TINY_LR, DEFAULT_LR = 2e-3, 2e-4
+WARMUP_STEPS = 10  # --warmup-steps when not given
 DTYPES = ("float32", "float16", "bfloat16")
 
 

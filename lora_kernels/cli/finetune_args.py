@@ -42,7 +42,8 @@ def add_parser(sub, fmt) -> None:
     f.add_argument("--lr", type=positive_float, default=None,
                    help=f"peak learning rate (default {TINY_LR:g} for 'tiny', {DEFAULT_LR:g} otherwise)")
     f.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    f.add_argument("--warmup-steps", type=nonneg_int, default=10, help="linear warmup before the cosine decay")
+    f.add_argument("--warmup-steps", type=nonneg_int, default=None, help="linear warmup before the cosine decay "
+                   "(default 10; a value >= --max-steps draws a warning)")
     f.add_argument("--batch-size", type=positive_int, default=8, help="rows per micro-batch per process")
     f.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     f.add_argument("--seq-len", type=seq_len_arg, default=128, help="packed sequence length in tokens (>= 2; a "

@@ -8,7 +8,7 @@ from .common import CLIError, load_model, user_error
 def cmd_merge(args) -> int:
     from .. import load_adapter, merge_and_unload
     from ..models import stored_quantization
-    from ..training.rundir import check_writable
+    from ..training.rundir import check_merge_output, check_writable
 
     if not os.path.isdir(args.adapter) or not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
         inside = sorted(d for d in os.listdir(args.adapter) if os.path.isfile(
@@ -22,6 +22,7 @@ def cmd_merge(args) -> int:
         raise CLIError(f"--model {args.model!r} is stored quantized ({method}): merge into the full-precision "
                        "base the adapter was trained on (for a --quantize run of the tiny model: "
                        "OUTPUT_DIR/base_model)")
+    user_error(check_merge_output, args.model, args.adapter, args.output_dir, args.overwrite)
     user_error(check_writable, args.output_dir)
     model, tok = load_model(args.model, dtype="auto")  # merge in the checkpoint's own dtype, as PEFT does
     try:
@@ -45,5 +46,7 @@ def add_parser(sub, fmt) -> None:
                        "with save_pretrained; the result loads with AutoModelForCausalLM alone.")
     m.add_argument("--model", required=True, help="the base model directory (for a 'tiny' run: OUTPUT_DIR/base_model)")
     m.add_argument("--adapter", required=True, help="the adapter directory (a finetune --output-dir or a PEFT save)")
-    m.add_argument("--output-dir", required=True, help="where to write the merged model")
+    m.add_argument("--output-dir", required=True, help="where to write the merged model: never --model, a folder "
+                   "inside it, the adapter's folder or a run's folder")
+    m.add_argument("--overwrite", action="store_true", help="replace a merged model already in --output-dir")
     m.set_defaults(func=cmd_merge)

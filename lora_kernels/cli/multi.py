@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import os
-import re
 from typing import Dict, Optional
 
+from ..names import adapter_name_problem
 from .common import BASE_SUBDIR, CLIError, rows_report
 
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")  # it names the folder OUTPUT_DIR/NAME: no separators, no dots
 RESERVED_NAMES = (BASE_SUBDIR, "checkpoints", "__base__")  # folders a run writes itself; PEFT's base-row name
 
 
@@ -32,9 +31,9 @@ def adapter_specs(args) -> Optional[Dict[str, str]]:
             raise CLIError(f"--adapter {value!r}: expected NAME=FILE, e.g. --adapter sql=sql.jsonl")
         if not name:
             raise CLIError(f"--adapter {value!r}: the adapter name before '=' is empty")
-        if not ADAPTER_NAME.fullmatch(name):
-            raise CLIError(f"--adapter {value!r}: the name may hold only letters, digits, '_' and '-' (it names "
-                           "the folder OUTPUT_DIR/NAME)")
+        if adapter_name_problem(name):
+            raise CLIError(f"--adapter {value!r}: the name {adapter_name_problem(name)} (it names the folder "
+                           "OUTPUT_DIR/NAME)")
         if name in RESERVED_NAMES:
             raise CLIError(f"--adapter {value!r}: {name!r} is reserved (the run uses OUTPUT_DIR/{BASE_SUBDIR} and "
                            "OUTPUT_DIR/checkpoints; __base__ means the base model): choose another name")

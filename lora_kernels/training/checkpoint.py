@@ -15,6 +15,7 @@ and the data order is a pure function of (seed, epoch) and the cursor.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -152,8 +153,62 @@ def read_checkpoint(path: str, rank: int, world: int,
         raise ValueError(f"resume: checkpoint {path!r} does not match the model's trainable parameters "
                          f"(missing {missing[:3]}, unexpected {extra[:3]}); resume with the model, --target-modules, "
                          "--r and --adapter names of the run that wrote it")
+    _check_counters(state, os.path.join(path, STATE_FILE))
     mine = _read(lambda: read_state(os.path.join(path, rank_stem(rank))))
+    _check_rank_state(mine, os.path.join(path, json_path(rank_stem(rank))))
     return trainable, state, mine
+
+
+TRAINER_KEYS = ("optimizer", "scheduler", "scaler", "step", "skipped", "tokens_seen")
+
+
+def _nonneg_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_counters(state: dict, source: str) -> None:
+    """A crafted or damaged trainer state fails here, naming the file and key, not deep inside torch."""
+    missing = [k for k in TRAINER_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"resume: {source}: the trainer state has no {', '.join(map(repr, missing))}")
+    for key in ("step", "skipped", "tokens_seen"):
+        if not _nonneg_int(state[key]):
+            raise ValueError(f"resume: {source}: {key!r} must be an integer >= 0, got {state[key]!r}")
+    for key in ("optimizer", "scheduler", "scaler"):
+        if not isinstance(state[key], dict):
+            raise ValueError(f"resume: {source}: {key!r} must be a state dict, got {type(state[key]).__name__}")
+
+
+def _check_rank_state(mine, source: str) -> None:
+    if not isinstance(mine, dict) or not isinstance(mine.get("rng"), dict) or not isinstance(mine.get("data"), dict):
+        raise ValueError(f"resume: {source}: expected 'rng' and 'data' entries")
+    for key in ("torch", "numpy", "python"):
+        if key not in mine["rng"]:
+            raise ValueError(f"resume: {source}: the RNG state has no {key!r}")
+    cursors = mine["data"].values() if all(isinstance(v, dict) for v in mine["data"].values()) else [mine["data"]]
+    for cursor in cursors:  # one cursor, or one per adapter (multi.py)
+        for key in ("epoch", "pos"):
+            if not isinstance(cursor, dict) or not _nonneg_int(cursor.get(key)):
+                got = cursor.get(key) if isinstance(cursor, dict) else cursor
+                raise ValueError(f"resume: {source}: the data cursor's {key!r} must be an integer >= 0, got {got!r}")
+
+
+def checkpoint_step(path: str) -> int:
+    """The step a checkpoint was written at, from its JSON alone (cheap: nothing else is read)."""
+    source = os.path.join(path, STATE_FILE)
+    if not os.path.isfile(source):
+        _refuse_legacy(path)
+        raise ValueError(f"resume: {path!r} is not a checkpoint (no {STATE_FILE})")
+    try:
+        with open(source, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ValueError(f"resume: {source}: not a lora_kernels state file ({type(err).__name__})") from None
+    state = doc.get("state") if isinstance(doc, dict) else None
+    step = state.get("step") if isinstance(state, dict) else None
+    if not _nonneg_int(step):
+        raise ValueError(f"resume: {source}: 'step' must be an integer >= 0, got {step!r}")
+    return step
 
 
 def _read(load: Callable):

@@ -33,7 +33,7 @@ from .distributed import (STRATEGIES, barrier, full_tensor, gathered_trainable, 
                           resolve_strategy, sum_over_ranks, trainable_state_dict, unwrap, wrap_model)
 from .interrupt import TrainingInterrupted, stop_on_sigint
 from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, eval_progress, plot_loss_curve, progress_bar
-from .rundir import refuse_or_clear
+from .rundir import run_outputs, start_run
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Eval batches per evaluation. A no-grad eval batch costs 0.27 of a training step (tiny default, CPU), so 16
@@ -248,12 +248,16 @@ class Trainer:
         """Restore everything save_checkpoint wrote; the next step is the one after the checkpoint's."""
         trainable, state, mine = read_checkpoint(path, self.rank, self.world, self.param_names)
         load_trainable_state_dict(self.model, trainable)
-        load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], self.strategy == "fsdp")
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        try:  # checked by read_checkpoint as far as shapes go; what torch, numpy and random refuse is named here
+            load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], self.strategy == "fsdp")
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.batches.load_state(mine["data"])
+            set_rng_state(mine["rng"])
+        except (TypeError, KeyError, IndexError, RuntimeError, AttributeError) as err:
+            raise ValueError(f"resume: checkpoint {path!r} holds a malformed state ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''})") from None
         self.step, self.skipped, self.tokens_seen = state["step"], state["skipped"], state["tokens_seen"]
-        self.batches.load_state(mine["data"])
-        set_rng_state(mine["rng"])
 
     def latest_checkpoint(self) -> Optional[str]:
         return latest_checkpoint(self.cfg.output_dir)
@@ -261,13 +265,15 @@ class Trainer:
     def _start_fresh(self) -> None:
         """A new run in a used directory would mix its metrics and checkpoints with the old run's (pruning keeps
         the highest step numbers, which could be the old run's): refuse, or clear them when cfg.overwrite."""
-        refuse_or_clear(self.cfg.output_dir, self.cfg.overwrite, extra=self._extra_run_outputs(), clear=self.is_main)
+        # reuse_all=False: a caller (the CLI) may have started the run's manifest with files it wrote itself.
+        start_run(self.cfg.output_dir, self.cfg.overwrite, run_outputs(self._extra_run_outputs()),
+                  clear=self.is_main, reuse_all=False)
         barrier(self.world)  # nobody writes before rank 0 has cleared
         self.metrics.clear()
         barrier(self.world)
 
     def _extra_run_outputs(self) -> Tuple[str, ...]:
-        """Outputs beyond rundir.RUN_OUTPUTS that this trainer writes into output_dir (relative paths)."""
+        """Manifest entries beyond rundir.run_outputs that this trainer writes into output_dir (relative paths)."""
         return ()
 
     def _save_adapter(self, directory: str) -> None:
