@@ -1,7 +1,7 @@
 """`lora-kernels bench`: base vs fused vs PEFT LoRA timing on this machine."""
 from __future__ import annotations
 
-from .common import DTYPES, fraction, positive_float, positive_int, user_error
+from .common import DTYPES, CLIError, fraction, positive_float, positive_int, user_error
 
 def cmd_bench(args) -> int:
     import torch
@@ -10,7 +10,19 @@ def cmd_bench(args) -> int:
     from ..layer_bench import BASE, FUSED, PEFT, bench_layers
     from ..training.resources import resolve_device
 
-    device = str(user_error(resolve_device, args.device)) if args.device else None
+    from ..backends import resolve_backend
+    from ..layer_bench import bench_sizes, check_bench_memory
+    from ..settings import check_environment
+
+    user_error(check_environment)
+    device = str(user_error(resolve_device, args.device, training=True)) if args.device else None
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    sizes = bench_sizes(args.tokens, args.in_features, args.out_features, dtype, device)
+    user_error(check_bench_memory, *sizes)
+    try:  # an explicit backend that cannot run here (LORA_KERNELS_BACKEND=cuda without the extension) says why
+        resolve_backend(torch.empty(1, sizes[1], device=sizes[4], dtype=sizes[3]))
+    except (ValueError, RuntimeError) as err:
+        raise CLIError(str(err).splitlines()[0]) from None
     res = bench_layers(tokens=args.tokens, in_features=args.in_features, out_features=args.out_features, r=args.r,
                        dropout=args.dropout, dtype=getattr(torch, args.dtype) if args.dtype else None,
                        device=device, min_time=args.min_time)
@@ -21,6 +33,9 @@ def cmd_bench(args) -> int:
           f"timer {res.timer}, {res.reps} reps")
     for name, ms in res.median_ms.items():
         print(f"  {name:18s} fwd+bwd {ms:9.3f} ms")
+    if res.device.type == "cpu" and res.backend == "torch":
+        print("  (on a CPU the fused layer runs the plain-PyTorch backend, not the Triton kernels: these numbers say "
+              "nothing about GPU speed)")
     if PEFT in res.median_ms:
         print(f"  PEFT / fused = {res.median_ms[PEFT] / res.median_ms[FUSED]:.2f}x, "
               f"fused / base = {res.median_ms[FUSED] / res.median_ms[BASE]:.2f}x")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .common import DTYPES
+from .common import DTYPES, CLIError
 
 def cmd_check(args) -> int:
     import torch
@@ -18,9 +18,16 @@ def cmd_check(args) -> int:
         return subprocess.call([sys.executable, "-m", "lora_kernels.cli", "check", *args.argv], env=env)
     from ..parity_check import check_parity, check_parity_4bit
 
+    from ..backends import resolve_backend
+
     os.environ["LORA_KERNELS_BACKEND"] = args.backend
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = args.dtype or (list(DTYPES) if device.type == "cuda" else ["float32", "float16"])
+    for dtype in dtypes:  # a backend that cannot run a dtype here says so before anything runs
+        try:
+            resolve_backend(torch.empty(1, 1, device=device, dtype=getattr(torch, dtype)))
+        except (ValueError, RuntimeError) as err:
+            raise CLIError(f"--backend {args.backend} --dtype {dtype}: {str(err).splitlines()[0]}") from None
     results = check_parity(dtypes, device)
     print("fused forward/backward vs the float64 reference; error = max |fused - reference| / max(max |reference|, 1)")
     _print_parity(results)

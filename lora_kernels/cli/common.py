@@ -8,6 +8,11 @@ TINY = "tiny"
 BASE_SUBDIR = "base_model"
 TINY_LR, DEFAULT_LR = 2e-3, 2e-4
 WARMUP_STEPS = 10  # --warmup-steps when not given
+# The library's values, repeated so that --help imports no torch (tests/test_cli_errors.py checks they agree):
+# models.quantized.QUANT_TYPES, training.loop.EVAL_MAX_BATCHES, training.resources.SMALL_MODEL_WIDTH.
+QUANT_TYPES = ("nf4", "fp4")
+EVAL_MAX_BATCHES = 16
+SMALL_MODEL_WIDTH = 1024
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -59,6 +64,7 @@ seq_len_arg = arg_type(int, lambda i: i >= 2, ">= 2 (a row predicts each next to
 nonneg_int = arg_type(int, lambda i: i >= 0, ">= 0")
 fraction = arg_type(float, lambda f: 0.0 <= f < 1.0, "in [0, 1)")
 positive_float = arg_type(float, lambda f: 0.0 < f < float("inf"), "a finite number > 0")
+seed_arg = arg_type(int, lambda s: 0 <= s < 2**64, "in [0, 2**64) (torch's seeds are 64-bit)")
 
 
 # -- what the commands share ------------------------------------------------------------------------

@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .common import (BASE_SUBDIR, DEFAULT_LR, TINY, TINY_LR, WARMUP_STEPS, CLIError, CLIInterrupted, load_model, rows_report,
-                     user_error)
+from .common import (BASE_SUBDIR, DEFAULT_LR, TINY, TINY_LR, WARMUP_STEPS, CLIError, CLIInterrupted, load_model,
+                     rows_report, user_error)
 from .multi import adapter_specs, adapters_report, load_adapter_data
 
 def cmd_finetune(args) -> int:

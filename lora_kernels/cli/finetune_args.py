@@ -1,17 +1,13 @@
 """The finetune subcommand's flags."""
 from __future__ import annotations
 
-from .common import (DEFAULT_LR, TINY, TINY_LR, fraction, nonneg_int, positive_float, positive_int, seq_len_arg,
-                     target_modules_arg)
+from .common import (DEFAULT_LR, EVAL_MAX_BATCHES, QUANT_TYPES, SMALL_MODEL_WIDTH, TINY, TINY_LR, fraction,
+                     nonneg_int, positive_float, positive_int, seed_arg, seq_len_arg, target_modules_arg)
 from .finetune import cmd_finetune
 
 
 def add_parser(sub, fmt) -> None:
     """The finetune subcommand and its flags."""
-    from ..models.quantized import QUANT_TYPES
-    from ..training.loop import EVAL_MAX_BATCHES
-    from ..training.resources import SMALL_MODEL_WIDTH
-
     f = sub.add_parser("finetune", formatter_class=fmt, help="LoRA fine-tune a causal LM; writes a PEFT adapter",
                        description="LoRA fine-tune a causal language model on local data. Writes a PEFT-format "
                        "adapter (adapter_config.json, adapter_model.safetensors), metrics.jsonl, loss_curve.png and "
@@ -66,7 +62,7 @@ def add_parser(sub, fmt) -> None:
     f.add_argument("--save-every", type=nonneg_int, default=100, help="checkpoint every N steps (0: at the end only)")
     f.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="resume from a checkpoint directory; without a value, the latest in OUTPUT_DIR/checkpoints")
-    f.add_argument("--seed", type=int, default=0, help="seed for the tiny model, LoRA init, data order, dropout")
+    f.add_argument("--seed", type=seed_arg, default=0, help="seed for the tiny model, LoRA init, data order, dropout")
     f.add_argument("--strategy", choices=["auto", "ddp", "fsdp", "none"], default="auto",
                    help="under torchrun: auto = DDP; fsdp = FSDP2 fully_shard per transformer block")
     f.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cuda if available, else cpu)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -34,6 +35,7 @@ STATE_FILE = json_path(STATE_STEM)
 ADAPTER_SUBDIR = "adapter"
 LEGACY_FILES = ("trainer_state.pt", "trainable.pt")  # torch.save files of older versions
 _PREFIX, _TMP = "step-", ".tmp"
+_NAME = re.compile(r"step-\d{7,}")
 
 
 def rank_stem(rank: int) -> str:
@@ -59,7 +61,7 @@ def set_rng_state(state: dict) -> None:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed % 2**64)  # seed + rank may pass 2**64 - 1
 
 
 # -- where checkpoints are -----------------------------------------------------------------------
@@ -76,8 +78,9 @@ def list_checkpoints(output_dir: str) -> List[str]:
     root = checkpoint_root(output_dir)
     if not os.path.isdir(root):
         return []
-    names = sorted(d for d in os.listdir(root) if d.startswith(_PREFIX) and not d.endswith(_TMP))
-    return [os.path.join(root, d) for d in names]
+    # Only the names write_checkpoint makes (step-NNNNNNN), by step: a stray "step-9" is not the latest.
+    steps = sorted((int(d[len(_PREFIX):]), d) for d in os.listdir(root) if _NAME.fullmatch(d))
+    return [os.path.join(root, d) for _, d in steps]
 
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:

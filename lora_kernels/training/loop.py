@@ -40,6 +40,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # batches cost ~4.3 steps: under 10 % of the 50 steps between evaluations of the default run, and a final eval
 # that takes seconds however large the held-out set is (the whole 5 % of a 50 MB file took 23 minutes).
 EVAL_MAX_BATCHES = 16
+# Steps in a row with a non-finite loss after which a run stops with an error (one such step is skipped and counted:
+# a transient overflow; several in a row are a diverged run, whose further steps would only write NaN records).
+NONFINITE_STOP = 3
 
 
 @dataclass
@@ -307,10 +310,16 @@ class Trainer:
             seed_everything(cfg.seed + self.rank)  # distinct dropout draws per rank, same data order
             self._start_fresh()
         bar = progress_bar(cfg.max_steps, self.step, enabled=cfg.progress and self.is_main)
-        start, last, last_eval = time.perf_counter(), {}, None
+        start, last, last_eval, nonfinite = time.perf_counter(), {}, None, 0
         with stop_on_sigint(notify=bar.write if self.is_main else None) as stop:
             while self.step < cfg.max_steps:
                 last = self._step_and_report(bar)
+                nonfinite = 0 if math.isfinite(last["loss"]) else nonfinite + 1
+                if nonfinite >= min(NONFINITE_STOP, cfg.max_steps):
+                    bar.close()
+                    raise ValueError(f"the loss was {last['loss']} for {nonfinite} steps in a row, up to step "
+                                     f"{self.step}: training stopped, the last good checkpoint kept "
+                                     f"({self.latest_checkpoint() or 'none yet'}); lower --lr or --lora-alpha")
                 last_eval = {k: last[k] for k in ("eval_loss", "eval_ppl") if k in last} or last_eval
                 saved = None
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:

@@ -22,6 +22,9 @@ def check_writable(output_dir: str) -> None:
     """Create output_dir if needed and prove a file can be written there; ValueError naming it otherwise.
 
     A probe file rather than os.access: access() says yes to root on a read-only filesystem."""
+    if os.path.islink(output_dir) and not os.path.exists(output_dir):
+        raise ValueError(f"--output-dir {output_dir!r} is a symbolic link to {os.readlink(output_dir)!r}, which does "
+                         "not exist: create that folder or give another --output-dir")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError(f"--output-dir {output_dir!r} exists and is not a directory")
     try:
