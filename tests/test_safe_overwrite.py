@@ -133,6 +133,7 @@ def test_merge_never_writes_over_its_input_or_into_a_run(run, tmp_path, capsys):
     assert _files(run) == before
     merged = tmp_path / "merged"
     assert main(["merge", "--model", str(base), "--adapter", str(run), "--output-dir", str(merged)]) == 0
+    capsys.readouterr()
     rc = main(["merge", "--model", str(base), "--adapter", str(run), "--output-dir", str(merged)])
     assert rc == 2 and "already holds a model" in one_line_error(capsys.readouterr().err, "merge")
     assert main(["merge", "--model", str(base), "--adapter", str(run), "--output-dir", str(merged),

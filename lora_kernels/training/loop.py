@@ -40,8 +40,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # batches cost ~4.3 steps: under 10 % of the 50 steps between evaluations of the default run, and a final eval
 # that takes seconds however large the held-out set is (the whole 5 % of a 50 MB file took 23 minutes).
 EVAL_MAX_BATCHES = 16
-# Steps in a row with a non-finite loss after which a run stops with an error (one such step is skipped and counted:
-# a transient overflow; several in a row are a diverged run, whose further steps would only write NaN records).
+# Steps in a row with a non-finite loss or gradient norm after which a run stops with an error (one such step is
+# skipped and counted: a transient overflow; several in a row are a diverged run that would only skip or write NaN).
 NONFINITE_STOP = 3
 
 
@@ -257,7 +257,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
             self.batches.load_state(mine["data"])
             set_rng_state(mine["rng"])
-        except (TypeError, KeyError, IndexError, RuntimeError, AttributeError) as err:
+        except (TypeError, ValueError, KeyError, IndexError, RuntimeError, AttributeError) as err:
             raise ValueError(f"resume: checkpoint {path!r} holds a malformed state ({type(err).__name__}: "
                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
         self.step, self.skipped, self.tokens_seen = state["step"], state["skipped"], state["tokens_seen"]
@@ -314,11 +314,14 @@ class Trainer:
         with stop_on_sigint(notify=bar.write if self.is_main else None) as stop:
             while self.step < cfg.max_steps:
                 last = self._step_and_report(bar)
-                nonfinite = 0 if math.isfinite(last["loss"]) else nonfinite + 1
+                # fp16's GradScaler skips steps while it finds its scale: only its loss counts, not its skips.
+                bad = not math.isfinite(last["loss"]) or (last["skipped"] and not self.scaler.is_enabled())
+                nonfinite = nonfinite + 1 if bad else 0
                 if nonfinite >= min(NONFINITE_STOP, cfg.max_steps):
                     bar.close()
-                    raise ValueError(f"the loss was {last['loss']} for {nonfinite} steps in a row, up to step "
-                                     f"{self.step}: training stopped, the last good checkpoint kept "
+                    raise ValueError(f"the loss or its gradient was non-finite for {nonfinite} steps in a row, up to "
+                                     f"step {self.step} (loss {last['loss']}, gradient norm {last['grad_norm']}): "
+                                     "training stopped, the last good checkpoint kept "
                                      f"({self.latest_checkpoint() or 'none yet'}); lower --lr or --lora-alpha")
                 last_eval = {k: last[k] for k in ("eval_loss", "eval_ppl") if k in last} or last_eval
                 saved = None
