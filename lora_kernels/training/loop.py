@@ -28,6 +28,7 @@ from ..data.batches import ShardedBatches
 from ..data.loader import IGNORE_INDEX, PackedDataset, count_loss_tokens
 from .checkpoint import (checkpoint_root, get_rng_state, latest_checkpoint, read_checkpoint, seed_everything,
                          set_rng_state, write_checkpoint)
+from .divergence import DivergenceGuard
 from .distributed import (STRATEGIES, barrier, full_tensor, gathered_trainable, init_distributed,
                           load_optimizer_state_dict, load_trainable_state_dict, optimizer_state_dict,
                           resolve_strategy, sum_over_ranks, trainable_state_dict, unwrap, wrap_model)
@@ -40,9 +41,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # batches cost ~4.3 steps: under 10 % of the 50 steps between evaluations of the default run, and a final eval
 # that takes seconds however large the held-out set is (the whole 5 % of a 50 MB file took 23 minutes).
 EVAL_MAX_BATCHES = 16
-# Steps in a row with a non-finite loss or gradient norm after which a run stops with an error (one such step is
-# skipped and counted: a transient overflow; several in a row are a diverged run that would only skip or write NaN).
-NONFINITE_STOP = 3
 
 
 @dataclass
@@ -251,7 +249,7 @@ class Trainer:
         """Restore everything save_checkpoint wrote; the next step is the one after the checkpoint's."""
         trainable, state, mine = read_checkpoint(path, self.rank, self.world, self.param_names)
         load_trainable_state_dict(self.model, trainable)
-        try:  # checked by read_checkpoint as far as shapes go; what torch, numpy and random refuse is named here
+        try:  # what torch, numpy and random refuse in a crafted state: one line naming the checkpoint
             load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], self.strategy == "fsdp")
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
@@ -268,9 +266,8 @@ class Trainer:
     def _start_fresh(self) -> None:
         """A new run in a used directory would mix its metrics and checkpoints with the old run's (pruning keeps
         the highest step numbers, which could be the old run's): refuse, or clear them when cfg.overwrite."""
-        # reuse_all=False: a caller (the CLI) may have started the run's manifest with files it wrote itself.
         start_run(self.cfg.output_dir, self.cfg.overwrite, run_outputs(self._extra_run_outputs()),
-                  clear=self.is_main, reuse_all=False)
+                  clear=self.is_main, reuse_all=False)  # reuse_all=False: the CLI may have saved the base first
         barrier(self.world)  # nobody writes before rank 0 has cleared
         self.metrics.clear()
         barrier(self.world)
@@ -310,19 +307,12 @@ class Trainer:
             seed_everything(cfg.seed + self.rank)  # distinct dropout draws per rank, same data order
             self._start_fresh()
         bar = progress_bar(cfg.max_steps, self.step, enabled=cfg.progress and self.is_main)
-        start, last, last_eval, nonfinite = time.perf_counter(), {}, None, 0
+        start, last, last_eval = time.perf_counter(), {}, None
+        guard = DivergenceGuard(cfg.max_steps, self.scaler.is_enabled())
         with stop_on_sigint(notify=bar.write if self.is_main else None) as stop:
             while self.step < cfg.max_steps:
                 last = self._step_and_report(bar)
-                # fp16's GradScaler skips steps while it finds its scale: only its loss counts, not its skips.
-                bad = not math.isfinite(last["loss"]) or (last["skipped"] and not self.scaler.is_enabled())
-                nonfinite = nonfinite + 1 if bad else 0
-                if nonfinite >= min(NONFINITE_STOP, cfg.max_steps):
-                    bar.close()
-                    raise ValueError(f"the loss or its gradient was non-finite for {nonfinite} steps in a row, up to "
-                                     f"step {self.step} (loss {last['loss']}, gradient norm {last['grad_norm']}): "
-                                     "training stopped, the last good checkpoint kept "
-                                     f"({self.latest_checkpoint() or 'none yet'}); lower --lr or --lora-alpha")
+                guard.after_step(last, self.step, self.latest_checkpoint, on_stop=bar.close)
                 last_eval = {k: last[k] for k in ("eval_loss", "eval_ppl") if k in last} or last_eval
                 saved = None
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
