@@ -59,7 +59,7 @@ def cmd_finetune(args) -> int:
     except ValueError as err:  # e.g. a negative --weight-decay ("weight_decay must be ...")
         raise CLIError(f"invalid option: {err}") from None
     cfg = lora_config(args)
-    settings = run_settings(args, lr, precision, data_path, specs)
+    settings = run_settings(args, lr, precision, specs)
     outputs = run_outputs(adapter_outputs(specs or ()))
     resume = None
     if args.resume is None:  # a previous run is refused now, not after loading the model and the data
@@ -159,14 +159,16 @@ def lora_config(args):
                       target_modules=args.target_modules, use_rslora=args.use_rslora)
 
 
-def run_settings(args, lr: float, precision: str, data_path: str, specs) -> dict:
+def run_settings(args, lr: float, precision: str, specs) -> dict:
     """The flags that define a run, as its manifest records them (compared on --resume)."""
     def where(path):
         return None if path is None else os.path.abspath(path)
 
     tm = args.target_modules
-    return {"--model": args.model if args.model == TINY else where(args.model), "--data": None if specs else
-            where(data_path), "--adapter": {n: where(p) for n, p in specs.items()} if specs else None,
+    # The shipped demo set is recorded by name: its path changes when the package is reinstalled elsewhere.
+    data = None if specs else (where(args.data) if args.data else "demo")
+    return {"--model": args.model if args.model == TINY else where(args.model), "--data": data,
+            "--adapter": {n: where(p) for n, p in specs.items()} if specs else None,
             "--eval-data": where(args.eval_data), "--eval-fraction": args.eval_fraction, "--seq-len": args.seq_len,
             "--batch-size": args.batch_size, "--grad-accum": args.grad_accum, "--r": args.r,
             "--lora-alpha": args.lora_alpha, "--lora-dropout": args.lora_dropout, "--use-rslora": args.use_rslora,
