@@ -50,7 +50,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "transformers>=4.45", "peft>=0.13", "safetensors>=0.4", "trl>=1.16",
                  "matplotlib>=3.5", "bitsandbytes>=0.45"],
-        "train": ["transformers>=4.45", "matplotlib>=3.5"],
+        "train": ["transformers>=4.45", "matplotlib>=3.5", "peft>=0.13"],  # finetune ends printing PEFT's loader
     },
     entry_points={"console_scripts": ["lora-kernels=lora_kernels.cli:main"]},
     ext_modules=ext_modules,

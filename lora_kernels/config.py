@@ -13,6 +13,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
+from .patterns import check_pattern
+from .patterns import match as pattern_match
+
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -47,6 +50,7 @@ def _check_name_list(name: str, value, allow_all_linear: bool) -> Optional[Union
             re.compile(value)
         except re.error as err:
             raise ValueError(f"{name}={value!r} is not a valid regular expression: {err}") from None
+        check_pattern(value, name)
         return value
     if isinstance(value, (list, tuple, set, frozenset)):
         items = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
@@ -68,6 +72,7 @@ def _check_pattern(name: str, value, number_check) -> Dict[str, Any]:
             re.compile(key)
         except re.error as err:
             raise ValueError(f"{name} key {key!r} is not a valid regular expression: {err}") from None
+        check_pattern(rf"(.*\.)?({key})$", f"{name} key {key!r} as matched")
         number_check(f"{name}[{key!r}]", v)
     return dict(value)
 
@@ -156,7 +161,7 @@ class LoraConfig:
     @staticmethod
     def _pattern_value(patterns: Dict[str, Any], name: str, default):
         for key, value in patterns.items():
-            if re.match(rf"(.*\.)?({key})$", name):
+            if pattern_match(rf"(.*\.)?({key})$", name):  # bounded time: the key may come from a file
                 return value
         return default
 

@@ -34,9 +34,14 @@ def _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
             raise ValueError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {t.dtype}")
     if x.dim() < 1:
         raise ValueError(f"x must have at least one dimension, got shape {tuple(x.shape)}")
+    if x.device.type == "meta":
+        raise ValueError("x is on the meta device, whose tensors hold no data: materialize the layer on a real "
+                         "device first (e.g. module.to_empty(device='cpu'), then load its weights)")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     N, K = weight.shape
+    if K == 0 or N == 0:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}: in_features and out_features must be >= 1")
     if x.shape[-1] != K:
         raise ValueError(f"x's last dimension is {x.shape[-1]} but weight has in_features={K} "
                          f"(x shape {tuple(x.shape)}, weight shape {tuple(weight.shape)})")

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import re
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
 from .config import ALL_LINEAR, LoraConfig
+from .hooks import after_inject, run_after_inject  # noqa: F401  (after_inject: where hooks register)
 from .layers import DEFAULT_ADAPTER, LoraLayer, can_adapt, check_adapter_name, wrap
+from .patterns import fullmatch
+from .patterns import match as pattern_match
 
 CONFIGS_ATTR = "_lora_kernels_configs"
 ADAPTERS_ATTR = "_lora_kernels_adapters"  # {adapter name: [configs]}, in the order the adapters were added
@@ -65,12 +67,12 @@ def _excluded(config: LoraConfig, key: str) -> bool:
     ex = config.exclude_modules
     if ex is not None:
         if isinstance(ex, str):
-            if re.fullmatch(ex, key):
+            if fullmatch(ex, key):
                 return True
         elif _list_match(ex, key):
             return True
     # PEFT never puts an adapter on (or inside) a module it also trains in full.
-    return bool(config.modules_to_save) and any(re.match(rf"(^|.*\.){m}($|\..*)", key)
+    return bool(config.modules_to_save) and any(pattern_match(rf"(^|.*\.){m}($|\..*)", key)
                                                  for m in config.modules_to_save)
 
 
@@ -100,7 +102,7 @@ def _is_target(config: LoraConfig, key: str, all_linear: Optional[set]) -> bool:
     if tm == ALL_LINEAR:
         return key in all_linear
     if isinstance(tm, str):
-        return re.fullmatch(tm, key) is not None
+        return fullmatch(tm, key)  # linear time: a regex from adapter_config.json cannot hang the load
     return _list_match(tm, key)
 
 
@@ -320,22 +322,8 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAUL
                              else config.fan_in_fan_out)
     _record(model, adapter_name, config)
     _freeze_all_but_adapters(model, new_layers)
-    for hook in _AFTER_INJECT:
-        hook(model)
+    run_after_inject(model)
     return model
-
-
-# Called with every model inject_lora has changed. Whoever owns a family of models registers here what that family
-# needs (integrations/__init__.py: a transformers model gets adapter-only Trainer checkpoints), so the injector
-# never imports the integrations above it.
-_AFTER_INJECT: List[Callable[[nn.Module], None]] = []
-
-
-def after_inject(hook: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
-    """Register `hook(model)` to run at the end of every inject_lora (once per hook); returns it (a decorator)."""
-    if hook not in _AFTER_INJECT:
-        _AFTER_INJECT.append(hook)
-    return hook
 
 
 # -- removing adapters ----------------------------------------------------------------------------------

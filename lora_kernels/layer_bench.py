@@ -6,6 +6,7 @@ interleaved repetition by repetition. Without a GPU the numbers only show that t
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -37,17 +38,37 @@ class LayerBench:
     peft_installed: bool
 
 
+def bench_sizes(tokens=None, in_features=None, out_features=None, dtype=None, device=None):
+    """(tokens, in_features, out_features, dtype, device) with the unset ones filled in: small on CPU, LLM-sized
+    on a GPU."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    k = in_features or (4096 if gpu else 512)
+    dtype = dtype or (torch.bfloat16 if gpu else torch.float32)
+    return tokens or (8192 if gpu else 512), k, out_features or k, dtype, device
+
+
+def check_bench_memory(tokens: int, k: int, n: int, dtype, device) -> None:
+    """ValueError when the tensors the bench allocates cannot fit in this device's memory (before allocating)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    need = size * (2 * tokens * k + 3 * tokens * n + 3 * k * n)  # x and grad x; dy, y, PEFT's y; three weights
+    if device.type == "cuda":
+        have = torch.cuda.mem_get_info(device)[0]
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise ValueError(f"--tokens {tokens} x --in-features {k} -> {n} needs about {need / 2**30:.1f} GiB, more than "
+                         f"this {device.type}'s {have / 2**30:.1f} GiB: use fewer --tokens or smaller features")
+
+
 def bench_layers(tokens: Optional[int] = None, in_features: Optional[int] = None,
                  out_features: Optional[int] = None, r: int = 16, dropout: float = 0.1,
                  dtype: Optional[torch.dtype] = None, device=None, min_time: float = 0.5) -> LayerBench:
     """Median fwd+bwd milliseconds per case. Unset sizes are small on CPU and LLM-sized on a GPU; the
     repetitions are chosen so that each case runs about `min_time` seconds."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokens, k, n, dtype, device = bench_sizes(tokens, in_features, out_features, dtype, device)
     gpu = device.type == "cuda"
-    dtype = dtype or (torch.bfloat16 if gpu else torch.float32)
-    tokens = tokens or (8192 if gpu else 512)
-    k = in_features or (4096 if gpu else 512)
-    n = out_features or k
+    check_bench_memory(tokens, k, n, dtype, device)
     torch.manual_seed(0)
     base = nn.Linear(k, n, bias=False, device=device, dtype=dtype).requires_grad_(False)
     cases = {BASE: base, FUSED: FusedLoraLinear.from_linear(base, r=r, lora_alpha=2 * r, lora_dropout=dropout)}

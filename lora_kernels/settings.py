@@ -31,3 +31,10 @@ def requested_backend() -> str:
 
 def requested_gemm() -> str:
     return _choice("LORA_KERNELS_GEMM", GEMM_CHOICES)
+
+
+def check_environment() -> None:
+    """ValueError naming the variable where LORA_KERNELS_BACKEND or LORA_KERNELS_GEMM holds a value we do not know
+    (checked up front: the GEMM switch is read only when the Triton backend runs, so a typo would pass silently)."""
+    requested_backend()
+    requested_gemm()

@@ -18,14 +18,16 @@ ALLOWED = {
     "settings": set(),
     "timing": set(),
     "reference": set(),
-    "config": set(),
+    "names": set(),
+    "patterns": set(),
+    "config": {"patterns"},
     "ops": {"settings"},
     "backends": {"settings", "timing", "ops", "_cuda"},  # _cuda: the compiled csrc/ extension, when built
     "functional": {"backends"},
-    "layers": {"config", "functional"},
+    "layers": {"config", "functional", "names"},
     "layer": {"layers"},  # the import paths before layers/: re-exports only
     "layer_4bit": {"layers"},
-    "inject": {"config", "layers"},
+    "inject": {"config", "hooks", "layers", "patterns"},
     "trainability": {"inject"},
     "persistence": {"config", "inject", "layers"},
     "adapters": {"functional", "inject", "layers"},
@@ -34,12 +36,12 @@ ALLOWED = {
     # training -> adapters, inject: multi.py trains several adapters in mixed batches (batch_adapters) and clips
     # each adapter's parameters on their own.
     "training": {"data", "adapters", "inject"},
-    # integrations -> inject: integrations/__init__.py registers what inject_lora does for a transformers model.
-    "integrations": {"config", "functional", "inject", "layers", "persistence", "training"},
+    # integrations -> hooks: integrations/__init__.py registers what inject_lora does for a transformers model.
+    "integrations": {"config", "functional", "hooks", "inject", "layers", "persistence", "training"},
     "parity_check": {"backends", "functional", "reference"},
     "layer_bench": {"backends", "layers", "timing"},
 }
-TOP = {"__init__", "cli"}  # the public surface and the command line may use everything
+TOP = {"__init__", "cli"}  # the public surface and the command line (the cli/ package) may use everything
 
 
 def _part(path: Path) -> str:

@@ -125,12 +125,12 @@ def test_resume_with_other_adapters_is_refused(multi_run, tmp_path, capsys):
     shutil.copytree(run, resumed)
     rc = main(["finetune", "--output-dir", str(resumed), "--adapter", f"prose={prose}", "--adapter", f"other={qa}",
                "--resume", *QUICK])
-    err = one_line_error(capsys.readouterr().err)
-    assert rc == 2 and "does not match the model's trainable parameters" in err and "--adapter names" in err
-    # Resuming it as a single-adapter run is refused the same way (its further adapters are extra parameters).
+    err = one_line_error(capsys.readouterr().err)  # the run's recorded settings name both adapter sets
+    assert rc == 2 and "other settings: --adapter" in err and '"qa"' in err and '"other"' in err, err
+    # Resuming it as a single-adapter run is refused the same way.
     rc = main(["finetune", "--output-dir", str(resumed), "--data", str(prose), "--resume", *QUICK])
     err = one_line_error(capsys.readouterr().err)
-    assert rc == 2 and "unexpected" in err and "lora_As.qa" in err, err
+    assert rc == 2 and "--data unset (the run)" in err and "--adapter" in err, err
 
 
 def test_merge_takes_one_adapter_folder_of_the_run(multi_run, tmp_path, capsys):
@@ -175,11 +175,19 @@ def test_bad_adapter_flags_are_one_line_errors(tmp_path, capsys):
         rc = main(["finetune", "--output-dir", str(tmp_path / "o"), *QUICK, *flags])
         line = one_line_error(capsys.readouterr().err)
         assert rc == 2 and expected in line, (flags, line)
-    # A folder holding an adapter of an earlier run is a previous run: refused before anything is written.
+    # A folder holding an adapter but no run manifest is not a run of ours: refused, --overwrite or not.
+    for extra in ([], ["--overwrite"]):
+        rc = main(["finetune", "--output-dir", str(used), *QUICK, *_flags(prose, qa), *extra])
+        line = one_line_error(capsys.readouterr().err)
+        assert rc == 2 and "holds qa/adapter_config.json but no lora_kernels_run.json" in line, line
+        assert sorted(p.name for p in used.rglob("*")) == ["adapter_config.json", "notes.txt", "qa"]
+    # The same folder as a run of ours (its manifest lists the adapter): a previous run, refused without --overwrite.
+    from lora_kernels.training.manifest import write_manifest
+    from lora_kernels.training.rundir import adapter_folder_outputs
+    write_manifest(str(used), adapter_folder_outputs("qa"))
     rc = main(["finetune", "--output-dir", str(used), *QUICK, *_flags(prose, qa)])
     line = one_line_error(capsys.readouterr().err)
     assert rc == 2 and "previous run (qa/adapter_config.json)" in line and "--overwrite" in line
-    assert sorted(p.name for p in used.rglob("*")) == ["adapter_config.json", "notes.txt", "qa"]
     # --overwrite replaces the run's own files in OUTPUT_DIR/NAME/ and nothing else there.
     assert main(["finetune", "--output-dir", str(used), *QUICK, "--max-steps", "1", "--overwrite",
                  *_flags(prose, qa)]) == 0

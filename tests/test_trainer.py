@@ -186,7 +186,10 @@ def test_plain_module_returning_logits(tmp_path):
 
 
 def test_fresh_run_with_overwrite_clears_previous_runs_checkpoints(tmp_path):
-    """(Without overwrite=True a used directory is refused: tests/test_runs.py.)"""
+    """(Without overwrite=True a used directory is refused: tests/test_runs.py. A folder that is not a run of ours,
+    one without a manifest, is refused even with overwrite: tests/test_safe_overwrite.py.)"""
+    model, train, _ = _model_and_data()
+    Trainer(model, train, _cfg(tmp_path, max_steps=1, eval_every=0)).train()  # a previous run, with its manifest
     stale = tmp_path / "checkpoints" / "step-0000999"
     stale.mkdir(parents=True)
     (tmp_path / "metrics.jsonl").write_text('{"step": 999, "loss": 1.0}\n')

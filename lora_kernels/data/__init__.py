@@ -7,11 +7,11 @@ training ({"text"} lines) and templated question/answer pairs ({"prompt", "respo
 for the built-in tiny model to show a falling loss within a couple of minutes on a laptop CPU.
 """
 from .batches import ShardedBatches
-from .loader import (DEMO_PATH, IGNORE_INDEX, DataError, PackedDataset, Record, count_loss_tokens, encode_record,
-                     iter_records, load_packed, read_records, split_eval)
+from .loader import (DEMO_PATH, IGNORE_INDEX, DataError, PackedDataset, Record, check_data_file, count_loss_tokens,
+                     encode_record, iter_records, load_packed, read_records, split_eval)
 from .packing import TokenPacker, pack
 from .tokenizer import ByteTokenizer
 
 __all__ = ["DEMO_PATH", "IGNORE_INDEX", "ByteTokenizer", "DataError", "PackedDataset", "Record", "ShardedBatches",
-           "TokenPacker", "count_loss_tokens", "encode_record", "iter_records", "load_packed", "pack", "read_records",
+           "TokenPacker", "check_data_file", "count_loss_tokens", "encode_record", "iter_records", "load_packed", "pack", "read_records",
            "split_eval"]

@@ -26,7 +26,7 @@ class ShardedBatches:
         self._order = self._epoch_order(0)
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        g = torch.Generator().manual_seed((self.seed * 100003 + epoch) % 2**64)  # any 64-bit --seed
         perm = torch.randperm(len(self.ds), generator=g)[: self.per_rank * self.world]
         return perm[self.rank::self.world]
 

@@ -50,6 +50,16 @@ def _check_path(path: str) -> None:
         raise DataError(path, None, "no such file")
     if os.path.isdir(path):
         raise DataError(path, None, "is a directory; pass a .jsonl or text file")
+    if not os.path.isfile(path):
+        raise DataError(path, None, "is not a regular file (a device, a pipe or a socket); pass a .jsonl or text file")
+
+
+def check_data_file(flag: str, path: str) -> None:
+    """A ValueError naming `flag` where `path` is not a data file we can read (before a run writes anything)."""
+    try:
+        _check_path(path)
+    except DataError as err:
+        raise ValueError(f"{flag} {path!r}: {str(err)[len(path) + 2:]}") from None  # the reason after "path: "
 
 
 Advance = Callable[[int], None]  # told how many more bytes of the file have been read
@@ -89,6 +99,10 @@ def _blocks(path: str, advance: Optional[Advance]) -> Iterator[Tuple[int, List[s
 
 
 def _decode_block(path: str, data: bytes, lineno: int, offset: int) -> str:
+    if offset == 0 and data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise DataError(path, 1, "the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+    if offset == 0 and data[:3] == b"\xef\xbb\xbf":  # a UTF-8 byte-order mark (some editors write one)
+        data = data[3:]
     nul = data.find(b"\x00")
     if nul >= 0:
         raise DataError(path, lineno + data.count(b"\n", 0, nul), f"NUL byte at byte offset {offset + nul} of "
@@ -113,9 +127,15 @@ def _jsonl_record(path: str, lineno: int, line: str) -> Record:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
         raise DataError(path, lineno, f"invalid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise DataError(path, lineno, "JSON nested too deeply to read (a data line is one flat object)") from None
     if not isinstance(obj, dict):
         raise DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
     where = f"{path}:{lineno}"
+    for key in ("text", "prompt", "response"):
+        if isinstance(obj.get(key), str) and not _encodable(obj[key]):
+            raise DataError(path, lineno, f"{key!r} holds a lone surrogate (an escape like \\ud800 that is not "
+                                          "half of a pair): not text any tokenizer can encode")
     if "text" in obj:
         if not isinstance(obj["text"], str) or not obj["text"]:
             raise DataError(path, lineno, "'text' must be a non-empty string")
@@ -132,6 +152,14 @@ def _jsonl_record(path: str, lineno: int, line: str) -> Record:
     else:
         raise DataError(path, lineno, f"expected a 'text' key or 'prompt' and 'response' keys, "
                                       f"got keys {sorted(obj)}")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _iter_text(path: str, advance: Optional[Advance]) -> Iterator[Record]:

@@ -4,12 +4,12 @@ Each submodule imports its library lazily on import of that submodule only, so `
 needs peft or transformers.
 
 This package owns what a transformers model gets from inject_lora: the adapter-only Trainer checkpoints
-(transformers.py), registered with the injector below (lora_kernels/__init__.py imports this package), so the
-injector never imports upwards.
+(transformers.py), registered below in hooks.py's import-free registry: lora_kernels/__init__.py imports this
+package at `import lora_kernels` without importing torch, and the injector never imports upwards.
 """
 import sys
 
-from ..inject import after_inject
+from ..hooks import after_inject
 
 
 @after_inject

@@ -32,16 +32,9 @@ import torch.nn as nn
 
 from ..config import check_lora_args
 from ..functional import AdapterSegments
+from ..names import check_adapter_name  # noqa: F401  (the one rule; re-exported by layers)
 
 DEFAULT_ADAPTER = "default"
-
-
-def check_adapter_name(adapter_name) -> str:
-    """An adapter name is a non-empty string without "." (it is a ParameterDict key and part of parameter
-    names); "__base__" is PEFT's name for base-model rows in a mixed batch."""
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == "__base__":
-        raise ValueError(f"adapter_name must be a non-empty string without '.' and not '__base__', got {adapter_name!r}")
-    return adapter_name
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ def read_adapter(path: PathLike, *, allow_nonfinite: bool = False) -> Tuple[Lora
             raw = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{config_file}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise ValueError(f"{config_file}: JSON nested too deeply to be an adapter config") from None
     config = LoraConfig.from_peft_dict(raw, source=config_file)
     from safetensors import safe_open
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..inject import model_adapters
-from ..layers import DEFAULT_ADAPTER
+from ..layers import DEFAULT_ADAPTER, check_adapter_name
 from .keys import CONFIG_NAME, WEIGHTS_NAME, PathLike, adapter_config, adapter_tensors
 
 STAGING = ".adapter-new"     # inside an existing adapter directory: the next adapter, complete, before the swap
@@ -97,6 +97,8 @@ def save_adapter(model: nn.Module, path: PathLike, *, adapter_name: Optional[str
 def _save_one(model: nn.Module, path: PathLike, adapter_name: Optional[str], base_model_name_or_path: Optional[str],
               task_type: Optional[str], state_dict: Optional[Dict[str, torch.Tensor]]) -> None:
     path = os.fspath(path)
+    if not path:  # "" would put the staging folder in the working directory's parent
+        raise ValueError("save_adapter: path is empty; give the folder to write the adapter to")
     config_dict = adapter_config(model, adapter_name).to_peft_dict()
     config_dict["base_model_name_or_path"] = base_model_name_or_path or getattr(model, "name_or_path", None) or None
     config_dict["task_type"] = task_type
@@ -120,7 +122,7 @@ def adapter_folder(directory: PathLike, adapter_name: str) -> str:
     """Where PeftModel.save_pretrained puts an adapter: "default" in `directory` itself, any other adapter in
     the subfolder `directory/<adapter_name>` (also when the model has no "default" adapter, or only one adapter)."""
     directory = os.fspath(directory)
-    return directory if adapter_name == DEFAULT_ADAPTER else os.path.join(directory, adapter_name)
+    return directory if adapter_name == DEFAULT_ADAPTER else os.path.join(directory, check_adapter_name(adapter_name))
 
 
 def save_adapters(model: nn.Module, directory: PathLike, *, base_model_name_or_path: Optional[str] = None,

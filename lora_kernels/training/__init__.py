@@ -6,7 +6,10 @@
     distributed.py  process group, DDP / FSDP2 wrapping, unwrap, gathering sharded parameters
     metrics.py      metrics.jsonl, the progress bar, the loss-curve plot
     interrupt.py    Ctrl-C: stop at a step boundary with a checkpoint (TrainingInterrupted)
-    rundir.py       the output directory: writable, previous run refused or cleared
+    rundir.py       the output directory: writable, previous run refused or cleared, a merge target checked
+    manifest.py     lora_kernels_run.json: what a run wrote (all --overwrite deletes) and its settings
+    resume.py       --resume: the checkpoint and the run's recorded settings, checked before loading
+    divergence.py   several non-finite steps in a row stop a run
     resources.py    the device a user names, CPU threads for a model's width
     multi.py        MultiAdapterTrainer: several adapters of one base in mixed batches, each on its own data
 """

@@ -15,8 +15,10 @@ and the data order is a pure function of (seed, epoch) and the cursor.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import shutil
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -33,6 +35,7 @@ STATE_FILE = json_path(STATE_STEM)
 ADAPTER_SUBDIR = "adapter"
 LEGACY_FILES = ("trainer_state.pt", "trainable.pt")  # torch.save files of older versions
 _PREFIX, _TMP = "step-", ".tmp"
+_NAME = re.compile(r"step-\d{7,}")
 
 
 def rank_stem(rank: int) -> str:
@@ -58,7 +61,7 @@ def set_rng_state(state: dict) -> None:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed % 2**64)  # seed + rank may pass 2**64 - 1
 
 
 # -- where checkpoints are -----------------------------------------------------------------------
@@ -75,8 +78,9 @@ def list_checkpoints(output_dir: str) -> List[str]:
     root = checkpoint_root(output_dir)
     if not os.path.isdir(root):
         return []
-    names = sorted(d for d in os.listdir(root) if d.startswith(_PREFIX) and not d.endswith(_TMP))
-    return [os.path.join(root, d) for d in names]
+    # Only the names write_checkpoint makes (step-NNNNNNN), by step: a stray "step-9" is not the latest.
+    steps = sorted((int(d[len(_PREFIX):]), d) for d in os.listdir(root) if _NAME.fullmatch(d))
+    return [os.path.join(root, d) for _, d in steps]
 
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:
@@ -152,8 +156,62 @@ def read_checkpoint(path: str, rank: int, world: int,
         raise ValueError(f"resume: checkpoint {path!r} does not match the model's trainable parameters "
                          f"(missing {missing[:3]}, unexpected {extra[:3]}); resume with the model, --target-modules, "
                          "--r and --adapter names of the run that wrote it")
+    _check_counters(state, os.path.join(path, STATE_FILE))
     mine = _read(lambda: read_state(os.path.join(path, rank_stem(rank))))
+    _check_rank_state(mine, os.path.join(path, json_path(rank_stem(rank))))
     return trainable, state, mine
+
+
+TRAINER_KEYS = ("optimizer", "scheduler", "scaler", "step", "skipped", "tokens_seen")
+
+
+def _nonneg_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_counters(state: dict, source: str) -> None:
+    """A crafted or damaged trainer state fails here, naming the file and key, not deep inside torch."""
+    missing = [k for k in TRAINER_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"resume: {source}: the trainer state has no {', '.join(map(repr, missing))}")
+    for key in ("step", "skipped", "tokens_seen"):
+        if not _nonneg_int(state[key]):
+            raise ValueError(f"resume: {source}: {key!r} must be an integer >= 0, got {state[key]!r}")
+    for key in ("optimizer", "scheduler", "scaler"):
+        if not isinstance(state[key], dict):
+            raise ValueError(f"resume: {source}: {key!r} must be a state dict, got {type(state[key]).__name__}")
+
+
+def _check_rank_state(mine, source: str) -> None:
+    if not isinstance(mine, dict) or not isinstance(mine.get("rng"), dict) or not isinstance(mine.get("data"), dict):
+        raise ValueError(f"resume: {source}: expected 'rng' and 'data' entries")
+    for key in ("torch", "numpy", "python"):
+        if key not in mine["rng"]:
+            raise ValueError(f"resume: {source}: the RNG state has no {key!r}")
+    cursors = mine["data"].values() if all(isinstance(v, dict) for v in mine["data"].values()) else [mine["data"]]
+    for cursor in cursors:  # one cursor, or one per adapter (multi.py)
+        for key in ("epoch", "pos"):
+            if not isinstance(cursor, dict) or not _nonneg_int(cursor.get(key)):
+                got = cursor.get(key) if isinstance(cursor, dict) else cursor
+                raise ValueError(f"resume: {source}: the data cursor's {key!r} must be an integer >= 0, got {got!r}")
+
+
+def checkpoint_step(path: str) -> int:
+    """The step a checkpoint was written at, from its JSON alone (cheap: nothing else is read)."""
+    source = os.path.join(path, STATE_FILE)
+    if not os.path.isfile(source):
+        _refuse_legacy(path)
+        raise ValueError(f"resume: {path!r} is not a checkpoint (no {STATE_FILE})")
+    try:
+        with open(source, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ValueError(f"resume: {source}: not a lora_kernels state file ({type(err).__name__})") from None
+    state = doc.get("state") if isinstance(doc, dict) else None
+    step = state.get("step") if isinstance(state, dict) else None
+    if not _nonneg_int(step):
+        raise ValueError(f"resume: {source}: 'step' must be an integer >= 0, got {step!r}")
+    return step
 
 
 def _read(load: Callable):

@@ -28,12 +28,13 @@ from ..data.batches import ShardedBatches
 from ..data.loader import IGNORE_INDEX, PackedDataset, count_loss_tokens
 from .checkpoint import (checkpoint_root, get_rng_state, latest_checkpoint, read_checkpoint, seed_everything,
                          set_rng_state, write_checkpoint)
+from .divergence import DivergenceGuard
 from .distributed import (STRATEGIES, barrier, full_tensor, gathered_trainable, init_distributed,
                           load_optimizer_state_dict, load_trainable_state_dict, optimizer_state_dict,
                           resolve_strategy, sum_over_ranks, trainable_state_dict, unwrap, wrap_model)
 from .interrupt import TrainingInterrupted, stop_on_sigint
 from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, eval_progress, plot_loss_curve, progress_bar
-from .rundir import refuse_or_clear
+from .rundir import run_outputs, start_run
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Eval batches per evaluation. A no-grad eval batch costs 0.27 of a training step (tiny default, CPU), so 16
@@ -248,12 +249,16 @@ class Trainer:
         """Restore everything save_checkpoint wrote; the next step is the one after the checkpoint's."""
         trainable, state, mine = read_checkpoint(path, self.rank, self.world, self.param_names)
         load_trainable_state_dict(self.model, trainable)
-        load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], self.strategy == "fsdp")
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        try:  # what torch, numpy and random refuse in a crafted state: one line naming the checkpoint
+            load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], self.strategy == "fsdp")
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.batches.load_state(mine["data"])
+            set_rng_state(mine["rng"])
+        except (TypeError, ValueError, KeyError, IndexError, RuntimeError, AttributeError) as err:
+            raise ValueError(f"resume: checkpoint {path!r} holds a malformed state ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''})") from None
         self.step, self.skipped, self.tokens_seen = state["step"], state["skipped"], state["tokens_seen"]
-        self.batches.load_state(mine["data"])
-        set_rng_state(mine["rng"])
 
     def latest_checkpoint(self) -> Optional[str]:
         return latest_checkpoint(self.cfg.output_dir)
@@ -261,13 +266,14 @@ class Trainer:
     def _start_fresh(self) -> None:
         """A new run in a used directory would mix its metrics and checkpoints with the old run's (pruning keeps
         the highest step numbers, which could be the old run's): refuse, or clear them when cfg.overwrite."""
-        refuse_or_clear(self.cfg.output_dir, self.cfg.overwrite, extra=self._extra_run_outputs(), clear=self.is_main)
+        start_run(self.cfg.output_dir, self.cfg.overwrite, run_outputs(self._extra_run_outputs()),
+                  clear=self.is_main, reuse_all=False)  # reuse_all=False: the CLI may have saved the base first
         barrier(self.world)  # nobody writes before rank 0 has cleared
         self.metrics.clear()
         barrier(self.world)
 
     def _extra_run_outputs(self) -> Tuple[str, ...]:
-        """Outputs beyond rundir.RUN_OUTPUTS that this trainer writes into output_dir (relative paths)."""
+        """Manifest entries beyond rundir.run_outputs that this trainer writes into output_dir (relative paths)."""
         return ()
 
     def _save_adapter(self, directory: str) -> None:
@@ -302,9 +308,11 @@ class Trainer:
             self._start_fresh()
         bar = progress_bar(cfg.max_steps, self.step, enabled=cfg.progress and self.is_main)
         start, last, last_eval = time.perf_counter(), {}, None
+        guard = DivergenceGuard(cfg.max_steps, self.scaler.is_enabled())
         with stop_on_sigint(notify=bar.write if self.is_main else None) as stop:
             while self.step < cfg.max_steps:
                 last = self._step_and_report(bar)
+                guard.after_step(last, self.step, self.latest_checkpoint, on_stop=bar.close)
                 last_eval = {k: last[k] for k in ("eval_loss", "eval_ppl") if k in last} or last_eval
                 saved = None
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:

@@ -23,10 +23,27 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
     def read(self) -> List[dict]:
+        """The records; a torn last line (a crash mid-write) is left out with a notice, any other bad line is a
+        ValueError naming the file and line."""
         if not os.path.isfile(self.path):
             return []
-        with open(self.path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            lines = [(i, line) for i, line in enumerate(f, start=1) if line.strip()]
+        records = []
+        for n, (i, line) in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+            elif n == len(lines) - 1 and not line.endswith("\n"):
+                if self.writer:
+                    print(f"notice: {self.path}:{i}: ignoring a torn last line (a run stopped while writing it)",
+                          file=sys.stderr)
+            else:
+                raise ValueError(f"{self.path}:{i}: not a metrics record (a JSON object with an integer 'step')")
+        return records
 
     def truncate(self, step: int) -> None:
         """Drop the records past `step`: on resume, those steps are about to be redone."""

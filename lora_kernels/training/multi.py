@@ -36,15 +36,14 @@ from ..data.loader import IGNORE_INDEX, PackedDataset, count_loss_tokens
 from ..inject import adapter_parameters, lora_layers, model_adapters
 from .distributed import full_tensor, sum_over_ranks, unwrap
 from .loop import TrainConfig, Trainer, _logits
+from .rundir import adapter_folder_outputs
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT's names (persistence/keys.py)
 
 
 def adapter_outputs(names: Sequence[str]) -> Tuple[str, ...]:
-    """The files a multi-adapter run writes into its output directory besides rundir.RUN_OUTPUTS, as relative
-    paths: OUTPUT_DIR/NAME/ holds an adapter, and only its two files belong to the run (the folder may be one the
-    user keeps other things in)."""
-    return tuple(os.path.join(name, f) for name in names for f in ADAPTER_FILES)
+    """The manifest entries a multi-adapter run adds to rundir.run_outputs: OUTPUT_DIR/NAME/ holds an adapter, and
+    only its files belong to the run (the folder may be one the user keeps other things in)."""
+    return tuple(e for name in names for e in adapter_folder_outputs(name))
 
 
 class MixedBatches:

@@ -46,14 +46,18 @@ def choose_threads(width: Optional[int], requested: Optional[int] = None,
     return None
 
 
-def resolve_device(spec: str) -> torch.device:
-    """torch.device(spec), checked to be usable here; a ValueError that says why not."""
+def resolve_device(spec: str, training: bool = False) -> torch.device:
+    """torch.device(spec), checked to be usable here (to train on, with training=True); a ValueError that says
+    why not."""
     try:
         device = torch.device(spec)
     except (RuntimeError, ValueError):
         raise ValueError(f"--device {spec!r}: not a device name torch knows (e.g. cpu, cuda, cuda:1)") from None
     if device.type == "cpu":
         return device
+    if device.type == "meta":  # tensors without data: shapes are traced, nothing is computed
+        raise ValueError(f"--device {spec!r}: meta is not a training device (its tensors hold no data); "
+                         "use cpu or cuda")
     backend = getattr(torch, device.type, None)
     available = getattr(backend, "is_available", None)
     if available is None or not available():

@@ -150,6 +150,8 @@ def read_state(stem: str) -> Any:
             doc = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{source}: not a lora_kernels state file (invalid JSON: {err})") from None
+    except RecursionError:
+        raise ValueError(f"{source}: not a lora_kernels state file (JSON nested too deeply)") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or "state" not in doc:
         raise ValueError(f"{source}: not a lora_kernels state file (no \"format\": {FORMAT!r})")
     if doc.get("version") != VERSION:
@@ -160,5 +162,5 @@ def read_state(stem: str) -> Any:
         return _decode(doc["state"], tensors)
     except _Malformed as err:
         raise ValueError(f"{source}: {err}") from None
-    except (TypeError, KeyError, ValueError) as err:  # a tag with a malformed payload, e.g. {"__items__": 3}
+    except (TypeError, KeyError, ValueError, RecursionError) as err:  # a malformed tag payload, e.g. {"__items__": 3}
         raise ValueError(f"{source}: malformed state ({type(err).__name__}: {err})") from None
