@@ -20,6 +20,7 @@ ALLOWED = {
     "reference": set(),
     "names": set(),
     "patterns": set(),
+    "hooks": set(),
     "config": {"patterns"},
     "ops": {"settings"},
     "backends": {"settings", "timing", "ops", "_cuda"},  # _cuda: the compiled csrc/ extension, when built
