@@ -1,0 +1,134 @@
+"""DoRA (PEFT's use_dora=True) in plain PyTorch: the column norm without B·A, and the autograd Function.
+
+    n_o = ‖W_o + s·B_o·A‖ (detached)      g = m / n      xd = dropout_p(x)
+    p > 0 (training):  y = x·Wᵀ + b + (g − 1)·(xd·Wᵀ) + g·s·(xd·Aᵀ)·Bᵀ
+    p = 0 or eval:     y = g·(x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b
+
+which is PEFT's DoraLinearLayer exactly (the bias outside g; with dropout PEFT's second base GEMM on the
+dropped input). The norm comes from ‖W_o + s·B_o·A‖² = ‖W_o‖² + 2s·B_o·(A·W_oᵀ) + s²·B_o·(A·Aᵀ)·B_oᵀ: ‖W_o‖²
+once per frozen weight, A·Wᵀ (r × out) and A·Aᵀ (r × r) per call, in float32 (float64 for a float64 weight).
+A half-precision W is read in row blocks of ROW_BLOCK, so no (out × in) tensor is ever built.
+
+DoraLinearFunction saves x, xa = xd·Aᵀ (r columns), the seed, g, n and v = xd·Wᵀ + s·xa·Bᵀ (out columns,
+x's dtype): m's gradient is Σ_rows dy ⊙ v / n, and v is saved rather than recomputed because recomputing
+it costs a second (M × in × out) GEMM in backward. Never a mask, a dropped copy of x, or B·A. The mask is the
+torch backend's (torch_keep_mask), regenerated in backward from the seed.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .base import draw_seed, flat, no_seed
+from .torch import torch_keep_mask
+
+ROW_BLOCK = 256  # rows of a half-precision W cast to float32 at a time
+
+
+def _norm_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+def _row_blocks(weight: torch.Tensor):
+    """(start, rows of W in the norm's dtype): W itself when it is already in it, else ROW_BLOCK rows at a time."""
+    dt = _norm_dtype(weight)
+    if weight.dtype == dt:
+        yield 0, weight
+        return
+    for i in range(0, weight.shape[0], ROW_BLOCK):
+        yield i, weight[i:i + ROW_BLOCK].to(dt)
+
+
+@torch.no_grad()
+def weight_sq_norm(weight: torch.Tensor) -> torch.Tensor:
+    """‖W_o‖² per output row of an (out, in) weight, float32 (float64 for a float64 W)."""
+    parts = [torch.linalg.vector_norm(rows, dim=1) for _, rows in _row_blocks(weight)]
+    n = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return n * n
+
+
+@torch.no_grad()
+def dora_norm(weight: torch.Tensor, w_sq: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+              scaling: float) -> torch.Tensor:
+    """n_o = ‖W_o + s·B_o·A‖ (out,), detached, from w_sq = weight_sq_norm(weight) without building B·A."""
+    dt = _norm_dtype(weight)
+    A, B = lora_A.detach().to(dt), lora_B.detach().to(dt)
+    awt = torch.cat([A @ rows.t() for _, rows in _row_blocks(weight)], dim=1)  # (r, out)
+    aat = A @ A.t()                                                              # (r, r)
+    sq = w_sq.to(dt) + (2.0 * scaling) * (B * awt.t()).sum(1) + (scaling * scaling) * ((B @ aat) * B).sum(1)
+    return sq.clamp_min(0.0).sqrt()
+
+
+class DoraLinearFunction(torch.autograd.Function):
+    """y of the module docstring for x (..., in), with norm = dora_norm(...) (out,) given, detached."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling: float, dropout_p: float):
+        dt, s, p = x.dtype, scaling, dropout_p
+        A, B = lora_A.to(dt), lora_B.to(dt)
+        g = magnitude.to(norm.dtype) / norm
+        gd = g.to(dt)
+        if p > 0.0:
+            seed = draw_seed(x.device)
+            keep = torch_keep_mask(int(seed.item()), x.shape, p, x.device)
+            xd = x * keep.to(dt) * (1.0 / (1.0 - p))
+            del keep
+            xa = F.linear(xd, A)
+            bd = F.linear(xd, weight)                # PEFT's second base GEMM, on the dropped input
+            del xd
+            lo = F.linear(xa, B)
+            v = bd + s * lo
+            y = F.linear(x, weight, bias) + (gd - 1.0) * bd + (gd * s) * lo
+            del bd, lo
+        else:
+            seed = no_seed(x.device)
+            xa = F.linear(x, A)
+            v = F.linear(x, weight) + s * F.linear(xa, B)
+            y = gd * v if bias is None else torch.addcmul(bias.to(dt), gd, v)
+        ctx.save_for_backward(x, xa, seed, weight, lora_A, lora_B, g, norm, v)
+        ctx.scaling, ctx.dropout_p = s, p
+        ctx.dtypes = (None if bias is None else bias.dtype, magnitude.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xa, seed, weight, lora_A, lora_B, g, norm, v = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.dropout_p
+        bias_dtype, m_dtype = ctx.dtypes
+        need_x, need_w, need_b, need_a, need_bb, need_m = ctx.needs_input_grad[:6]
+        dt = x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            dy2, x2, xa2, v2 = flat(dy.to(dt)), flat(x), flat(xa), flat(v)
+            A, B = lora_A.to(dt), lora_B.to(dt)
+            dyg = dy2 * g.to(dt)                      # the LoRA terms see g·dy
+            keep = None
+            if p > 0.0 and (need_x or need_a or need_w):
+                keep = flat(torch_keep_mask(int(seed.item()), x.shape, p, x.device)).to(dt) * (1.0 / (1.0 - p))
+            dyb = dyg @ B if (need_x or need_a) else None
+            grad = [None] * 9
+            if need_x:
+                if keep is None:
+                    gx = dyg @ weight + s * (dyb @ A)
+                else:
+                    gx = dy2 @ weight + ((dyg - dy2) @ weight + s * (dyb @ A)) * keep
+                grad[0] = gx.reshape(x.shape)
+            if need_w:  # a trainable base (rare): y's W terms are x·Wᵀ + (g − 1)·xd·Wᵀ, or g·x·Wᵀ without dropout
+                gw = dyg.t() @ x2 if keep is None else dy2.t() @ x2 + (dyg - dy2).t() @ (x2 * keep)
+                grad[1] = gw.to(weight.dtype)
+            if need_b and bias_dtype is not None:
+                grad[2] = dy2.sum(0).to(bias_dtype)
+            if need_a:
+                xd = x2 if keep is None else x2 * keep
+                grad[3] = (s * (dyb.t() @ xd)).to(lora_A.dtype)
+            if need_bb:
+                grad[4] = (s * (dyg.t() @ xa2)).to(lora_B.dtype)
+            if need_m:
+                grad[5] = ((dy2.to(norm.dtype) * v2.to(norm.dtype)).sum(0) / norm).to(m_dtype)
+        return tuple(grad)
+
+
+def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float,
+                w_sq: Optional[torch.Tensor] = None):
+    """The DoRA linear on the torch path; w_sq: a cached weight_sq_norm(weight), else computed here."""
+    norm = dora_norm(weight, weight_sq_norm(weight) if w_sq is None else w_sq, lora_A, lora_B, scaling)
+    return DoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p)
