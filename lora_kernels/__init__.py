@@ -1,7 +1,7 @@
 """lora_kernels: fused Triton kernels for LoRA training, a drop-in nn.Linear that speaks PEFT's format."""
 from .backends import resolve_backend
-from .functional import AdapterSegments, fused_lora_linear, fused_multi_lora_linear
-from .layers import FusedLoraLinear
+from .functional import AdapterSegments, fused_dora_linear, fused_lora_linear, fused_multi_lora_linear
+from .layers import FusedDoraLinear, FusedLoraLinear
 from .config import LoraConfig
 from .inject import disable_adapter, inject_lora, merge_and_unload, unload
 from .trainability import (add_new_trainable_to_optimizer, print_trainable_parameters, set_trainable,
@@ -14,7 +14,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FusedLoraLinear",
+    "FusedDoraLinear",
     "fused_lora_linear",
+    "fused_dora_linear",
     "fused_multi_lora_linear",
     "AdapterSegments",
     "resolve_backend",

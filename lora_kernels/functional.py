@@ -22,7 +22,7 @@ import torch
 
 from . import backends
 from .backends import FUNCTIONS, FUNCTIONS_4BIT, MULTI_FUNCTIONS
-from .backends.dora import dora_linear
+from .backends.dora import dora_linear, dora_norm, weight_sq_norm  # noqa: F401  (the DoRA norm, for layers)
 from .backends.base import FLOAT_DTYPES, QuantizedWeight, dequantize, from_bnb  # noqa: F401  (the 4-bit format)
 
 

@@ -1,0 +1,180 @@
+"""DoRA (use_dora=True) against PEFT's own DoRA on a tiny Llama: logits, loss and the gradients of A, B and m at
+p = 0 and at p = 0.1 with the same mask (PEFT's dropout modules replaced by one applying our torch-backend mask,
+drawn from the same seed in the same order), PEFT's files both ways, merge / unmerge / merge_and_unload,
+disable_adapter, and the refusals (mixed batches, mixing DoRA and plain adapters on a layer)."""
+import copy
+import json
+import os
+
+import peft
+import pytest
+import torch
+import torch.nn as nn
+
+import lora_kernels as lk
+from lora_kernels.backends.base import draw_seed
+from lora_kernels.backends.torch import torch_keep_mask
+from lora_kernels.inject import lora_layers
+from tests.tiny_models import ALL_PROJ, assert_rel_close, peft_lora_names, tiny_llama, tokens
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+class SeededMaskDropout(nn.Module):
+    """PEFT's dropout replaced by ours: one seed drawn per call, the torch backend's keep-mask from it."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        keep = torch_keep_mask(int(draw_seed(x.device).item()), x.shape, self.p, x.device)
+        return x * keep.to(x.dtype) / (1.0 - self.p)
+
+
+def _peft_dora(p=0.0, seed=0):
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=p,
+                                                              target_modules=ALL_PROJ, use_dora=True,
+                                                              init_lora_weights=False))
+    g = torch.Generator().manual_seed(seed)
+    for layer in peft_lora_names(model).values():
+        m = layer.lora_magnitude_vector["default"].weight
+        m.data.mul_(torch.rand(m.shape, generator=g) + 0.5)  # g ≠ 1, so the magnitude matters
+        if p > 0:
+            layer.lora_dropout["default"] = SeededMaskDropout(p)
+    return model
+
+
+def _peft_grads(model):
+    out = {}
+    for name, layer in peft_lora_names(model).items():
+        out[(name, "lora_A")] = layer.lora_A["default"].weight.grad
+        out[(name, "lora_B")] = layer.lora_B["default"].weight.grad
+        out[(name, "m")] = layer.lora_magnitude_vector["default"].weight.grad
+    return out
+
+
+def _lk_grads(model):
+    out = {}
+    for name, layer in lora_layers(model).items():
+        out[(name, "lora_A")], out[(name, "lora_B")] = layer.lora_A.grad, layer.lora_B.grad
+        out[(name, "m")] = layer.lora_magnitude_vector.grad
+    return out
+
+
+def _step(model, ids):
+    torch.manual_seed(123)  # the same dropout seeds, drawn layer by layer in the same order
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), out.loss.detach()
+
+
+@pytest.fixture
+def torch_backend(monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_loads_peft_dora_and_matches_outputs_and_grads(p, tmp_path, torch_backend):
+    pm = _peft_dora(p)
+    pm.save_pretrained(tmp_path)
+    assert json.load(open(tmp_path / "adapter_config.json"))["use_dora"] is True
+    ours = lk.load_adapter(tiny_llama(), tmp_path)
+    layers = lora_layers(ours)
+    assert len(layers) == 2 * len(ALL_PROJ) and all(isinstance(v, lk.FusedDoraLinear) for v in layers.values())
+    assert layers["model.layers.0.self_attn.q_proj"].lora_dropout == p
+    pm.train(), ours.train()
+    ids = tokens()
+    (logits_p, loss_p), (logits_o, loss_o) = _step(pm, ids), _step(ours, ids)
+    assert_rel_close(logits_o, logits_p, 1e-5, "logits")
+    assert_rel_close(loss_o, loss_p, 1e-5, "loss")
+    gp, go = _peft_grads(pm), _lk_grads(ours)
+    assert gp.keys() == go.keys()
+    for k in gp:
+        assert_rel_close(go[k], gp[k], 1e-4, str(k))
+    if p > 0:  # the dropout mattered: the eval output differs from the training one
+        pm.eval()
+        with torch.no_grad():
+            assert not torch.allclose(pm(input_ids=ids).logits, logits_p, atol=1e-4)
+
+
+def test_saved_dora_loads_in_peft(tmp_path, torch_backend):
+    model = lk.inject_lora(tiny_llama(), lk.LoraConfig(r=4, lora_alpha=8, target_modules=ALL_PROJ, use_dora=True,
+                                                       init_lora_weights=False))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_magnitude_vector.mul_(torch.rand(layer.out_features, generator=g) + 0.5)
+    lk.save_adapter(model, tmp_path)
+    from safetensors.torch import load_file
+
+    keys = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector" in keys
+    pm = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert pm.peft_config["default"].use_dora
+    model.eval(), pm.eval()
+    ids = tokens()
+    with torch.no_grad():
+        assert_rel_close(model(input_ids=ids).logits, pm(input_ids=ids).logits, 1e-5, "logits")
+        with lk.disable_adapter(model):
+            assert_rel_close(model(input_ids=ids).logits, tiny_llama()(input_ids=ids).logits, 1e-6, "disabled")
+        # PEFT's merge rule: merged logits equal ours merged, and equal the unmerged ones.
+        want = model(input_ids=ids).logits
+        layer = lora_layers(model)["model.layers.1.mlp.down_proj"]
+        w0 = layer.weight.detach().clone()
+        layer.merge()
+        assert not torch.allclose(layer.weight, w0)
+        layer.unmerge()
+        torch.testing.assert_close(layer.weight.detach(), w0, rtol=1e-5, atol=1e-6)
+        merged = lk.merge_and_unload(model)
+        assert not lora_layers(merged)
+        peft_merged = pm.merge_and_unload()
+        assert_rel_close(merged(input_ids=ids).logits, want, 1e-5, "merged")
+        for (n, a), b in zip(merged.named_parameters(), peft_merged.parameters()):
+            assert_rel_close(a, b, 1e-5, n)
+
+
+def test_dora_layer_and_its_norm_cache(torch_backend):
+    """A new DoRA layer equals its base (m = ‖W‖ at PEFT's init); ‖W‖² is recomputed when W changes in place."""
+    lin = nn.Linear(12, 9)
+    layer = lk.FusedDoraLinear.from_linear(lin, r=2)
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(layer(x), lin(x), rtol=1e-5, atol=1e-6)
+    assert "dora" in repr(layer) and layer.peft_tensors("default").keys() == {
+        "lora_A.weight", "lora_B.weight", "lora_magnitude_vector"}
+    first = layer.weight_sq_norm()
+    assert layer.weight_sq_norm() is first
+    with torch.no_grad():
+        layer.weight.mul_(2.0)
+    torch.testing.assert_close(layer.weight_sq_norm(), 4 * first)
+
+
+def test_refusals(monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
+    model = lk.inject_lora(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="DoRA adapters .*not supported yet"):
+        with lk.batch_adapters(model, ["default", None]):
+            pass
+    with pytest.raises(ValueError, match="DoRA adapters only or plain ones only"):
+        lk.inject_lora(model, lk.LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="plain")
+    with pytest.raises(ValueError, match="use_dora must be a bool"):
+        lk.LoraConfig(use_dora="yes")
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    with pytest.raises(ValueError, match="DoRA has no triton kernels yet"):
+        model(input_ids=tokens())
+
+
+def test_second_dora_adapter(torch_backend):
+    """A second DoRA adapter on the same layers: its own magnitude, selected by set_adapter."""
+    model = lk.inject_lora(tiny_llama(), lk.LoraConfig(r=2, target_modules=["v_proj"], use_dora=True,
+                                                       init_lora_weights=False))
+    lk.inject_lora(model, lk.LoraConfig(r=3, target_modules=["v_proj"], use_dora=True, init_lora_weights=False),
+                   adapter_name="b")
+    layer = lora_layers(model)["model.layers.0.self_attn.v_proj"]
+    assert tuple(layer.lora_magnitude_vectors["b"].shape) == (layer.out_features,)
+    ids = tokens()
+    with torch.no_grad():
+        ya = model(input_ids=ids).logits
+        lk.set_adapter(model, "b")
+        yb = model(input_ids=ids).logits
+    assert not torch.allclose(ya, yb)
