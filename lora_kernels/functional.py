@@ -121,7 +121,8 @@ def fused_dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropo
     g·(x·Wᵀ + s·x·Aᵀ·Bᵀ) + b without (backends/dora.py). magnitude: (out,). weight_sq_norm: ‖W_o‖² (out,) as
     backends.dora.weight_sq_norm(weight) computes it, for a caller that caches it per frozen weight.
 
-    Runs on the torch path (no fused DoRA kernels yet): LORA_KERNELS_BACKEND=triton or cuda raises.
+    On the Triton backend the forward is one fused GEMM pass (ops/dora_linear_fwd.py); backward runs torch's
+    matmuls on every backend (no DoRA backward kernels yet). LORA_KERNELS_BACKEND=cuda raises.
     """
     _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     N = weight.shape[0]
@@ -130,15 +131,15 @@ def fused_dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropo
         what = (f"shape {tuple(magnitude.shape)}, {magnitude.dtype} on {magnitude.device}"
                 if isinstance(magnitude, torch.Tensor) else type(magnitude).__name__)
         raise ValueError(f"magnitude must be a floating-point tensor of shape ({N},) on {x.device}, got {what}")
-    name = backends.requested_backend()
-    if name not in ("auto", "torch"):
-        raise ValueError(f"LORA_KERNELS_BACKEND={name}: DoRA has no {name} kernels yet; use torch or auto")
     device_type = x.device.type
     x, weight, bias = _base_in_activation_dtype(x, weight, bias)
+    name = backends.resolve_backend(x)
+    if name == "cuda":
+        raise ValueError("LORA_KERNELS_BACKEND=cuda: DoRA has no CUDA-extension kernels; use triton, torch or auto")
     p = float(dropout_p) if training else 0.0
     with torch.autocast(device_type, enabled=False):
         lora_B, scaling = _fold_tensor_scaling(lora_B, scaling, x.device)
-        return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, float(scaling), p, weight_sq_norm)
+        return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, float(scaling), p, weight_sq_norm, name)
 
 
 def as_quantized(weight):

@@ -1,4 +1,4 @@
-"""DoRA (PEFT's use_dora=True) in plain PyTorch: the column norm without B·A, and the autograd Function.
+"""DoRA (PEFT's use_dora=True): the column norm without B·A, and the autograd Function (torch or Triton forward).
 
     n_o = ‖W_o + s·B_o·A‖ (detached)      g = m / n      xd = dropout_p(x)
     p > 0 (training):  y = x·Wᵀ + b + (g − 1)·(xd·Wᵀ) + g·s·(xd·Aᵀ)·Bᵀ
@@ -11,8 +11,12 @@ A half-precision W is read in row blocks of ROW_BLOCK, so no (out × in) tensor 
 
 DoraLinearFunction saves x, xa = xd·Aᵀ (r columns), the seed, g, n and v = xd·Wᵀ + s·xa·Bᵀ (out columns,
 x's dtype): m's gradient is Σ_rows dy ⊙ v / n, and v is saved rather than recomputed because recomputing
-it costs a second (M × in × out) GEMM in backward. Never a mask, a dropped copy of x, or B·A. The mask is the
-torch backend's (torch_keep_mask), regenerated in backward from the seed.
+it costs a second (M × in × out) GEMM in backward. Never a mask, a dropped copy of x, or B·A. On the Triton
+backend the forward is lora_shrink plus ops/dora_linear_fwd.py (one GEMM pass, two MMAs per k-step with dropout)
+and the mask is the kernels' Philox one; otherwise torch's matmuls and torch_keep_mask. Backward is torch's
+matmuls on both, the mask regenerated from the seed. The backward's g·dy makes the LoRA gradients those of
+plain LoRA: grad_B = s·(g·dy)ᵀ·xa, grad_A = s·((g·dy)·B)ᵀ·xd, and grad_x = (g·dy)·W + s·((g·dy)·B)·A without
+dropout, dy·W + ((g − 1)·dy·W + s·((g·dy)·B)·A)⊙mask/(1 − p) with it.
 """
 from typing import Optional
 
@@ -59,16 +63,42 @@ def dora_norm(weight: torch.Tensor, w_sq: torch.Tensor, lora_A: torch.Tensor, lo
     return sq.clamp_min(0.0).sqrt()
 
 
+def _triton_forward(x, weight, bias, lora_A, lora_B, g, scaling, p):
+    """(y, xa, seed, v) from the kernels: lora_shrink for xa = xd·Aᵀ, then ops/dora_linear_fwd.py."""
+    from ..ops.dora_linear_fwd import dora_linear_fwd
+    from ..ops.lora_shrink import lora_shrink
+    from .triton import _rows_or_copy, dot_precision
+
+    x, rows = _rows_or_copy(x)
+    precision = dot_precision(x.dtype)
+    seed = draw_seed(x.device) if p > 0.0 else no_seed(x.device)
+    xa = lora_shrink(x, rows, lora_A, seed, p, precision)
+    y, v = dora_linear_fwd(x, rows, weight, bias, xa, lora_B, g.float().contiguous(), seed, scaling, p, precision)
+    return y, xa, seed, v
+
+
+def _keep_mask(backend: str, seed, x, p: float) -> torch.Tensor:
+    """The (M, K) keep-mask the forward of `backend` drew from `seed`, regenerated for backward."""
+    if backend == "triton":
+        from ..ops.dropout import dropout_mask
+
+        return dropout_mask(seed, x.numel() // x.shape[-1], x.shape[-1], p)
+    return flat(torch_keep_mask(int(seed.item()), x.shape, p, x.device))
+
+
 class DoraLinearFunction(torch.autograd.Function):
     """y of the module docstring for x (..., in), with norm = dora_norm(...) (out,) given, detached."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling: float, dropout_p: float):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling: float, dropout_p: float,
+                backend: str):
         dt, s, p = x.dtype, scaling, dropout_p
         A, B = lora_A.to(dt), lora_B.to(dt)
         g = magnitude.to(norm.dtype) / norm
         gd = g.to(dt)
-        if p > 0.0:
+        if backend == "triton" and x.numel() > 0:
+            y, xa, seed, v = _triton_forward(x, weight, bias, lora_A, lora_B, g, s, p)
+        elif p > 0.0:
             seed = draw_seed(x.device)
             keep = torch_keep_mask(int(seed.item()), x.shape, p, x.device)
             xd = x * keep.to(dt) * (1.0 / (1.0 - p))
@@ -86,7 +116,7 @@ class DoraLinearFunction(torch.autograd.Function):
             v = F.linear(x, weight) + s * F.linear(xa, B)
             y = gd * v if bias is None else torch.addcmul(bias.to(dt), gd, v)
         ctx.save_for_backward(x, xa, seed, weight, lora_A, lora_B, g, norm, v)
-        ctx.scaling, ctx.dropout_p = s, p
+        ctx.scaling, ctx.dropout_p, ctx.backend = s, p, backend
         ctx.dtypes = (None if bias is None else bias.dtype, magnitude.dtype)
         return y
 
@@ -98,14 +128,14 @@ class DoraLinearFunction(torch.autograd.Function):
         need_x, need_w, need_b, need_a, need_bb, need_m = ctx.needs_input_grad[:6]
         dt = x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            dy2, x2, xa2, v2 = flat(dy.to(dt)), flat(x), flat(xa), flat(v)
+            dy2, x2, xa2, v2 = flat(dy.to(dt)), flat(x), flat(xa).to(dt), flat(v)
             A, B = lora_A.to(dt), lora_B.to(dt)
             dyg = dy2 * g.to(dt)                      # the LoRA terms see g·dy
             keep = None
             if p > 0.0 and (need_x or need_a or need_w):
-                keep = flat(torch_keep_mask(int(seed.item()), x.shape, p, x.device)).to(dt) * (1.0 / (1.0 - p))
+                keep = _keep_mask(ctx.backend, seed, x, p).to(dt) * (1.0 / (1.0 - p))
             dyb = dyg @ B if (need_x or need_a) else None
-            grad = [None] * 9
+            grad = [None] * 10
             if need_x:
                 if keep is None:
                     gx = dyg @ weight + s * (dyb @ A)
@@ -128,7 +158,8 @@ class DoraLinearFunction(torch.autograd.Function):
 
 
 def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float,
-                w_sq: Optional[torch.Tensor] = None):
-    """The DoRA linear on the torch path; w_sq: a cached weight_sq_norm(weight), else computed here."""
+                w_sq: Optional[torch.Tensor] = None, backend: str = "torch"):
+    """The DoRA linear; w_sq: a cached weight_sq_norm(weight), else computed here. backend "triton": the forward
+    runs on the kernels (ops/dora_linear_fwd.py) and the mask is their Philox one; backward is torch's matmuls."""
     norm = dora_norm(weight, weight_sq_norm(weight) if w_sq is None else w_sq, lora_A, lora_B, scaling)
-    return DoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p)
+    return DoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, backend)
