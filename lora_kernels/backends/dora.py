@@ -13,10 +13,11 @@ DoraLinearFunction saves x, xa = xd·Aᵀ (r columns), the seed, g, n and v = xd
 x's dtype): m's gradient is Σ_rows dy ⊙ v / n, and v is saved rather than recomputed because recomputing
 it costs a second (M × in × out) GEMM in backward. Never a mask, a dropped copy of x, or B·A. On the Triton
 backend the forward is lora_shrink plus ops/dora_linear_fwd.py (one GEMM pass, two MMAs per k-step with dropout)
-and the mask is the kernels' Philox one; otherwise torch's matmuls and torch_keep_mask. Backward is torch's
-matmuls on both, the mask regenerated from the seed. The backward's g·dy makes the LoRA gradients those of
-plain LoRA: grad_B = s·(g·dy)ᵀ·xa, grad_A = s·((g·dy)·B)ᵀ·xd, and grad_x = (g·dy)·W + s·((g·dy)·B)·A without
-dropout, dy·W + ((g − 1)·dy·W + s·((g·dy)·B)·A)⊙mask/(1 − p) with it.
+and the mask is the kernels' Philox one; otherwise torch's matmuls and torch_keep_mask. The backward's g·dy makes
+the LoRA gradients those of plain LoRA, so on Triton the LoRA backward kernels run with g·dy (grad_A, grad_B, and
+grad_x without dropout); grad_x with dropout, grad_m and a trainable base's gradients are torch's matmuls, the
+mask regenerated from the seed: grad_B = s·(g·dy)ᵀ·xa, grad_A = s·((g·dy)·B)ᵀ·xd, and grad_x =
+(g·dy)·W + s·((g·dy)·B)·A without dropout, dy·W + ((g − 1)·dy·W + s·((g·dy)·B)·A)⊙mask/(1 − p) with it.
 """
 from typing import Optional
 
@@ -131,11 +132,23 @@ class DoraLinearFunction(torch.autograd.Function):
             dy2, x2, xa2, v2 = flat(dy.to(dt)), flat(x), flat(xa).to(dt), flat(v)
             A, B = lora_A.to(dt), lora_B.to(dt)
             dyg = dy2 * g.to(dt)                      # the LoRA terms see g·dy
+            grad = [None] * 10
+            if ctx.backend == "triton" and x.numel() > 0:
+                # The LoRA backward kernels with dy → g·dy give grad_A and grad_B, and grad_x without dropout.
+                from .triton import _backward as lora_backward
+
+                kernel_x = need_x and p == 0.0
+                gx, ga, gb = lora_backward(dyg, x, xa, seed, weight, lora_A, lora_B, s, p, kernel_x, need_a,
+                                           need_bb)
+                grad[0] = gx.reshape(x.shape) if kernel_x else None
+                grad[3] = ga if need_a else None
+                grad[4] = gb if need_bb else None
+                need_a = need_bb = False
+                need_x = need_x and not kernel_x
             keep = None
             if p > 0.0 and (need_x or need_a or need_w):
                 keep = _keep_mask(ctx.backend, seed, x, p).to(dt) * (1.0 / (1.0 - p))
             dyb = dyg @ B if (need_x or need_a) else None
-            grad = [None] * 10
             if need_x:
                 if keep is None:
                     gx = dyg @ weight + s * (dyb @ A)
@@ -160,6 +173,6 @@ class DoraLinearFunction(torch.autograd.Function):
 def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float,
                 w_sq: Optional[torch.Tensor] = None, backend: str = "torch"):
     """The DoRA linear; w_sq: a cached weight_sq_norm(weight), else computed here. backend "triton": the forward
-    runs on the kernels (ops/dora_linear_fwd.py) and the mask is their Philox one; backward is torch's matmuls."""
+    runs on the kernels (ops/dora_linear_fwd.py) and the mask is their Philox one; see the module docstring."""
     norm = dora_norm(weight, weight_sq_norm(weight) if w_sq is None else w_sq, lora_A, lora_B, scaling)
     return DoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, backend)
