@@ -205,3 +205,39 @@ def test_saved_activations_against_peft(p, torch_backend):
             model(x)
         saved[name] = sum(seen.values())
     assert saved["ours"] <= 0.6 * saved["peft"], saved
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_fuse_peft_model_serves_dora(p, torch_backend, monkeypatch):
+    """fuse_peft_model runs PEFT's DoRA layers on fused_dora_linear with PEFT's outputs and gradients (p = 0.1:
+    the reference's dropout applies the mask the fused layers draw). With PEFT's DoRA caching on, PEFT's forward
+    runs (its eval-mode norm cache kept as PEFT has it)."""
+    from peft.tuners.lora import dora
+
+    from lora_kernels.integrations import peft as lk_peft
+    from lora_kernels.integrations.peft import fuse_peft_model
+
+    ref = _peft_dora(p)
+    fused = _peft_dora(0.0)
+    fused.load_state_dict(ref.state_dict())
+    for layer in peft_lora_names(fused).values():
+        layer.lora_dropout["default"] = nn.Dropout(p) if p > 0 else nn.Identity()
+    calls = []
+    real = lk_peft.dora_forward
+    monkeypatch.setattr(lk_peft, "dora_forward", lambda *a: calls.append(1) or real(*a))
+    report = fuse_peft_model(fused)
+    assert len(report.fused) == 2 * len(ALL_PROJ) and not report.skipped
+    ref.train(), fused.train()
+    ids = tokens()
+    (logits_r, loss_r), (logits_f, loss_f) = _step(ref, ids), _step(fused, ids)
+    assert len(calls) == 2 * len(ALL_PROJ)
+    assert_rel_close(logits_f, logits_r, 1e-5, "logits")
+    assert_rel_close(loss_f, loss_r, 1e-5, "loss")
+    gr, gf = _peft_grads(ref), _peft_grads(fused)
+    for k in gr:
+        assert_rel_close(gf[k], gr[k], 1e-4, str(k))
+    monkeypatch.setattr(dora, "ENABLE_DORA_CACHING", True)
+    fused.eval()
+    with torch.no_grad():
+        fused(input_ids=ids)
+    assert len(calls) == 2 * len(ALL_PROJ)
