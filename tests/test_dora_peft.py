@@ -241,3 +241,42 @@ def test_fuse_peft_model_serves_dora(p, torch_backend, monkeypatch):
     with torch.no_grad():
         fused(input_ids=ids)
     assert len(calls) == 2 * len(ALL_PROJ)
+
+
+def test_gpt2_conv1d_dora_loads_merges_and_fuses(tmp_path, torch_backend):
+    """GPT-2's Conv1D (weight (in, out), fan_in_fan_out): PEFT's DoRA file loads with equal logits and m's
+    gradient, merges as PEFT merges, and fuse_peft_model serves it."""
+    transformers = pytest.importorskip("transformers")
+    from lora_kernels.integrations.peft import fuse_peft_model
+
+    def gpt2():
+        torch.manual_seed(0)
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0))
+
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    pm = peft.get_peft_model(gpt2(), peft.LoraConfig(r=4, target_modules=["c_attn", "c_fc"], use_dora=True,
+                                                     init_lora_weights=False, fan_in_fan_out=True))
+    with torch.no_grad():
+        for layer in peft_lora_names(pm).values():
+            layer.lora_magnitude_vector["default"].weight.mul_(1.3)
+    pm.save_pretrained(tmp_path)
+    ours = lk.load_adapter(gpt2(), tmp_path)
+    assert all(layer.fan_in_fan_out for layer in lora_layers(ours).values())
+    pm.eval(), ours.eval()
+    out_p, out_o = pm(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    assert_rel_close(out_o.logits, out_p.logits, 1e-5, "logits")
+    out_p.loss.backward(), out_o.loss.backward()
+    gp = {k: v for k, v in _peft_grads(pm).items() if k[1] == "m"}
+    go = {k: v for k, v in _lk_grads(ours).items() if k[1] == "m"}
+    for k in gp:
+        assert_rel_close(go[k], gp[k], 1e-4, str(k))
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits
+        fuse_peft_model(pm)
+        assert_rel_close(pm(input_ids=ids).logits, want, 1e-5, "fused")
+        merged_o = lk.merge_and_unload(ours)
+        merged_p = pm.merge_and_unload()
+        for (n, a), b in zip(merged_o.named_parameters(), merged_p.parameters()):
+            assert_rel_close(a, b, 1e-5, n)
