@@ -36,7 +36,7 @@ class FusedDoraLinear(FusedLoraLinear):
     def _init_adapter(self, adapter_name: str, init_lora_weights: Union[bool, str]) -> None:
         super()._init_adapter(adapter_name, init_lora_weights)
         A, B, m = self.adapter_params(adapter_name)
-        m.copy_(self._norm(adapter_name))
+        m.copy_(self.weight_norm(adapter_name))
 
     def weight_sq_norm(self) -> torch.Tensor:
         """‖W_o‖² (out,) of the current base weight, float32; cached until the weight changes."""
@@ -47,7 +47,7 @@ class FusedDoraLinear(FusedLoraLinear):
             self._w_sq_key = key
         return self._w_sq
 
-    def _norm(self, adapter_name: str) -> torch.Tensor:
+    def weight_norm(self, adapter_name: str) -> torch.Tensor:
         """‖W_o + s·B_o·A‖ (out,) of an adapter over the current (unmerged) weight, float32, detached."""
         A, B, _ = self.adapter_params(adapter_name)
         return dora_norm(self.linear_weight(), self.weight_sq_norm(), A, B, self._scaling_dropout(adapter_name)[0])
@@ -68,7 +68,7 @@ class FusedDoraLinear(FusedLoraLinear):
         delta = self.delta_weight(adapter_name)             # s·B·A in W's layout
         norms: Dict[str, torch.Tensor] = vars(self).setdefault("_merge_norms", {})
         if sign > 0:
-            norms[adapter_name] = self._norm(adapter_name)
+            norms[adapter_name] = self.weight_norm(adapter_name)
         g = m.detach().float() / norms[adapter_name]
         g = g[None, :] if self.fan_in_fan_out else g[:, None]
         w = self.weight.float()
