@@ -98,6 +98,9 @@ def cmd_finetune(args) -> int:
     main = rank == 0
     say = print if main else (lambda *a, **k: None)
     specs = _adapter_specs(args)  # {name: data file} of --adapter flags; None for a one-adapter run
+    if args.use_dora and specs:
+        raise CLIError("--use-dora with several --adapter flags: mixed-adapter batches with DoRA are not "
+                       "supported yet")
     data_path = args.data or DEMO_PATH
     for flag, path in (("--data", None if specs else data_path), ("--eval-data", args.eval_data)):
         if path is not None and not os.path.isfile(path):
@@ -139,7 +142,7 @@ def cmd_finetune(args) -> int:
         torch.set_num_threads(threads)
 
     cfg = _user_error(LoraConfig, r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=args.target_modules, use_rslora=args.use_rslora)
+                      target_modules=args.target_modules, use_rslora=args.use_rslora, use_dora=args.use_dora)
     for name in specs or [DEFAULT_ADAPTER]:
         _user_error(inject_lora, model, cfg, adapter_name=name)
     trainable, total = trainable_parameters(model)
@@ -490,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lora-alpha", type=_positive_float, default=16.0, help="LoRA alpha (scaling = alpha / r)")
     f.add_argument("--lora-dropout", type=_fraction, default=0.05, help="dropout on the adapter input, in [0, 1)")
     f.add_argument("--use-rslora", action="store_true", help="scaling = alpha / sqrt(r)")
+    f.add_argument("--use-dora", action="store_true", help="DoRA (PEFT's use_dora): a learned magnitude per output "
+                   "feature over the normalised W + s·B·A")
     f.add_argument("--target-modules", type=_target_modules, default="all-linear",
                    help="'all-linear', a comma list (q_proj,v_proj) or a regex matching full module names")
     f.add_argument("--lr", type=_positive_float, default=None,
