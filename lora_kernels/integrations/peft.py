@@ -55,6 +55,7 @@ from peft.tuners.lora.layer import LoraLayer
 
 from ..functional import AdapterSegments, fused_lora_linear, fused_multi_lora_linear
 from ..layers import is_conv1d
+from .module_hooks import hook_reason
 from .peft_dora import dora_call_reason, dora_forward, dora_unservable_reason, is_dora
 
 # torch keeps the global module hooks in these dicts of torch.nn.modules.module, mutated in place.
@@ -86,45 +87,6 @@ def _peft_linear4bit():
     except ImportError:
         return None
     return Linear4bit
-
-
-def _is_bound_class_forward(f, m: nn.Module) -> bool:
-    return getattr(f, "__self__", None) is m and getattr(f, "__func__", None) is type(m).forward
-
-
-def _accelerate_hook_is_identity(m: nn.Module, hook, device: torch.device) -> bool:
-    """True for accelerate's AlignDevicesHook that neither offloads nor moves anything for an input on `device`.
-
-    dispatch_model puts one on every sub-module, offloaded or not; for a module whose weights already live on the
-    execution device it only sends x and the output to devices they are already on, so calling the weights
-    directly computes the same thing. Anything else accelerate may hang there (offloading, SequentialHook, user
-    ModelHooks) is not understood here.
-    """
-    hooks = sys.modules.get("accelerate.hooks")
-    if hooks is None or type(hook) is not hooks.AlignDevicesHook or hook.offload or hook.no_grad:
-        return False
-    if hook.execution_device is not None and torch.device(hook.execution_device) != device:
-        return False
-    return _is_bound_class_forward(m.__dict__.get("_old_forward"), m)
-
-
-def _hooked(m: nn.Module, device: torch.device) -> Optional[str]:
-    """Why calling `m` on an input on `device` would run more than its class's forward (hooks, a patched
-    forward), or None."""
-    if m._forward_pre_hooks or m._forward_hooks:
-        return "forward hooks"
-    if m._backward_pre_hooks or m._backward_hooks:
-        return "backward hooks"
-    d = m.__dict__
-    hf_hook = d.get("_hf_hook")
-    if hf_hook is not None:
-        # accelerate's hook replaces m.forward with a wrapper around m._old_forward
-        return None if _accelerate_hook_is_identity(m, hf_hook, device) else f"an accelerate {type(hf_hook).__name__}"
-    f = d.get("forward")
-    # remove_hook_from_module puts back the bound class method as an instance attribute: that one is harmless.
-    if f is not None and not _is_bound_class_forward(f, m):
-        return "a replaced forward"
-    return None
 
 
 def _served_adapter(layer: PeftLoraLinear):
@@ -207,7 +169,7 @@ def _call_reason(layer: PeftLoraLinear, x: torch.Tensor, adapter: str) -> Option
     base, lora_A, lora_B = layer.base_layer, layer.lora_A[adapter], layer.lora_B[adapter]
     for what, m in (("base_layer", base), ("lora_A", lora_A), ("lora_B", lora_B),
                     ("lora_dropout", layer.lora_dropout[adapter])):
-        hooked = _hooked(m, x.device)
+        hooked = hook_reason(m, x.device)
         if hooked is not None:
             return f"{what} has {hooked}"
     for what, t in (("base_layer.weight", base.weight), ("base_layer.bias", base.bias),
@@ -257,7 +219,7 @@ def _mixed_forward(layer: PeftLoraLinear, x: torch.Tensor, names) -> Optional[to
         scalings.append(layer.scaling[adapter])
         ps.append(dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0)
     base = layer.base_layer
-    if _hooked(base, x.device) is not None or any(t is not None and t.device != x.device
+    if hook_reason(base, x.device) is not None or any(t is not None and t.device != x.device
                                                   for t in (base.weight, base.bias)):
         return None
     weight = base.weight.t() if layer.fan_in_fan_out else base.weight

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..functional import fused_dora_linear, weight_sq_norm
+from .module_hooks import hook_reason
 
 _CACHE_ATTR = "_lora_kernels_w_sq"  # (key, ‖W_o‖²) on the PEFT layer
 
@@ -46,8 +47,9 @@ def dora_call_reason(layer, x: torch.Tensor, adapter: str) -> Optional[str]:
     if dora.ENABLE_DORA_CACHING:
         return "PEFT's DoRA caching (ENABLE_DORA_CACHING) is on"
     mag = layer.lora_magnitude_vector[adapter]
-    if mag._forward_hooks or mag._forward_pre_hooks or "forward" in vars(mag):
-        return f"lora_magnitude_vector[{adapter!r}] is hooked"
+    hooked = hook_reason(mag, x.device)
+    if hooked is not None:  # PEFT calls the magnitude module: what its hooks do would be skipped
+        return f"lora_magnitude_vector[{adapter!r}] has {hooked}"
     if mag.weight.device != x.device:
         return f"lora_magnitude_vector[{adapter!r}] is on {mag.weight.device}, x on {x.device}"
     return None
