@@ -15,8 +15,8 @@ it costs a second (M × in × out) GEMM in backward. Never a mask, a dropped cop
 backend the forward is lora_shrink plus ops/dora_linear_fwd.py (one GEMM pass, two MMAs per k-step with dropout)
 and the mask is the kernels' Philox one; otherwise torch's matmuls and torch_keep_mask. The backward's g·dy makes
 the LoRA gradients those of plain LoRA, so on Triton the LoRA backward kernels run with g·dy (grad_A, grad_B, and
-grad_x without dropout); grad_x with dropout, grad_m and a trainable base's gradients are torch's matmuls, the
-mask regenerated from the seed: grad_B = s·(g·dy)ᵀ·xa, grad_A = s·((g·dy)·B)ᵀ·xd, and grad_x =
+grad_x without dropout) and ops/dora_linear_bwd_dx.py gives grad_x with dropout; grad_m and a trainable base's
+gradients are torch's (grad_m a column sum), the mask regenerated from the seed: grad_B = s·(g·dy)ᵀ·xa, grad_A = s·((g·dy)·B)ᵀ·xd, and grad_x =
 (g·dy)·W + s·((g·dy)·B)·A without dropout, dy·W + ((g − 1)·dy·W + s·((g·dy)·B)·A)⊙mask/(1 − p) with it.
 """
 from typing import Optional
@@ -143,8 +143,14 @@ class DoraLinearFunction(torch.autograd.Function):
                 grad[0] = gx.reshape(x.shape) if kernel_x else None
                 grad[3] = ga if need_a else None
                 grad[4] = gb if need_bb else None
-                need_a = need_bb = False
-                need_x = need_x and not kernel_x
+                if need_x and p > 0.0:  # both base products from one pass over dy and W (ops/dora_linear_bwd_dx.py)
+                    from ..ops.dora_linear_bwd_dx import dora_linear_bwd_dx
+                    from .triton import dot_precision
+
+                    dyb32 = dyg.float() @ lora_B.float()
+                    grad[0] = dora_linear_bwd_dx(dy2, weight, g.float().contiguous(), dyb32, lora_A,
+                                                 seed, s, p, dot_precision(dt)).reshape(x.shape)
+                need_a = need_bb = need_x = False
             keep = None
             if p > 0.0 and (need_x or need_a or need_w):
                 keep = _keep_mask(ctx.backend, seed, x, p).to(dt) * (1.0 / (1.0 - p))
