@@ -280,3 +280,69 @@ def test_gpt2_conv1d_dora_loads_merges_and_fuses(tmp_path, torch_backend):
         merged_p = pm.merge_and_unload()
         for (n, a), b in zip(merged_o.named_parameters(), merged_p.parameters()):
             assert_rel_close(a, b, 1e-5, n)
+
+
+def test_bert_dora_matches_peft_and_apply_fused_lora(tmp_path, torch_backend):
+    """A tiny BERT classifier: PEFT's DoRA adapter loads with equal logits, loss and gradients of A, B and m;
+    apply_fused_lora(use_dora=True) builds DoRA layers."""
+    transformers = pytest.importorskip("transformers")
+    from lora_kernels.integrations.transformers import apply_fused_lora
+
+    def bert():
+        torch.manual_seed(0)
+        return transformers.BertForSequenceClassification(transformers.BertConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=40,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3))
+
+    pm = peft.get_peft_model(bert(), peft.LoraConfig(r=4, target_modules=["query", "value", "dense"],
+                                                     use_dora=True, init_lora_weights=False))
+    with torch.no_grad():
+        for layer in peft_lora_names(pm).values():
+            layer.lora_magnitude_vector["default"].weight.mul_(0.8)
+    pm.save_pretrained(tmp_path)
+    ours = lk.load_adapter(bert(), tmp_path)
+    ids = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 2, 1])
+    pm.train(), ours.train()
+    out_p, out_o = pm(input_ids=ids, labels=labels), ours(input_ids=ids, labels=labels)
+    assert_rel_close(out_o.logits, out_p.logits, 1e-5, "logits")
+    out_p.loss.backward(), out_o.loss.backward()
+    gp, go = _peft_grads(pm), _lk_grads(ours)
+    assert gp.keys() == go.keys()
+    for k in gp:
+        assert_rel_close(go[k], gp[k], 1e-4, str(k))
+    model = apply_fused_lora(bert(), r=2, target_modules=["query"], use_dora=True)
+    assert all(isinstance(layer, lk.FusedDoraLinear) for layer in lora_layers(model).values())
+
+
+def test_triton_launches(monkeypatch):
+    """One DoRA layer on the Triton backend: forward = shrink + one GEMM pass; backward = the two LoRA backward
+    kernels, plus the two-MMA grad_x pass with dropout (whose LoRA pass then computes no grad_x)."""
+    from lora_kernels.ops import dora_linear_bwd_dx, dora_linear_fwd, lora_dy_b, lora_linear_bwd_dx, lora_shrink
+
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    calls = []
+    for mod, name in ((lora_shrink, "_lora_shrink_kernel"), (dora_linear_fwd, "_dora_linear_fwd_kernel"),
+                      (lora_dy_b, "_lora_dy_b_kernel"), (lora_linear_bwd_dx, "_lora_linear_bwd_dx_kernel"),
+                      (dora_linear_bwd_dx, "_dora_bwd_dx_kernel")):
+        kernel = getattr(mod, name)
+
+        class Counting:
+            def __init__(self, k, n):
+                self.k, self.n = k, n
+
+            def __getitem__(self, grid):
+                calls.append(self.n)
+                return self.k[grid]
+
+        monkeypatch.setattr(mod, name, Counting(kernel, name))
+    layer = lk.FusedDoraLinear(24, 20, r=4, init_lora_weights=False)
+    for p, want in ((0.0, ["_lora_shrink_kernel", "_dora_linear_fwd_kernel", "_lora_dy_b_kernel",
+                           "_lora_linear_bwd_dx_kernel"]),
+                    (0.2, ["_lora_shrink_kernel", "_dora_linear_fwd_kernel", "_lora_dy_b_kernel",
+                           "_lora_linear_bwd_dx_kernel", "_dora_bwd_dx_kernel"])):
+        layer.lora_dropout = p
+        calls.clear()
+        x = torch.randn(2, 5, 24, requires_grad=True)
+        layer(x).sum().backward()
+        assert calls == want, (p, calls)
