@@ -11,10 +11,9 @@ Merge is PEFT's rule: W' = g·(W + s·B·A) with the norm of the unmerged weight
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+from typing import Dict, Union
 
 import torch
-import torch.nn as nn
 
 from ..functional import dora_norm, fused_dora_linear, weight_sq_norm
 from .dense import FusedLoraLinear
@@ -57,9 +56,6 @@ class FusedDoraLinear(FusedLoraLinear):
         scaling, p = self._scaling_dropout(adapter_name)
         return fused_dora_linear(x, self.linear_weight(), self.bias, A, B, m, scaling, dropout_p=p,
                                  training=self.training, weight_sq_norm=self.weight_sq_norm())
-
-    def _mixed_output(self, x, segments, names):
-        raise ValueError("DoRA layers (use_dora=True) do not run mixed-adapter batches yet")
 
     def _merge_rule(self, adapter_name: str, sign: float) -> None:
         """PEFT's: W' = g·(W + s·B·A) in float32, g = m / ‖W + s·B·A‖ of the unmerged W (kept for unmerge);
