@@ -111,3 +111,23 @@ def multi_oracle(case, row_adapter, mask=None, dropout_ps=None, dy=None):
     y.backward(dy.double())
     zeros = lambda t: None if t is None else (t.grad if t.grad is not None else torch.zeros_like(t))  # noqa: E731
     return y.detach(), {"x": x.grad, "lora_As": [zeros(A) for A in As], "lora_Bs": [zeros(B) for B in Bs]}
+
+
+# DoRA (PEFT's use_dora=True), written out the way PEFT does it: ΔW = B·A built, the norm of W + s·ΔW per row.
+
+def dora_weight_norm_reference(weight, lora_A, lora_B, scaling):
+    """‖W_o + s·B_o·A‖ per output row, from the full (out, in) matrix (the oracle may build it)."""
+    return torch.linalg.vector_norm(weight + scaling * (lora_B @ lora_A), dim=1)
+
+
+def dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling,
+                          keep_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0):
+    """PEFT's DoRA forward in the dtype of its inputs: g = m / n with n detached, then
+    y = x·Wᵀ + b + (g − 1)·(xd·Wᵀ) + g·s·(xd·Aᵀ)·Bᵀ with dropout (keep_mask given), else g·(x·Wᵀ + s·x·Aᵀ·Bᵀ) + b."""
+    g = magnitude / dora_weight_norm_reference(weight, lora_A, lora_B, scaling).detach()
+    if keep_mask is None:
+        y = g * (F.linear(x, weight) + scaling * F.linear(F.linear(x, lora_A), lora_B))
+        return y if bias is None else y + bias
+    xd = x * keep_mask.to(x.dtype) / (1.0 - dropout_p)
+    return (F.linear(x, weight, bias) + (g - 1) * F.linear(xd, weight)
+            + g * scaling * F.linear(F.linear(xd, lora_A), lora_B))
