@@ -8,7 +8,7 @@ bound to those arguments exactly as Triton's launcher binds them (runtime specia
 report gives registers and spills; shared memory is Triton's allocation (what a launch asks for).
 
     python tools/sm90_budget.py              # Markdown table of every kernel, variant and kept config
-    python tools/sm90_budget.py --subset ci  # the subset tests/test_sm90_budget.py checks
+    python tools/sm90_budget.py --subset ci  # the subset tests/test_sm90_budget.py checks (widest kept tiles)
     python tools/sm90_budget.py --check      # exit 1 if any kept config spills or passes 227 KB
 
 The three headline shapes specialize identically (every dimension is a multiple of 16), so each
@@ -165,17 +165,20 @@ FP32_IEEE = dict(dtype=torch.float32, precision="ieee")
 VARIANTS = [
     Variant("dense"),
     Variant("dense p=0", p=0.0),
-    Variant("dense split GEMM", gemm="split"),
     Variant("fan_in_fan_out", weight="fan_in_fan_out"),
     Variant("nf4 double quant", weight="nf4"),
     Variant("4 adapters", segmented=True),
-    Variant("4 adapters nf4", segmented=True, weight="nf4"),
     Variant("fp32 TF32", **FP32_TF32),
     Variant("fp32 TF32 off", **FP32_IEEE),
+]
+# --subset extra: the other paths the launchers take (each is minutes of compiling on a small machine).
+EXTRA_VARIANTS = [
+    Variant("dense split GEMM", gemm="split"),
+    Variant("4 adapters nf4", segmented=True, weight="nf4"),
     Variant("frozen adapter (dx only)", grads="dx"),
     Variant("first layer (grad_A only)", grads="grad_a"),
 ]
-# What tests/test_sm90_budget.py checks in CI: every kept config of the heaviest variants of each kernel.
+# What tests/test_sm90_budget.py checks in CI (--subset ci): the widest kept config of each kernel in these variants.
 CI_VARIANTS = ("dense", "nf4 double quant", "4 adapters", "fp32 TF32 off")
 # Variants the forward kernels do not distinguish (no gradients there): only the backward is compiled for them.
 BWD_ONLY = ("frozen adapter (dx only)", "first layer (grad_A only)")
@@ -283,7 +286,7 @@ class Row(NamedTuple):
     kernel: str
     variant: str
     config: str
-    stats: Stats
+    stats: Stats  # None: pruned by the autotuner's prune_configs_by, not compiled
 
 
 def launches(variants) -> List[tuple]:
@@ -311,13 +314,29 @@ def launches(variants) -> List[tuple]:
     return list(found.values())
 
 
-def budget(variants=VARIANTS, kernels=None, log=None) -> List[Row]:
+def widest(configs: List[triton.Config]) -> List[triton.Config]:
+    """The config with the most tile elements per thread (the register-heaviest), the larger tile on a tie."""
+    def size(c):
+        tile = 1
+        for k, v in c.kwargs.items():
+            if k.startswith("BLOCK_"):
+                tile *= v
+        return tile / c.num_warps, tile
+    return [max(configs, key=size)]
+
+
+def budget(variants=VARIANTS, kernels=None, log=None, only_widest=False) -> List[Row]:
     rows = []
     for launch, names in launches(variants):
         name = kernel_name(launch.kernel)
         if kernels and name not in kernels:
             continue
-        for config in kept_configs(launch):
+        configs = kept_configs(launch)
+        if not only_widest and isinstance(launch.kernel, Autotuner):
+            for config in launch.kernel.configs:
+                if config not in configs:
+                    rows.append(Row(name, ", ".join(names), config_label(launch.kernel, config), None))
+        for config in widest(configs) if only_widest else configs:
             start = time.time()
             stats = measure(launch, config)
             rows.append(Row(name, ", ".join(names), config_label(launch.kernel, config), stats))
@@ -333,28 +352,38 @@ def markdown(rows: List[Row]) -> str:
              "|---|---|---|---:|---:|---:|---|"]
     for row in rows:
         s = row.stats
+        if s is None:
+            lines.append(f"| {row.kernel} | {row.variant} | {row.config} | – | – | – | pruned |")
+            continue
         lines.append(f"| {row.kernel} | {row.variant} | {row.config} | {s.regs} | {s.spill_stores} / {s.spill_loads} "
                      f"| {s.shared} | {'yes' if s.ok else '**no**'} |")
-    bad = [r for r in rows if not r.stats.ok]
+    kept = [r for r in rows if r.stats is not None]
+    bad = [r for r in kept if not r.stats.ok]
     lines.append("")
-    lines.append(f"{len(rows)} kept configs compiled, {len(bad)} over budget (spills > 0 or shared memory > "
+    lines.append(f"{len(kept)} kept configs compiled ({len(rows) - len(kept)} pruned), {len(bad)} over budget (spills > 0 or shared memory > "
                  f"{SMEM_LIMIT} B).")
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--subset", choices=("all", "ci"), default="all")
+    parser.add_argument("--subset", choices=("all", "ci", "extra"), default="all",
+                        help="all: every kept config of the main variants; ci: the widest kept config of the CI "
+                             "variants; extra: the split GEMM, several 4-bit adapters, dx only, grad_A only")
     parser.add_argument("--kernel", action="append", help="only this kernel (lora_linear_fwd, lora_shrink, ...)")
+    parser.add_argument("--variant", action="append", help="only this variant (see VARIANTS)")
     parser.add_argument("--check", action="store_true", help="exit 1 if any kept config is over budget")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
-    variants = VARIANTS if args.subset == "all" else [v for v in VARIANTS if v.name in CI_VARIANTS]
+    variants = {"all": VARIANTS, "extra": EXTRA_VARIANTS,
+                "ci": [v for v in VARIANTS if v.name in CI_VARIANTS]}[args.subset]
+    if args.variant:
+        variants = [v for v in VARIANTS + EXTRA_VARIANTS if v.name in args.variant]
     start = time.time()
-    rows = budget(variants, args.kernel, log=None if args.quiet else sys.stderr)
+    rows = budget(variants, args.kernel, log=None if args.quiet else sys.stderr, only_widest=args.subset == "ci")
     print(markdown(rows))
     print(f"\nCompiled with triton {triton.__version__} for sm_90 in {time.time() - start:.0f} s.", file=sys.stderr)
-    if args.check and any(not r.stats.ok for r in rows):
+    if args.check and any(r.stats is not None and not r.stats.ok for r in rows):
         return 1
     return 0
 
