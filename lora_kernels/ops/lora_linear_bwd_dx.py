@@ -151,7 +151,7 @@ def _lora_linear_bwd_dx_kernel(
         x = tl.load(x_rows[:, None] + rk[None, :] * stride_xk, mask=tile_ok, other=0.0)
         if HAS_DROPOUT:
             x = tl.where(keep, x, 0.0)
-        _lora_pass(0.0, x, dyb_ptr, a_ptr, ga_ptr, x_ptr, rm, rk, rr, row_ok, k_ok, R, scaling, keep_scale,
+        _lora_pass(tl.zeros((1, 1), dtype=tl.float32), x, dyb_ptr, a_ptr, ga_ptr, x_ptr, rm, rk, rr, row_ok, k_ok, R, scaling, keep_scale,
                    aid, first, last, rank_ptr, scale_ptr, keep_scale_ptr, stride_aa, stride_gaa, stride_dbm,
                    stride_dbr, stride_ar, stride_ak, stride_gar, stride_gak, False, True, HAS_DROPOUT,
                    DETERMINISTIC, SEGMENTED, DOT_PRECISION, BLOCK_R)
