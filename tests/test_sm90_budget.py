@@ -32,3 +32,23 @@ def test_kept_configs_fit_sm90_without_spills():
     kernels = {line.split("|")[1].strip() for line in rows}
     assert kernels == {"lora_shrink", "lora_linear_fwd", "lora_dy_b", "lora_linear_bwd_dx"}, proc.stdout
     assert not any("**no**" in line for line in rows), proc.stdout
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_dense_weight_past_int32_offsets_is_refused(fan_in_fan_out):
+    """The GEMM kernels address a dense W tile with int32 offsets: a weight spanning 2**31 elements or more is
+    refused with a ValueError before any launch, instead of wrapping around (meta tensors: nothing allocated)."""
+    from lora_kernels.ops.layout import rows_of
+    from lora_kernels.ops.lora_linear_bwd_dx import lora_linear_bwd_dx
+    from lora_kernels.ops.lora_linear_fwd import lora_linear_fwd
+
+    meta = dict(device="meta", dtype=torch.float32)
+    N, K, M, r = 2**16 + 16, 2**15, 4, 8  # N·K past 2**31
+    w = torch.empty(K, N, **meta).t() if fan_in_fan_out else torch.empty(N, K, **meta)
+    x, dy = torch.empty(M, K, **meta), torch.empty(M, N, **meta)
+    xa, A, B = torch.empty(M, r, **meta), torch.empty(r, K, **meta), torch.empty(N, r, **meta)
+    with pytest.raises(ValueError, match="int32 offsets"):
+        lora_linear_fwd(x, rows_of(x), w, None, xa, B, 1.0, "ieee", "fused")
+    with pytest.raises(ValueError, match="int32 offsets"):
+        lora_linear_bwd_dx(dy, rows_of(dy), w, xa, A, x, rows_of(x), torch.empty(1, dtype=torch.int64, device="meta"),
+                           1.0, 0.0, compute_dx=True, compute_grad_a=False, dot_precision="ieee")
