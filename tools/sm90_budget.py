@@ -376,7 +376,8 @@ def markdown(rows: List[Row]) -> str:
     kept = [r for r in rows if r.stats is not None]
     bad = [r for r in kept if not r.stats.ok]
     lines.append("")
-    lines.append(f"{len(kept)} kept configs compiled ({len(rows) - len(kept)} pruned), {len(bad)} over budget (spills > 0 or shared memory > "
+    lines.append(f"{len(kept)} kept configs compiled ({len(rows) - len(kept)} pruned), {len(bad)} over budget "
+                 f"(spills > 0 or shared memory > "
                  f"{SMEM_LIMIT} B).")
     return "\n".join(lines)
 

@@ -65,20 +65,22 @@ def gemm_prune(out_block: str, reduce_block: str):
     """prune_configs_by for the GEMM kernels (fwd: out_block BLOCK_N, reduce_block BLOCK_K; bwd: BLOCK_K, BLOCK_N).
     Limits measured on sm_90 at the headline shapes (tools/sm90_budget.py): a plain GEMM fits up to 128 float32
     accumulator elements per thread; a W dequantized in the loop (4-bit), or the backward's LoRA prologue with its
-    dropout mask, 64; fp32 without TF32 (an FMA dot), 32. A 4-bit W tile spans at most one quantization block
-    along K (wider ones, scaled block by block, spilled in the backward with dropout). A dense W's pipeline holds
-    `num_stages` (rows + out) x reduce tiles of the activation dtype in shared memory (what Triton allocated for
-    every dense config measured)."""
+    dropout mask, 64 (32 with fp32 activations); fp32 without TF32 (an FMA dot), 32. A 4-bit W tile spans at most
+    one quantization block along K (wider ones, scaled block by block, spilled in the backward with dropout). A
+    dense W's pipeline holds `num_stages` (rows + out) x reduce tiles of the activation dtype in shared memory
+    (what Triton allocated for every dense config measured)."""
     def prune(configs, named_args, **kwargs):
         heavy = kwargs.get("W_4BIT") or (kwargs.get("HAS_DROPOUT") and kwargs.get("COMPUTE_DX"))
-        limit = 32 if _fp32_ieee(named_args, kwargs) else 64 if heavy else 128
         itemsize = named_args["x_ptr"].dtype.itemsize
+        limit = 32 if _fp32_ieee(named_args, kwargs) or (heavy and itemsize == 4) else 64 if heavy else 128
 
         def fits(c):
             kw = c.kwargs
             smem = c.num_stages * (kw["BLOCK_M"] + kw[out_block]) * kw[reduce_block] * itemsize
             if kwargs.get("W_4BIT"):
                 return _per_thread(c, "BLOCK_M", out_block) <= limit and kw["BLOCK_K"] <= kwargs["Q_BLOCK"]
+            if kwargs.get("SEGMENTED") and heavy and c.num_warps < 8 and kw[out_block] > 64:
+                return False  # per-row thresholds and scales too: 4 warps spilled on a 128-wide tile
             return _per_thread(c, "BLOCK_M", out_block) <= limit and smem <= SM90_SHARED_BYTES
         return _kept(configs, fits)
     return {"early_config_prune": prune}

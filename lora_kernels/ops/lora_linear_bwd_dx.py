@@ -17,8 +17,8 @@ torch.mm and frees it on return. Nothing W-sized is kept from forward.
 Segmented (several adapters, ops/segments.py): a row tile is a run of the rows sorted by adapter (dy, x, dyB
 and grad_x addressed through the order, the mask drawn for the logical rows); otherwise only the LoRA part
 changes. A is (n, r_max, K) and grad_A (n, r_max, K); the tile loops over the adapters its rows use (usually
-one): s_a·dyB[rows of a]·A[a] into grad_x's starting accumulator and s_a·dyB[rows of a]ᵀ·dropout(x) into grad_A[a], each
-row's mask drawn at its adapter's rate. The GEMM loop, the tiles and the tile order are those of the
+one): s_a·dyB[rows of a]·A[a] into grad_x's starting accumulator and s_a·dyB[rows of a]ᵀ·dropout(x) into
+grad_A[a], each row's mask drawn at its adapter's rate. The GEMM loop, the tiles and the tile order are those of the
 single-adapter kernel.
 """
 import torch
@@ -151,15 +151,17 @@ def _lora_linear_bwd_dx_kernel(
         x = tl.load(x_rows[:, None] + rk[None, :] * stride_xk, mask=tile_ok, other=0.0)
         if HAS_DROPOUT:
             x = tl.where(keep, x, 0.0)
-        _lora_pass(tl.zeros((1, 1), dtype=tl.float32), x, dyb_ptr, a_ptr, ga_ptr, x_ptr, rm, rk, rr, row_ok, k_ok, R, scaling, keep_scale,
-                   aid, first, last, rank_ptr, scale_ptr, keep_scale_ptr, stride_aa, stride_gaa, stride_dbm,
-                   stride_dbr, stride_ar, stride_ak, stride_gar, stride_gak, False, True, HAS_DROPOUT,
+        # the grad_A pass leaves its accumulator argument as is: a typed stand-in
+        _lora_pass(tl.zeros((1, 1), dtype=tl.float32), x, dyb_ptr, a_ptr, ga_ptr, x_ptr, rm, rk, rr, row_ok, k_ok, R,
+                   scaling, keep_scale, aid, first, last, rank_ptr, scale_ptr, keep_scale_ptr, stride_aa, stride_gaa,
+                   stride_dbm, stride_dbr, stride_ar, stride_ak, stride_gar, stride_gak, False, True, HAS_DROPOUT,
                    DETERMINISTIC, SEGMENTED, DOT_PRECISION, BLOCK_R)
     if COMPUTE_DX:
         acc = _lora_pass(tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), 0.0, dyb_ptr, a_ptr, ga_ptr, x_ptr, rm, rk,
                          rr, row_ok, k_ok, R, scaling, keep_scale, aid, first, last, rank_ptr, scale_ptr,
-                         keep_scale_ptr, stride_aa, stride_gaa, stride_dbm, stride_dbr, stride_ar, stride_ak, stride_gar, stride_gak, True, False, HAS_DROPOUT,
-                         DETERMINISTIC, SEGMENTED, DOT_PRECISION, BLOCK_R)
+                         keep_scale_ptr, stride_aa, stride_gaa, stride_dbm, stride_dbr, stride_ar, stride_ak,
+                         stride_gar, stride_gak, True, False, HAS_DROPOUT, DETERMINISTIC, SEGMENTED, DOT_PRECISION,
+                         BLOCK_R)
         if HAS_DROPOUT:
             acc = tl.where(keep, acc * keep_scale, 0.0)
         dx_ptrs = dx_ptr + rm.to(tl.int64)[:, None] * stride_dxm + rk[None, :] * stride_dxk  # M * K may pass 2**31
