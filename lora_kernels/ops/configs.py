@@ -70,7 +70,7 @@ def gemm_prune(out_block: str, reduce_block: str):
     dense W's pipeline holds `num_stages` (rows + out) x reduce tiles of the activation dtype in shared memory
     (what Triton allocated for every dense config measured)."""
     def prune(configs, named_args, **kwargs):
-        heavy = kwargs.get("W_4BIT") or (kwargs.get("HAS_DROPOUT") and kwargs.get("COMPUTE_DX"))
+        heavy = kwargs.get("W_4BIT") or kwargs.get("HAS_DROPOUT")  # the backward's mask and x tile
         itemsize = named_args["x_ptr"].dtype.itemsize
         limit = 32 if _fp32_ieee(named_args, kwargs) or (heavy and itemsize == 4) else 64 if heavy else 128
 
