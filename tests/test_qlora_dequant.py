@@ -14,6 +14,10 @@ import torch
 
 bf = pytest.importorskip("bitsandbytes.functional")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from lora_kernels.ops.dequant_4bit import dequant_4bit_rows, dequantize_4bit, kernel_args  # noqa: E402
 from lora_kernels.ops.format_4bit import BLOCKSIZES, code_table, dequantize, from_bnb  # noqa: E402
 
 SHAPES = [(33, 47), (24, 130), (3, 4099), (40, 64)]   # odd N·K, rows spanning blocks, K > 4096, even
@@ -64,8 +68,6 @@ def test_code_tables_are_bitsandbytes():
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_dequant_bit_exact(quant_type, double_quant, blocksize, dtype):
-    from lora_kernels.ops.dequant_4bit import dequantize_4bit
-
     for i, shape in enumerate(SHAPES):
         packed, qs = quantized_case(shape, quant_type, double_quant, blocksize, dtype, seed=i)
         want = bnb_dequantize(packed, qs)
@@ -136,3 +138,37 @@ def test_weight_repacked_by_bnb_cpu_inference_is_refused(double_quant):
     packed, qs = bf._convert_weight_packed_for_cpu(w.data, w.quant_state)
     with pytest.raises(ValueError, match="repacked by bitsandbytes' CPU inference path"):
         from_bnb(packed, qs)
+
+
+@triton.jit
+def _rows_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, N, K,
+                 BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROWS: tl.constexpr,
+                 TILE_COLS: tl.constexpr):
+    rn = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    k0 = tl.program_id(1) * TILE_COLS
+    cols = k0 + tl.arange(0, TILE_COLS)
+    w = dequant_4bit_rows(packed_ptr, rn[:, None] * K, k0, K, (rn < N)[:, None], absmax_ptr, code_ptr,
+                          absmax2_ptr, code2_ptr, offset_ptr, BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, TILE_COLS)
+    tl.store(out_ptr + rn[:, None] * K + cols[None, :], w, mask=(rn < N)[:, None] & (cols < K)[None, :])
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
+@pytest.mark.parametrize("blocksize", [32, 64])
+@pytest.mark.parametrize("tile_cols", [32, 64, 128])
+def test_tile_dequant_bit_exact(quant_type, double_quant, blocksize, tile_cols):
+    """dequant_4bit_rows, the GEMM kernels' W tile when K is a multiple of the blocksize: whole bytes split into
+    nibbles, one scale per block and row; tiles narrower than, as wide as and wider than a block (the backward's
+    tiles are up to 256 wide), a last tile past K, rows past N."""
+    shape = (5, 3 * 64)  # K = 192: a multiple of every blocksize here, not of a 128-wide tile
+    packed, qs = quantized_case(shape, quant_type, double_quant, blocksize, torch.float32)
+    qw = from_bnb(packed, qs)
+    args = kernel_args(qw, packed)
+    out = torch.full(shape, float("nan"))
+    rows = 4
+    _rows_kernel[(triton.cdiv(shape[0], rows), triton.cdiv(shape[1], tile_cols))](
+        packed.view(-1).view(torch.uint8), args["q_absmax_ptr"], args["q_code_ptr"], args["q_absmax2_ptr"],
+        args["q_code2_ptr"], args["q_offset_ptr"], out, shape[0], shape[1],
+        BLOCKSIZE=blocksize, BLOCKSIZE2=args["Q_BLOCK2"], DOUBLE_QUANT=double_quant, ROWS=rows, TILE_COLS=tile_cols)
+    # bnb writes FP4's -0.0 as +0.0 (module docstring); the element-wise helper keeps the sign
+    assert same_bits(out, bnb_dequantize(packed, qs), signed_zero=False)
+    assert same_bits(out, dequantize_4bit(qw, torch.float32))

@@ -82,6 +82,43 @@ def dequant_4bit_tile(packed_ptr, row_start, col, col0, mask, row_mask, absmax_p
 
 
 @triton.jit
+def dequant_4bit_rows(packed_ptr, row_start, k0, K, row_mask, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                      BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                      TILE_COLS: tl.constexpr):
+    """float32 W[n, k0 : k0 + TILE_COLS] as a (rows, TILE_COLS) tile, for rows n given as row_start = n·K (rows, 1)
+    and row_mask = n < N. K is a multiple of BLOCKSIZE (so no byte and no quantization block crosses a row) and k0
+    a multiple of TILE_COLS.
+
+    Each packed byte is loaded once, as a (rows, TILE_COLS / 2) tile of contiguous bytes, and split into its two
+    nibbles (high: the even column); each quantization block's scale is loaded once per row. (Indexing every
+    element loaded each byte twice, one byte at a time, and each scale once per element: on sm_90 the pipelined
+    copies of those per-element loads took 311-475 KB of shared memory for the backward's wide tiles,
+    tools/sm90_budget.py.) The products code·scale are the same float32 multiplies: bit for bit the same values.
+    """
+    HALF: tl.constexpr = TILE_COLS // 2
+    j = tl.arange(0, HALF)
+    byte = tl.load(packed_ptr + (row_start + k0) // 2 + j[None, :], mask=row_mask & (k0 + 2 * j < K)[None, :],
+                   other=0).to(tl.int32)
+    # A 64-byte table: the gathers stay in L1; bytes masked off read code[0] and get a zero scale below.
+    hi = tl.load(code_ptr + (byte >> 4))
+    lo = tl.load(code_ptr + (byte & 0xF))
+    if TILE_COLS <= BLOCKSIZE:
+        scale = _scales((row_start + k0) // BLOCKSIZE, row_mask, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                        BLOCKSIZE2, DOUBLE_QUANT)
+        hi = hi * scale
+        lo = lo * scale
+    else:
+        BLOCKS: tl.constexpr = TILE_COLS // BLOCKSIZE
+        b = tl.arange(0, BLOCKS)
+        scale = _scales((row_start + k0) // BLOCKSIZE + b[None, :], row_mask & (k0 + b * BLOCKSIZE < K)[None, :],
+                        absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, BLOCKSIZE2, DOUBLE_QUANT)[:, :, None]
+        ROWS: tl.constexpr = byte.shape[0]
+        hi = (hi.reshape(ROWS, BLOCKS, BLOCKSIZE // 2) * scale).reshape(ROWS, HALF)
+        lo = (lo.reshape(ROWS, BLOCKS, BLOCKSIZE // 2) * scale).reshape(ROWS, HALF)
+    return tl.interleave(hi, lo)  # bnb packs q[2j] << 4 | q[2j + 1]
+
+
+@triton.jit
 def _dequant_4bit_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, numel,
                          BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                          BLOCK: tl.constexpr):

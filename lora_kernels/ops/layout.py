@@ -42,6 +42,15 @@ def rows_of(t: torch.Tensor) -> Optional[Rows]:
     return Rows(M, groups[1][0], groups[0][1], groups[1][1], stride_col)
 
 
+def check_int32_offsets(name: str, t: torch.Tensor) -> None:
+    """The GEMM kernels address a dense weight's tile with int32 offsets (row·stride + col·stride, computed per
+    element in the loop): refuse a weight whose last element lies past 2**31 - 1 rather than read wrong memory."""
+    last = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+    if last >= 2**31:
+        raise ValueError(f"{name} of shape {tuple(t.shape)} and strides {t.stride()} spans {last + 1} elements; "
+                         "the Triton GEMM kernels index a dense weight with int32 offsets (at most 2**31 - 1)")
+
+
 @triton.jit
 def row_offsets(rows, inner, stride_outer, stride_inner):
     """int64 element offsets of logical rows `rows` (see module docstring)."""

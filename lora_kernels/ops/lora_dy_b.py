@@ -8,15 +8,15 @@ of slots, rows beyond them in further launches), and torch sums the slots in a f
 
 Segmented (several adapters, ops/segments.py): B is (n, N, r_max) and grad_B (n, N, r_max). A row block is a
 run of the rows sorted by adapter (dy, xa and dyB addressed through the order); each dy tile is loaded once
-per n-step; for each adapter present in the row block (usually one), the rows of that adapter (the others
-zeroed) are multiplied with B[a] into dyB and with s_a·xa into grad_B[a]. Base-only rows get dyB = 0 and
+per adapter present in the row block (usually one); for each, the block sweeps N with the rows of that adapter
+(the others read as zero), multiplied with B[a] into dyB and with s_a·xa into grad_B[a]. Base-only rows get dyB = 0 and
 add nothing to any grad_B.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .configs import autotune, lora_block_r, pinned_config, row_waves, rowblock_configs
+from .configs import autotune, lora_block_r, pinned_config, row_waves, rowblock_configs, rowblock_prune
 from .layout import Rows, row_offsets
 from .segments import AdapterTable, any_row, logical_rows, tile_adapters
 
@@ -39,12 +39,29 @@ def _dyb_and_grad_b(acc, dy, xa, b_ptr, gb_ptr, nn, rr, n_ok, r_ok, stride_bn, s
             ok = n_ok[:, None] & r_ok[None, :]
             tl.store(gb, tl.load(gb, mask=ok) + part, mask=ok)
         else:
-            tl.atomic_add(gb, part, mask=n_ok[:, None] & r_ok[None, :])
+            tl.atomic_add(gb, part, mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")  # a reduction: no ordering
+    return acc
+
+
+@triton.jit
+def _sweep_n(acc, dy_rows, rows, xa, b_ptr, gb_ptr, N, start, rn, rr, r_ok, stride_dyn, stride_bn, stride_br,
+             stride_gbn, stride_gbr, COMPUTE_DYB: tl.constexpr, COMPUTE_GRAD_B: tl.constexpr,
+             DETERMINISTIC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One adapter's pass over N for the rows `rows` of the block (other rows of dy read as 0), starting at column
+    block `start` and wrapping around: programs that start apart add to different grad_B rows at any one time,
+    where a sweep in lockstep from column 0 has every row block's atomics collide on the same lines."""
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    for i in range(0, n_blocks):
+        nn = ((start + i) % n_blocks) * BLOCK_N + rn
+        n_ok = nn < N
+        dy = tl.load(dy_rows[:, None] + nn[None, :] * stride_dyn, mask=rows[:, None] & n_ok[None, :], other=0.0)
+        acc = _dyb_and_grad_b(acc, dy, xa, b_ptr, gb_ptr, nn, rr, n_ok, r_ok, stride_bn, stride_br, stride_gbn,
+                              stride_gbr, COMPUTE_DYB, COMPUTE_GRAD_B, DETERMINISTIC, DOT_PRECISION)
     return acc
 
 
 # grad_B accumulates with atomics: zeroed between autotuning runs, only where this launch computes it.
-@autotune(configs=rowblock_configs("BLOCK_N"),
+@autotune(configs=rowblock_configs("BLOCK_N"), prune_configs_by=rowblock_prune("BLOCK_N"),
           key=["M_BUCKET", "N", "R", "SEGMENTED", "COMPUTE_DYB", "COMPUTE_GRAD_B", "DETERMINISTIC", "DOT_PRECISION"],
           zero=[("grad_b_ptr", "COMPUTE_GRAD_B")])
 @triton.jit
@@ -76,32 +93,34 @@ def _lora_dy_b_kernel(
         aid, first, last = tile_adapters(aid_ptr, rm, row_ok)
         scaling = tl.load(scale_ptr + aid, mask=aid >= 0, other=0.0)[:, None]  # each row its adapter's s
     if COMPUTE_GRAD_B:
-        xa = tl.load(xa_ptr + rm[:, None] * stride_xam + rr[None, :] * stride_xar,
+        xa = tl.load(xa_ptr + rm.to(tl.int64)[:, None] * stride_xam + rr[None, :] * stride_xar,
                      mask=row_ok[:, None] & r_ok[None, :], other=0.0)
         xa = (xa * scaling).to(dtype)
     else:
         xa = 0.0  # no grad_B: _dyb_and_grad_b does not read it
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        nn = n0 + rn
-        n_ok = nn < N
-        dy = tl.load(dy_rows[:, None] + nn[None, :] * stride_dyn, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-        if SEGMENTED:
-            for a_id in range(first, last + 1):
-                sel = aid == a_id
-                if any_row(sel) & (tl.program_id(1) * BLOCK_R < tl.load(rank_ptr + a_id)):
-                    acc = _dyb_and_grad_b(
-                        acc, tl.where(sel[:, None], dy, 0.0), xa, b_ptr + tl.cast(a_id, tl.int64) * stride_ba,
-                        grad_b_ptr + pid_m.to(tl.int64) * stride_gbs + tl.cast(a_id, tl.int64) * stride_gba,
-                        nn, rr, n_ok, r_ok, stride_bn, stride_br, stride_gbn, stride_gbr,
-                        COMPUTE_DYB, COMPUTE_GRAD_B, DETERMINISTIC, DOT_PRECISION)
-        else:
-            acc = _dyb_and_grad_b(acc, dy, xa, b_ptr, grad_b_ptr + pid_m.to(tl.int64) * stride_gbs, nn, rr, n_ok,
-                                  r_ok, stride_bn, stride_br, stride_gbn, stride_gbr,
-                                  COMPUTE_DYB, COMPUTE_GRAD_B, DETERMINISTIC, DOT_PRECISION)
+    start = pid_m % tl.cdiv(N, BLOCK_N)
+    if SEGMENTED:
+        # The adapter loop outside the n-loop: the n-loop stays a plain loop Triton software-pipelines (inside it,
+        # no load of dy was pipelined). A block inside one adapter's run makes one pass; one across a boundary
+        # makes one per adapter, reading its dy tile again for the other adapter's rows only.
+        for a_id in range(first, last + 1):
+            sel = aid == a_id
+            if any_row(sel) & (tl.program_id(1) * BLOCK_R < tl.load(rank_ptr + a_id)):
+                part = _sweep_n(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), dy_rows, sel,
+                                tl.where(sel[:, None], xa, 0.0) if COMPUTE_GRAD_B else xa,
+                                b_ptr + tl.cast(a_id, tl.int64) * stride_ba,
+                                grad_b_ptr + pid_m.to(tl.int64) * stride_gbs + tl.cast(a_id, tl.int64) * stride_gba,
+                                N, start, rn, rr, r_ok, stride_dyn, stride_bn, stride_br, stride_gbn, stride_gbr,
+                                COMPUTE_DYB, COMPUTE_GRAD_B, DETERMINISTIC, DOT_PRECISION, BLOCK_N)
+                acc = tl.where(sel[:, None], part, acc)
+    else:
+        acc = _sweep_n(acc, dy_rows, row_ok, xa, b_ptr, grad_b_ptr + pid_m.to(tl.int64) * stride_gbs, N, start, rn,
+                       rr, r_ok, stride_dyn, stride_bn, stride_br, stride_gbn, stride_gbr,
+                       COMPUTE_DYB, COMPUTE_GRAD_B, DETERMINISTIC, DOT_PRECISION, BLOCK_N)
     if COMPUTE_DYB:
-        tl.store(dyb_ptr + rm[:, None] * stride_dbm + rr[None, :] * stride_dbr, acc,
+        tl.store(dyb_ptr + rm.to(tl.int64)[:, None] * stride_dbm + rr[None, :] * stride_dbr, acc,
                  mask=row_ok[:, None] & r_ok[None, :])
 
 

@@ -23,10 +23,11 @@ import triton
 import triton.language as tl
 
 from ..settings import GEMM_PATHS
-from .configs import autotune, gemm_configs, lora_block_r
-from .dequant_4bit import dequant_4bit_tile, dequantize_4bit, flat_bytes, kernel_args, launch_options
+from .configs import autotune, gemm_configs, gemm_prune, lora_block_r
+from .dequant_4bit import (dequant_4bit_rows, dequant_4bit_tile, dequantize_4bit, flat_bytes, kernel_args,
+                           launch_options)
 from .format_4bit import QuantizedWeight
-from .layout import Rows, grouped_tile, row_offsets
+from .layout import Rows, check_int32_offsets, grouped_tile, row_offsets
 from .segments import AdapterTable, any_row, logical_rows, tile_adapters
 
 
@@ -39,7 +40,7 @@ def _add_expand(acc, xa_ptr, b_ptr, y_ptr, rm, rn, rr, rows, col_ok, rank, scale
     for r0 in range(0, rank, BLOCK_R):
         r_idx = r0 + rr
         r_ok = r_idx < rank
-        xa = tl.load(xa_ptr + rm[:, None] * stride_xam + r_idx[None, :] * stride_xar,
+        xa = tl.load(xa_ptr + rm.to(tl.int64)[:, None] * stride_xam + r_idx[None, :] * stride_xar,
                      mask=rows[:, None] & r_ok[None, :], other=0.0)
         b = tl.load(b_ptr + rn[None, :] * stride_bn + r_idx[:, None] * stride_br,
                     mask=col_ok[None, :] & r_ok[:, None], other=0.0)
@@ -49,7 +50,7 @@ def _add_expand(acc, xa_ptr, b_ptr, y_ptr, rm, rn, rr, rows, col_ok, rank, scale
 
 # On the split path the kernel adds to y in place and autotuning runs it many times: y is put back after each
 # run there, and only there (the fused path overwrites y: no copy of it is made).
-@autotune(configs=gemm_configs(out_block="BLOCK_N", reduce_block="BLOCK_K"),
+@autotune(configs=gemm_configs(out_block="BLOCK_N", reduce_block="BLOCK_K"), prune_configs_by=gemm_prune("BLOCK_N", "BLOCK_K"),
           key=["M_BUCKET", "N", "K", "R", "BASE_IN_Y", "W_4BIT", "SEGMENTED", "HAS_BIAS", "DOT_PRECISION"],
           restore=[("y_ptr", "BASE_IN_Y")])
 @triton.jit
@@ -90,8 +91,13 @@ def _lora_linear_fwd_kernel(
             kk = k0 + rk
             k_ok = kk < K
             x = tl.load(x_rows[:, None] + kk[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            if W_4BIT:
-                # w_ptr is bnb's packed 4-bit W: W[n, k] is element n·K + k of its flattening, dequantized here.
+            if W_4BIT and Q_ALIGNED:
+                # w_ptr is bnb's packed 4-bit W: W[n, k] is element n·K + k of its flattening, dequantized here
+                # as a (BLOCK_N, BLOCK_K) tile (bytes run along k) and transposed for the dot.
+                w = tl.trans(dequant_4bit_rows(w_ptr, rn[:, None] * K, k0, K, col_ok[:, None], q_absmax_ptr, q_code_ptr,
+                                               q_absmax2_ptr, q_code2_ptr, q_offset_ptr, Q_BLOCK, Q_BLOCK2, Q_DOUBLE,
+                                               BLOCK_K)).to(x.dtype)
+            elif W_4BIT:
                 w = dequant_4bit_tile(w_ptr, rn[None, :] * K, kk[:, None], k0, col_ok[None, :] & k_ok[:, None],
                                       col_ok[None, :], q_absmax_ptr, q_code_ptr, q_absmax2_ptr, q_code2_ptr,
                                       q_offset_ptr, Q_BLOCK, Q_BLOCK2, Q_DOUBLE, Q_ALIGNED, BLOCK_K).to(x.dtype)
@@ -146,6 +152,8 @@ def lora_linear_fwd(x: torch.Tensor, rows: Rows, weight: torch.Tensor, bias, xa:
     if isinstance(weight, QuantizedWeight):
         w, w_strides = (flat_bytes(quant) if quant is not None else y2), (0, 0)  # the 4-bit helper indexes flat
     else:
+        if gemm == "fused":
+            check_int32_offsets("weight", weight)
         w, w_strides = weight, (weight.stride(0), weight.stride(1))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _lora_linear_fwd_kernel[grid](
