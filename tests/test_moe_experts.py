@@ -286,3 +286,21 @@ def test_refused_with_clear_errors():
     experts.has_post_expert_norm = True
     with pytest.raises(ValueError, match="model.layers.0.mlp.experts.*has_post_expert_norm=True"):
         lk.inject_lora(base, lk.LoraConfig(target_parameters=EXPERTS))
+
+
+def test_one_parameter_and_rank_pattern_round_trip_with_peft(tmp_path):
+    """Only down_proj targeted (no nesting: `experts.lora_A.weight`), its rank from rank_pattern, both ways."""
+    base = _model("qwen3_moe")
+    cfg = dict(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=["mlp.experts.down_proj"],
+               rank_pattern={"down_proj": 3})
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **cfg))
+    ours = copy.deepcopy(base)
+    lk.inject_lora(ours, lk.LoraConfig(**cfg))
+    layer = ours.get_submodule("model.layers.0.mlp.experts")
+    assert layer.params == ("down_proj",) and layer.r == 3
+    _copy_peft_into_ours(pm, ours)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours(ids).logits, pm(ids).logits, rtol=1e-5, atol=1e-5)
+    lk.save_adapter(ours, tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    torch.testing.assert_close(loaded(ids).logits, pm(ids).logits, rtol=1e-5, atol=1e-5)
