@@ -168,7 +168,7 @@ def test_experts_match_peft_target_parameters(kind, top_k, monkeypatch):
     calls = []
     real = experts_mod.fused_grouped_lora_linear
     monkeypatch.setattr(experts_mod, "fused_grouped_lora_linear",
-                        lambda *a, **kw: calls.append(a[3] is not None) or real(*a, **kw))
+                        lambda *a, **kw: calls.append(a[3] is not None) or real(*a, **kw))  # noqa: E501
     base = _model(kind, top_k)
     pm, ours = _peft(base), _ours(base)
     assert isinstance(ours.get_submodule("model.layers.0.mlp.experts"), FusedLoraExperts)

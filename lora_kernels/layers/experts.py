@@ -54,6 +54,29 @@ def _param(t: torch.Tensor) -> nn.Parameter:
     return t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
 
 
+def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor, adapters, dropout_p: float = 0.0, training: bool = True):
+    """What a transformers experts module of a supported layout computes, with LoRA on the projections in
+    `adapters` ({"gate_up_proj" / "down_proj": (lora_A, lora_B, scaling)}, PEFT's layout); the others run
+    without. The token–expert pairs are sorted once, for both projections."""
+    num_experts = experts.gate_up_proj.shape[0]
+    routing = ExpertRouting.from_top_k(top_k_index, num_experts)
+    x = hidden_states[routing.token]
+    h = _project(experts, "gate_up_proj", x, routing, adapters, dropout_p, training)
+    h = experts._apply_gate(h)  # the model's own gate (SwiGLU; gpt-oss: interleaved, clamped)
+    out = _project(experts, "down_proj", h, routing, adapters, dropout_p, training)
+    out = out * top_k_weights.reshape(-1)[routing.order].unsqueeze(-1).to(out.dtype)
+    final = torch.zeros_like(hidden_states, dtype=out.dtype).index_add_(0, routing.token, out)
+    return final.to(hidden_states.dtype)
+
+
+def _project(experts, param, x, routing, adapters, dropout_p, training):
+    bias = getattr(experts, f"{param}_bias") if experts.has_bias else None
+    A, B, scaling = adapters.get(param, (None, None, 1.0))
+    return fused_grouped_lora_linear(x, getattr(experts, param), bias, A, B, routing, scaling, dropout_p,
+                                     training=training, transposed=bool(experts.is_transposed))
+
+
 class FusedLoraExperts(LoraLayer):
     """An MoE experts module with a LoRA per expert on the targeted 3-D weights (see the module docstring)."""
 
@@ -129,22 +152,10 @@ class FusedLoraExperts(LoraLayer):
             raise ValueError(self.one_adapter_reason)
         if self.merged or not self.adapter_enabled or self.active_adapter not in self._specs:
             return self._experts.forward(hidden_states, top_k_index, top_k_weights)
-        routing = ExpertRouting.from_top_k(top_k_index, self.num_experts)  # once, for both projections
-        x = hidden_states[routing.token]
-        h = self._project("gate_up_proj", x, routing)
-        h = self._experts._apply_gate(h)
-        out = self._project("down_proj", h, routing)
-        out = out * top_k_weights.reshape(-1)[routing.order].unsqueeze(-1).to(out.dtype)
-        final = torch.zeros_like(hidden_states, dtype=out.dtype).index_add_(0, routing.token, out)
-        return final.to(hidden_states.dtype)
-
-    def _project(self, param: str, x: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
-        bias = getattr(self, f"{param}_bias") if self.has_bias else None
-        A = B = None
-        if param in self.params:
-            A, B = getattr(self, f"{param}_lora_A"), getattr(self, f"{param}_lora_B")
-        return fused_grouped_lora_linear(x, getattr(self, param), bias, A, B, routing, self.scaling,
-                                         self.lora_dropout, training=self.training, transposed=self.transposed)
+        adapters = {p: (getattr(self, f"{p}_lora_A"), getattr(self, f"{p}_lora_B"), self.scaling)
+                    for p in self.params}
+        return experts_forward(self._experts, hidden_states, top_k_index, top_k_weights, adapters,
+                               self.lora_dropout, self.training)
 
     # -- merge ------------------------------------------------------------------------------------------
     @torch.no_grad()
