@@ -304,3 +304,32 @@ def test_one_parameter_and_rank_pattern_round_trip_with_peft(tmp_path):
     lk.save_adapter(ours, tmp_path / "ours")
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
     torch.testing.assert_close(loaded(ids).logits, pm(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
+def test_fuse_peft_model_serves_param_wrappers(kind, monkeypatch):
+    from lora_kernels.integrations.peft import fuse_peft_model, unfuse_peft_model
+    import lora_kernels.layers.experts as experts_mod
+    calls = []
+    real = experts_mod.fused_grouped_lora_linear
+    monkeypatch.setattr(experts_mod, "fused_grouped_lora_linear",
+                        lambda *a, **kw: calls.append(a[3] is not None) or real(*a, **kw))  # noqa: E501
+    base = _model(kind)
+    pm = _peft(base)
+    ref = copy.deepcopy(pm)
+    report = fuse_peft_model(pm)
+    assert "base_model.model.model.layers.0.mlp.experts" in report.fused and not report.skipped
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    a, b = ref(ids, labels=ids), pm(ids, labels=ids)
+    assert calls == [True, True]
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-5)
+    a.loss.backward(), b.loss.backward()
+    ga, gb = _grads(ref, "lora_"), _grads(pm, "lora_")
+    assert sorted(ga) == sorted(gb) and len(gb) == 6
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-6)
+    with pm.disable_adapter():  # PEFT's own forward runs for a disabled adapter
+        torch.testing.assert_close(pm(ids).logits, base(ids).logits)
+    assert calls == [True, True]
+    assert "base_model.model.model.layers.0.mlp.experts" in unfuse_peft_model(pm)
+    assert type(pm.get_submodule("base_model.model.model.layers.0.mlp.experts")) is peft.tuners.lora.ParamWrapper
