@@ -115,6 +115,10 @@ def _model(kind, top_k=2):
         cfg = transformers.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=16, num_experts=6,
                                           decoder_sparse_step=1, **common)
         cls = transformers.Qwen3MoeForCausalLM
+    elif kind == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=16, num_experts=6,
+                                          shared_expert_intermediate_size=16, decoder_sparse_step=1, **common)
+        cls = transformers.Qwen2MoeForCausalLM
     elif kind == "mixtral":
         cfg = transformers.MixtralConfig(intermediate_size=16, num_local_experts=4, **common)
         cls = transformers.MixtralForCausalLM
@@ -161,8 +165,8 @@ def _grads(model, word):
             if word in n and p.grad is not None}
 
 
-@pytest.mark.parametrize("kind,top_k", [("qwen3_moe", 1), ("qwen3_moe", 2), ("mixtral", 2), ("olmoe", 2),
-                                        ("gpt_oss", 2)])
+@pytest.mark.parametrize("kind,top_k", [("qwen3_moe", 1), ("qwen3_moe", 2), ("qwen2_moe", 2), ("mixtral", 2),
+                                        ("olmoe", 2), ("gpt_oss", 2)])
 def test_experts_match_peft_target_parameters(kind, top_k, monkeypatch):
     import lora_kernels.layers.experts as experts_mod
     calls = []
@@ -333,3 +337,16 @@ def test_fuse_peft_model_serves_param_wrappers(kind, monkeypatch):
     assert calls == [True, True]
     assert "base_model.model.model.layers.0.mlp.experts" in unfuse_peft_model(pm)
     assert type(pm.get_submodule("base_model.model.model.layers.0.mlp.experts")) is peft.tuners.lora.ParamWrapper
+
+
+def test_bf16_base_with_float32_adapters():
+    base = _model("qwen3_moe").to(torch.bfloat16)
+    ours = _ours(base, init_lora_weights=False)
+    layer = ours.get_submodule("model.layers.0.mlp.experts")
+    assert layer.gate_up_proj.dtype == torch.bfloat16 and layer.gate_up_proj_lora_A.dtype == torch.float32
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    out = ours(ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    g = layer.down_proj_lora_A.grad
+    assert g.dtype == torch.float32 and torch.isfinite(g).all() and g.abs().sum() > 0
