@@ -10,6 +10,7 @@ import lora_kernels as lk
 from lora_kernels.backends.base import draw_seed
 from lora_kernels.backends.torch import torch_keep_mask
 from lora_kernels.functional import ExpertRouting, fused_grouped_lora_linear
+from lora_kernels.inject import lora_layers
 from lora_kernels.layers import FusedLoraExperts
 from lora_kernels.reference import grouped_lora_reference
 
@@ -350,3 +351,24 @@ def test_bf16_base_with_float32_adapters():
     out.loss.backward()
     g = layer.down_proj_lora_A.grad
     assert g.dtype == torch.float32 and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_unload_and_gradient_checkpointing():
+    base = _model("qwen3_moe")
+    ours = _ours(base, init_lora_weights=False)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    plain = ours(ids, labels=ids)
+    plain.loss.backward()
+    layer = ours.get_submodule("model.layers.0.mlp.experts")
+    want = layer.gate_up_proj_lora_A.grad.clone()
+    layer.gate_up_proj_lora_A.grad = None
+    ours.activation_checkpointing_enable()
+    ours.train()
+    ckpt = ours(ids, labels=ids)
+    ckpt.loss.backward()
+    torch.testing.assert_close(layer.gate_up_proj_lora_A.grad, want, rtol=1e-5, atol=1e-6)
+    ours.activation_checkpointing_disable()
+    ours.eval()
+    lk.unload(ours)
+    assert not lora_layers(ours)
+    torch.testing.assert_close(ours(ids).logits, base(ids).logits, rtol=0, atol=0)
