@@ -43,6 +43,14 @@ def target_modules_arg(value: str):
     return items
 
 
+def name_list_arg(value: str):
+    """A comma list of names (--target-parameters)."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"{value!r} names nothing")
+    return items
+
+
 def arg_type(cast, accept, rule: str):
     """An argparse `type` that parses with `cast` and accepts values for which `accept` holds."""
     expected = "an integer" if cast is int else "a number"

@@ -156,7 +156,8 @@ def lora_config(args):
     from .. import LoraConfig
 
     return user_error(LoraConfig, r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=args.target_modules, use_rslora=args.use_rslora)
+                      target_modules=args.target_modules, use_rslora=args.use_rslora,
+                      target_parameters=args.target_parameters)
 
 
 def run_settings(args, lr: float, precision: str, specs) -> dict:
@@ -172,7 +173,8 @@ def run_settings(args, lr: float, precision: str, specs) -> dict:
             "--eval-data": where(args.eval_data), "--eval-fraction": args.eval_fraction, "--seq-len": args.seq_len,
             "--batch-size": args.batch_size, "--grad-accum": args.grad_accum, "--r": args.r,
             "--lora-alpha": args.lora_alpha, "--lora-dropout": args.lora_dropout, "--use-rslora": args.use_rslora,
-            "--target-modules": tm if isinstance(tm, str) else list(tm), "--lr": lr,
+            "--target-modules": tm if isinstance(tm, str) else list(tm),
+            "--target-parameters": args.target_parameters, "--lr": lr,
             "--weight-decay": args.weight_decay, "--warmup-steps": args.warmup_steps,
             "--max-grad-norm": args.max_grad_norm, "--precision": precision, "--load-dtype": args.load_dtype,
             "--quantize": args.quantize, "--double-quant": args.double_quant, "--seed": args.seed,

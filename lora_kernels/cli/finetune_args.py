@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .common import (DEFAULT_LR, EVAL_MAX_BATCHES, QUANT_TYPES, SMALL_MODEL_WIDTH, TINY, TINY_LR, fraction,
-                     nonneg_int, positive_float, positive_int, seed_arg, seq_len_arg, target_modules_arg)
+                     name_list_arg, nonneg_int, positive_float, positive_int, seed_arg, seq_len_arg, target_modules_arg)
 from .finetune import cmd_finetune
 
 
@@ -35,6 +35,9 @@ def add_parser(sub, fmt) -> None:
     f.add_argument("--use-rslora", action="store_true", help="scaling = alpha / sqrt(r)")
     f.add_argument("--target-modules", type=target_modules_arg, default="all-linear",
                    help="'all-linear', a comma list (q_proj,v_proj) or a regex matching full module names")
+    f.add_argument("--target-parameters", type=name_list_arg, default=None,
+                   help="MoE experts: a comma list of 3-D expert weights to adapt, as PEFT's target_parameters "
+                        "(mlp.experts.gate_up_proj,mlp.experts.down_proj)")
     f.add_argument("--lr", type=positive_float, default=None,
                    help=f"peak learning rate (default {TINY_LR:g} for 'tiny', {DEFAULT_LR:g} otherwise)")
     f.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
