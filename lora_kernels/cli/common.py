@@ -5,6 +5,8 @@ import argparse
 import os
 
 TINY = "tiny"
+TINY_MOE = "tiny-moe"  # the built-in tiny Qwen3-MoE (LoRA on experts: --target-parameters)
+BUILTIN = (TINY, TINY_MOE)
 BASE_SUBDIR = "base_model"
 TINY_LR, DEFAULT_LR = 2e-3, 2e-4
 WARMUP_STEPS = 10  # --warmup-steps when not given

@@ -13,7 +13,8 @@ def add_parser(sub, fmt) -> None:
                        "adapter (adapter_config.json, adapter_model.safetensors), metrics.jsonl, loss_curve.png and "
                        "checkpoints/ into --output-dir. Run under torchrun for DistributedDataParallel.")
     f.add_argument("--model", default=TINY, help="a local transformers causal-LM directory, or 'tiny' for the "
-                   "built-in 2-layer Llama with a byte tokenizer (random weights, saved to OUTPUT_DIR/base_model)")
+                   "built-in 2-layer Llama with a byte tokenizer (random weights, saved to OUTPUT_DIR/base_model), "
+                   "or 'tiny-moe' for a built-in 2-layer Qwen3-MoE (8 experts, top-2) the same way")
     f.add_argument("--data", default=None, help="training data: .jsonl with {'text'} or {'prompt','response'} lines "
                    "(loss on the response only), or plain text (documents split by blank lines); default: the "
                    "shipped demo set")
