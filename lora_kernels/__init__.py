@@ -12,7 +12,8 @@ from . import integrations  # noqa: E402,F401  (registers what inject_lora does 
 _HOMES = {
     "resolve_backend": ".backends",
     "AdapterSegments": ".functional", "fused_lora_linear": ".functional", "fused_multi_lora_linear": ".functional",
-    "FusedLoraLinear": ".layers",
+    "fused_dora_linear": ".functional",
+    "FusedLoraLinear": ".layers", "FusedDoraLinear": ".layers",
     "LoraConfig": ".config",
     "disable_adapter": ".inject", "inject_lora": ".inject", "merge_and_unload": ".inject", "unload": ".inject",
     "add_new_trainable_to_optimizer": ".trainability", "print_trainable_parameters": ".trainability",
@@ -23,7 +24,9 @@ _HOMES = {
 
 __all__ = [
     "FusedLoraLinear",
+    "FusedDoraLinear",
     "fused_lora_linear",
+    "fused_dora_linear",
     "fused_multi_lora_linear",
     "AdapterSegments",
     "resolve_backend",

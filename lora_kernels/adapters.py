@@ -64,6 +64,11 @@ def batch_adapters(model: nn.Module, names: Sequence[Optional[str]]):
     segments = AdapterSegments.from_names(sample_names, order)  # once for the whole model
     used = {n for n in sample_names if n is not None}
     layers = list(lora_layers(model).values())
+    dora = [name for name, layer in lora_layers(model).items() if getattr(layer, "use_dora", False)]
+    if dora:
+        raise ValueError(f"batch_adapters: mixed-adapter batches with DoRA adapters (use_dora=True) are not "
+                         f"supported yet ({len(dora)} DoRA layer(s), e.g. {dora[0]!r}); run one adapter per batch "
+                         "with set_adapter")
     if model.training and torch.is_grad_enabled():
         _warn_frozen(model, [n for n in order if n in used], layers)
     previous = [layer._batch for layer in layers]

@@ -2,7 +2,7 @@
 
 The field names and meanings are PEFT's (peft.LoraConfig), so an adapter_config.json written by either library
 reads in the other. Only the LoRA flavour the fused kernels compute is representable: settings PEFT supports but
-we do not (DoRA, lora_bias, layers_to_transform, ...) are rejected by `from_peft_dict` rather than
+we do not (lora_bias, layers_to_transform, ...) are rejected by `from_peft_dict` rather than
 silently ignored, because ignoring them would load a different model than the one that was trained.
 """
 from __future__ import annotations
@@ -22,7 +22,6 @@ BIAS_MODES = ("none", "all", "lora_only")
 # PEFT adapter_config.json keys that describe features we do not implement, with the value meaning "off".
 # A file with any of them set to something else is refused (see from_peft_dict).
 _PEFT_OFF_VALUES: Dict[str, tuple] = {
-    "use_dora": (False, None),
     "lora_bias": (False, None),
     "layers_to_transform": (None, [],),
     "layers_pattern": (None, [], ""),
@@ -122,6 +121,8 @@ class LoraConfig:
     per expert (layers/experts.py). Usable with or without target_modules.
     fan_in_fan_out: whether the targets store their weight (in, out), as transformers' Conv1D (GPT-2) does.
     As in PEFT, the targets' type decides: inject_lora records True when it wraps Conv1D layers.
+    use_dora: DoRA (weight-decomposed LoRA, PEFT's use_dora): each target also learns a magnitude per output
+    feature (layers/dora.py); nn.Linear and Conv1D targets only.
     """
 
     r: int = 8
@@ -137,6 +138,7 @@ class LoraConfig:
     modules_to_save: Optional[List[str]] = None
     fan_in_fan_out: bool = False
     target_parameters: Optional[List[str]] = None
+    use_dora: bool = False
 
     def __post_init__(self):
         check_lora_args(self.r, self.lora_alpha, self.lora_dropout, self.init_lora_weights)
@@ -152,6 +154,8 @@ class LoraConfig:
             raise ValueError(f"use_rslora must be a bool, got {self.use_rslora!r}")
         if not isinstance(self.fan_in_fan_out, bool):
             raise ValueError(f"fan_in_fan_out must be a bool, got {self.fan_in_fan_out!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"use_dora must be a bool, got {self.use_dora!r}")
         self.rank_pattern = _check_pattern("rank_pattern", self.rank_pattern, check_rank)
         self.alpha_pattern = _check_pattern("alpha_pattern", self.alpha_pattern, check_alpha)
         if self.modules_to_save is not None:
@@ -165,6 +169,9 @@ class LoraConfig:
                 raise ValueError("target_parameters must be None or a list of parameter names (e.g. "
                                  f"'mlp.experts.gate_up_proj'), got {self.target_parameters!r}")
             self.target_parameters = list(self.target_parameters) or None
+        if self.use_dora and self.target_parameters:
+            raise ValueError(f"use_dora=True with target_parameters={self.target_parameters!r}: DoRA on MoE experts "
+                             "is not supported (PEFT's ParamWrapper refuses it too)")
 
     # -- per-module values (PEFT's get_pattern_key) ------------------------------------------------
     @staticmethod
@@ -201,7 +208,7 @@ class LoraConfig:
             "modules_to_save": copy.copy(self.modules_to_save),
             "fan_in_fan_out": self.fan_in_fan_out,
             "target_parameters": copy.copy(self.target_parameters),
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "lora_bias": False,
             "layers_to_transform": None,
             "layers_pattern": None,
@@ -226,7 +233,8 @@ class LoraConfig:
             init = True
         kwargs = {}
         for key in ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias", "use_rslora",
-                    "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out", "target_parameters"):
+                    "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out", "use_dora",
+                    "target_parameters"):
             if key in d and d[key] is not None:
                 kwargs[key] = d[key]
         try:

@@ -25,6 +25,7 @@ import torch
 
 from . import backends
 from .backends import FUNCTIONS, FUNCTIONS_4BIT, MULTI_FUNCTIONS
+from .backends.dora import dora_linear, dora_norm, weight_sq_norm  # noqa: F401  (the DoRA norm, for layers)
 from .backends.base import FLOAT_DTYPES, QuantizedWeight, dequantize, from_bnb  # noqa: F401  (the 4-bit format)
 from .backends.base import host_to_device
 from .backends.experts import ExpertRouting, grouped_lora_linear
@@ -121,6 +122,34 @@ def fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p: float
     with torch.autocast(device_type, enabled=False):
         lora_B, scaling = _fold_tensor_scaling(lora_B, scaling, x.device)
         return fn.apply(x, weight, bias, lora_A, lora_B, float(scaling), p)
+
+
+def fused_dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p: float = 0.0,
+                      training: bool = True, weight_sq_norm: Optional[torch.Tensor] = None):
+    """DoRA (PEFT's use_dora=True): g = magnitude / ‖W + s·B·A‖ per output row (the norm detached, computed
+    without building B·A), then PEFT's y = x·Wᵀ + b + (g − 1)·(xd·Wᵀ) + g·s·(xd·Aᵀ)·Bᵀ with dropout active,
+    g·(x·Wᵀ + s·x·Aᵀ·Bᵀ) + b without (backends/dora.py). magnitude: (out,). weight_sq_norm: ‖W_o‖² (out,) as
+    backends.dora.weight_sq_norm(weight) computes it, for a caller that caches it per frozen weight.
+
+    On the Triton backend the forward is one fused GEMM pass (ops/dora_linear_fwd.py); backward runs torch's
+    matmuls on every backend (no DoRA backward kernels yet). LORA_KERNELS_BACKEND=cuda raises.
+    """
+    _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    N = weight.shape[0]
+    if not isinstance(magnitude, torch.Tensor) or tuple(magnitude.shape) != (N,) \
+            or magnitude.dtype not in FLOAT_DTYPES or magnitude.device != x.device:
+        what = (f"shape {tuple(magnitude.shape)}, {magnitude.dtype} on {magnitude.device}"
+                if isinstance(magnitude, torch.Tensor) else type(magnitude).__name__)
+        raise ValueError(f"magnitude must be a floating-point tensor of shape ({N},) on {x.device}, got {what}")
+    device_type = x.device.type
+    x, weight, bias = _base_in_activation_dtype(x, weight, bias)
+    name = backends.resolve_backend(x)
+    if name == "cuda":
+        raise ValueError("LORA_KERNELS_BACKEND=cuda: DoRA has no CUDA-extension kernels; use triton, torch or auto")
+    p = float(dropout_p) if training else 0.0
+    with torch.autocast(device_type, enabled=False):
+        lora_B, scaling = _fold_tensor_scaling(lora_B, scaling, x.device)
+        return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, float(scaling), p, weight_sq_norm, name)
 
 
 def as_quantized(weight):

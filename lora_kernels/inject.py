@@ -21,8 +21,8 @@ import torch.nn as nn
 
 from .config import ALL_LINEAR, LoraConfig
 from .hooks import after_inject, run_after_inject  # noqa: F401  (after_inject: where hooks register)
-from .layers import (DEFAULT_ADAPTER, FusedLoraExperts, LoraLayer, can_adapt, check_adapter_name, param_targets, wrap,
-                     wrap_params)
+from .layers import (DEFAULT_ADAPTER, FusedLoraExperts, LoraLayer, can_adapt, check_adapter_name, layer_type_for,
+                     param_targets, wrap, wrap_params)
 from .patterns import fullmatch
 from .patterns import match as pattern_match
 
@@ -303,7 +303,7 @@ def _freeze_all_but_adapters(model: nn.Module, new_layers: Iterable[Tuple[LoraLa
 def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Add the LoRA adapter `adapter_name` to the nn.Linear modules `config` targets, in place; returns `model`.
 
-    Each target becomes a FusedLoraLinear sharing the Linear's weight and bias Parameters. Everything else is
+    Each target becomes a FusedLoraLinear (FusedDoraLinear with config.use_dora) sharing the Linear's weight and bias Parameters. Everything else is
     frozen except what config.bias / config.modules_to_save train. Targets that already hold `adapter_name`
     are left as they are (their trainability too); with a new adapter_name, targets that are already LoRA
     layers get the new adapter beside their others (its own rank, alpha, dropout). New adapters train; the
@@ -315,6 +315,17 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAUL
         raise ValueError(f"config must be a lora_kernels.LoraConfig, got {type(config).__name__}")
     check_adapter_name(adapter_name)
     new, existing = find_targets(model, config)
+    for name in existing:
+        layer = model.get_submodule(name)
+        if adapter_name not in layer.adapter_names and getattr(layer, "use_dora", False) != config.use_dora:
+            raise ValueError(f"use_dora={config.use_dora}: {name!r} already holds "
+                             f"{'DoRA' if not config.use_dora else 'plain LoRA'} adapters {layer.adapter_names}; "
+                             "a layer holds DoRA adapters only or plain ones only")
+    if config.use_dora:  # checked before any module changes
+        for name in new:
+            row = layer_type_for(model.get_submodule(name))
+            if row is not None and row.layer is not None and row.dora is None:
+                raise ValueError(f"use_dora=True: {name!r} is a {row.base}; DoRA on it is not supported yet")
     param_targets_ = find_param_targets(model, config)
     to_save = find_modules_to_save(model, config)
     active = active_adapter(model) or adapter_name
@@ -345,7 +356,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAUL
         linear = model.get_submodule(name)
         layer = wrap(linear, r=config.rank_for(name), lora_alpha=config.alpha_for(name),
                      lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                     init_lora_weights=config.init_lora_weights)
+                     init_lora_weights=config.init_lora_weights, use_dora=config.use_dora)
         layer.rename_first_adapter(adapter_name)
         layer.active_adapter = active  # a layer lacking the model's active adapter computes its base output
         layer.train(linear.training)
@@ -400,7 +411,7 @@ def _strip(model: nn.Module, merge: bool) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge the active adapter into its base weight (W += s·B·A) and replace each LoRA layer by a plain
+    """Merge the active adapter into its base weight (W += s·B·A; DoRA: W = g·(W + s·B·A)) and replace each LoRA layer by a plain
     nn.Linear; modules_to_save keep their trained copy. In place; returns `model`. A disabled adapter is not
     merged. With several adapters, as PEFT: the active adapter (set_adapter) is merged, the others are dropped."""
     if any(layer._batch is not None for layer in lora_layers(model).values()):

@@ -137,3 +137,23 @@ def grouped_lora_reference(x, top_k_index, weight, bias, lora_A, lora_B, scaling
             row.append(lora_linear_reference(x[t], w, b, A, B, scaling, keep, dropout_p))
         out.append(torch.stack(row))
     return torch.stack(out)
+
+
+# DoRA (PEFT's use_dora=True), written out the way PEFT does it: ΔW = B·A built, the norm of W + s·ΔW per row.
+
+def dora_weight_norm_reference(weight, lora_A, lora_B, scaling):
+    """‖W_o + s·B_o·A‖ per output row, from the full (out, in) matrix (the oracle may build it)."""
+    return torch.linalg.vector_norm(weight + scaling * (lora_B @ lora_A), dim=1)
+
+
+def dora_linear_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling,
+                          keep_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0):
+    """PEFT's DoRA forward in the dtype of its inputs: g = m / n with n detached, then
+    y = x·Wᵀ + b + (g − 1)·(xd·Wᵀ) + g·s·(xd·Aᵀ)·Bᵀ with dropout (keep_mask given), else g·(x·Wᵀ + s·x·Aᵀ·Bᵀ) + b."""
+    g = magnitude / dora_weight_norm_reference(weight, lora_A, lora_B, scaling).detach()
+    if keep_mask is None:
+        y = g * (F.linear(x, weight) + scaling * F.linear(F.linear(x, lora_A), lora_B))
+        return y if bias is None else y + bias
+    xd = x * keep_mask.to(x.dtype) / (1.0 - dropout_p)
+    return (F.linear(x, weight, bias) + (g - 1) * F.linear(xd, weight)
+            + g * scaling * F.linear(F.linear(xd, lora_A), lora_B))

@@ -76,7 +76,7 @@ def test_from_peft_config_written_by_peft():
 @pytest.mark.parametrize("change, key", [
     ({"peft_type": "IA3"}, "peft_type"),
     ({"peft_type": None}, "peft_type"),
-    ({"use_dora": True}, "use_dora"),
+    ({"use_dora": "yes"}, "use_dora must be a bool"),
     ({"lora_bias": True}, "lora_bias"),
     ({"fan_in_fan_out": "yes"}, "fan_in_fan_out must be a bool"),
     ({"layers_to_transform": [0]}, "layers_to_transform"),

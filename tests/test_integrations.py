@@ -98,12 +98,12 @@ def test_unservable_layers_are_reported_and_still_work(monkeypatch):
         assert_rel_close(pm(x).logits, ref, what="logits")
 
 
-def test_dora_layers_stay_on_peft_path(monkeypatch):
+def test_dora_layers_are_fused(monkeypatch):
+    """PEFT's DoRA Linear is served (tests/test_dora_peft.py compares it with PEFT's own forward)."""
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
     pm = _peft_model(target_modules=["q_proj"], use_dora=True)
     report = fuse_peft_model(pm)
-    assert not report.fused and len(report.skipped) == 2
-    assert all("DoRA" in r for r in report.skipped.values())
+    assert len(report.fused) == 2 and not report.skipped
 
 
 def test_conv_layers_are_reported():

@@ -225,7 +225,7 @@ _KEY = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
     (_corrupt_truncate, ValueError, "adapter_model.safetensors"),
     (_corrupt_garbage, ValueError, "adapter_model.safetensors"),
     (_edit_config(peft_type="IA3"), ValueError, "adapter_config.json.*peft_type.*IA3"),
-    (_edit_config(use_dora=True), ValueError, "adapter_config.json.*use_dora"),
+    (_edit_config(use_dora=True), ValueError, "safetensors.*missing.*lora_magnitude_vector"),
     (_edit_config(r=0), ValueError, "adapter_config.json.*r must"),
     (_edit_config(target_modules=["nope"]), ValueError, "adapter_config.json.*matched no module"),
     (_edit_config(target_modules=["q_proj", "v_proj"]), ValueError, "missing.*v_proj"),

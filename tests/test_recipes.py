@@ -23,6 +23,7 @@ EXPECTED = {
                           "resumed adapters equal the uninterrupted run's, bit for bit: True"],
     "trl_sft_dpo.py": ["adapters on the model: ['default', 'ref']"],
     "peft_fuse.py": ["fused 14 layers, skipped 0"],
+    "dora.py": ["LoRA layer types: ['FusedDoraLinear']"],
     "qlora.py": ["LoRA layer types: ['FusedLoraLinear4bit']"],
     "several_adapters.py": ["every lora_B of each adapter moved from zero: {'sql': True, 'chat': True}"],
     "torchrun_ddp_fsdp.py": ["DDP and FSDP2 adapters (28 tensors)"],

@@ -24,7 +24,8 @@ SCRIPT = textwrap.dedent('''
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from lora_kernels.ops import dequant_4bit, lora_dy_b, lora_linear_bwd_dx, lora_linear_fwd, lora_shrink
+    from lora_kernels.ops import (dequant_4bit, dora_linear_bwd_dx, dora_linear_fwd, lora_dy_b,
+                                  lora_linear_bwd_dx, lora_linear_fwd, lora_shrink)
 
     # Pointer element types as the launchers pass them: bf16 activations, float32 adapters and buffers, a
     # packed uint8 W, int32 adapter tables, an int64 seed; with double quantization the absmax are uint8 codes.
@@ -61,6 +62,12 @@ SCRIPT = textwrap.dedent('''
          dict(BLOCKSIZE=64, BLOCKSIZE2=256, DOUBLE_QUANT=True, BLOCK=1024), DQ_ABSMAX),
         ("dequant_4bit", dequant_4bit._dequant_4bit_kernel,
          dict(BLOCKSIZE=64, BLOCKSIZE2=1, DOUBLE_QUANT=False, BLOCK=1024), {}),
+        ("dora_linear_fwd dropout (two MMAs per k-step)", dora_linear_fwd._dora_linear_fwd_kernel,
+         dict(DROPOUT=True, DOT_PRECISION="tf32", **FWD), {**DENSE_W, "v_ptr": "*bf16"}),
+        ("dora_linear_fwd without dropout", dora_linear_fwd._dora_linear_fwd_kernel,
+         dict(DROPOUT=False, DOT_PRECISION="tf32", **FWD), {**DENSE_W, "v_ptr": "*bf16"}),
+        ("dora_linear_bwd_dx (two MMAs per n-step)", dora_linear_bwd_dx._dora_bwd_dx_kernel,
+         dict(DOT_PRECISION="tf32", BLOCK_R=16, BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, GROUP_M=8), DENSE_W),
     ]
     failed = 0
     for name, kernel, constexprs, pointers in CASES:
@@ -95,4 +102,4 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("compiled: ") == 8, proc.stdout
+    assert proc.stdout.count("compiled: ") == 11, proc.stdout

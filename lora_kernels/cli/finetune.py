@@ -36,6 +36,9 @@ def cmd_finetune(args) -> int:
     main = rank == 0
     say = print if main else (lambda *a, **k: None)
     specs = adapter_specs(args)  # {name: data file} of --adapter flags; None for a one-adapter run
+    if args.use_dora and specs:
+        raise CLIError("--use-dora with several --adapter flags: mixed-adapter batches with DoRA are not "
+                       "supported yet")
     data_path = args.data or DEMO_PATH
     for flag, path in (("--data", None if specs else data_path), ("--eval-data", args.eval_data)):
         if path is not None:
@@ -156,7 +159,7 @@ def lora_config(args):
     from .. import LoraConfig
 
     return user_error(LoraConfig, r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=args.target_modules, use_rslora=args.use_rslora,
+                      target_modules=args.target_modules, use_rslora=args.use_rslora, use_dora=args.use_dora,
                       target_parameters=args.target_parameters)
 
 
@@ -173,6 +176,7 @@ def run_settings(args, lr: float, precision: str, specs) -> dict:
             "--eval-data": where(args.eval_data), "--eval-fraction": args.eval_fraction, "--seq-len": args.seq_len,
             "--batch-size": args.batch_size, "--grad-accum": args.grad_accum, "--r": args.r,
             "--lora-alpha": args.lora_alpha, "--lora-dropout": args.lora_dropout, "--use-rslora": args.use_rslora,
+            "--use-dora": args.use_dora,
             "--target-modules": tm if isinstance(tm, str) else list(tm),
             "--target-parameters": args.target_parameters, "--lr": lr,
             "--weight-decay": args.weight_decay, "--warmup-steps": args.warmup_steps,

@@ -34,6 +34,8 @@ def add_parser(sub, fmt) -> None:
     f.add_argument("--lora-alpha", type=positive_float, default=16.0, help="LoRA alpha (scaling = alpha / r)")
     f.add_argument("--lora-dropout", type=fraction, default=0.05, help="dropout on the adapter input, in [0, 1)")
     f.add_argument("--use-rslora", action="store_true", help="scaling = alpha / sqrt(r)")
+    f.add_argument("--use-dora", action="store_true", help="DoRA (PEFT's use_dora): a learned magnitude per output "
+                   "feature over the normalised W + s·B·A")
     f.add_argument("--target-modules", type=target_modules_arg, default="all-linear",
                    help="'all-linear', a comma list (q_proj,v_proj) or a regex matching full module names")
     f.add_argument("--target-parameters", type=name_list_arg, default=None,

@@ -11,8 +11,8 @@ back when any of these holds:
 
 - the call passes extra arguments other than a mixed batch's `adapter_names` (below), the adapters are disabled or
   merged, or not exactly one of the active adapters has weights in this layer (PEFT skips the others);
-- the active adapter uses a LoRA variant (DoRA, ...), or its dropout module is neither nn.Dropout nor
-  nn.Identity;
+- the active adapter uses a LoRA variant other than DoRA over a dense base (DoRA: peft_dora.py says when), or its
+  dropout module is neither nn.Dropout nor nn.Identity;
 - `base_layer`, `lora_A[adapter]`, `lora_B[adapter]` or `lora_dropout[adapter]` would not run its class's plain
   forward when called: it is not an nn.Linear (resp. Dropout/Identity) whose class keeps nn.Linear's forward, it
   carries forward or backward (pre-)hooks, its `forward` is replaced on the instance, or it has an accelerate
@@ -57,6 +57,7 @@ from ..functional import AdapterSegments, fused_lora_linear, fused_multi_lora_li
 from ..layers import is_conv1d
 from .module_hooks import hook_reason
 from .peft_experts import FusedPeftExperts, static_reason, wrapped_by_param_wrappers
+from .peft_dora import dora_call_reason, dora_forward, dora_unservable_reason, is_dora
 
 # torch keeps the global module hooks in these dicts of torch.nn.modules.module, mutated in place.
 _torch_module = torch.nn.modules.module
@@ -121,8 +122,13 @@ def _fuse_time_reason(layer: PeftLoraLinear) -> Optional[str]:
 
 def _adapter_unservable_reason(layer: PeftLoraLinear, adapter: str) -> Optional[str]:
     """Why the kernels cannot compute `adapter` of `layer` (whatever the input), or None."""
-    if adapter in layer.lora_variant or layer.use_dora.get(adapter, False):
-        return f"adapter {adapter!r} uses a LoRA variant ({type(layer.lora_variant.get(adapter)).__name__}, e.g. DoRA)"
+    if is_dora(layer, adapter):
+        linear4bit = _peft_linear4bit()
+        if linear4bit is not None and isinstance(layer, linear4bit):
+            return f"adapter {adapter!r} is DoRA over a 4-bit base (not served yet)"
+        reason = dora_unservable_reason(layer, adapter)
+        if reason is not None:
+            return reason
     # base_layer itself, not get_base_layer(): a wrapped tuner layer in between would add its own delta.
     base = layer.base_layer
     linear4bit = _peft_linear4bit()
@@ -174,7 +180,7 @@ def _call_reason(layer: PeftLoraLinear, x: torch.Tensor, adapter: str) -> Option
     if not getattr(layer, "cast_input_dtype_enabled", True) and (lora_A.weight.dtype != x.dtype
                                                                  or lora_B.weight.dtype != x.dtype):
         return "cast_input_dtype_enabled=False and x's dtype differs from the adapter's"
-    return None
+    return dora_call_reason(layer, x, adapter) if is_dora(layer, adapter) else None
 
 
 BASE = "__base__"  # PEFT's name for a base-model sample in adapter_names
@@ -206,8 +212,8 @@ def _mixed_forward(layer: PeftLoraLinear, x: torch.Tensor, names) -> Optional[to
         if adapter not in layer.lora_A:  # PEFT: rows of an adapter the layer lacks get the base output
             As.append(None), Bs.append(None), scalings.append(1.0), ps.append(0.0)
             continue
-        if (_adapter_unservable_reason(layer, adapter) is not None or _call_reason(layer, x, adapter) is not None
-                or layer.lora_B[adapter].bias is not None):
+        if (is_dora(layer, adapter) or _adapter_unservable_reason(layer, adapter) is not None
+                or _call_reason(layer, x, adapter) is not None or layer.lora_B[adapter].bias is not None):
             return None
         dropout = layer.lora_dropout[adapter]
         As.append(layer.lora_A[adapter].weight), Bs.append(layer.lora_B[adapter].weight)
@@ -235,6 +241,8 @@ class FusedPeftLinear(PeftLoraLinear):
         adapter, reason = _call_plan(self, x)
         if reason is not None:
             return super().forward(x, *args, **kwargs)
+        if is_dora(self, adapter):
+            return dora_forward(self, x, adapter)
         base = self.base_layer
         lora_B = self.lora_B[adapter]
         scaling = self.scaling[adapter]
@@ -324,10 +332,11 @@ def fuse_peft_model(peft_model: nn.Module, verbose: bool = False) -> FuseReport:
 
     Eligible: exactly peft.tuners.lora.Linear over an nn.Linear (subclasses that keep nn.Linear's forward too),
     or a transformers Conv1D (GPT-2, fan_in_fan_out), holding one of the active adapters (or none of them, and an
-    adapter of its own it could serve), without DoRA; and PEFT's lora.bnb.Linear4bit over a bitsandbytes Linear4bit
-    (QLoRA) under the same rules; and the outermost PEFT ParamWrapper over a transformers MoE experts module
-(target_parameters; integrations/peft_experts.py). A fused layer still falls back to PEFT's forward per call (see the module
-    docstring). Others (conv, embedding, 8-bit quantized, DoRA, several active adapters) are
+    adapter of its own it could serve); and PEFT's lora.bnb.Linear4bit over a bitsandbytes Linear4bit
+    (QLoRA) under the same rules; DoRA adapters over a dense base too (integrations/peft_dora.py); and the outermost
+    PEFT ParamWrapper over a transformers MoE experts module (target_parameters; integrations/peft_experts.py). A
+    fused layer still falls back to PEFT's forward per call (see the module docstring). Others (conv, embedding,
+    8-bit quantized, DoRA over 4-bit, several active adapters) are
     left as they are and listed in the returned report's `skipped`. Undo with unfuse_peft_model.
     """
     if not isinstance(peft_model, nn.Module):

@@ -126,7 +126,7 @@ class FusedLoraLinear(LoraLayer):
 
     @torch.no_grad()
     def _init_adapter(self, adapter_name: str, init_lora_weights: Union[bool, str]) -> None:
-        A, B = self.adapter_params(adapter_name)
+        A, B = self.adapter_params(adapter_name)[:2]  # a DoRA layer adds its magnitude
         if init_lora_weights == "gaussian":
             nn.init.normal_(A, std=1.0 / A.shape[0])
         else:
@@ -170,7 +170,7 @@ class FusedLoraLinear(LoraLayer):
     def delta_weight(self, adapter_name: Optional[str] = None) -> torch.Tensor:
         """scaling·B·A in float32, the change an adapter (default: the active one) makes to W, in W's layout."""
         name = self.active_adapter if adapter_name is None else adapter_name
-        A, B = self.adapter_params(name)
+        A, B = self.adapter_params(name)[:2]
         delta = (B.float() @ A.float()) * self._scaling_dropout(name)[0]
         return delta.t() if self.fan_in_fan_out else delta
 

@@ -2,8 +2,9 @@
 
 inject_lora asks `can_adapt` which modules can take an adapter and `wrap` for the layer; FusedLoraLinear.from_linear
 reaches `wrap` through base.py's slot (filled below). A new layer type adds its row here; the first row whose
-test matches the module wins. Parameters rather than modules (PEFT's target_parameters: 3-D expert weights)
-have the second table below: the module holding the parameters decides the layer type.
+test matches the module wins. DoRA (use_dora=True) is a column: the DoRA layer type of each base, or None where
+DoRA is not supported yet. Parameters rather than modules (PEFT's target_parameters: 3-D expert weights) have the
+second table below: the module holding the parameters decides the layer type.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.nn as nn
 from . import base
 from .base import LoraLayer
 from .dense import FusedLoraLinear, is_conv1d
+from .dora import FusedDoraLinear
 from .experts import FusedLoraExperts, adapted_experts_params
 from .linear_4bit import FusedLoraLinear4bit
 
@@ -46,6 +48,7 @@ class LayerType:
     matches: Callable[[nn.Module], bool]
     layer: Optional[type]                       # the LoraLayer subclass, built with its from_base(module, ...)
     refused: Optional[str] = None               # why this base takes no adapter (layer is None)
+    dora: Optional[type] = None                 # the DoRA layer type (use_dora=True), None: not supported
 
 
 # First match wins: bitsandbytes' linears are nn.Linear subclasses, so their rows come before nn.Linear's.
@@ -54,8 +57,8 @@ LAYER_TYPES: Tuple[LayerType, ...] = (
     LayerType("bitsandbytes Linear8bitLt", is_bnb_8bit, None,
               refused="8-bit bitsandbytes bases (Linear8bitLt) are not supported by the kernels; only 4-bit "
                       "(Linear4bit, NF4/FP4)"),
-    LayerType("torch nn.Linear", lambda m: isinstance(m, nn.Linear), FusedLoraLinear),
-    LayerType("transformers Conv1D (GPT-2)", is_conv1d, FusedLoraLinear),
+    LayerType("torch nn.Linear", lambda m: isinstance(m, nn.Linear), FusedLoraLinear, dora=FusedDoraLinear),
+    LayerType("transformers Conv1D (GPT-2)", is_conv1d, FusedLoraLinear, dora=FusedDoraLinear),
 )
 
 
@@ -69,10 +72,10 @@ def can_adapt(module: nn.Module) -> bool:
     return layer_type_for(module) is not None
 
 
-def wrap(module: nn.Module, layer_class: Optional[type] = None, **adapter) -> LoraLayer:
+def wrap(module: nn.Module, layer_class: Optional[type] = None, use_dora: bool = False, **adapter) -> LoraLayer:
     """The LoRA layer over `module`, sharing its weight and bias (adapter: r, lora_alpha, lora_dropout, use_rslora,
     init_lora_weights, lora_dtype). layer_class: build that class when it is a subclass of the row's layer type
-    (FusedLoraLinear.from_linear on a subclass keeps the subclass)."""
+    (FusedLoraLinear.from_linear on a subclass keeps the subclass). use_dora: the row's DoRA layer type."""
     row = layer_type_for(module)
     if row is None:
         known = ", ".join(row.base for row in LAYER_TYPES if row.layer is not None)
@@ -80,7 +83,12 @@ def wrap(module: nn.Module, layer_class: Optional[type] = None, **adapter) -> Lo
                          f"{type(module).__name__}")
     if row.layer is None:
         raise ValueError(row.refused)
-    cls = layer_class if layer_class is not None and issubclass(layer_class, row.layer) else row.layer
+    kind = row.layer
+    if use_dora:
+        if row.dora is None:
+            raise ValueError(f"use_dora=True: DoRA on a {row.base} base is not supported yet")
+        kind = row.dora
+    cls = layer_class if layer_class is not None and issubclass(layer_class, kind) else kind
     return cls.from_base(module, **adapter)
 
 

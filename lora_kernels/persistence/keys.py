@@ -107,6 +107,10 @@ def adapter_config(model: nn.Module, adapter_name: Optional[str] = None) -> Lora
             raise ValueError(f"the LoRA layers of adapter {adapter_name!r} have different {attr} values "
                              f"{sorted(values)}; PEFT's adapter_config.json holds one {attr} per adapter, so it "
                              "cannot be saved as one")
+    dora = {bool(getattr(layer, "use_dora", False)) for layer in layers.values()}
+    if len(dora) > 1:
+        raise ValueError(f"the layers of adapter {adapter_name!r} mix DoRA and plain LoRA; PEFT's "
+                         "adapter_config.json holds one use_dora per adapter, so it cannot be saved as one")
     fan = {layer.fan_in_fan_out for layer in layers.values()}
     if len(fan) > 1:
         raise ValueError(f"the LoRA layers have different fan_in_fan_out values {sorted(fan)}; PEFT's "
@@ -126,7 +130,7 @@ def adapter_config(model: nn.Module, adapter_name: Optional[str] = None) -> Lora
         rank_pattern={re.escape(k): s.r for n, s in specs.items() if s.r != r0 for k in _pattern_names(n, layers)},
         alpha_pattern={re.escape(k): s.lora_alpha for n, s in specs.items() if s.lora_alpha != a0
                        for k in _pattern_names(n, layers)},
-        modules_to_save=wrapped or None, fan_in_fan_out=fan.pop(),
+        modules_to_save=wrapped or None, fan_in_fan_out=fan.pop(), use_dora=dora.pop(),
     )
 
 

@@ -74,6 +74,8 @@ def _expected_shapes(model: nn.Module, config: LoraConfig,
         in_features, out_features = linear_features(module)
         expected[f"{PREFIX}{name}.lora_A.weight"] = ((r, in_features), name)
         expected[f"{PREFIX}{name}.lora_B.weight"] = ((out_features, r), name)
+        if config.use_dora:
+            expected[f"{PREFIX}{name}.lora_magnitude_vector"] = ((out_features,), name)
     for name, params in find_param_targets(model, config).items():
         module = model.get_submodule(name)
         held = isinstance(module, FusedLoraExperts) and adapter_name in module.adapter_names
@@ -101,6 +103,9 @@ def _check_existing(model: nn.Module, config: LoraConfig, source: str, adapter_n
     _, existing = find_targets(model, config)
     for name in existing:
         layer = model.get_submodule(name)
+        if getattr(layer, "use_dora", False) != config.use_dora:
+            raise ValueError(f"{source}: use_dora={config.use_dora} but {name!r} already holds "
+                             f"{'DoRA' if not config.use_dora else 'plain LoRA'} adapters; unload() the model first")
         if adapter_name not in layer.adapter_names:
             continue  # the layer gets the file's adapter beside its own
         spec = layer.adapter_spec(adapter_name)

@@ -1,0 +1,184 @@
+"""DoRA (PEFT's use_dora=True): the column norm without B·A, and the autograd Function (torch or Triton forward).
+
+    n_o = ‖W_o + s·B_o·A‖ (detached)      g = m / n      xd = dropout_p(x)
+    p > 0 (training):  y = x·Wᵀ + b + (g − 1)·(xd·Wᵀ) + g·s·(xd·Aᵀ)·Bᵀ
+    p = 0 or eval:     y = g·(x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b
+
+which is PEFT's DoraLinearLayer exactly (the bias outside g; with dropout PEFT's second base GEMM on the
+dropped input). The norm comes from ‖W_o + s·B_o·A‖² = ‖W_o‖² + 2s·B_o·(A·W_oᵀ) + s²·B_o·(A·Aᵀ)·B_oᵀ: ‖W_o‖²
+once per frozen weight, A·Wᵀ (r × out) and A·Aᵀ (r × r) per call, in float32 (float64 for a float64 weight).
+A half-precision W is read in row blocks of ROW_BLOCK, so no (out × in) tensor is ever built.
+
+DoraLinearFunction saves x, xa = xd·Aᵀ (r columns), the seed, g, n and v = xd·Wᵀ + s·xa·Bᵀ (out columns,
+x's dtype): m's gradient is Σ_rows dy ⊙ v / n, and v is saved rather than recomputed because recomputing
+it costs a second (M × in × out) GEMM in backward. Never a mask, a dropped copy of x, or B·A. On the Triton
+backend the forward is lora_shrink plus ops/dora_linear_fwd.py (one GEMM pass, two MMAs per k-step with dropout)
+and the mask is the kernels' Philox one; otherwise torch's matmuls and torch_keep_mask. The backward's g·dy makes
+the LoRA gradients those of plain LoRA, so on Triton the LoRA backward kernels run with g·dy (grad_A, grad_B, and
+grad_x without dropout) and ops/dora_linear_bwd_dx.py gives grad_x with dropout; grad_m and a trainable base's
+gradients are torch's (grad_m a column sum), the mask regenerated from the seed: grad_B = s·(g·dy)ᵀ·xa, grad_A = s·((g·dy)·B)ᵀ·xd, and grad_x =
+(g·dy)·W + s·((g·dy)·B)·A without dropout, dy·W + ((g − 1)·dy·W + s·((g·dy)·B)·A)⊙mask/(1 − p) with it.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .base import draw_seed, flat, no_seed
+from .torch import torch_keep_mask
+
+ROW_BLOCK = 256  # rows of a half-precision W cast to float32 at a time
+
+
+def _norm_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+def _row_blocks(weight: torch.Tensor):
+    """(start, rows of W in the norm's dtype): W itself when it is already in it, else ROW_BLOCK rows at a time."""
+    dt = _norm_dtype(weight)
+    if weight.dtype == dt:
+        yield 0, weight
+        return
+    for i in range(0, weight.shape[0], ROW_BLOCK):
+        yield i, weight[i:i + ROW_BLOCK].to(dt)
+
+
+@torch.no_grad()
+def weight_sq_norm(weight: torch.Tensor) -> torch.Tensor:
+    """‖W_o‖² per output row of an (out, in) weight, float32 (float64 for a float64 W)."""
+    parts = [torch.linalg.vector_norm(rows, dim=1) for _, rows in _row_blocks(weight)]
+    n = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return n * n
+
+
+@torch.no_grad()
+def dora_norm(weight: torch.Tensor, w_sq: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+              scaling: float) -> torch.Tensor:
+    """n_o = ‖W_o + s·B_o·A‖ (out,), detached, from w_sq = weight_sq_norm(weight) without building B·A."""
+    dt = _norm_dtype(weight)
+    A, B = lora_A.detach().to(dt), lora_B.detach().to(dt)
+    awt = torch.cat([A @ rows.t() for _, rows in _row_blocks(weight)], dim=1)  # (r, out)
+    aat = A @ A.t()                                                              # (r, r)
+    sq = w_sq.to(dt) + (2.0 * scaling) * (B * awt.t()).sum(1) + (scaling * scaling) * ((B @ aat) * B).sum(1)
+    return sq.clamp_min(0.0).sqrt()
+
+
+def _triton_forward(x, weight, bias, lora_A, lora_B, g, scaling, p):
+    """(y, xa, seed, v) from the kernels: lora_shrink for xa = xd·Aᵀ, then ops/dora_linear_fwd.py."""
+    from ..ops.dora_linear_fwd import dora_linear_fwd
+    from ..ops.lora_shrink import lora_shrink
+    from .triton import _rows_or_copy, dot_precision
+
+    x, rows = _rows_or_copy(x)
+    precision = dot_precision(x.dtype)
+    seed = draw_seed(x.device) if p > 0.0 else no_seed(x.device)
+    xa = lora_shrink(x, rows, lora_A, seed, p, precision)
+    y, v = dora_linear_fwd(x, rows, weight, bias, xa, lora_B, g.float().contiguous(), seed, scaling, p, precision)
+    return y, xa, seed, v
+
+
+def _keep_mask(backend: str, seed, x, p: float) -> torch.Tensor:
+    """The (M, K) keep-mask the forward of `backend` drew from `seed`, regenerated for backward."""
+    if backend == "triton":
+        from ..ops.dropout import dropout_mask
+
+        return dropout_mask(seed, x.numel() // x.shape[-1], x.shape[-1], p)
+    return flat(torch_keep_mask(int(seed.item()), x.shape, p, x.device))
+
+
+class DoraLinearFunction(torch.autograd.Function):
+    """y of the module docstring for x (..., in), with norm = dora_norm(...) (out,) given, detached."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling: float, dropout_p: float,
+                backend: str):
+        dt, s, p = x.dtype, scaling, dropout_p
+        A, B = lora_A.to(dt), lora_B.to(dt)
+        g = magnitude.to(norm.dtype) / norm
+        gd = g.to(dt)
+        if backend == "triton" and x.numel() > 0:
+            y, xa, seed, v = _triton_forward(x, weight, bias, lora_A, lora_B, g, s, p)
+        elif p > 0.0:
+            seed = draw_seed(x.device)
+            keep = torch_keep_mask(int(seed.item()), x.shape, p, x.device)
+            xd = x * keep.to(dt) * (1.0 / (1.0 - p))
+            del keep
+            xa = F.linear(xd, A)
+            bd = F.linear(xd, weight)                # PEFT's second base GEMM, on the dropped input
+            del xd
+            lo = F.linear(xa, B)
+            v = bd + s * lo
+            y = F.linear(x, weight, bias) + (gd - 1.0) * bd + (gd * s) * lo
+            del bd, lo
+        else:
+            seed = no_seed(x.device)
+            xa = F.linear(x, A)
+            v = F.linear(x, weight) + s * F.linear(xa, B)
+            y = gd * v if bias is None else torch.addcmul(bias.to(dt), gd, v)
+        ctx.save_for_backward(x, xa, seed, weight, lora_A, lora_B, g, norm, v)
+        ctx.scaling, ctx.dropout_p, ctx.backend = s, p, backend
+        ctx.dtypes = (None if bias is None else bias.dtype, magnitude.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xa, seed, weight, lora_A, lora_B, g, norm, v = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.dropout_p
+        bias_dtype, m_dtype = ctx.dtypes
+        need_x, need_w, need_b, need_a, need_bb, need_m = ctx.needs_input_grad[:6]
+        dt = x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            dy2, x2, xa2, v2 = flat(dy.to(dt)), flat(x), flat(xa).to(dt), flat(v)
+            A, B = lora_A.to(dt), lora_B.to(dt)
+            dyg = dy2 * g.to(dt)                      # the LoRA terms see g·dy
+            grad = [None] * 10
+            if ctx.backend == "triton" and x.numel() > 0:
+                # The LoRA backward kernels with dy → g·dy give grad_A and grad_B, and grad_x without dropout.
+                from .triton import _backward as lora_backward
+
+                kernel_x = need_x and p == 0.0
+                gx, ga, gb = lora_backward(dyg, x, xa, seed, weight, lora_A, lora_B, s, p, kernel_x, need_a,
+                                           need_bb)
+                grad[0] = gx.reshape(x.shape) if kernel_x else None
+                grad[3] = ga if need_a else None
+                grad[4] = gb if need_bb else None
+                if need_x and p > 0.0:  # both base products from one pass over dy and W (ops/dora_linear_bwd_dx.py)
+                    from ..ops.dora_linear_bwd_dx import dora_linear_bwd_dx
+                    from .triton import dot_precision
+
+                    dyb32 = dyg.float() @ lora_B.float()
+                    grad[0] = dora_linear_bwd_dx(dy2, weight, g.float().contiguous(), dyb32, lora_A,
+                                                 seed, s, p, dot_precision(dt)).reshape(x.shape)
+                need_a = need_bb = need_x = False
+            keep = None
+            if p > 0.0 and (need_x or need_a or need_w):
+                keep = _keep_mask(ctx.backend, seed, x, p).to(dt) * (1.0 / (1.0 - p))
+            dyb = dyg @ B if (need_x or need_a) else None
+            if need_x:
+                if keep is None:
+                    gx = dyg @ weight + s * (dyb @ A)
+                else:
+                    gx = dy2 @ weight + ((dyg - dy2) @ weight + s * (dyb @ A)) * keep
+                grad[0] = gx.reshape(x.shape)
+            if need_w:  # a trainable base (rare): y's W terms are x·Wᵀ + (g − 1)·xd·Wᵀ, or g·x·Wᵀ without dropout
+                gw = dyg.t() @ x2 if keep is None else dy2.t() @ x2 + (dyg - dy2).t() @ (x2 * keep)
+                grad[1] = gw.to(weight.dtype)
+            if need_b and bias_dtype is not None:
+                grad[2] = dy2.sum(0).to(bias_dtype)
+            if need_a:
+                xd = x2 if keep is None else x2 * keep
+                grad[3] = (s * (dyb.t() @ xd)).to(lora_A.dtype)
+            if need_bb:
+                grad[4] = (s * (dyg.t() @ xa2)).to(lora_B.dtype)
+            if need_m:
+                grad[5] = ((dy2.to(norm.dtype) * v2.to(norm.dtype)).sum(0) / norm).to(m_dtype)
+        return tuple(grad)
+
+
+def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float,
+                w_sq: Optional[torch.Tensor] = None, backend: str = "torch"):
+    """The DoRA linear; w_sq: a cached weight_sq_norm(weight), else computed here. backend "triton": the forward
+    runs on the kernels (ops/dora_linear_fwd.py) and the mask is their Philox one; see the module docstring."""
+    norm = dora_norm(weight, weight_sq_norm(weight) if w_sq is None else w_sq, lora_A, lora_B, scaling)
+    return DoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, backend)

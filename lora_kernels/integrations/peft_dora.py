@@ -1,0 +1,75 @@
+"""PEFT's DoRA Linear (use_dora=True) on the fused DoRA path: what fuse_peft_model's FusedPeftLinear runs for a
+DoRA adapter, and when it cannot.
+
+Served: PEFT's DoraLinearVariant over an nn.Linear or a Conv1D, its magnitude a plain DoraLinearLayer, no
+lora_B bias, and PEFT's DoRA caching off (peft.tuners.lora.dora.ENABLE_DORA_CACHING, PEFT's default): with it on,
+PEFT reuses the eval-mode norm until train() clears it, so its forward runs to keep exactly that behaviour.
+Otherwise the norm is recomputed every call (never stale after a step), ‖W_o‖² cached per frozen weight on the
+layer and recomputed when the weight's storage or version changes (a merge, a load). The 4-bit DoRA layer and
+mixed batches naming a DoRA adapter stay on PEFT's path.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..functional import fused_dora_linear, weight_sq_norm
+from .module_hooks import hook_reason
+
+_CACHE_ATTR = "_lora_kernels_w_sq"  # (key, ‖W_o‖²) on the PEFT layer
+
+
+def is_dora(layer, adapter: str) -> bool:
+    return adapter in getattr(layer, "lora_variant", {}) or layer.use_dora.get(adapter, False)
+
+
+def dora_unservable_reason(layer, adapter: str) -> Optional[str]:
+    """Why the fused DoRA path cannot compute `adapter` of a dense PEFT lora.Linear, or None."""
+    from peft.tuners.lora import dora
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    variant = layer.lora_variant.get(adapter)
+    if type(variant) is not DoraLinearVariant:
+        return f"adapter {adapter!r} uses a LoRA variant ({type(variant).__name__}) the kernels do not compute"
+    if type(layer.lora_magnitude_vector[adapter]) is not dora.DoraLinearLayer:
+        return f"lora_magnitude_vector[{adapter!r}] is not PEFT's DoraLinearLayer"
+    if layer.lora_B[adapter].bias is not None:
+        return f"adapter {adapter!r} combines DoRA with lora_bias"
+    return None
+
+
+def dora_call_reason(layer, x: torch.Tensor, adapter: str) -> Optional[str]:
+    """Per-call reasons for PEFT's own DoRA forward: its norm cache, hooks on the magnitude module, devices."""
+    from peft.tuners.lora import dora
+
+    if dora.ENABLE_DORA_CACHING:
+        return "PEFT's DoRA caching (ENABLE_DORA_CACHING) is on"
+    mag = layer.lora_magnitude_vector[adapter]
+    hooked = hook_reason(mag, x.device)
+    if hooked is not None:  # PEFT calls the magnitude module: what its hooks do would be skipped
+        return f"lora_magnitude_vector[{adapter!r}] has {hooked}"
+    if mag.weight.device != x.device:
+        return f"lora_magnitude_vector[{adapter!r}] is on {mag.weight.device}, x on {x.device}"
+    return None
+
+
+def _cached_w_sq(layer, weight: torch.Tensor) -> torch.Tensor:
+    key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
+    cached = vars(layer).get(_CACHE_ATTR)
+    if cached is None or cached[0] != key:
+        cached = (key, weight_sq_norm(weight))
+        vars(layer)[_CACHE_ATTR] = cached
+    return cached[1]
+
+
+def dora_forward(layer, x: torch.Tensor, adapter: str) -> torch.Tensor:
+    """PEFT's DoRA Linear output for `adapter` on the fused path (the checks above passed)."""
+    base = layer.base_layer
+    dropout = layer.lora_dropout[adapter]
+    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    weight = base.weight.t() if layer.fan_in_fan_out else base.weight
+    return fused_dora_linear(x, weight, base.bias, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
+                             layer.lora_magnitude_vector[adapter].weight, layer.scaling[adapter], dropout_p=p,
+                             training=dropout.training, weight_sq_norm=_cached_w_sq(layer, weight))

@@ -1,0 +1,77 @@
+"""FusedDoraLinear: DoRA (PEFT's use_dora=True) over an nn.Linear or a transformers Conv1D.
+
+Per adapter a third tensor beside lora_A and lora_B: `lora_magnitude_vector` (out,), m, PEFT's name and file key.
+The layer computes g = m / ‖W + s·B·A‖ per output row (the norm detached, never building B·A) and PEFT's DoRA
+output (functional.fused_dora_linear). ‖W_o‖² is cached per frozen weight and recomputed when the weight changes
+(merge, load, a new base or device: its storage or version counter differs). No norm is cached across steps: the
+adapter's part is recomputed every forward, in eval too (PEFT's default, ENABLE_DORA_CACHING off).
+
+Merge is PEFT's rule: W' = g·(W + s·B·A) with the norm of the unmerged weight, kept for unmerge
+(W = W'/g − s·B·A). Mixed-adapter batches are not supported (batch_adapters raises).
+"""
+from __future__ import annotations
+
+from typing import Dict, Union
+
+import torch
+
+from ..functional import dora_norm, fused_dora_linear, weight_sq_norm
+from .dense import FusedLoraLinear
+
+
+class FusedDoraLinear(FusedLoraLinear):
+    """DoRA: y = g·(x·Wᵀ + s·x·Aᵀ·Bᵀ) + b, g = m / ‖W + s·B·A‖ (PEFT's formula with dropout: see
+    functional.fused_dora_linear). m starts as ‖W + s·B·A‖ (the layer starts equal to its LoRA layer)."""
+
+    adapter_tensor_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+    peft_keys = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+    mixed_batches = False
+    use_dora = True
+
+    def _adapter_shapes(self, r: int):
+        return (r, self.in_features), (self.out_features, r), (self.out_features,)
+
+    @torch.no_grad()
+    def _init_adapter(self, adapter_name: str, init_lora_weights: Union[bool, str]) -> None:
+        super()._init_adapter(adapter_name, init_lora_weights)
+        A, B, m = self.adapter_params(adapter_name)
+        m.copy_(self.weight_norm(adapter_name))
+
+    def weight_sq_norm(self) -> torch.Tensor:
+        """‖W_o‖² (out,) of the current base weight, float32; cached until the weight changes."""
+        w = self.linear_weight()
+        key = (w.data_ptr(), self.weight._version, w.dtype, w.device, tuple(w.shape))
+        if getattr(self, "_w_sq_key", None) != key:
+            self._w_sq = weight_sq_norm(w)
+            self._w_sq_key = key
+        return self._w_sq
+
+    def weight_norm(self, adapter_name: str) -> torch.Tensor:
+        """‖W_o + s·B_o·A‖ (out,) of an adapter over the current (unmerged) weight, float32, detached."""
+        A, B, _ = self.adapter_params(adapter_name)
+        return dora_norm(self.linear_weight(), self.weight_sq_norm(), A, B, self._scaling_dropout(adapter_name)[0])
+
+    def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        A, B, m = self.adapter_params(adapter_name)
+        scaling, p = self._scaling_dropout(adapter_name)
+        return fused_dora_linear(x, self.linear_weight(), self.bias, A, B, m, scaling, dropout_p=p,
+                                 training=self.training, weight_sq_norm=self.weight_sq_norm())
+
+    def _merge_rule(self, adapter_name: str, sign: float) -> None:
+        """PEFT's: W' = g·(W + s·B·A) in float32, g = m / ‖W + s·B·A‖ of the unmerged W (kept for unmerge);
+        unmerge W = W'/g − s·B·A. Builds B·A (out × in) once, as any merge must."""
+        _, _, m = self.adapter_params(adapter_name)
+        delta = self.delta_weight(adapter_name)             # s·B·A in W's layout
+        norms: Dict[str, torch.Tensor] = vars(self).setdefault("_merge_norms", {})
+        if sign > 0:
+            norms[adapter_name] = self.weight_norm(adapter_name)
+        g = m.detach().float() / norms[adapter_name]
+        g = g[None, :] if self.fan_in_fan_out else g[:, None]
+        w = self.weight.float()
+        new = g * (w + delta) if sign > 0 else w / g - delta
+        if sign < 0:
+            del norms[adapter_name]
+        self.weight.copy_(new.to(self.weight.dtype))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", dora"
