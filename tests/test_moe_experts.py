@@ -278,6 +278,8 @@ def test_refused_with_clear_errors():
     base = _model("qwen3_moe")
     with pytest.raises(ValueError, match="not a transformers experts module"):
         lk.inject_lora(copy.deepcopy(base), lk.LoraConfig(target_parameters=["self_attn.q_proj.weight"]))
+    with pytest.raises(ValueError, match="DoRA on MoE experts"):
+        lk.LoraConfig(use_dora=True, target_parameters=EXPERTS)
     with pytest.raises(ValueError, match="matched no parameter"):
         lk.inject_lora(copy.deepcopy(base), lk.LoraConfig(target_parameters=["mlp.experts.nope"]))
     ours = _ours(base)
