@@ -26,7 +26,6 @@ _PEFT_OFF_VALUES: Dict[str, tuple] = {
     "layers_to_transform": (None, [],),
     "layers_pattern": (None, [], ""),
     "layer_replication": (None, []),
-    "target_parameters": (None, []),
     "trainable_token_indices": (None, {}, []),
     "use_qalora": (False, None),
     "use_bdlora": (False, None),
@@ -117,6 +116,9 @@ class LoraConfig:
     bias: "none" | "all" (every bias in the model trains) | "lora_only" (biases of the adapted layers train).
     modules_to_save: names (suffix match) of extra modules trained in full, kept as a trainable copy beside the
     frozen original, as PEFT does.
+    target_parameters: PEFT's, for MoE experts: parameter names ("mlp.experts.gate_up_proj"; a parameter matches
+    if its qualified name equals an entry or ends with "." + entry); the experts modules holding them get a LoRA
+    per expert (layers/experts.py). Usable with or without target_modules.
     fan_in_fan_out: whether the targets store their weight (in, out), as transformers' Conv1D (GPT-2) does.
     As in PEFT, the targets' type decides: inject_lora records True when it wraps Conv1D layers.
     use_dora: DoRA (weight-decomposed LoRA, PEFT's use_dora): each target also learns a magnitude per output
@@ -135,6 +137,7 @@ class LoraConfig:
     alpha_pattern: Dict[str, float] = field(default_factory=dict)
     modules_to_save: Optional[List[str]] = None
     fan_in_fan_out: bool = False
+    target_parameters: Optional[List[str]] = None
     use_dora: bool = False
 
     def __post_init__(self):
@@ -160,6 +163,15 @@ class LoraConfig:
                     isinstance(m, str) and m for m in self.modules_to_save):
                 raise ValueError(f"modules_to_save must be None or a list of module names, got {self.modules_to_save!r}")
             self.modules_to_save = list(self.modules_to_save) or None
+        if self.target_parameters is not None:
+            if isinstance(self.target_parameters, str) or not all(
+                    isinstance(p, str) and p for p in self.target_parameters):
+                raise ValueError("target_parameters must be None or a list of parameter names (e.g. "
+                                 f"'mlp.experts.gate_up_proj'), got {self.target_parameters!r}")
+            self.target_parameters = list(self.target_parameters) or None
+        if self.use_dora and self.target_parameters:
+            raise ValueError(f"use_dora=True with target_parameters={self.target_parameters!r}: DoRA on MoE experts "
+                             "is not supported (PEFT's ParamWrapper refuses it too)")
 
     # -- per-module values (PEFT's get_pattern_key) ------------------------------------------------
     @staticmethod
@@ -195,6 +207,7 @@ class LoraConfig:
             "alpha_pattern": dict(self.alpha_pattern),
             "modules_to_save": copy.copy(self.modules_to_save),
             "fan_in_fan_out": self.fan_in_fan_out,
+            "target_parameters": copy.copy(self.target_parameters),
             "use_dora": self.use_dora,
             "lora_bias": False,
             "layers_to_transform": None,
@@ -220,7 +233,8 @@ class LoraConfig:
             init = True
         kwargs = {}
         for key in ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias", "use_rslora",
-                    "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out", "use_dora"):
+                    "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out", "use_dora",
+                    "target_parameters"):
             if key in d and d[key] is not None:
                 kwargs[key] = d[key]
         try:

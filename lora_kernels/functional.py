@@ -13,6 +13,9 @@ math with W dequantized inside the kernels, bit for bit as bitsandbytes dequanti
 fused_multi_lora_linear: several adapters on one base layer in one mixed batch (an AdapterSegments, built
 once per forward, says which row uses which adapter); the same contract, with one (M, r_max) x·Aᵀ for all
 adapters.
+
+fused_grouped_lora_linear: one MoE expert projection (a 3-D weight, PEFT's target_parameters adapters) over the
+token–expert pairs sorted by expert (an ExpertRouting, built once per forward).
 """
 import functools
 import math
@@ -25,6 +28,7 @@ from .backends import FUNCTIONS, FUNCTIONS_4BIT, MULTI_FUNCTIONS
 from .backends.dora import dora_linear, dora_norm, weight_sq_norm  # noqa: F401  (the DoRA norm, for layers)
 from .backends.base import FLOAT_DTYPES, QuantizedWeight, dequantize, from_bnb  # noqa: F401  (the 4-bit format)
 from .backends.base import host_to_device
+from .backends.experts import ExpertRouting, grouped_lora_linear
 
 
 def _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
@@ -383,3 +387,32 @@ def fused_multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, dropout
         row_adapter, row_order = segments.row_adapter(M, x.device, slots), segments.row_order(M, x.device)
         return MULTI_FUNCTIONS[backend].apply(x, weight, bias, lora_A, lora_B, row_adapter, row_order, ranks,
                                               float_scalings, ps)
+
+
+def fused_grouped_lora_linear(x, weight, bias, lora_A, lora_B, routing: ExpertRouting, scaling: float,
+                              dropout_p: float = 0.0, training: bool = True, transposed: bool = False):
+    """One MoE expert projection with LoRA over rows sorted by expert (backends/experts.py; the torch path).
+
+    x: (S, in) rows in routing's order; weight: (E, out, in), or (E, in, out) with transposed; bias: (E, out) or
+    None; lora_A (r·E, in) and lora_B (out, r·E) in PEFT's target_parameters layout, or both None.
+    """
+    E = routing.num_experts
+    if weight.dim() != 3 or weight.shape[0] != E:
+        raise ValueError(f"weight must be 3-D with {E} experts first, got shape {tuple(weight.shape)}")
+    in_features, out_features = (weight.shape[1], weight.shape[2]) if transposed else weight.shape[2:0:-1]
+    if x.dim() != 2 or x.shape[1] != in_features or x.shape[0] != routing.order.shape[0]:
+        raise ValueError(f"x must have shape ({routing.order.shape[0]}, {in_features}), got {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (E, out_features):
+        raise ValueError(f"bias must be None or of shape ({E}, {out_features}), got {tuple(bias.shape)}")
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("lora_A and lora_B must both be tensors or both be None")
+    if lora_A is not None:
+        rE = lora_A.shape[0]
+        if lora_A.dim() != 2 or rE % E or lora_A.shape[1] != in_features:
+            raise ValueError(f"lora_A must have shape (r·{E}, {in_features}), got {tuple(lora_A.shape)}")
+        if tuple(lora_B.shape) != (out_features, rE):
+            raise ValueError(f"lora_B must have shape ({out_features}, {rE}), got {tuple(lora_B.shape)}")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= float(dropout_p) < 1.0):
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    p = float(dropout_p) if training and lora_A is not None else 0.0
+    return grouped_lora_linear(x, weight, bias, lora_A, lora_B, routing, float(scaling), p, transposed)

@@ -21,7 +21,8 @@ import torch.nn as nn
 
 from .config import ALL_LINEAR, LoraConfig
 from .hooks import after_inject, run_after_inject  # noqa: F401  (after_inject: where hooks register)
-from .layers import DEFAULT_ADAPTER, LoraLayer, can_adapt, check_adapter_name, layer_type_for, wrap
+from .layers import (DEFAULT_ADAPTER, FusedLoraExperts, LoraLayer, can_adapt, check_adapter_name, layer_type_for,
+                     param_targets, wrap, wrap_params)
 from .patterns import fullmatch
 from .patterns import match as pattern_match
 
@@ -138,7 +139,10 @@ def _default_targets(model: nn.Module) -> List[str]:
 
 def find_targets(model: nn.Module, config: LoraConfig) -> Tuple[List[str], List[str]]:
     """(new, existing): qualified names of the nn.Linear modules `config` targets, and of the FusedLoraLinear
-    layers it matches that already exist. Raises ValueError when it matches nothing or a non-Linear module."""
+    layers it matches that already exist. Raises ValueError when it matches nothing or a non-Linear module.
+    With target_parameters, target_modules may be None (no module targets) or match nothing."""
+    if config.target_modules is None and config.target_parameters:
+        return [], []
     if config.target_modules is None:
         config = copy.copy(config)
         config.target_modules = _default_targets(model)
@@ -162,11 +166,30 @@ def find_targets(model: nn.Module, config: LoraConfig) -> Tuple[List[str], List[
             raise ValueError(f"target_modules={config.target_modules!r} matches {name!r}, a "
                              f"{type(module).__name__}; only nn.Linear and transformers Conv1D modules can take "
                              "a LoRA adapter")
-    if not new and not existing:
+    if not new and not existing and not config.target_parameters:
         raise ValueError(f"target_modules={config.target_modules!r}"
                          + (f" (exclude_modules={config.exclude_modules!r})" if config.exclude_modules else "")
                          + f" matched no module of {type(model).__name__}; {_linear_candidates(model)}")
     return new, existing
+
+
+def find_param_targets(model: nn.Module, config: LoraConfig) -> Dict[str, List[str]]:
+    """{experts module name: its parameters config.target_parameters names} (PEFT's matching), for modules that
+    are not adapted yet and for FusedLoraExperts layers. ValueError when target_parameters matches nothing."""
+    if not config.target_parameters:
+        return {}
+    out = {}
+    for name, module in model.named_modules():
+        params = param_targets(module, name, config.target_parameters)
+        if isinstance(module, FusedLoraExperts):
+            params = [p for p in module.params if any(f"{name}.{p}" == t or f"{name}.{p}".endswith("." + t)
+                                                      for t in config.target_parameters)]
+        if params:
+            out[name] = params
+    if not out:
+        raise ValueError(f"target_parameters={config.target_parameters!r} matched no parameter of "
+                         f"{type(model).__name__}")
+    return out
 
 
 def find_modules_to_save(model: nn.Module, config: LoraConfig) -> List[str]:
@@ -303,9 +326,32 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAUL
             row = layer_type_for(model.get_submodule(name))
             if row is not None and row.layer is not None and row.dora is None:
                 raise ValueError(f"use_dora=True: {name!r} is a {row.base}; DoRA on it is not supported yet")
+    param_targets_ = find_param_targets(model, config)
     to_save = find_modules_to_save(model, config)
     active = active_adapter(model) or adapter_name
     new_layers = []
+    wrapped = {}
+    for name, params in param_targets_.items():
+        module = model.get_submodule(name)
+        if isinstance(module, FusedLoraExperts):
+            if adapter_name not in module.adapter_names:
+                module.add_adapter(adapter_name)  # raises: one adapter per experts layer
+            continue
+        ranks = {config.rank_for(f"{name}.{p}") for p in params}
+        alphas = {config.alpha_for(f"{name}.{p}") for p in params}
+        if len(ranks) > 1 or len(alphas) > 1:
+            raise ValueError(f"target_parameters: the parameters {params} of {name!r} get different ranks "
+                             f"{sorted(ranks)} or alphas {sorted(alphas)} from rank_pattern / alpha_pattern; one "
+                             "experts layer holds one rank and alpha")
+        # Built (and validated) for every experts module before the model changes.
+        wrapped[name] = wrap_params(module, params, name=name, r=ranks.pop(), lora_alpha=alphas.pop(),
+                                    lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                                    init_lora_weights=config.init_lora_weights)
+    for name, layer in wrapped.items():
+        layer.rename_first_adapter(adapter_name)
+        layer.active_adapter = active
+        _set_submodule(model, name, layer)
+        new_layers.append((layer, adapter_name))
     for name in new:
         linear = model.get_submodule(name)
         layer = wrap(linear, r=config.rank_for(name), lora_alpha=config.alpha_for(name),

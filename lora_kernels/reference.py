@@ -113,6 +113,32 @@ def multi_oracle(case, row_adapter, mask=None, dropout_ps=None, dy=None):
     return y.detach(), {"x": x.grad, "lora_As": [zeros(A) for A in As], "lora_Bs": [zeros(B) for B in Bs]}
 
 
+def grouped_lora_reference(x, top_k_index, weight, bias, lora_A, lora_B, scaling, keep_mask=None,
+                           dropout_p: float = 0.0, transposed: bool = False):
+    """One MoE expert projection pair by pair, in the dtype of its inputs (tests pass float64 copies): for token
+    t and slot j routed to expert e, row (t, j) of the (T, k, out) result is the LoRA linear of x[t] with expert
+    e's W_e, b_e, A_e (rows e·r…e·r+r-1 of lora_A) and B_e (columns e, E+e, … of lora_B: PEFT's layout).
+
+    keep_mask: (T, k, in) bool, the pair's own dropout mask; None means no dropout.
+    """
+    E = weight.shape[0]
+    r = lora_A.shape[0] // E
+    T, k = top_k_index.shape
+    out = []
+    for t in range(T):
+        row = []
+        for j in range(k):
+            e = int(top_k_index[t, j])
+            w = weight[e].t() if transposed else weight[e]
+            A = lora_A[e * r:(e + 1) * r]
+            B = lora_B[:, e::E]
+            keep = None if keep_mask is None else keep_mask[t, j]
+            b = None if bias is None else bias[e]
+            row.append(lora_linear_reference(x[t], w, b, A, B, scaling, keep, dropout_p))
+        out.append(torch.stack(row))
+    return torch.stack(out)
+
+
 # DoRA (PEFT's use_dora=True), written out the way PEFT does it: ΔW = B·A built, the norm of W + s·ΔW per row.
 
 def dora_weight_norm_reference(weight, lora_A, lora_B, scaling):

@@ -5,6 +5,8 @@ import argparse
 import os
 
 TINY = "tiny"
+TINY_MOE = "tiny-moe"  # the built-in tiny Qwen3-MoE (LoRA on experts: --target-parameters)
+BUILTIN = (TINY, TINY_MOE)
 BASE_SUBDIR = "base_model"
 TINY_LR, DEFAULT_LR = 2e-3, 2e-4
 WARMUP_STEPS = 10  # --warmup-steps when not given
@@ -40,6 +42,14 @@ def target_modules_arg(value: str):
     items = [v.strip() for v in value.split(",") if v.strip()]
     if not items:
         raise argparse.ArgumentTypeError(f"--target-modules {value!r} names no module")
+    return items
+
+
+def name_list_arg(value: str):
+    """A comma list of names (--target-parameters)."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"{value!r} names nothing")
     return items
 
 

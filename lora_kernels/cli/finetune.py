@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .common import (BASE_SUBDIR, DEFAULT_LR, TINY, TINY_LR, WARMUP_STEPS, CLIError, CLIInterrupted, load_model,
-                     rows_report, user_error)
+from .common import (BASE_SUBDIR, BUILTIN, DEFAULT_LR, TINY_LR, TINY_MOE, WARMUP_STEPS, CLIError, CLIInterrupted,
+                     load_model, rows_report, user_error)
 from .multi import adapter_specs, adapters_report, load_adapter_data
 
 def cmd_finetune(args) -> int:
@@ -46,12 +46,12 @@ def cmd_finetune(args) -> int:
     if args.resume not in (None, "latest") and not os.path.isdir(args.resume):
         raise CLIError(f"--resume {args.resume!r}: no such checkpoint directory")
     user_error(check_writable, args.output_dir)
-    base_dir = os.path.join(args.output_dir, BASE_SUBDIR) if args.model == TINY else os.path.abspath(args.model)
+    base_dir = os.path.join(args.output_dir, BASE_SUBDIR) if args.model in BUILTIN else os.path.abspath(args.model)
     precision = args.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     quant = _quantization(args, precision)
-    lr = args.lr if args.lr is not None else (TINY_LR if args.model == TINY else DEFAULT_LR)
+    lr = args.lr if args.lr is not None else (TINY_LR if args.model in BUILTIN else DEFAULT_LR)
     try:
         tcfg = TrainConfig(output_dir=args.output_dir, max_steps=args.max_steps, batch_size=args.batch_size,
                            grad_accum=args.grad_accum, lr=lr, weight_decay=args.weight_decay,
@@ -77,7 +77,7 @@ def cmd_finetune(args) -> int:
     torch.manual_seed(args.seed)  # LoRA init: the same on every rank (DDP also broadcasts rank 0's)
     model, tok = _base_model(args, base_dir, quant, device, new_tiny=resume is None, main=main)
     _set_threads(model, device, args)
-    new_tiny = args.model == TINY and resume is None
+    new_tiny = args.model in BUILTIN and resume is None
     _check_each_target(model, cfg)
     if new_tiny:  # injected after its base is saved (a model with adapters saves adapter files only)
         user_error(find_targets, model, cfg)
@@ -159,7 +159,8 @@ def lora_config(args):
     from .. import LoraConfig
 
     return user_error(LoraConfig, r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=args.target_modules, use_rslora=args.use_rslora, use_dora=args.use_dora)
+                      target_modules=args.target_modules, use_rslora=args.use_rslora, use_dora=args.use_dora,
+                      target_parameters=args.target_parameters)
 
 
 def run_settings(args, lr: float, precision: str, specs) -> dict:
@@ -170,13 +171,14 @@ def run_settings(args, lr: float, precision: str, specs) -> dict:
     tm = args.target_modules
     # The shipped demo set is recorded by name: its path changes when the package is reinstalled elsewhere.
     data = None if specs else (where(args.data) if args.data else "demo")
-    return {"--model": args.model if args.model == TINY else where(args.model), "--data": data,
+    return {"--model": args.model if args.model in BUILTIN else where(args.model), "--data": data,
             "--adapter": {n: where(p) for n, p in specs.items()} if specs else None,
             "--eval-data": where(args.eval_data), "--eval-fraction": args.eval_fraction, "--seq-len": args.seq_len,
             "--batch-size": args.batch_size, "--grad-accum": args.grad_accum, "--r": args.r,
             "--lora-alpha": args.lora_alpha, "--lora-dropout": args.lora_dropout, "--use-rslora": args.use_rslora,
             "--use-dora": args.use_dora,
-            "--target-modules": tm if isinstance(tm, str) else list(tm), "--lr": lr,
+            "--target-modules": tm if isinstance(tm, str) else list(tm),
+            "--target-parameters": args.target_parameters, "--lr": lr,
             "--weight-decay": args.weight_decay, "--warmup-steps": args.warmup_steps,
             "--max-grad-norm": args.max_grad_norm, "--precision": precision, "--load-dtype": args.load_dtype,
             "--quantize": args.quantize, "--double-quant": args.double_quant, "--seed": args.seed,
@@ -190,14 +192,14 @@ def _base_model(args, base_dir: str, quant, device, new_tiny: bool, main: bool):
 
     from ..models import build_tiny_model, check_seq_len
 
-    if args.model != TINY:
+    if args.model not in BUILTIN:
         dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.load_dtype]
         model, tok = load_model(args.model, dtype=dtype, quant=quant, device=device)
     elif not new_tiny and os.path.isfile(os.path.join(base_dir, "config.json")):
         # the run's own base, whatever --seed says now
         model, tok = load_model(base_dir, dtype=torch.float32, quant=quant, device=device)
     else:
-        model, tok = build_tiny_model(args.seq_len, seed=args.seed)
+        model, tok = build_tiny_model(args.seq_len, seed=args.seed, moe=args.model == TINY_MOE)
     warning = user_error(check_seq_len, model, args.seq_len)
     if warning and main:
         print(f"lora-kernels finetune: warning: {warning}", file=sys.stderr)

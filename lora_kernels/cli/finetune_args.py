@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .common import (DEFAULT_LR, EVAL_MAX_BATCHES, QUANT_TYPES, SMALL_MODEL_WIDTH, TINY, TINY_LR, fraction,
-                     nonneg_int, positive_float, positive_int, seed_arg, seq_len_arg, target_modules_arg)
+                     name_list_arg, nonneg_int, positive_float, positive_int, seed_arg, seq_len_arg, target_modules_arg)
 from .finetune import cmd_finetune
 
 
@@ -13,7 +13,8 @@ def add_parser(sub, fmt) -> None:
                        "adapter (adapter_config.json, adapter_model.safetensors), metrics.jsonl, loss_curve.png and "
                        "checkpoints/ into --output-dir. Run under torchrun for DistributedDataParallel.")
     f.add_argument("--model", default=TINY, help="a local transformers causal-LM directory, or 'tiny' for the "
-                   "built-in 2-layer Llama with a byte tokenizer (random weights, saved to OUTPUT_DIR/base_model)")
+                   "built-in 2-layer Llama with a byte tokenizer (random weights, saved to OUTPUT_DIR/base_model), "
+                   "or 'tiny-moe' for a built-in 2-layer Qwen3-MoE (8 experts, top-2) the same way")
     f.add_argument("--data", default=None, help="training data: .jsonl with {'text'} or {'prompt','response'} lines "
                    "(loss on the response only), or plain text (documents split by blank lines); default: the "
                    "shipped demo set")
@@ -37,6 +38,9 @@ def add_parser(sub, fmt) -> None:
                    "feature over the normalised W + s·B·A")
     f.add_argument("--target-modules", type=target_modules_arg, default="all-linear",
                    help="'all-linear', a comma list (q_proj,v_proj) or a regex matching full module names")
+    f.add_argument("--target-parameters", type=name_list_arg, default=None,
+                   help="MoE experts: a comma list of 3-D expert weights to adapt, as PEFT's target_parameters "
+                        "(mlp.experts.gate_up_proj,mlp.experts.down_proj)")
     f.add_argument("--lr", type=positive_float, default=None,
                    help=f"peak learning rate (default {TINY_LR:g} for 'tiny', {DEFAULT_LR:g} otherwise)")
     f.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")

@@ -51,11 +51,12 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
-from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 
 from ..functional import AdapterSegments, fused_lora_linear, fused_multi_lora_linear
 from ..layers import is_conv1d
 from .module_hooks import hook_reason
+from .peft_experts import FusedPeftExperts, static_reason, wrapped_by_param_wrappers
 from .peft_dora import dora_call_reason, dora_forward, dora_unservable_reason, is_dora
 
 # torch keeps the global module hooks in these dicts of torch.nn.modules.module, mutated in place.
@@ -332,20 +333,31 @@ def fuse_peft_model(peft_model: nn.Module, verbose: bool = False) -> FuseReport:
     Eligible: exactly peft.tuners.lora.Linear over an nn.Linear (subclasses that keep nn.Linear's forward too),
     or a transformers Conv1D (GPT-2, fan_in_fan_out), holding one of the active adapters (or none of them, and an
     adapter of its own it could serve); and PEFT's lora.bnb.Linear4bit over a bitsandbytes Linear4bit
-    (QLoRA) under the same rules; DoRA adapters over a dense base too (integrations/peft_dora.py). A fused layer
-    still falls back to PEFT's forward per call (see the module docstring). Others (conv, embedding, 8-bit
-    quantized, DoRA over 4-bit, several active adapters) are
+    (QLoRA) under the same rules; DoRA adapters over a dense base too (integrations/peft_dora.py); and the outermost
+    PEFT ParamWrapper over a transformers MoE experts module (target_parameters; integrations/peft_experts.py). A
+    fused layer still falls back to PEFT's forward per call (see the module docstring). Others (conv, embedding,
+    8-bit quantized, DoRA over 4-bit, several active adapters) are
     left as they are and listed in the returned report's `skipped`. Undo with unfuse_peft_model.
     """
     if not isinstance(peft_model, nn.Module):
         raise ValueError(f"peft_model must be a torch.nn.Module, got {type(peft_model).__name__}")
     report = FuseReport()
     linear4bit = _peft_linear4bit()
+    inner = wrapped_by_param_wrappers(peft_model)
     for name, module in peft_model.named_modules():
-        if _is_fused(module):
+        if _is_fused(module) or isinstance(module, FusedPeftExperts):
             report.fused.append(name)
             continue
         if not isinstance(module, LoraLayer):
+            continue
+        if isinstance(module, ParamWrapper):  # target_parameters: the outermost wrapper serves its whole nest
+            if id(module) not in inner:
+                reason = static_reason(module)
+                if reason is None:
+                    module.__class__ = FusedPeftExperts
+                    report.fused.append(name)
+                else:
+                    report.skipped[name] = reason
             continue
         is_4bit = linear4bit is not None and type(module) is linear4bit
         if type(module) is not PeftLoraLinear and not is_4bit:
@@ -370,6 +382,9 @@ def unfuse_peft_model(peft_model: nn.Module) -> List[str]:
     for name, module in peft_model.named_modules():
         if isinstance(module, FusedPeftLinear):
             module.__class__ = PeftLoraLinear
+            names.append(name)
+        elif isinstance(module, FusedPeftExperts):
+            module.__class__ = ParamWrapper
             names.append(name)
         elif FusedPeftLinear4bit is not None and isinstance(module, FusedPeftLinear4bit):
             module.__class__ = _peft_linear4bit()

@@ -2,9 +2,9 @@
 
 inject_lora asks `can_adapt` which modules can take an adapter and `wrap` for the layer; FusedLoraLinear.from_linear
 reaches `wrap` through base.py's slot (filled below). A new layer type adds its row here; the first row whose
-test matches the module wins. Layer types that adapt parameters rather than modules (3-D expert weights, PEFT's
-target_parameters) will get a table of their own beside this one. DoRA (use_dora=True) is a column: the
-DoRA layer type of each base, or None where DoRA is not supported yet.
+test matches the module wins. DoRA (use_dora=True) is a column: the DoRA layer type of each base, or None where
+DoRA is not supported yet. Parameters rather than modules (PEFT's target_parameters: 3-D expert weights) have the
+second table below: the module holding the parameters decides the layer type.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from . import base
 from .base import LoraLayer
 from .dense import FusedLoraLinear, is_conv1d
 from .dora import FusedDoraLinear
+from .experts import FusedLoraExperts, adapted_experts_params
 from .linear_4bit import FusedLoraLinear4bit
 
 
@@ -92,3 +93,16 @@ def wrap(module: nn.Module, layer_class: Optional[type] = None, use_dora: bool =
 
 
 base._wrap_base[:] = [wrap]
+
+
+# -- target_parameters: which layer type adapts the parameters of which module --------------------------------
+
+def wrap_params(module: nn.Module, params, name: str = "", **adapter) -> LoraLayer:
+    """The LoRA layer that adapts `params` of `module` (qualified name `name`, for errors): an MoE experts
+    module of a layout FusedLoraExperts runs; any other module raises a ValueError naming it."""
+    return FusedLoraExperts.from_base(module, params, name=name, **adapter)
+
+
+def param_targets(module: nn.Module, name: str, targets) -> list:
+    """The parameters of `module` that target_parameters `targets` names (PEFT's matching), registration order."""
+    return adapted_experts_params(module, name, targets)

@@ -1,4 +1,5 @@
-"""The built-in default model: a 2-layer, 128-wide Llama over the byte tokenizer (about 0.5M parameters).
+"""The built-in models: the default 2-layer, 128-wide Llama over the byte tokenizer (about 0.5M parameters), and
+`tiny-moe`, a 2-layer, 64-wide Qwen3-MoE (8 experts, top-2) for LoRA on experts (--target-parameters).
 
 It is built from a config (nothing is downloaded), so `lora-kernels finetune` and the tests run anywhere.
 """
@@ -28,13 +29,27 @@ def tiny_llama_config(seq_len: int):
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
-def build_tiny_model(seq_len: int, seed: int = 0):
-    """(model, tokenizer): the tiny Llama with weights drawn from `seed` only (the global RNG is left untouched)."""
-    from transformers import LlamaForCausalLM
+def tiny_moe_config(seq_len: int):
+    """A Qwen3-MoE of the tiny Llama's kind: byte vocabulary, initializer_range=0.1, every layer sparse."""
+    from transformers import Qwen3MoeConfig
+
+    tok = ByteTokenizer()
+    positions = min(max(seq_len, 128), TINY_MAX_POSITIONS)
+    return Qwen3MoeConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                          num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          max_position_embeddings=positions, initializer_range=0.1, tie_word_embeddings=False,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def build_tiny_model(seq_len: int, seed: int = 0, moe: bool = False):
+    """(model, tokenizer): the tiny Llama (moe: the tiny Qwen3-MoE) with weights drawn from `seed` only (the global
+    RNG is left untouched)."""
+    from transformers import LlamaForCausalLM, Qwen3MoeForCausalLM
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(tiny_llama_config(seq_len))
+        model = Qwen3MoeForCausalLM(tiny_moe_config(seq_len)) if moe else LlamaForCausalLM(tiny_llama_config(seq_len))
     return model, ByteTokenizer()
 
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ..config import LoraConfig
 from ..inject import ModulesToSaveWrapper, applied_configs, check_adapter, lora_layers, model_adapters
-from ..layers import LoraLayer
+from ..layers import FusedLoraExperts, LoraLayer
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -119,14 +119,26 @@ def adapter_config(model: nn.Module, adapter_name: Optional[str] = None) -> Lora
     r0 = configs[0].r if configs else Counter(s.r for s in specs.values()).most_common(1)[0][0]
     a0 = configs[0].lora_alpha if configs else Counter(s.lora_alpha for s in specs.values()).most_common(1)[0][0]
     wrapped = [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    modules = sorted(n for n, layer in layers.items() if not isinstance(layer, FusedLoraExperts))
+    # PEFT's target_parameters: the experts layers' adapted parameters by qualified name.
+    params = sorted(f"{n}.{p}" for n, layer in layers.items() if isinstance(layer, FusedLoraExperts)
+                    for p in layer.params)
     return LoraConfig(
         r=r0, lora_alpha=a0, lora_dropout=first.lora_dropout, use_rslora=first.use_rslora,
-        target_modules=sorted(layers), bias=_bias_mode(configs),
+        target_modules=modules or None, target_parameters=params or None, bias=_bias_mode(configs),
         # re.escape: PEFT reads pattern keys as regexes; an escaped full name matches that module only.
-        rank_pattern={re.escape(n): s.r for n, s in specs.items() if s.r != r0},
-        alpha_pattern={re.escape(n): s.lora_alpha for n, s in specs.items() if s.lora_alpha != a0},
+        rank_pattern={re.escape(k): s.r for n, s in specs.items() if s.r != r0 for k in _pattern_names(n, layers)},
+        alpha_pattern={re.escape(k): s.lora_alpha for n, s in specs.items() if s.lora_alpha != a0
+                       for k in _pattern_names(n, layers)},
         modules_to_save=wrapped or None, fan_in_fan_out=fan.pop(), use_dora=dora.pop(),
     )
+
+
+def _pattern_names(name: str, layers: Dict[str, LoraLayer]) -> List[str]:
+    """The names a rank_pattern / alpha_pattern key must match for a layer: the module's, or (PEFT matches
+    target_parameters by parameter) each adapted parameter's."""
+    layer = layers[name]
+    return [f"{name}.{p}" for p in layer.params] if isinstance(layer, FusedLoraExperts) else [name]
 
 
 def own_name(model: nn.Module, name: str, adapter_name: str, layers: Dict[str, LoraLayer],

@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 
 from ..config import LoraConfig
-from ..inject import ModulesToSaveWrapper, find_modules_to_save, find_targets, inject_lora, model_adapters
-from ..layers import DEFAULT_ADAPTER, LoraLayer, check_adapter_name, linear_features
+from ..inject import (ModulesToSaveWrapper, find_modules_to_save, find_param_targets, find_targets, inject_lora,
+                      model_adapters)
+from ..layers import DEFAULT_ADAPTER, FusedLoraExperts, LoraLayer, check_adapter_name, experts_layout, linear_features
 from .keys import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, PathLike, _adapter_layers, _bias_keys, _saved_module_keys,
                    layer_key)
 
@@ -75,6 +76,21 @@ def _expected_shapes(model: nn.Module, config: LoraConfig,
         expected[f"{PREFIX}{name}.lora_B.weight"] = ((out_features, r), name)
         if config.use_dora:
             expected[f"{PREFIX}{name}.lora_magnitude_vector"] = ((out_features,), name)
+    for name, params in find_param_targets(model, config).items():
+        module = model.get_submodule(name)
+        held = isinstance(module, FusedLoraExperts) and adapter_name in module.adapter_names
+        if not isinstance(module, FusedLoraExperts):
+            experts_layout(module, name)  # a module the experts layer cannot run: its ValueError, before any shape
+        r = module.adapter_spec(adapter_name).r if held else config.rank_for(f"{name}.{params[0]}")
+        params = module.params if isinstance(module, FusedLoraExperts) else params
+        for i, p in enumerate(params):
+            # PEFT nests one ParamWrapper per parameter, the first (registration order) innermost.
+            nest = "base_layer." * (len(params) - 1 - i)
+            num_experts, d1, d2 = getattr(module, p).shape
+            transposed = module.transposed if isinstance(module, FusedLoraExperts) else module.is_transposed
+            fin, fout = (d1, d2) if transposed else (d2, d1)
+            expected[f"{PREFIX}{name}.{nest}lora_A.weight"] = ((r * num_experts, fin), f"{name}.{p}")
+            expected[f"{PREFIX}{name}.{nest}lora_B.weight"] = ((fout, r * num_experts), f"{name}.{p}")
     for key, (pname, p) in _bias_keys(model, config.bias, set(new + existing)).items():
         expected[key] = (tuple(p.shape), pname)
     for key, v in _saved_module_keys(model, find_modules_to_save(model, config)).items():
