@@ -24,11 +24,13 @@ ALLOWED = {
     "config": {"patterns"},
     "ops": {"settings"},
     "backends": {"settings", "timing", "ops", "_cuda"},  # _cuda: the compiled csrc/ extension, when built
-    "functional": {"backends"},
+    "adapter_segments": {"backends"},
+    "functional": {"backends", "adapter_segments"},
     "layers": {"config", "functional", "names"},
     "layer": {"layers"},  # the import paths before layers/: re-exports only
     "layer_4bit": {"layers"},
-    "inject": {"config", "hooks", "layers", "patterns"},
+    "targets": {"config", "layers", "patterns"},
+    "inject": {"config", "hooks", "layers", "targets"},
     "trainability": {"inject"},
     "persistence": {"config", "inject", "layers"},
     "adapters": {"functional", "inject", "layers"},

@@ -414,7 +414,7 @@ def test_tf32_follows_torchs_new_and_legacy_switches(restore_tf32):
 # Host-to-device copies of the segment tables.
 
 def test_row_tables_are_copied_from_pinned_memory_without_blocking(monkeypatch):
-    from lora_kernels import functional
+    from lora_kernels import adapter_segments
     from lora_kernels.ops import transfer
 
     copies = []
@@ -432,8 +432,8 @@ def test_row_tables_are_copied_from_pinned_memory_without_blocking(monkeypatch):
     transfer.host_to_device(torch.arange(3), torch.device("cuda:1"), kept)
     assert copies == ["pinned", ("to", "cuda:1", True)] and len(kept) == 1
     calls = []
-    real = functional.host_to_device
-    monkeypatch.setattr(functional, "host_to_device", lambda t, d, keep: calls.append(str(d)) or real(t, d, keep))
+    real = adapter_segments.host_to_device
+    monkeypatch.setattr(adapter_segments, "host_to_device", lambda t, d, keep: calls.append(str(d)) or real(t, d, keep))
     segments = AdapterSegments([1, 0, None])
     segments.row_adapter(6, "cpu")
     segments.row_order(6, "cpu")
