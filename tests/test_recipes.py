@@ -24,6 +24,7 @@ EXPECTED = {
     "trl_sft_dpo.py": ["adapters on the model: ['default', 'ref']"],
     "peft_fuse.py": ["fused 14 layers, skipped 0"],
     "dora.py": ["LoRA layer types: ['FusedDoraLinear']"],
+    "moe_experts.py": ["LoRA layer types: ['FusedLoraExperts', 'FusedLoraLinear']"],
     "qlora.py": ["LoRA layer types: ['FusedLoraLinear4bit']"],
     "several_adapters.py": ["every lora_B of each adapter moved from zero: {'sql': True, 'chat': True}"],
     "torchrun_ddp_fsdp.py": ["DDP and FSDP2 adapters (28 tensors)"],
