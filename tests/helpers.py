@@ -62,3 +62,28 @@ def one_line_error(err: str, command: str = "finetune") -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"lora-kernels {command}: error: "), err
     return lines[0]
+
+
+def finished_run(tmp_path_factory, name: str, flags):
+    """A finished `lora-kernels finetune` run (torch backend) in a fresh temporary folder: the module fixture the
+    CLI safety tests copy from instead of training again."""
+    import pytest
+
+    from lora_kernels.cli import main
+
+    out = tmp_path_factory.mktemp(name) / "run"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LORA_KERNELS_BACKEND", "torch")
+    try:
+        assert main(["finetune", "--output-dir", str(out), *flags]) == 0
+    finally:
+        mp.undo()
+    return out
+
+
+def copy_run(run, tmp_path):
+    """A copy of `run` at tmp_path/run, for a test that changes or breaks it."""
+    import shutil
+
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lora_kernels as lk
-from helpers import one_line_error
+from helpers import copy_run, finished_run, one_line_error
 from lora_kernels.cli import main
 
 QUICK = ["--max-steps", "2", "--seq-len", "16", "--batch-size", "2", "--eval-every", "0", "--eval-fraction", "0",
@@ -22,19 +22,7 @@ pytestmark = pytest.mark.usefixtures("cli_defaults")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("errors") / "run"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LORA_KERNELS_BACKEND", "torch")
-    try:
-        assert main(["finetune", "--output-dir", str(out), *QUICK]) == 0
-    finally:
-        mp.undo()
-    return out
-
-
-def _copy(run, tmp_path):
-    shutil.copytree(run, tmp_path / "run")
-    return tmp_path / "run"
+    return finished_run(tmp_path_factory, "errors", QUICK)
 
 
 def _error(capsys, argv, command="finetune"):
@@ -90,7 +78,7 @@ def test_hostile_data_lines_are_one_line_errors(tmp_path, capsys, content, expec
 
 
 def _craft(run, tmp_path, stem, edit):
-    run = _copy(run, tmp_path)
+    run = copy_run(run, tmp_path)
     path = run / "checkpoints" / "step-0000002" / f"{stem}.json"
     doc = json.loads(path.read_text())
     edit(doc["state"])
@@ -149,7 +137,7 @@ def test_meta_device_and_zero_width_inputs_are_value_errors(monkeypatch):
 # -- item 6: clear messages ----------------------------------------------------------------------------------------
 
 def test_a_torn_last_metrics_line_does_not_block_resume(run, tmp_path, capsys):
-    out = _copy(run, tmp_path)
+    out = copy_run(run, tmp_path)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "lo')
     assert main(["finetune", "--output-dir", str(out), "--resume", *QUICK, "--max-steps", "3"]) == 0
@@ -189,7 +177,7 @@ def test_a_dangling_symlink_output_dir_says_so(tmp_path, capsys):
 def test_a_stray_step_folder_is_not_the_latest_checkpoint(run, tmp_path):
     from lora_kernels.training.checkpoint import latest_checkpoint
 
-    out = _copy(run, tmp_path)
+    out = copy_run(run, tmp_path)
     (out / "checkpoints" / "step-9").mkdir()
     assert latest_checkpoint(str(out)).endswith("step-0000002")
 

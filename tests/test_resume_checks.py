@@ -1,11 +1,10 @@
 """Issue 22, items 3 and 8: --resume compares the run's recorded settings (each differing flag with both values),
 notices what may change, and says a finished run is finished before loading anything."""
 import json
-import shutil
 
 import pytest
 
-from helpers import one_line_error
+from helpers import copy_run, finished_run, one_line_error
 from lora_kernels.cli import main
 from lora_kernels.training.manifest import MANIFEST
 
@@ -17,19 +16,7 @@ pytestmark = pytest.mark.usefixtures("cli_defaults")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("resume") / "run"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LORA_KERNELS_BACKEND", "torch")
-    try:
-        assert main(["finetune", "--output-dir", str(out), *QUICK]) == 0
-    finally:
-        mp.undo()
-    return out
-
-
-def _copy(run, tmp_path):
-    shutil.copytree(run, tmp_path / "run")
-    return tmp_path / "run"
+    return finished_run(tmp_path_factory, "resume", QUICK)
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -41,7 +28,7 @@ def _copy(run, tmp_path):
     (["--target-modules", "q_proj,v_proj"], ['--target-modules "all-linear" (the run) vs ["q_proj", "v_proj"]']),
 ])
 def test_a_resume_with_other_settings_lists_every_difference(run, tmp_path, capsys, flags, expected):
-    run = _copy(run, tmp_path)
+    run = copy_run(run, tmp_path)
     rc = main(["finetune", "--output-dir", str(run), "--resume", *QUICK, "--max-steps", "3", *flags])
     line = one_line_error(capsys.readouterr().err)
     assert rc == 2 and "was started with other settings" in line
@@ -50,7 +37,7 @@ def test_a_resume_with_other_settings_lists_every_difference(run, tmp_path, caps
 
 
 def test_a_quantized_run_is_not_resumed_dense(run, tmp_path, capsys):
-    run = _copy(run, tmp_path)
+    run = copy_run(run, tmp_path)
     manifest = json.loads((run / MANIFEST).read_text())
     manifest["settings"]["--quantize"] = "nf4"  # as a --quantize nf4 run records it
     (run / MANIFEST).write_text(json.dumps(manifest))
@@ -59,7 +46,7 @@ def test_a_quantized_run_is_not_resumed_dense(run, tmp_path, capsys):
 
 
 def test_changeable_flags_are_a_notice_and_recorded(run, tmp_path, capsys):
-    run = _copy(run, tmp_path)
+    run = copy_run(run, tmp_path)
     assert main(["finetune", "--output-dir", str(run), "--resume", *QUICK, "--max-steps", "3",
                  "--eval-every", "5"]) == 0
     out = capsys.readouterr().out
@@ -72,7 +59,7 @@ def test_changeable_flags_are_a_notice_and_recorded(run, tmp_path, capsys):
 def test_a_finished_run_says_so_before_loading_anything(run, tmp_path, capsys, monkeypatch):
     import lora_kernels.cli.finetune as finetune
 
-    run = _copy(run, tmp_path)
+    run = copy_run(run, tmp_path)
 
     def no_loading(*a, **k):
         raise AssertionError("the model was loaded")

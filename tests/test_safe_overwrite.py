@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lora_kernels as lk
-from helpers import one_line_error
+from helpers import copy_run, finished_run, one_line_error
 from lora_kernels.cli import main
 from lora_kernels.training.manifest import MANIFEST
 
@@ -20,19 +20,7 @@ pytestmark = pytest.mark.usefixtures("cli_defaults")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("safe") / "run"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LORA_KERNELS_BACKEND", "torch")
-    try:
-        assert main(["finetune", "--output-dir", str(out), *QUICK]) == 0
-    finally:
-        mp.undo()
-    return out
-
-
-def _copy(run, tmp_path):
-    shutil.copytree(run, tmp_path / "run")
-    return tmp_path / "run"
+    return finished_run(tmp_path_factory, "safe", QUICK)
 
 
 def _files(directory):
@@ -40,7 +28,7 @@ def _files(directory):
 
 
 def test_overwrite_deletes_only_what_the_run_wrote(run, tmp_path, capsys):
-    run = _copy(run, tmp_path)
+    run = copy_run(run, tmp_path)
     mine = {"checkpoints/other/model.pt": b"user", "base_model/README.md": b"notes", "notes.txt": b"mine"}
     for rel, data in mine.items():
         (run / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +110,7 @@ def test_an_unfinished_start_is_reused(run, tmp_path, capsys):
 # -- merge -------------------------------------------------------------------------------------------------------
 
 def test_merge_never_writes_over_its_input_or_into_a_run(run, tmp_path, capsys):
-    run = _copy(run, tmp_path)
+    run = copy_run(run, tmp_path)
     base = run / "base_model"
     before = _files(run)
     for out, expected in [(base, "is --model"), (base / "sub", "is inside --model"),
