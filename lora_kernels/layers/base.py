@@ -37,6 +37,20 @@ from ..names import check_adapter_name  # noqa: F401  (the one rule; re-exported
 DEFAULT_ADAPTER = "default"
 
 
+def init_lora_pair(A: torch.Tensor, B: torch.Tensor, init_lora_weights: Union[bool, str], r: int) -> None:
+    """PEFT's initialisation of one (A, B) pair: A kaiming-uniform(a=√5), or normal with std 1/r for "gaussian";
+    B zero, so a new adapter leaves the output unchanged, or kaiming-uniform too for init_lora_weights=False
+    (tests and debugging)."""
+    if init_lora_weights == "gaussian":
+        nn.init.normal_(A, std=1.0 / r)
+    else:
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    if init_lora_weights is False:
+        nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+    else:
+        nn.init.zeros_(B)
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """The hyperparameters of one adapter of a layer."""

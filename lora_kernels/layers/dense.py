@@ -14,7 +14,6 @@ layer runs fused_multi_lora_linear over its adapters in the model's adapter orde
 """
 from __future__ import annotations
 
-import math
 import sys
 from typing import Optional, Sequence, Tuple, Union
 
@@ -23,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..functional import AdapterSegments, fused_lora_linear, fused_multi_lora_linear
-from .base import LoraLayer
+from .base import LoraLayer, init_lora_pair
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -127,15 +126,7 @@ class FusedLoraLinear(LoraLayer):
     @torch.no_grad()
     def _init_adapter(self, adapter_name: str, init_lora_weights: Union[bool, str]) -> None:
         A, B = self.adapter_params(adapter_name)[:2]  # a DoRA layer adds its magnitude
-        if init_lora_weights == "gaussian":
-            nn.init.normal_(A, std=1.0 / A.shape[0])
-        else:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        if init_lora_weights is False:
-            # Non-zero B so the adapter changes the output (tests, debugging).
-            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(B)
+        init_lora_pair(A, B, init_lora_weights, A.shape[0])
 
     # -- forward ----------------------------------------------------------------------------------
     def linear_weight(self) -> torch.Tensor:

@@ -17,14 +17,13 @@ raise a ValueError naming the module and its layout.
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from ..functional import ExpertRouting, fused_grouped_lora_linear
-from .base import LoraLayer
+from .base import LoraLayer, init_lora_pair
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
@@ -136,14 +135,7 @@ class FusedLoraExperts(LoraLayer):
         tensors = self.adapter_params(adapter_name)
         for A, B in zip(tensors[0::2], tensors[1::2]):
             # PEFT initialises the (r·E, in) and (out, r·E) tensors as whole nn.Linear weights.
-            if init_lora_weights == "gaussian":
-                nn.init.normal_(A, std=1.0 / self.r)
-            else:
-                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            if init_lora_weights is False:
-                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(B)
+            init_lora_pair(A, B, init_lora_weights, self.r)
 
     # -- forward ----------------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
