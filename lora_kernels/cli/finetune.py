@@ -30,6 +30,7 @@ def cmd_finetune(args) -> int:
     warmup_given = args.warmup_steps is not None
     if not warmup_given:
         args.warmup_steps = WARMUP_STEPS
+    ours = not torch.distributed.is_initialized()   # a caller's process group outlives the run
     rank, world, device = init_distributed()
     if args.device:
         device = user_error(resolve_device, args.device, training=True)
@@ -146,7 +147,7 @@ def cmd_finetune(args) -> int:
         say(f"metrics: {result.metrics_path}" + (f"; loss curve: {result.plot_path}" if result.plot_path else ""))
         say(_how_to_load(base_dir, os.path.join(args.output_dir, next(iter(specs))) if specs else args.output_dir,
                          quant))
-    if torch.distributed.is_initialized():
+    if ours and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
 

@@ -1,0 +1,68 @@
+"""Run under torchrun by test_scaleout.py: the CLI's several-adapter run under DDP and FSDP2, each then resumed
+from its step-2 checkpoint, all in one launch (each torchrun start costs ~10 s of imports).
+
+    torchrun --standalone --nproc_per_node 2 tests/multi_rank_runs.py ROOT PROSE_FILE QA_FILE
+
+Writes ROOT/<strategy>/ (the run) and ROOT/<strategy>-resumed/ (its copy resumed at step 2), and each rank's
+final adapter tensors to ROOT/<strategy>/rank<R>.pt, for the test to compare.
+"""
+import os
+import shutil
+import sys
+
+import torch
+import torch.distributed as dist
+
+from lora_kernels.cli import main
+from lora_kernels.training import trainable_state_dict
+from lora_kernels.training.multi import MultiAdapterTrainer
+
+FINAL = {}
+
+# Shared by the test's one-process run (which reads twice these rows per adapter in one micro-batch).
+FLAGS = ["--max-steps", "4", "--seq-len", "32", "--eval-every", "2", "--save-every", "2", "--lora-dropout", "0",
+         "--warmup-steps", "0", "--no-progress"]
+BATCH = 2   # rows of each adapter per rank per micro-batch
+
+
+def finetune(out, prose, qa, strategy, *extra):
+    return main(["finetune", "--output-dir", out, "--adapter", f"prose={prose}", "--adapter", f"qa={qa}",
+                 "--strategy", strategy, "--batch-size", str(BATCH), *FLAGS, *extra])
+
+
+def record_final_tensors():
+    """Keep each rank's own copy of the adapters a run ends with (what DDP or FSDP2 left on that rank)."""
+    real = MultiAdapterTrainer.train
+
+    def train(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        FINAL["tensors"] = trainable_state_dict(self.model)   # gathered under FSDP2: every rank calls it
+        return result
+
+    MultiAdapterTrainer.train = train
+
+
+def trained(out, prose, qa, strategy, *extra):
+    assert finetune(out, prose, qa, strategy, *extra) == 0
+    torch.save(FINAL.pop("tensors"), os.path.join(out, f"final{os.environ['RANK']}.pt"))
+
+
+def run(root, prose, qa, strategy):
+    out = os.path.join(root, strategy)
+    trained(out, prose, qa, strategy)
+    resumed = out + "-resumed"
+    if dist.get_rank() == 0:
+        shutil.copytree(out, resumed)   # then what the run wrote after step 2 goes
+        for name in ("prose", "qa", os.path.join("checkpoints", "step-0000004")):
+            shutil.rmtree(os.path.join(resumed, name))
+    dist.barrier()
+    trained(resumed, prose, qa, strategy, "--resume")
+
+
+if __name__ == "__main__":
+    root, prose, qa = sys.argv[1:4]
+    dist.init_process_group("gloo")   # finetune runs in it and leaves it up (it ends only a group it started)
+    record_final_tensors()
+    for strategy in ("ddp", "fsdp"):
+        run(root, prose, qa, strategy)
+    dist.destroy_process_group()
