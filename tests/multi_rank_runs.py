@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from lora_kernels.cli import main
 from lora_kernels.training import trainable_state_dict
-from lora_kernels.training.multi import MultiAdapterTrainer
+from lora_kernels.training import Trainer
 
 FINAL = {}
 
@@ -25,38 +25,42 @@ FLAGS = ["--max-steps", "4", "--seq-len", "32", "--eval-every", "2", "--save-eve
 BATCH = 2   # rows of each adapter per rank per micro-batch
 
 
-def finetune(out, prose, qa, strategy, *extra):
-    return main(["finetune", "--output-dir", out, "--adapter", f"prose={prose}", "--adapter", f"qa={qa}",
-                 "--strategy", strategy, "--batch-size", str(BATCH), *FLAGS, *extra])
+def finetune(out, prose, qa, strategy, *extra, quantized=False):
+    """Both adapters; quantized: one adapter on prose over an NF4 base (a 4-bit layer holds one adapter)."""
+    data = ["--data", str(prose), "--quantize", "nf4"] if quantized else ["--adapter", f"prose={prose}",
+                                                                           "--adapter", f"qa={qa}"]
+    return main(["finetune", "--output-dir", out, *data, "--strategy", strategy, "--batch-size", str(BATCH),
+                 *FLAGS, *extra])
 
 
 def record_final_tensors():
     """Keep each rank's own copy of the adapters a run ends with (what DDP or FSDP2 left on that rank)."""
-    real = MultiAdapterTrainer.train
+    real = Trainer.train
 
     def train(self, *args, **kwargs):
         result = real(self, *args, **kwargs)
         FINAL["tensors"] = trainable_state_dict(self.model)   # gathered under FSDP2: every rank calls it
         return result
 
-    MultiAdapterTrainer.train = train
+    Trainer.train = train   # MultiAdapterTrainer's too
 
 
-def trained(out, prose, qa, strategy, *extra):
-    assert finetune(out, prose, qa, strategy, *extra) == 0
+def trained(out, prose, qa, strategy, *extra, quantized=False):
+    assert finetune(out, prose, qa, strategy, *extra, quantized=quantized) == 0
     torch.save(FINAL.pop("tensors"), os.path.join(out, f"final{os.environ['RANK']}.pt"))
 
 
-def run(root, prose, qa, strategy):
-    out = os.path.join(root, strategy)
-    trained(out, prose, qa, strategy)
+def run(root, prose, qa, strategy, quantized=False):
+    out = os.path.join(root, strategy + ("-nf4" if quantized else ""))
+    trained(out, prose, qa, strategy, quantized=quantized)
     resumed = out + "-resumed"
     if dist.get_rank() == 0:
         shutil.copytree(out, resumed)   # then what the run wrote after step 2 goes
-        for name in ("prose", "qa", os.path.join("checkpoints", "step-0000004")):
-            shutil.rmtree(os.path.join(resumed, name))
+        shutil.rmtree(os.path.join(resumed, "checkpoints", "step-0000004"))
+        for name in ("adapter_model.safetensors", "adapter_config.json") if quantized else ("prose", "qa"):
+            (shutil.rmtree if not quantized else os.remove)(os.path.join(resumed, name))
     dist.barrier()
-    trained(resumed, prose, qa, strategy, "--resume")
+    trained(resumed, prose, qa, strategy, "--resume", quantized=quantized)
 
 
 if __name__ == "__main__":
@@ -65,4 +69,5 @@ if __name__ == "__main__":
     record_final_tensors()
     for strategy in ("ddp", "fsdp"):
         run(root, prose, qa, strategy)
+    run(root, prose, qa, "fsdp", quantized=True)
     dist.destroy_process_group()

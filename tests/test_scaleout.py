@@ -112,4 +112,41 @@ def test_metrics_and_reports_are_written_once(runs_root, strategy):
     assert [r["step"] for r in recs] == [1, 2, 3, 4]   # rank 1 appends nothing
     assert all(f"loss/{name}" in r for r in recs for name in ADAPTERS)
     assert stdout.count(f"-> {root / strategy / 'prose'}/") == 1
-    assert stdout.count("2 process(es)") == 4   # four runs, each reported by rank 0 alone
+    assert stdout.count("2 process(es)") == 6   # six runs, each reported by rank 0 alone
+
+
+@pytest.fixture(scope="module")
+def single_nf4(runs_root):
+    """The one-process QLoRA run on the same global batch as the 2-rank FSDP2 one."""
+    root, _ = runs_root
+    prose, qa = root / "prose.jsonl", root / "qa.jsonl"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LORA_KERNELS_BACKEND", "torch")
+    n = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            rc = runs.finetune(str(root / "single-nf4"), prose, qa, "none", "--batch-size", str(2 * runs.BATCH),
+                               quantized=True)
+    finally:
+        mp.undo()
+        torch.set_num_threads(n)
+    assert rc == 0
+    return root / "single-nf4"
+
+
+def test_fsdp2_trains_a_4bit_base_like_one_process(runs_root, single_nf4):
+    """--quantize nf4 --strategy fsdp: the packed NF4 bytes (float32 quant storage) are sharded, each rank's fused
+    4-bit layers dequantize the gathered bytes with the quant state kept on the module; both ranks end equal,
+    equal to one process on the same global batch, and resume bit for bit."""
+    root, stdout = runs_root
+    run, resumed = root / "fsdp-nf4", root / "fsdp-nf4-resumed"
+    assert "base 4-bit nf4, 2 process(es)" in stdout
+    r0, r1 = (torch.load(run / f"final{r}.pt") for r in (0, 1))
+    assert set(r0) == set(r1) and r0 and all(torch.equal(r0[n], r1[n]) for n in r0)
+    ours, single = (load_file(str(d / "adapter_model.safetensors")) for d in (run, single_nf4))
+    assert set(ours) == set(single) and any(t.abs().max() > 0 for k, t in ours.items() if "lora_B" in k)
+    for key in single:
+        torch.testing.assert_close(ours[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert ((resumed / "adapter_model.safetensors").read_bytes() == (run / "adapter_model.safetensors").read_bytes())
+    assert [r["loss"] for r in _records(resumed)] == [r["loss"] for r in _records(run)]
+    assert [r["step"] for r in _records(run)] == [1, 2, 3, 4]

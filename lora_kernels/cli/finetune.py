@@ -276,9 +276,6 @@ def _check_quantize_flags(args) -> None:
 
     if args.double_quant and not args.quantize:
         raise CLIError("--double-quant quantizes the 4-bit base's scales: it needs --quantize nf4|fp4")
-    if args.quantize and args.strategy == "fsdp":
-        raise CLIError("--quantize with --strategy fsdp is not supported (FSDP2 would shard the packed 4-bit "
-                       "weights without their quantization state): use --strategy ddp or one process")
     if args.quantize:
         user_error(require_bitsandbytes)
 
@@ -292,7 +289,9 @@ def _quantization(args, precision: str):
     if not args.quantize:
         return None
     compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return Quantization(args.quantize, args.double_quant, compute)
+    # FSDP2 shards the packed 4-bit bytes as a tensor of the storage dtype: a float one, as bnb provides for it.
+    storage = compute if args.strategy == "fsdp" else None
+    return Quantization(args.quantize, args.double_quant, compute, storage)
 
 
 def _how_to_load(base_dir: str, adapter_dir: str, quant=None) -> str:
