@@ -1,4 +1,5 @@
-"""Run under torchrun by test_scaleout.py: the CLI's several-adapter run under DDP and FSDP2, each then resumed
+"""Run under torchrun by test_scaleout.py: the CLI's several-adapter run under DDP and FSDP2, a QLoRA run under
+FSDP2, each then resumed
 from its step-2 checkpoint, all in one launch (each torchrun start costs ~10 s of imports).
 
     torchrun --standalone --nproc_per_node 2 tests/multi_rank_runs.py ROOT PROSE_FILE QA_FILE
@@ -65,7 +66,7 @@ def run(root, prose, qa, strategy, quantized=False):
 
 if __name__ == "__main__":
     root, prose, qa = sys.argv[1:4]
-    dist.init_process_group("gloo")   # finetune runs in it and leaves it up (it ends only a group it started)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")   # finetune runs in it and leaves it up (it ends only a group it started)
     record_final_tensors()
     for strategy in ("ddp", "fsdp"):
         run(root, prose, qa, strategy)

@@ -1,7 +1,8 @@
 """Several adapters beyond one process: the CLI's `finetune --adapter a=FILE --adapter b=FILE` under torchrun with
 2 gloo ranks, DDP and FSDP2, each compared with the one-process run on the same global batch and resumed.
 
-One torchrun launch (tests/multi_rank_runs.py) runs all four distributed runs: each launch costs ~10 s of imports.
+One torchrun launch (tests/multi_rank_runs.py) runs all six distributed runs (DDP, FSDP2, FSDP2 over an NF4 base,
+each resumed): each launch costs ~10 s of imports.
 """
 import contextlib
 import io
@@ -35,16 +36,26 @@ def _write_data(directory):
     return prose, qa
 
 
-@pytest.fixture(scope="module")
-def runs_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scaleout")
+def _launch(root, gpu=False):
+    """All the 2-rank runs, in one torchrun launch (on CPU with gloo; with gpu, one GPU per rank, Triton)."""
     prose, qa = _write_data(root)
-    env = dict(os.environ, LORA_KERNELS_BACKEND="torch", OMP_NUM_THREADS="1",
+    env = dict(os.environ, LORA_KERNELS_BACKEND="auto" if gpu else "torch", OMP_NUM_THREADS="1",
                PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if gpu:
+        env.pop("TRITON_INTERPRET", None)
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(HERE / "multi_rank_runs.py"), str(root), str(prose), str(qa)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return prose, qa, proc
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scaleout")
+    prose, qa, proc = _launch(root)
     # One process, the same global batch: both ranks' rows of each adapter in one micro-batch.
     mp = pytest.MonkeyPatch()
     mp.setenv("LORA_KERNELS_BACKEND", "torch")
@@ -150,3 +161,18 @@ def test_fsdp2_trains_a_4bit_base_like_one_process(runs_root, single_nf4):
     assert ((resumed / "adapter_model.safetensors").read_bytes() == (run / "adapter_model.safetensors").read_bytes())
     assert [r["loss"] for r in _records(resumed)] == [r["loss"] for r in _records(run)]
     assert [r["step"] for r in _records(run)] == [1, 2, 3, 4]
+
+
+@pytest.mark.gpu
+def test_two_gpus(tmp_path):
+    """The same runs on 2 GPUs (nccl, the Triton kernels): ranks end equal and resume bit for bit."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    _launch(tmp_path, gpu=True)
+    for run in ("ddp", "fsdp", "fsdp-nf4"):
+        r0, r1 = (torch.load(tmp_path / run / f"final{r}.pt") for r in (0, 1))
+        assert r0 and all(torch.equal(r0[n], r1[n]) for n in r0), run
+    for name in ADAPTERS:
+        for strategy in STRATEGIES:
+            assert ((tmp_path / f"{strategy}-resumed" / name / "adapter_model.safetensors").read_bytes()
+                    == (tmp_path / strategy / name / "adapter_model.safetensors").read_bytes()), (strategy, name)
