@@ -1,11 +1,10 @@
-"""Run under torchrun by test_scaleout.py: the CLI's several-adapter run under DDP and FSDP2, a QLoRA run under
-FSDP2, each then resumed
-from its step-2 checkpoint, all in one launch (each torchrun start costs ~10 s of imports).
+"""Run under torchrun by test_scaleout.py: the CLI's several-adapter run under DDP and FSDP2 and a QLoRA run under
+FSDP2, each then resumed from its step-2 checkpoint, all in one launch (each torchrun start costs ~10 s of imports).
 
     torchrun --standalone --nproc_per_node 2 tests/multi_rank_runs.py ROOT PROSE_FILE QA_FILE
 
-Writes ROOT/<strategy>/ (the run) and ROOT/<strategy>-resumed/ (its copy resumed at step 2), and each rank's
-final adapter tensors to ROOT/<strategy>/rank<R>.pt, for the test to compare.
+Writes ROOT/<run>/ (ddp, fsdp, fsdp-nf4) and ROOT/<run>-resumed/ (its copy resumed at step 2), and each rank's
+final adapter tensors to ROOT/<run>/final<RANK>.pt, for the test to compare.
 """
 import os
 import shutil
