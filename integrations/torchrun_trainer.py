@@ -1,5 +1,6 @@
-"""transformers Trainer under torchrun: a fused model trained with DDP (and, on GPUs, FSDP2), adapter-only
-checkpoints that PEFT loads, resume_from_checkpoint=True continuing exactly, the FSDP2 adapter equal to the DDP one.
+"""transformers Trainer under torchrun: a fused model (apply_fused_lora, and a PEFT model through fuse_peft_model)
+trained with DDP (and, on GPUs, FSDP2), adapter-only checkpoints that PEFT loads, resume_from_checkpoint=True
+continuing exactly, the FSDP2 adapter equal to the DDP one.
 
 Trainer launches the same way under `torchrun` and `accelerate launch`; the strategies run in one launch here,
 2 CPU processes with gloo (nccl on GPUs). On CPU accelerate (1.16) does not apply FSDP (its fsdp_plugin is used
@@ -31,7 +32,15 @@ def base_model():
                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
 
 
-def fused_model():
+def fused_model(kind="apply_fused_lora"):
+    if kind == "fuse_peft_model":   # a PEFT model whose LoRA layers run on the fused kernels
+        from peft import LoraConfig, get_peft_model
+
+        from lora_kernels.integrations.peft import fuse_peft_model
+
+        model = get_peft_model(base_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        fuse_peft_model(model)   # in place
+        return model
     return apply_fused_lora(base_model(), r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
 
 
@@ -40,7 +49,7 @@ def dataset():
     return [{"input_ids": x, "labels": x} for x in rows]
 
 
-def train(output_dir, resume=False, **strategy):
+def train(output_dir, resume=False, kind="apply_fused_lora", **strategy):
     from accelerate.state import AcceleratorState, PartialState
 
     AcceleratorState._reset_state(reset_partial_state=True)   # each Trainer here sets up its own strategy
@@ -49,7 +58,7 @@ def train(output_dir, resume=False, **strategy):
                              learning_rate=1e-2, logging_steps=1, seed=0, report_to=[], disable_tqdm=True,
                              use_cpu=not torch.cuda.is_available(),   # on CPU, accelerate needs it to use gloo
                              **strategy)
-    trainer = Trainer(model=fused_model(), args=args, train_dataset=dataset())
+    trainer = Trainer(model=fused_model(kind), args=args, train_dataset=dataset())
     assert args.parallel_mode.value == "distributed" and args.world_size == 2, (args.parallel_mode, args.world_size)
     trainer.train(resume_from_checkpoint=resume or None)
     trainer.save_model(output_dir)   # the final adapter, gathered from the shards under FSDP2
@@ -62,9 +71,10 @@ def adapter(directory):
 
 def main(out):
     rank = dist.get_rank()
-    strategies = [("ddp", {})]
+    strategies = [("ddp", {}), ("peft-ddp", {"kind": "fuse_peft_model"})]
     if torch.cuda.is_available():
         strategies.append(("fsdp2", FSDP2))
+        strategies.append(("peft-fsdp2", dict(FSDP2, kind="fuse_peft_model")))
     elif rank == 0:   # without this note a CPU run with fsdp= would silently train under DDP
         print("FSDP2 through Trainer needs GPUs: accelerate applies an fsdp_plugin to multi-GPU runs only; on CPU "
               "it trains under DDP instead")
@@ -73,7 +83,7 @@ def main(out):
         t = train(run, **strategy)
         losses = [e["loss"] for e in t.state.log_history if "loss" in e]
         sharded = any(hasattr(p, "full_tensor") for p in t.model.parameters())   # FSDP2 leaves DTensor shards
-        if sharded != (name == "fsdp2"):
+        if sharded != name.endswith("fsdp2"):
             sys.exit(f"{name}: the parameters are {'' if sharded else 'not '}sharded")
         if rank == 0:
             print(f"{name}: sharded parameters: {sharded}; losses {' '.join(f'{x:.4f}' for x in losses)}; "
@@ -95,7 +105,7 @@ def main(out):
         from peft import PeftModel
 
         ddp = adapter(os.path.join(out, "ddp"))
-        if len(strategies) == 2:
+        if len(strategies) == 4:
             fsdp = adapter(os.path.join(out, "fsdp2"))
             diff = max((ddp[k] - fsdp[k]).abs().max().item() for k in ddp)
             print(f"DDP and FSDP2 adapters ({len(ddp)} tensors), max abs difference: {diff:.2e}")
@@ -109,7 +119,7 @@ def main(out):
             if sorted(t.sum().item() for t in loaded.values()) != sorted(t.sum().item() for t in saved.values()):
                 sys.exit(f"PEFT loaded other tensors than the {name} adapter holds")
             print(f"PEFT loaded the {name} adapter: {len(loaded)} LoRA tensors")
-        print(f"OK: Trainer under {' and '.join(n.upper() for n, _ in strategies)} wrote adapter-only checkpoints "
+        print(f"OK: Trainer under {' and '.join(n for n, _ in strategies)} wrote adapter-only checkpoints "
               "that PEFT loads and resumed exactly")
 
 
