@@ -159,7 +159,6 @@ def test_merge_of_a_4bit_run_into_the_full_precision_base(qlora_run, tmp_path, c
 
 @pytest.mark.parametrize("flags,expected", [
     (["--double-quant"], "--double-quant quantizes the 4-bit base's scales: it needs --quantize nf4|fp4"),
-    (["--quantize", "nf4", "--strategy", "fsdp"], "--quantize with --strategy fsdp is not supported"),
     (["--quantize", "fp4", "__no_bnb__"], "--quantize needs bitsandbytes, which cannot be imported"),
 ])
 def test_quantize_flag_errors_are_one_line_and_write_nothing(flags, expected, tmp_path, monkeypatch, capsys):

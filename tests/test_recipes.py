@@ -28,6 +28,10 @@ EXPECTED = {
     "qlora.py": ["LoRA layer types: ['FusedLoraLinear4bit']"],
     "several_adapters.py": ["every lora_B of each adapter moved from zero: {'sql': True, 'chat': True}"],
     "torchrun_ddp_fsdp.py": ["DDP and FSDP2 adapters (28 tensors)"],
+    "torchrun_trainer.py": ["ddp: resumed from checkpoint-2, equal to the uninterrupted run bit for bit: True",
+                            "peft-ddp: resumed from checkpoint-2, equal to the uninterrupted run bit for bit: True",
+                            "PEFT loaded the ddp adapter: 8 LoRA tensors",
+                            "PEFT loaded the peft-ddp adapter: 8 LoRA tensors"],
 }
 PUBLIC = {"lora_kernels", "lora_kernels.integrations.peft", "lora_kernels.integrations.transformers"}
 

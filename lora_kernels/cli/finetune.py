@@ -30,6 +30,7 @@ def cmd_finetune(args) -> int:
     warmup_given = args.warmup_steps is not None
     if not warmup_given:
         args.warmup_steps = WARMUP_STEPS
+    ours = not torch.distributed.is_initialized()   # a caller's process group outlives the run
     rank, world, device = init_distributed()
     if args.device:
         device = user_error(resolve_device, args.device, training=True)
@@ -149,7 +150,7 @@ def cmd_finetune(args) -> int:
         say(f"metrics: {result.metrics_path}" + (f"; loss curve: {result.plot_path}" if result.plot_path else ""))
         say(_how_to_load(base_dir, os.path.join(args.output_dir, next(iter(specs))) if specs else args.output_dir,
                          quant))
-    if torch.distributed.is_initialized():
+    if ours and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
 
@@ -281,9 +282,6 @@ def _check_quantize_flags(args) -> None:
 
     if args.double_quant and not args.quantize:
         raise CLIError("--double-quant quantizes the 4-bit base's scales: it needs --quantize nf4|fp4")
-    if args.quantize and args.strategy == "fsdp":
-        raise CLIError("--quantize with --strategy fsdp is not supported (FSDP2 would shard the packed 4-bit "
-                       "weights without their quantization state): use --strategy ddp or one process")
     if args.quantize:
         user_error(require_bitsandbytes)
 
@@ -297,7 +295,9 @@ def _quantization(args, precision: str):
     if not args.quantize:
         return None
     compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return Quantization(args.quantize, args.double_quant, compute)
+    # FSDP2 shards the packed 4-bit bytes as a tensor of the storage dtype: a float one, as bnb provides for it.
+    storage = compute if args.strategy == "fsdp" else None
+    return Quantization(args.quantize, args.double_quant, compute, storage)
 
 
 def _how_to_load(base_dir: str, adapter_dir: str, quant=None) -> str:

@@ -48,6 +48,7 @@ class FusedLoraLinear4bit(FusedLoraLinear):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.compute_dtype = linear.compute_dtype
+        layer.weight_quant_state = linear.weight.quant_state
         if lora_dtype is None:  # PEFT's adapters follow the compute dtype, float32 for half precision
             dt = linear.compute_dtype or torch.float32
             lora_dtype = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
@@ -64,15 +65,29 @@ class FusedLoraLinear4bit(FusedLoraLinear):
         # The base alone (no adapter to fuse): our own dequantization, a W-sized temporary for this call only.
         dt = self._compute_dtype(x)
         bias = None if self.bias is None else self.bias.to(dt)
-        return F.linear(x.to(dt), dequantize(from_bnb(self.weight), dt), bias).to(x.dtype)
+        w = self._quantized_weight()
+        qw = w if self.weight is not w else from_bnb(w)
+        return F.linear(x.to(dt), dequantize(qw, dt), bias).to(x.dtype)
 
     def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         dt = self._compute_dtype(x)
         bias = None if self.bias is None else self.bias.to(dt)
         A, B = self.adapter_params(adapter_name)
         scaling, p = self._scaling_dropout(adapter_name)
-        y = fused_lora_linear(x.to(dt), self.weight, bias, A, B, scaling, dropout_p=p, training=self.training)
+        y = fused_lora_linear(x.to(dt), self._quantized_weight(), bias, A, B, scaling, dropout_p=p,
+                              training=self.training)
         return y.to(x.dtype)
+
+    def _quantized_weight(self):
+        """The 4-bit W the kernels read. Under FSDP2 the weight is, during forward, the all-gathered packed bytes as
+        a plain tensor (fully_shard keeps neither the Params4bit type nor its quant_state: it shards the packed
+        bytes in bnb_4bit_quant_storage's dtype), so the quant state is kept on the module, as bnb keeps it per
+        module, and paired with the gathered bytes here."""
+        qs = getattr(self.weight, "quant_state", None)
+        if qs is not None:
+            self.weight_quant_state = qs   # the newest: a merge or a device move may have replaced it
+            return self.weight
+        return from_bnb(self.weight, self.weight_quant_state)   # a QuantizedWeight, read without a copy
 
     def linear_weight(self):
         return self.weight

@@ -29,6 +29,7 @@ class Quantization(NamedTuple):
     quant_type: str
     double_quant: bool
     compute_dtype: object   # a torch.dtype
+    quant_storage: object = None   # bnb_4bit_quant_storage: a float dtype lets FSDP2 shard the packed bytes
 
     def describe(self) -> str:
         return f"4-bit {self.quant_type}" + (" + double quant" if self.double_quant else "")
@@ -42,12 +43,14 @@ class Quantization(NamedTuple):
 
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.quant_type,
                                   bnb_4bit_use_double_quant=self.double_quant,
-                                  bnb_4bit_compute_dtype=self.compute_dtype)
+                                  bnb_4bit_compute_dtype=self.compute_dtype,
+                                  **({"bnb_4bit_quant_storage": self.quant_storage} if self.quant_storage else {}))
 
     def python_source(self) -> str:
         """The same settings as Python a user pastes to load the base as the run did."""
         return (f"BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type={self.quant_type!r}, "
-                f"bnb_4bit_use_double_quant={self.double_quant}, bnb_4bit_compute_dtype={self.compute_dtype})")
+                f"bnb_4bit_use_double_quant={self.double_quant}, bnb_4bit_compute_dtype={self.compute_dtype}"
+                + (f", bnb_4bit_quant_storage={self.quant_storage})" if self.quant_storage else ")"))
 
 
 def stored_quantization(path: str) -> Optional[str]:

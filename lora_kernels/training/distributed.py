@@ -45,6 +45,18 @@ def sum_over_ranks(t: torch.Tensor, world: int) -> torch.Tensor:
     return t
 
 
+def loss_denominators(counts, world: int, device) -> list:
+    """Per-rank loss denominators from this rank's loss-token counts: each global count over world.
+
+    DDP and FSDP2 average the ranks' gradients, so a rank dividing its loss sum by (global tokens / world) makes
+    the averaged gradient that of the global batch's token-weighted mean, whatever each rank's share of tokens
+    (packing masks document starts, prompts are masked: the shares differ). One all-reduce of a few numbers.
+    """
+    t = torch.tensor([float(c) for c in counts], dtype=torch.float64, device=device)
+    sum_over_ranks(t, world)
+    return [max(c, 1.0) / world for c in t.tolist()]   # no loss token anywhere: zero gradient, not NaN
+
+
 def resolve_strategy(strategy: str, world: int) -> str:
     """One of STRATEGIES but "auto", which means DDP when there are several processes."""
     if strategy == "auto":

@@ -31,7 +31,7 @@ from .checkpoint import (checkpoint_root, get_rng_state, latest_checkpoint, read
 from .divergence import DivergenceGuard
 from .distributed import (STRATEGIES, barrier, full_tensor, gathered_trainable, init_distributed,
                           load_optimizer_state_dict, load_trainable_state_dict, optimizer_state_dict,
-                          resolve_strategy, sum_over_ranks, trainable_state_dict, unwrap, wrap_model)
+                          loss_denominators, resolve_strategy, sum_over_ranks, trainable_state_dict, unwrap, wrap_model)
 from .interrupt import TrainingInterrupted, stop_on_sigint
 from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, eval_progress, plot_loss_curve, progress_bar
 from .rundir import run_outputs, start_run
@@ -183,7 +183,7 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         micro = [self.batches.next() for _ in range(cfg.grad_accum)]
-        denom = max(sum(count_loss_tokens(lab) for _, lab in micro), 1)  # no loss token: zero gradient, not NaN
+        denom, = loss_denominators([sum(count_loss_tokens(lab) for _, lab in micro)], self.world, self.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # one host sync per step, not per micro
         for i, (ids, labels) in enumerate(micro):
             ids, labels = ids.to(self.device), labels.to(self.device)

@@ -5,7 +5,8 @@ The rules, each chosen so that an adapter trains as it would alone on its own ro
   rows        a micro-batch holds batch_size rows of each adapter, adapters in the order given, each adapter
               reading its own data in its own order (ShardedBatches with the run's seed: the rows a run of that
               adapter alone would read); N adapters make N x batch_size rows
-  loss        the sum over adapters of each adapter's token-weighted mean loss over the step's micro-batches.
+  loss        the sum over adapters of each adapter's token-weighted mean loss over the step's micro-batches
+              on all ranks (the token counts are summed over ranks).
               An adapter's parameters get gradient from its own rows only, so its gradient is exactly that of
               its mean loss alone. (The mean over all tokens of the batch would instead scale each adapter's
               gradient by its share of the batch's loss tokens, and the 1/N of a mean over adapters likewise.)
@@ -34,7 +35,7 @@ from ..adapters import batch_adapters
 from ..data.batches import ShardedBatches
 from ..data.loader import IGNORE_INDEX, PackedDataset, count_loss_tokens
 from ..inject import adapter_parameters, lora_layers, model_adapters
-from .distributed import full_tensor, sum_over_ranks, unwrap
+from .distributed import full_tensor, loss_denominators, sum_over_ranks, unwrap
 from .loop import TrainConfig, Trainer, _logits
 from .rundir import adapter_folder_outputs
 
@@ -191,7 +192,7 @@ class MultiAdapterTrainer(Trainer):
         for _, labels, names in micro:
             for name, n in _loss_tokens_by_adapter(labels, names).items():
                 denom[name] += n
-        denom = {name: max(n, 1) for name, n in denom.items()}  # no loss token: zero gradient, not NaN
+        denom = dict(zip(self.names, loss_denominators([denom[n] for n in self.names], self.world, self.device)))
         parts = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
         for i, (ids, labels, names) in enumerate(micro):
             ids, labels = ids.to(self.device), labels.to(self.device)
