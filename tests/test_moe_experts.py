@@ -404,3 +404,19 @@ def test_cli_tiny_moe_trains_and_merges(tmp_path, cli_defaults):
                  "--output-dir", str(tmp_path / "merged")]) == 0
     merged = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(merged(ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_experts_with_dropout_says_peft_cannot_load_it(tmp_path, cli_defaults, capsys):
+    """PEFT refuses lora_dropout on target_parameters: the closing hint of such a run points to lk.load_adapter,
+    which loads it, instead of printing a PeftModel snippet that would raise."""
+    from lora_kernels.cli import main
+
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", "tiny-moe", "--output-dir", str(out), "--target-parameters",
+                 "mlp.experts.down_proj", "--lora-dropout", "0.1", "--max-steps", "1", "--seq-len", "16",
+                 "--batch-size", "2", "--eval-every", "0", "--eval-fraction", "0", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "PEFT cannot load it" in printed and "PeftModel.from_pretrained" not in printed
+    lk.load_adapter(transformers.Qwen3MoeForCausalLM.from_pretrained(out / "base_model"), out)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        peft.PeftModel.from_pretrained(transformers.Qwen3MoeForCausalLM.from_pretrained(out / "base_model"), out)

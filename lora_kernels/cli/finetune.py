@@ -149,7 +149,7 @@ def cmd_finetune(args) -> int:
             say(f"adapter (PEFT format): {args.output_dir}/adapter_config.json, adapter_model.safetensors")
         say(f"metrics: {result.metrics_path}" + (f"; loss curve: {result.plot_path}" if result.plot_path else ""))
         say(_how_to_load(base_dir, os.path.join(args.output_dir, next(iter(specs))) if specs else args.output_dir,
-                         quant))
+                         quant, peft_loads=not (args.target_parameters and args.lora_dropout)))
     if ours and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
@@ -300,7 +300,11 @@ def _quantization(args, precision: str):
     return Quantization(args.quantize, args.double_quant, compute, storage)
 
 
-def _how_to_load(base_dir: str, adapter_dir: str, quant=None) -> str:
+def _how_to_load(base_dir: str, adapter_dir: str, quant=None, peft_loads: bool = True) -> str:
+    merge = f"merge it:  lora-kernels merge --model {base_dir} --adapter {adapter_dir} --output-dir {adapter_dir}/merged"
+    if not peft_loads:  # PEFT's ParamWrapper raises for lora_dropout on target_parameters
+        return ("PEFT cannot load it (it refuses lora_dropout on target_parameters); load it with lora_kernels:\n"
+                f"    lk.load_adapter(AutoModelForCausalLM.from_pretrained({base_dir!r}), {adapter_dir!r})\n" + merge)
     header, imports = "", "AutoModelForCausalLM"
     load_base = f"AutoModelForCausalLM.from_pretrained({base_dir!r})"
     if quant is not None:  # the 4-bit base the adapter trained on
@@ -314,6 +318,5 @@ def _how_to_load(base_dir: str, adapter_dir: str, quant=None) -> str:
         f"    base = {load_base}\n"
         f"    model = PeftModel.from_pretrained(base, {adapter_dir!r})\n"
         "or with lora_kernels (fused layers):  lk.load_adapter(base, "
-        f"{adapter_dir!r})\n"
-        f"merge it:  lora-kernels merge --model {base_dir} --adapter {adapter_dir} --output-dir {adapter_dir}/merged")
+        f"{adapter_dir!r})\n" + merge)
 
