@@ -9,7 +9,7 @@ from bench.lkbench import cases as C
 from bench.lkbench import impls as I
 from bench.lkbench.dora import DORA_IMPLS, build_dora
 from bench.lkbench.ops_bench import PASSES
-from bench.test_bench_ops import ROUNDS, WARMUP, _sync
+from bench.test_bench_ops import time_pass
 
 PARAMS = [(case, impl, p) for case in C.select() for impl in DORA_IMPLS for p in PASSES]
 
@@ -29,23 +29,9 @@ def test_dora_op(benchmark, device, case, impl, pass_):
     x = t.x.detach().requires_grad_(True)
     inputs = built.grad_inputs(x)
 
-    def setup():
-        y = built(x) if pass_ == "bwd" else None
-        _sync()
-        return (y,), {}
-
-    def target(y):
-        if pass_ == "fwd":
-            built(x)
-        elif pass_ == "bwd":
-            torch.autograd.grad(y, inputs, t.dy)
-        else:
-            torch.autograd.grad(built(x), inputs, t.dy)
-        _sync()
-
     benchmark.group = f"dora {case.name} {pass_}"
     benchmark.extra_info.update(case.fields(), impl=impl, pass_=pass_)
-    benchmark.pedantic(target, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+    time_pass(benchmark, built, x, inputs, t.dy, pass_, device)
 
 
 def test_dora_impls_agree(device):

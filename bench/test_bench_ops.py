@@ -40,15 +40,9 @@ def _sync():
         torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("case,impl,pass_", PARAMS, ids=[f"{c.name}-{i}-{p}" for c, i, p in PARAMS])
-def test_op(benchmark, device, case, impl, pass_):
-    t = _tensors(case, device)
-    try:
-        built = I.build(impl, case, t)
-    except I.Skip as why:
-        pytest.skip(f"{impl}: {why}")
-    x = t.x.detach().requires_grad_(True)
-    inputs = built.grad_inputs(x)
+def time_pass(benchmark, built, x, inputs, dy, pass_, device):
+    """Time one pass of `built` on x with pytest-benchmark: the L2 flush (and, for the backward alone, its
+    forward) in the untimed setup, a device synchronize at the end of each timed round."""
     flush = _flush_buffer(device)
 
     def setup():
@@ -62,14 +56,26 @@ def test_op(benchmark, device, case, impl, pass_):
         if pass_ == "fwd":
             built(x)
         elif pass_ == "bwd":
-            torch.autograd.grad(y, inputs, t.dy)
+            torch.autograd.grad(y, inputs, dy)
         else:
-            torch.autograd.grad(built(x), inputs, t.dy)
+            torch.autograd.grad(built(x), inputs, dy)
         _sync()
 
+    benchmark.pedantic(target, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+
+
+@pytest.mark.parametrize("case,impl,pass_", PARAMS, ids=[f"{c.name}-{i}-{p}" for c, i, p in PARAMS])
+def test_op(benchmark, device, case, impl, pass_):
+    t = _tensors(case, device)
+    try:
+        built = I.build(impl, case, t)
+    except I.Skip as why:
+        pytest.skip(f"{impl}: {why}")
+    x = t.x.detach().requires_grad_(True)
+    inputs = built.grad_inputs(x)
     benchmark.group = f"{case.name} {pass_}"
     benchmark.extra_info.update(case.fields(), impl=impl, label=I.LABELS[impl], pass_=pass_)
-    benchmark.pedantic(target, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+    time_pass(benchmark, built, x, inputs, t.dy, pass_, device)
     if pass_ == "fwdbwd" and CUDA and not benchmark.disabled:
         peak = peak_bytes(lambda: torch.autograd.grad(built(x), inputs, t.dy), device)
         benchmark.extra_info["peak_mb"] = round(peak / MB, 2)
