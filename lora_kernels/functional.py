@@ -131,8 +131,9 @@ def fused_dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropo
     g·(x·Wᵀ + s·x·Aᵀ·Bᵀ) + b without (backends/dora.py). magnitude: (out,). weight_sq_norm: ‖W_o‖² (out,) as
     backends.dora.weight_sq_norm(weight) computes it, for a caller that caches it per frozen weight.
 
-    On the Triton backend the forward is one fused GEMM pass (ops/dora_linear_fwd.py); backward runs torch's
-    matmuls on every backend (no DoRA backward kernels yet). LORA_KERNELS_BACKEND=cuda raises.
+    On the Triton backend the forward is one fused GEMM pass (ops/dora_linear_fwd.py); backward runs the LoRA
+    backward kernels with g·dy, and ops/dora_linear_bwd_dx.py for grad_x with dropout (grad_m is a torch column
+    sum). LORA_KERNELS_BACKEND=cuda raises.
     """
     _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     N = weight.shape[0]
