@@ -230,3 +230,18 @@ def test_fused_peft_4bit_per_call_fallback_and_lora_bias(monkeypatch):
         handle.remove()
         model(x)
         assert len(calls) == 2
+
+
+def test_fused_peft_4bit_reads_the_quant_state_kept_on_the_module():
+    """Under FSDP2 the base's weight is, during forward, the all-gathered packed bytes as a plain tensor without
+    bnb's quant_state; the fused layer pairs them with the quant state bitsandbytes keeps on the Linear4bit module
+    (as on one device). Here the swap is done by hand; integrations/torchrun_ddp_fsdp.py runs it under fully_shard."""
+    model, reference = _peft_4bit_pair()
+    fuse_peft_model(model)
+    base = model.base_model.model[0].base_layer
+    x = torch.randn(5, 40)
+    with torch.no_grad():
+        want = reference(x)
+        base.weight = nn.Parameter(base.weight.data.clone(), requires_grad=False)   # what fully_shard leaves
+        assert getattr(base.weight, "quant_state", None) is None and base.quant_state is not None
+        assert_rel_close(model(x), want, 1e-5, "packed bytes + the module's quant state")

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "integrations"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
+RUNS = ("ddp", "peft-ddp", "mixed-ddp", "fsdp2", "peft-fsdp2", "mixed-fsdp2")   # torchrun_trainer.py
 # recipe -> lines its output must hold (besides the final "OK:")
 EXPECTED = {
     "trainer_resume.py": ["first attempt: killed after step 3",
@@ -27,11 +28,23 @@ EXPECTED = {
     "moe_experts.py": ["LoRA layer types: ['FusedLoraExperts', 'FusedLoraLinear']"],
     "qlora.py": ["LoRA layer types: ['FusedLoraLinear4bit']"],
     "several_adapters.py": ["every lora_B of each adapter moved from zero: {'sql': True, 'chat': True}"],
-    "torchrun_ddp_fsdp.py": ["DDP and FSDP2 adapters (28 tensors)"],
-    "torchrun_trainer.py": ["ddp: resumed from checkpoint-2, equal to the uninterrupted run bit for bit: True",
-                            "peft-ddp: resumed from checkpoint-2, equal to the uninterrupted run bit for bit: True",
-                            "PEFT loaded the ddp adapter: 8 LoRA tensors",
-                            "PEFT loaded the peft-ddp adapter: 8 LoRA tensors"],
+    "torchrun_ddp_fsdp.py": ["DDP and FSDP2 adapters (28 tensors)"] + [
+        f"{kind}: packed {qt} weights sharded as float32 DTensors: True; 28 tensors got gradients, all of them adapter "
+        "tensors: True" for kind, qt in (("inject_lora", "nf4"), ("fuse_peft_model", "fp4"))],
+    # Trainer's FSDP2 on CPU runs through the recipe's fsdp_on_cpu (accelerate enables FSDP for accelerators only);
+    # "sharded parameters: True" is the check that fully_shard really ran.
+    "torchrun_trainer.py": [f"{run}: resumed from checkpoint-2, equal to the uninterrupted run bit for bit: True"
+                            for run in RUNS]
+                           + [f"{run}: sharded parameters: {run.endswith('fsdp2')}" for run in RUNS]
+                           + [f"PEFT loaded the {run} adapter(s): {16 if run.startswith('mixed') else 8} LoRA tensors"
+                              for run in RUNS]
+                           + ["mixed-ddp vs one process on the same global batch",
+                              "mixed-fsdp2 vs one process on the same global batch",
+                              # accelerate writes trainable tensors only for a PeftModel (docs/scale-out.md)
+                              "fsdp2: checkpoint-2/pytorch_model_fsdp.bin holds 29 tensors, the frozen base "
+                              "included: True",
+                              "peft-fsdp2: checkpoint-2/pytorch_model_fsdp.bin holds 8 tensors, the frozen base "
+                              "included: False"],
 }
 PUBLIC = {"lora_kernels", "lora_kernels.integrations.peft", "lora_kernels.integrations.transformers"}
 

@@ -53,7 +53,7 @@ import torch.nn as nn
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 
-from ..functional import AdapterSegments, fused_lora_linear, fused_multi_lora_linear
+from ..functional import AdapterSegments, from_bnb, fused_lora_linear, fused_multi_lora_linear
 from ..layers import is_conv1d
 from .module_hooks import hook_reason
 from .peft_experts import FusedPeftExperts, static_reason, wrapped_by_param_wrappers
@@ -285,9 +285,16 @@ def _forward_4bit(self, x, *args, **kwargs):
         bias = extra if bias is None else bias + extra
     dropout = self.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-    y = fused_lora_linear(x.to(dt), base.weight, bias, self.lora_A[adapter].weight, lora_B.weight, scaling,
-                          dropout_p=p, training=dropout.training)
+    y = fused_lora_linear(x.to(dt), _packed_weight(base), bias, self.lora_A[adapter].weight, lora_B.weight,
+                          scaling, dropout_p=p, training=dropout.training)
     return y.to(x.dtype)
+
+
+def _packed_weight(base):
+    """The base's 4-bit W. Under FSDP2 the weight is, during forward, the all-gathered packed bytes as a plain tensor
+    (fully_shard keeps neither Params4bit nor its quant_state); bitsandbytes keeps the quant state on the module."""
+    has_state = getattr(base.weight, "quant_state", None) is not None
+    return base.weight if has_state else from_bnb(base.weight, getattr(base, "quant_state", None))
 
 
 def _fused_4bit_class():
