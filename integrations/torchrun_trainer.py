@@ -21,7 +21,8 @@ import tempfile
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, default_data_collator
+from transformers import (LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments,
+                          default_data_collator)
 
 import lora_kernels as lk
 from lora_kernels.integrations.transformers import apply_fused_lora
@@ -35,7 +36,7 @@ def fsdp_on_cpu():
     (AcceleratorState enables it for MULTI_GPU, MULTI_NPU, ..., not MULTI_CPU): on CPU, Trainer given fsdp= would
     train under DDP without saying so. This sets the distributed type accelerate sets on GPUs, so its own FSDP2 path
     runs over gloo: fsdp2_prepare_model (fully_shard), the gathered state dict Trainer saves, save_fsdp_model /
-    load_fsdp_model for checkpoints. main() checks that the parameters really are DTensor shards."""
+    load_fsdp_model for checkpoints. main() checks that the parameters are DTensor shards at every step."""
     from accelerate.state import AcceleratorState, DistributedType, PartialState
 
     init = AcceleratorState.__init__
@@ -84,6 +85,16 @@ def collate(rows):
     return batch
 
 
+class ShardedSteps(TrainerCallback):
+    """Records, at every optimizer step, whether all the model's parameters are DTensor shards (FSDP2's)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.steps.append(all(hasattr(p, "full_tensor") for p in model.parameters()))
+
+
 class MixedAdapterTrainer(Trainer):
     def compute_loss(self, model, inputs, *args, **kwargs):
         with lk.batch_adapters(model, inputs.pop("adapter")):
@@ -105,7 +116,8 @@ def train(output_dir, resume=False, kind="apply_fused_lora", batch=2, **strategy
                              remove_unused_columns=not mixed,   # else Trainer drops the "adapter" column
                              **strategy)
     cls, extra = (MixedAdapterTrainer, {"data_collator": collate}) if mixed else (Trainer, {})
-    trainer = cls(model=fused_model(kind), args=args, train_dataset=dataset(kind), **extra)
+    trainer = cls(model=fused_model(kind), args=args, train_dataset=dataset(kind), callbacks=[ShardedSteps()],
+                  **extra)
     trainer.train(resume_from_checkpoint=resume or None)
     trainer.save_model(output_dir)   # the final adapters, gathered from the shards under FSDP2
     return trainer
@@ -135,9 +147,10 @@ def main(out):
         run = os.path.join(out, name)
         t = train(run, kind=kind, **strategy)
         losses = [e["loss"] for e in t.state.log_history if "loss" in e]
-        sharded = all(hasattr(p, "full_tensor") for p in t.model.parameters())   # FSDP2 leaves DTensor shards
-        if sharded != bool(strategy):
-            sys.exit(f"{name}: the parameters are {'' if sharded else 'not '}sharded")
+        steps = next(c for c in t.callback_handler.callbacks if isinstance(c, ShardedSteps)).steps
+        sharded = len(steps) == 4 and all(steps)   # at every step, as fully_shard leaves them
+        if sharded != bool(strategy) or (not sharded and any(steps)):
+            sys.exit(f"{name}: the parameters are {'' if sharded else 'not '}sharded (per step: {steps})")
         if rank == 0:
             ckpt = os.path.join(run, "checkpoint-2")
             print(f"{name}: sharded parameters: {sharded}; losses {' '.join(f'{x:.4f}' for x in losses)}; "
