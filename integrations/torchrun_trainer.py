@@ -140,7 +140,8 @@ def main(out):
     rank = dist.get_rank()
     runs = [("ddp", "apply_fused_lora", {}), ("peft-ddp", "fuse_peft_model", {}), ("mixed-ddp", "mixed", {}),
             ("fsdp2", "apply_fused_lora", FSDP2), ("peft-fsdp2", "fuse_peft_model", FSDP2),
-            ("mixed-fsdp2", "mixed", FSDP2)]   # FSDP last: TrainingArguments(fsdp=...) sets ACCELERATE_USE_FSDP
+            ("mixed-fsdp2", "mixed", FSDP2)]   # FSDP last: given an fsdp_plugin, accelerate's Accelerator sets
+    # ACCELERATE_USE_FSDP=true in os.environ, which later Trainers in the same process would read as FSDP(1)
     if not torch.cuda.is_available():
         fsdp_on_cpu()
     for name, kind, strategy in runs:
@@ -207,7 +208,8 @@ def check(out, runs):
 
 def one_process(out):
     """The mixed run in this process alone, reading both ranks' rows (4 per step): the process group is gone and
-    the launcher's variables hidden, so accelerate sets up a plain one-process run."""
+    the launcher's variables (and accelerate's ACCELERATE_USE_FSDP) hidden, so accelerate sets up a plain
+    one-process run."""
     dist.destroy_process_group()
     launcher = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
                                                "ACCELERATE_USE_FSDP") if k in os.environ}
