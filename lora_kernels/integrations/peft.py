@@ -39,7 +39,8 @@ base bias passed to the kernels (its gradient flows back to lora_B.bias through 
 QLoRA: PEFT's `lora.bnb.Linear4bit` layers (a bitsandbytes 4-bit base) become `FusedPeftLinear4bit` the same way,
 under the same per-call rules (the base must be a bitsandbytes Linear4bit running its class's forward); their
 forward hands the Params4bit to the kernels, which dequantize W inside the GEMMs (bitsandbytes' dequantize is never
-called), computing in the base's compute_dtype as bitsandbytes does. Their repr keeps PEFT's `lora.Linear4bit`.
+called), computing in the base's compute_dtype as bitsandbytes does (under FSDP2: the gathered packed bytes with the
+quant state bitsandbytes keeps on the module). Their repr keeps PEFT's `lora.Linear4bit`.
 `lora.bnb.Linear8bitLt` layers are reported as skipped.
 """
 from __future__ import annotations
