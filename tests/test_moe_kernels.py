@@ -143,8 +143,21 @@ def _fwd_bwd(E, S=48, fin=16, fout=16, r=4):
     x = torch.randn(S, fin, generator=g, requires_grad=True)
     A = torch.randn(r * E, fin, generator=g, requires_grad=True)
     B = torch.randn(fout, r * E, generator=g, requires_grad=True)
+    torch.manual_seed(0)
     y = fused_grouped_lora_linear(x, torch.randn(E, fout, fin, generator=g), None, A, B, routing, 2.0, 0.1)
     y.sum().backward()
+    return x.grad, A.grad, B.grad
+
+
+def test_deterministic_mode_runs_the_pinned_gradient_config():
+    free = _fwd_bwd(E=4)
+    torch.use_deterministic_algorithms(True)
+    try:
+        pinned = _fwd_bwd(E=4)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(free, pinned):
+        torch.testing.assert_close(a, b)
 
 
 def test_launches_do_not_grow_with_experts(launches):

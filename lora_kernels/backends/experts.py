@@ -11,7 +11,9 @@ an expert without rows is skipped.
 Same memory contract as the dense backends: the Function saves the routed input, the (S, r) shrink and a seed;
 the dropout keep-mask (one independent mask per token–expert pair: the sorted rows are the pairs) is drawn from
 torch's generator (torch_keep_mask) and drawn again in backward. This is the torch path: one matmul pair per
-expert that has rows, so the launch count grows with the experts hit (no Triton grouped kernels yet).
+expert that has rows, so the launch count grows with the experts hit. Where the dense layers run Triton,
+functional.fused_grouped_lora_linear takes the grouped kernels instead (triton_experts.py), unless the base
+weight or bias requires grad.
 """
 from __future__ import annotations
 

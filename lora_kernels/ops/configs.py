@@ -218,11 +218,12 @@ def grouped_rowblock_configs(col_block: str):
 
 
 def grouped_rowblock_prune(col_block: str):
-    """As rowblock_prune: fp32 without TF32 holds the (BLOCK_M, col_block) operand in registers, 32 per thread."""
+    """The (BLOCK_M, col_block) activation tile within what rowblock_configs' tiles hold: 64 elements per thread
+    (128 x 256 with 4 warps, 256 per thread, spilled 4 KB on sm_90 with dropout: tools/sm90_budget.py); 32 for
+    fp32 without TF32, as rowblock_prune."""
     def prune(configs, named_args, **kwargs):
-        if not _ieee_fp32(named_args, "x_ptr", kwargs):
-            return configs
-        return _kept(configs, lambda c: kwargs["BLOCK_M"] * c.kwargs[col_block] // (32 * c.num_warps) <= 32)
+        limit = 32 if _ieee_fp32(named_args, "x_ptr", kwargs) else 64
+        return _kept(configs, lambda c: kwargs["BLOCK_M"] * c.kwargs[col_block] // (32 * c.num_warps) <= limit)
     return {"early_config_prune": prune}
 
 
@@ -236,9 +237,10 @@ def grouped_grad_configs():
 
 
 def grouped_grad_prune():
-    """fp32 without TF32: the (BLOCK_M, BLOCK_C) operand tile in registers, 32 elements per thread at most."""
+    """The (BLOCK_M, BLOCK_C) operand tile: 32 elements per thread at most with the dropout mask drawn over it
+    (64 x 128 with 4 warps spilled 16 B on sm_90, tools/sm90_budget.py), or with fp32 without TF32."""
     def prune(configs, named_args, **kwargs):
-        if not _ieee_fp32(named_args, "d_ptr", kwargs):
+        if not (kwargs.get("HAS_DROPOUT") or _ieee_fp32(named_args, "d_ptr", kwargs)):
             return configs
         return _kept(configs, lambda c: _per_thread(c, "BLOCK_M", "BLOCK_C") <= 32)
     return {"early_config_prune": prune}

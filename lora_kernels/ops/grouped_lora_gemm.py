@@ -20,6 +20,7 @@ import triton.language as tl
 from .configs import autotune, grouped_gemm_configs, grouped_gemm_prune, lora_block_r
 from .dropout import drop_threshold, dropout_keep
 from .expert_tiles import ExpertTiles, tile_rows
+from .layout import check_int32_offsets
 
 
 @autotune(configs=grouped_gemm_configs(), prune_configs_by=grouped_gemm_prune(),
@@ -86,6 +87,7 @@ def grouped_lora_gemm(a: torch.Tensor, tiles: ExpertTiles, weight: torch.Tensor,
     out_features) or None; lora: (l (S, r) float32, u, u_strides (expert, rank, column), r) or None (no adapter);
     p > 0 masks the LoRA term (backward). Rows past the last tile (pairs routed to no local expert) are zero."""
     S, RED = a.shape
+    check_int32_offsets("weight", weight[0])  # the expert's offset is int64, offsets within W_e int32
     out = torch.empty((S, out_features), dtype=a.dtype, device=a.device)
     if tiles.routed < S:
         out[tiles.routed:].zero_()

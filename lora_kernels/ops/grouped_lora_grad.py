@@ -6,16 +6,17 @@ One kernel serves both LoRA weight gradients of a grouped projection (backends/t
     grad_B_eᵀ = s·xa_eᵀ·dy_e                 l = xa,  d = dy, written into columns e, E+e, … of (out, r·E)
 
 The grid is (experts, column blocks, r-blocks); each program loops over its expert's rows (run offsets from
-ops/expert_tiles.py) in BLOCK_M steps and stores its block once: no atomics, so the sums are deterministic
-whatever the mode, and nothing besides the gradients themselves ((r·E, in) and (out, r·E)) is allocated. An
-expert without rows runs no iteration and stores zeros, its gradient. The dropout mask is the forward's: drawn
+ops/expert_tiles.py) in BLOCK_M steps and stores its block once: no atomics (under
+torch.use_deterministic_algorithms the row step is a pinned config's, so the order of the sums is fixed), and
+nothing besides the gradients themselves ((r·E, in) and (out, r·E)) is allocated. An expert without rows runs
+no iteration and stores zeros, its gradient. The dropout mask is the forward's: drawn
 for the sorted row and the column from the seed (ops/dropout.py).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .configs import autotune, grouped_grad_configs, grouped_grad_prune, lora_block_r
+from .configs import autotune, grouped_grad_configs, grouped_grad_prune, lora_block_r, pinned_config
 from .dropout import drop_threshold, dropout_keep
 
 
@@ -69,13 +70,18 @@ def grouped_lora_grad(l: torch.Tensor, d: torch.Tensor, offsets: torch.Tensor, o
     E, R = offsets.shape[0] - 1, l.shape[1]
     block_r = lora_block_r(R)
     grid = lambda meta: (E, triton.cdiv(C, meta["BLOCK_C"]), triton.cdiv(R, block_r))  # noqa: E731
-    _grouped_lora_grad_kernel[grid](
+    # The row step sets the order of each expert's sum: under torch.use_deterministic_algorithms it is the pinned
+    # config's, never a timing's, so gradients are bitwise equal across runs and processes.
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    kernel = _grouped_lora_grad_kernel.fn if deterministic else _grouped_lora_grad_kernel
+    pinned = pinned_config(_grouped_lora_grad_kernel).all_kwargs() if deterministic else {}
+    kernel[grid](
         l, d, out, seed, offsets,
         C, R, triton.next_power_of_2(max(S, 1)),
         l.stride(0), l.stride(1),
         d.stride(0), d.stride(1),
         *out_strides,
         scaling, drop_threshold(p), 1.0 / (1.0 - p),
-        HAS_DROPOUT=p > 0.0, DOT_PRECISION=dot_precision, BLOCK_R=block_r,
+        HAS_DROPOUT=p > 0.0, DOT_PRECISION=dot_precision, BLOCK_R=block_r, **pinned,
     )
     return out
