@@ -177,6 +177,7 @@ def test_tile_table_skips_empty_experts_and_never_spans_two():
     tiles = expert_tiles([0, 1, 0, 33, 16], 16, "cpu")
     assert tiles.table.tolist() == [[1, 0, 1], [3, 1, 17], [3, 17, 33], [3, 33, 34], [4, 34, 50]]
     assert tiles.offsets.tolist() == [0, 0, 1, 1, 34, 50] and tiles.routed == 50
+    assert tiles.hit.tolist() == [1, 3, 4]
 
 
 def test_no_adapter_and_trainable_base(launches):

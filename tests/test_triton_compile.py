@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent('''
     POINTERS = {"x_ptr": "*bf16", "y_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16", "bias_ptr": "*bf16",
                 "out_ptr": "*bf16", "w_ptr": "*u8", "packed_ptr": "*u8", "aid_ptr": "*i32", "order_ptr": "*i32",
                 "rank_ptr": "*i32", "threshold_ptr": "*i32", "seed_ptr": "*i64", "table_ptr": "*i32",
-                "offsets_ptr": "*i32"}
+                "offsets_ptr": "*i32", "hit_ptr": "*i32"}
     DQ_ABSMAX = {"q_absmax_ptr": "*u8", "absmax_ptr": "*u8"}
     DENSE_W = {"w_ptr": "*bf16"}
     FLOATS = ("scaling", "keep_scale")

@@ -189,8 +189,8 @@ def launch_experts(v: Variant, K, N, transposed):
     dyb = grouped_lora_shrink(dy, tiles, B, bt_s, R, seed, 0.0, v.precision)
     grouped_lora_gemm(dy, tiles, w, _weight_strides(w, transposed, True), None, (dyb, A, a_s, R), 2.0, seed, v.p, K,
                       v.precision)
-    grouped_lora_grad(dyb, x, tiles.offsets, A, a_s, 2.0, seed, v.p, v.precision)
-    grouped_lora_grad(xa, dy, tiles.offsets, B, bt_s, 2.0, seed, 0.0, v.precision)
+    grouped_lora_grad(dyb, x, tiles, A, a_s, 2.0, seed, v.p, v.precision)
+    grouped_lora_grad(xa, dy, tiles, B, bt_s, 2.0, seed, 0.0, v.precision)
 
 
 FP32_TF32 = dict(dtype=torch.float32, precision="tf32")

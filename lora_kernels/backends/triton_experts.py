@@ -9,7 +9,7 @@
 
 2 launches forward and up to 4 backward per projection (one fewer each without an adapter): the row-tiled
 ones walk the forward's tile table (ops/expert_tiles.py, built once per ExpertRouting and shared by both
-projections), the gradient ones loop over each expert's rows. A_e / B_e are read in PEFT's (r·E, in) /
+projections), the gradient ones loop over the rows of each expert hit. A_e / B_e are read in PEFT's (r·E, in) /
 (out, r·E) tensors and W_e in the 3-D parameter, (E, out, in) or gpt-oss's (E, in, out), by strides. Saved for
 backward, as on the torch path (backends/experts.py): the routed input, the (S, r) float32 shrink and the seed;
 the dropout mask (one per token–expert pair: per sorted row) is the dense kernels' Philox mask, drawn again.
@@ -93,11 +93,11 @@ class TritonGroupedLoraFunction(torch.autograd.Function):
                 grad_x = grouped_lora_gemm(dy, tiles, weight, _weight_strides(weight, transposed, backward=True), None,
                                            lora, s, seed, p if has_lora else 0.0, x.shape[1], precision)
             if has_lora and need_a:
-                buf = torch.empty(lora_A.shape, dtype=torch.float32, device=x.device)
-                grad_a = grouped_lora_grad(dyb, x, tiles.offsets, buf, _lora_a_strides(buf, r), s, seed, p,
+                buf = torch.zeros(lora_A.shape, dtype=torch.float32, device=x.device)  # experts without rows: 0
+                grad_a = grouped_lora_grad(dyb, x, tiles, buf, _lora_a_strides(buf, r), s, seed, p,
                                            precision).to(lora_A.dtype)
             if has_lora and need_bb:
-                buf = torch.empty(lora_B.shape, dtype=torch.float32, device=x.device)
-                grad_b = grouped_lora_grad(xa, dy, tiles.offsets, buf, _lora_bt_strides(buf, E), s, seed, 0.0,
+                buf = torch.zeros(lora_B.shape, dtype=torch.float32, device=x.device)
+                grad_b = grouped_lora_grad(xa, dy, tiles, buf, _lora_bt_strides(buf, E), s, seed, 0.0,
                                            precision).to(lora_B.dtype)
         return grad_x, None, None, grad_a, grad_b, None, None, None, None

@@ -6,7 +6,8 @@ kernels (grouped_lora_shrink, grouped_lora_gemm) take a tile table: one entry pe
 size follows the rows (at most S / BLOCK_M + experts hit tiles) and not E; an expert without rows has no tile.
 BLOCK_M is fixed per table (chosen from the rows per expert hit, not autotuned), which is what lets one table
 serve every row-tiled launch of a forward and backward: both projections (gate_up, down), their shrinks and
-dy·B. The per-expert gradient kernel (grouped_lora_grad) reads the run offsets instead.
+dy·B. The per-expert gradient kernel (grouped_lora_grad) reads the run offsets and the list of experts hit
+instead (one program per expert hit and column block).
 """
 from typing import NamedTuple, Sequence
 
@@ -22,6 +23,7 @@ class ExpertTiles(NamedTuple):
     """One forward's tile table and run offsets, on the device of the rows."""
     table: torch.Tensor    # (tiles, 3) int32: expert, first row, end row (exclusive) of each tile
     offsets: torch.Tensor  # (E + 1,) int32: expert e's rows are offsets[e] .. offsets[e + 1] - 1
+    hit: torch.Tensor      # (experts hit,) int32: the experts that have rows, in order
     block_m: int
     num_tiles: int
     routed: int            # sum of the counts: rows past it (pairs routed to no local expert) are in no tile
@@ -51,9 +53,12 @@ def expert_tiles(counts: Sequence[int], block_m: int, device) -> ExpertTiles:
     start = offsets[expert] + within * block_m
     end = torch.minimum(start + block_m, offsets[expert + 1])
     table = torch.stack([expert, start, end], dim=1).to(torch.int32)
-    both = host_to_device(torch.cat([table.reshape(-1), offsets.to(torch.int32)]), device)
-    n = table.shape[0]
-    return ExpertTiles(both[:3 * n].view(n, 3), both[3 * n:], block_m, n, int(offsets[-1]))
+    hit = torch.nonzero(counts_t).reshape(-1).to(torch.int32)
+    n, E = table.shape[0], len(counts)
+    # one copy for the three
+    flat = host_to_device(torch.cat([table.reshape(-1), offsets.to(torch.int32), hit]), device)
+    return ExpertTiles(flat[:3 * n].view(n, 3), flat[3 * n:3 * n + E + 1], flat[3 * n + E + 1:], block_m, n,
+                       int(offsets[-1]))
 
 
 @triton.jit
