@@ -3,7 +3,7 @@ weights get adapters, trained with dropout (which PEFT refuses on experts), then
 reloaded by plain PEFT with the same logits (an adapter trained without dropout: PEFT loads only those).
 
 The experts run as grouped LoRA over the token-expert pairs sorted by expert, never building B·A for an expert
-(docs/moe.md; on the PyTorch path for now). The model is built from a config (no download).
+(docs/moe.md; on the grouped Triton kernels where the dense layers run Triton, else the PyTorch path). The model is built from a config (no download).
 
     python integrations/moe_experts.py [OUTPUT_DIR]        # OUTPUT_DIR defaults to a new temporary directory
 """

@@ -15,7 +15,8 @@ once per forward, says which row uses which adapter); the same contract, with on
 adapters.
 
 fused_grouped_lora_linear: one MoE expert projection (a 3-D weight, PEFT's target_parameters adapters) over the
-token–expert pairs sorted by expert (an ExpertRouting, built once per forward).
+token–expert pairs sorted by expert (an ExpertRouting, built once per forward); same backend rule as the dense
+entry points (Triton's grouped kernels, or the torch path).
 """
 import functools
 import math
@@ -28,6 +29,7 @@ from .backends import FUNCTIONS, FUNCTIONS_4BIT, MULTI_FUNCTIONS
 from .backends.dora import dora_linear, dora_norm, weight_sq_norm  # noqa: F401  (the DoRA norm, for layers)
 from .backends.base import FLOAT_DTYPES, QuantizedWeight, dequantize, from_bnb  # noqa: F401  (the 4-bit format)
 from .backends.experts import ExpertRouting, grouped_lora_linear
+from .backends.triton_experts import TritonGroupedLoraFunction
 from .adapter_segments import AdapterSegments  # also this module's public name (lk.AdapterSegments)
 
 
@@ -300,7 +302,9 @@ def fused_multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, dropout
 
 def fused_grouped_lora_linear(x, weight, bias, lora_A, lora_B, routing: ExpertRouting, scaling: float,
                               dropout_p: float = 0.0, training: bool = True, transposed: bool = False):
-    """One MoE expert projection with LoRA over rows sorted by expert (backends/experts.py; the torch path).
+    """One MoE expert projection with LoRA over rows sorted by expert: on the grouped Triton kernels
+    (backends/triton_experts.py) where the dense layers would run Triton, else the torch path (backends/experts.py;
+    also for a base weight or bias that requires grad).
 
     x: (S, in) rows in routing's order; weight: (E, out, in), or (E, in, out) with transposed; bias: (E, out) or
     None; lora_A (r·E, in) and lora_B (out, r·E) in PEFT's target_parameters layout, or both None.
@@ -324,4 +328,10 @@ def fused_grouped_lora_linear(x, weight, bias, lora_A, lora_B, routing: ExpertRo
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= float(dropout_p) < 1.0):
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     p = float(dropout_p) if training and lora_A is not None else 0.0
+    backend = backends.resolve_backend(x)  # the dense layers' rule and errors: Triton where they would run it
+    # A trainable base weight or bias (the grouped kernels compute no gradient for them) stays on the torch path.
+    frozen_base = not weight.requires_grad and (bias is None or not bias.requires_grad)
+    if backend == "triton" and frozen_base:
+        return TritonGroupedLoraFunction.apply(x, weight, bias, lora_A, lora_B, routing, float(scaling), p,
+                                               transposed)
     return grouped_lora_linear(x, weight, bias, lora_A, lora_B, routing, float(scaling), p, transposed)

@@ -3,7 +3,7 @@
 The interpreter build of lora_kernels/ops/configs.py gives each kernel one config, and an autotuner with one
 config never benchmarks: its hooks (zeroing, restoring) never run on CPU. `enable()` gives every autotuned
 kernel of lora_kernels.ops two small configs (the interpreter's tile, and the same with BLOCK_M doubled: another
-row grouping of every partial sum) and a stub timer that runs each config twice, as a GPU's benchmark runs it
+row grouping of every partial sum; see _variants for the MoE experts' kernels) and a stub timer that runs each config twice, as a GPU's benchmark runs it
 many times, and ranks the configs in a fixed order (`winner`: "last" or "first"), so the hooks run exactly as
 on a GPU and the outcome does not depend on timing. Used by the `gpu_like_autotune` fixture, by
 LORA_KERNELS_GPU_LIKE_AUTOTUNE=first|last for a whole session (tests/conftest.py), and by subprocess scripts.
@@ -29,9 +29,12 @@ def autotuned_kernels():
 
 
 def _variants(config):
+    """BLOCK_M doubled; for the MoE experts' row-tiled kernels, whose BLOCK_M comes with the tile table and not
+    from a config, their first block (the streamed or output-column block) doubled."""
     import triton
 
-    taller = dict(config.kwargs, BLOCK_M=config.kwargs["BLOCK_M"] * 2)
+    block = "BLOCK_M" if "BLOCK_M" in config.kwargs else next(k for k in config.kwargs if k.startswith("BLOCK_"))
+    taller = dict(config.kwargs, **{block: config.kwargs[block] * 2})
     return [config, triton.Config(taller, num_warps=config.num_warps, num_stages=config.num_stages)]
 
 

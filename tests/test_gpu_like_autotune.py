@@ -295,8 +295,8 @@ def _jit_kernels():
 
 def test_every_launch_runs_under_x_device(monkeypatch):
     """A spy stands in for the current-device switch (torch.cuda.device on a GPU): every Triton launch of the
-    forward and backward (dense fused and split, deterministic, several adapters, 4-bit, the oracle's mask)
-    happens inside it, switched to x's device."""
+    forward and backward (dense fused and split, deterministic, several adapters, 4-bit, MoE experts, the
+    oracle's mask) happens inside it, switched to x's device."""
     import contextlib
 
     from lora_kernels.backends import base
@@ -339,7 +339,13 @@ def test_every_launch_runs_under_x_device(monkeypatch):
     from lora_kernels.backends import keep_mask as backend_mask
 
     backend_mask("triton", seed_for(0), (4, 8), 0.5)
-    assert len(seen) > 20 and seen == [torch.device("cpu")] * len(seen)
+    from lora_kernels.functional import ExpertRouting, fused_grouped_lora_linear
+
+    routing = ExpertRouting.from_top_k(torch.tensor([[0, 2], [2, 1]]), 3)  # MoE experts: the grouped kernels
+    xe = torch.randn(4, 16, requires_grad=True)
+    fused_grouped_lora_linear(xe, torch.randn(3, 8, 16), None, torch.randn(6, 16, requires_grad=True),
+                              torch.randn(8, 6, requires_grad=True), routing, 1.0, 0.1).sum().backward()
+    assert len(seen) > 26 and seen == [torch.device("cpu")] * len(seen)
 
 
 def test_cuda_extension_bindings_switch_to_their_tensors_device():

@@ -2,9 +2,10 @@
 
 The interpreter runs one small config and never compiles, so a config that spills or cannot launch on a GPU is
 invisible to the rest of the suite. tools/sm90_budget.py calls each launcher at the headline shapes (M=8192,
-K->N in 4096->4096, 4096->14336, 14336->4096, r=16, bf16, fp32 adapters, p=0.1) with meta tensors, binds the
-kernel to those arguments as Triton's launcher does (runtime specialization), and compiles the configs the
-autotuner keeps after its prune_configs_by, with Triton's frontend and ptxas for sm_90 (nothing runs, no GPU).
+K->N in 4096->4096, 4096->14336, 14336->4096, r=16, bf16, fp32 adapters, p=0.1; the MoE experts' grouped kernels
+at Qwen3-30B-A3B's and gpt-oss-20b's projections) with meta tensors, binds the kernel to those arguments as
+Triton's launcher does (runtime specialization), and compiles the configs the autotuner keeps after its
+prune_configs_by, with Triton's frontend and ptxas for sm_90 (nothing runs, no GPU).
 
 CI checks the subset `--subset ci` (a few heavy variants, the widest kept tile of each); the full matrix, every
 kept config of every variant, is `python tools/sm90_budget.py --check` (minutes; docs/benchmarks.md holds its
@@ -28,9 +29,10 @@ def test_kept_configs_fit_sm90_without_spills():
     proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "sm90_budget.py"), "--subset", "ci",
                            "--check", "--quiet"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| lora_")]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| lora_", "| grouped_lora_"))]
     kernels = {line.split("|")[1].strip() for line in rows}
-    assert kernels == {"lora_shrink", "lora_linear_fwd", "lora_dy_b", "lora_linear_bwd_dx"}, proc.stdout
+    assert kernels == {"lora_shrink", "lora_linear_fwd", "lora_dy_b", "lora_linear_bwd_dx", "grouped_lora_shrink",
+                       "grouped_lora_gemm", "grouped_lora_grad"}, proc.stdout
     assert not any("**no**" in line for line in rows), proc.stdout
 
 

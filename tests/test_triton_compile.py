@@ -3,9 +3,10 @@
 The interpreter runs a kernel's body as Python, so it accepts code Triton's compiler rejects (a Python
 conditional on a traced value, a dtype passed where a tensor is expected, a loop bound it cannot type). This
 compiles the most-featured variant of each kernel (several adapters, 4-bit W with double quantization,
-dropout, every gradient), the dense GEMMs and the dequantization kernel through Triton's own frontend and ptxas for sm_90, in a subprocess without
-TRITON_INTERPRET (under the interpreter `triton.jit` gives interpreted functions, which the compiler cannot
-take). Nothing runs: launching needs a GPU.
+dropout, every gradient), the dense GEMMs, the MoE experts' grouped kernels and the dequantization kernel
+through Triton's own frontend and ptxas for sm_90, in a subprocess without TRITON_INTERPRET (under the
+interpreter `triton.jit` gives interpreted functions, which the compiler cannot take). Nothing runs: launching
+needs a GPU.
 """
 import os
 import subprocess
@@ -24,14 +25,16 @@ SCRIPT = textwrap.dedent('''
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from lora_kernels.ops import (dequant_4bit, dora_linear_bwd_dx, dora_linear_fwd, lora_dy_b,
-                                  lora_linear_bwd_dx, lora_linear_fwd, lora_shrink)
+    from lora_kernels.ops import (dequant_4bit, dora_linear_bwd_dx, dora_linear_fwd, grouped_lora_gemm,
+                                  grouped_lora_grad, grouped_lora_shrink, lora_dy_b, lora_linear_bwd_dx,
+                                  lora_linear_fwd, lora_shrink)
 
     # Pointer element types as the launchers pass them: bf16 activations, float32 adapters and buffers, a
     # packed uint8 W, int32 adapter tables, an int64 seed; with double quantization the absmax are uint8 codes.
     POINTERS = {"x_ptr": "*bf16", "y_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16", "bias_ptr": "*bf16",
                 "out_ptr": "*bf16", "w_ptr": "*u8", "packed_ptr": "*u8", "aid_ptr": "*i32", "order_ptr": "*i32",
-                "rank_ptr": "*i32", "threshold_ptr": "*i32", "seed_ptr": "*i64"}
+                "rank_ptr": "*i32", "threshold_ptr": "*i32", "seed_ptr": "*i64", "table_ptr": "*i32",
+                "offsets_ptr": "*i32", "hit_ptr": "*i32"}
     DQ_ABSMAX = {"q_absmax_ptr": "*u8", "absmax_ptr": "*u8"}
     DENSE_W = {"w_ptr": "*bf16"}
     FLOATS = ("scaling", "keep_scale")
@@ -68,6 +71,15 @@ SCRIPT = textwrap.dedent('''
          dict(DROPOUT=False, DOT_PRECISION="tf32", **FWD), {**DENSE_W, "v_ptr": "*bf16"}),
         ("dora_linear_bwd_dx (two MMAs per n-step)", dora_linear_bwd_dx._dora_bwd_dx_kernel,
          dict(DOT_PRECISION="tf32", BLOCK_R=16, BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, GROUP_M=8), DENSE_W),
+        # MoE experts: the grouped kernels (tile table, strided expert slices), with dropout and a bias.
+        ("grouped_lora_gemm dropout, bias (MoE experts)", grouped_lora_gemm._grouped_lora_gemm_kernel,
+         dict(HAS_BIAS=True, HAS_DROPOUT=True, DOT_PRECISION="tf32", BLOCK_R=16, BLOCK_M=64, BLOCK_C=64,
+              BLOCK_RED=64), {**DENSE_W, "a_ptr": "*bf16"}),
+        ("grouped_lora_shrink dropout (MoE experts)", grouped_lora_shrink._grouped_lora_shrink_kernel,
+         dict(HAS_DROPOUT=True, DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_K=64, BLOCK_R=16), {"out_ptr": "*fp32"}),
+        ("grouped_lora_grad dropout (MoE experts)", grouped_lora_grad._grouped_lora_grad_kernel,
+         dict(HAS_DROPOUT=True, DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_C=64, BLOCK_R=16),
+         {"out_ptr": "*fp32", "d_ptr": "*bf16"}),
     ]
     failed = 0
     for name, kernel, constexprs, pointers in CASES:
@@ -102,4 +114,4 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("compiled: ") == 11, proc.stdout
+    assert proc.stdout.count("compiled: ") == 14, proc.stdout

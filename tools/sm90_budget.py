@@ -43,7 +43,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from lora_kernels.backends.triton_experts import _lora_a_strides, _lora_bt_strides, _weight_strides  # noqa: E402
+from lora_kernels.ops.expert_tiles import expert_tiles, tile_block_m  # noqa: E402
 from lora_kernels.ops.format_4bit import QuantizedWeight  # noqa: E402
+from lora_kernels.ops.grouped_lora_gemm import grouped_lora_gemm  # noqa: E402
+from lora_kernels.ops.grouped_lora_grad import grouped_lora_grad  # noqa: E402
+from lora_kernels.ops.grouped_lora_shrink import grouped_lora_shrink  # noqa: E402
 from lora_kernels.ops.layout import rows_of  # noqa: E402
 from lora_kernels.ops.lora_dy_b import lora_dy_b  # noqa: E402
 from lora_kernels.ops.lora_linear_bwd_dx import lora_linear_bwd_dx  # noqa: E402
@@ -125,6 +130,8 @@ class Variant(NamedTuple):
     p: float = P
     gemm: str = "fused"
     grads: str = "all"           # bwd: all | dx (frozen adapter) | grad_a (first layer: x needs no gradient)
+    experts: str = ""            # the MoE experts' grouped kernels at EXPERT_SHAPES[experts], not the dense ones
+    expert_rows: int = 256       # rows per expert (the tile table's BLOCK_M follows: 256 -> 128, 16 -> 16)
 
 
 def _weight(v: Variant, N, K):
@@ -160,6 +167,32 @@ def launch_bwd(v: Variant, K, N):
                        compute_grad_a=need_a, dot_precision=v.precision, gemm=v.gemm, adapters=seg)
 
 
+# MoE experts: Qwen3-30B-A3B's layer (E=128, top-8, H=2048, I=768: gate_up 2048 -> 1536, down 768 -> 2048, 4096
+# tokens) and gpt-oss-20b's projections (H = I = 2880: 2880 -> 5760, 2880 -> 2880; transposed (E, in, out), biases).
+EXPERTS_E = 128  # 4096 tokens x top-8 = 256 rows per expert
+EXPERT_SHAPES = {"qwen3": [(2048, 1536, False), (768, 2048, False)],
+                 "gpt-oss": [(2880, 5760, True), (2880, 2880, True)]}  # (in, out, transposed + bias)
+
+
+def launch_experts(v: Variant, K, N, transposed):
+    """One grouped projection forward and backward, rows spread evenly over the experts."""
+    counts = [v.expert_rows] * EXPERTS_E
+    tiles = expert_tiles(counts, tile_block_m(counts), META)
+    x, dy = _t(sum(counts), K, dtype=v.dtype), _t(sum(counts), N, dtype=v.dtype)
+    w = _t(EXPERTS_E, K, N, dtype=v.dtype) if transposed else _t(EXPERTS_E, N, K, dtype=v.dtype)
+    bias = _t(EXPERTS_E, N, dtype=v.dtype) if transposed else None
+    A, B = _t(R * EXPERTS_E, K, dtype=torch.float32), _t(N, R * EXPERTS_E, dtype=torch.float32)
+    seed, a_s, bt_s = _t(1, dtype=torch.int64), _lora_a_strides(A, R), _lora_bt_strides(B, EXPERTS_E)
+    xa = grouped_lora_shrink(x, tiles, A, a_s, R, seed, v.p, v.precision)
+    grouped_lora_gemm(x, tiles, w, _weight_strides(w, transposed, False), bias, (xa, B, bt_s, R), 2.0, seed, 0.0, N,
+                      v.precision)
+    dyb = grouped_lora_shrink(dy, tiles, B, bt_s, R, seed, 0.0, v.precision)
+    grouped_lora_gemm(dy, tiles, w, _weight_strides(w, transposed, True), None, (dyb, A, a_s, R), 2.0, seed, v.p, K,
+                      v.precision)
+    grouped_lora_grad(dyb, x, tiles, A, a_s, 2.0, seed, v.p, v.precision)
+    grouped_lora_grad(xa, dy, tiles, B, bt_s, 2.0, seed, 0.0, v.precision)
+
+
 FP32_TF32 = dict(dtype=torch.float32, precision="tf32")
 FP32_IEEE = dict(dtype=torch.float32, precision="ieee")
 VARIANTS = [
@@ -170,6 +203,10 @@ VARIANTS = [
     Variant("4 adapters", segmented=True),
     Variant("fp32 TF32", **FP32_TF32),
     Variant("fp32 TF32 off", **FP32_IEEE),
+    Variant("experts", experts="qwen3"),
+    Variant("experts gpt-oss", experts="gpt-oss"),
+    Variant("experts 16 rows each", experts="qwen3", expert_rows=16),
+    Variant("experts fp32 TF32 off", experts="qwen3", **FP32_IEEE),
 ]
 # --subset extra: the other paths the launchers take (each is minutes of compiling on a small machine). Several
 # adapters over a 4-bit W is no path: fused_multi_lora_linear refuses a 4-bit weight.
@@ -185,6 +222,7 @@ CI_KERNELS = {
     "nf4 double quant": ("lora_linear_fwd", "lora_linear_bwd_dx"),
     "4 adapters": ("lora_shrink", "lora_dy_b"),
     "fp32 TF32 off": ("lora_shrink", "lora_dy_b"),
+    "experts": ("grouped_lora_gemm", "grouped_lora_shrink", "grouped_lora_grad"),
 }
 # Variants the forward kernels do not distinguish (no gradients there): only the backward is compiled for them.
 BWD_ONLY = ("frozen adapter (dx only)", "first layer (grad_A only)")
@@ -282,9 +320,11 @@ def measure(launch: Launch, config: triton.Config) -> Stats:
     return stats
 
 
-def config_label(kernel, config: triton.Config) -> str:
-    kw = config.kwargs
-    tiles = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in kw)
+def config_label(launch: Launch, config: triton.Config) -> str:
+    """The config's tiles (with the grouped kernels' BLOCK_M, which comes with the launch), warps, stages."""
+    kw = {**launch.kwargs, **config.kwargs}
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_C", "BLOCK_RED")
+    tiles = "x".join(str(kw[k]) for k in keys if k in kw)
     return f"{tiles} w{config.num_warps} s{config.num_stages}" if tiles else f"w{config.num_warps}"
 
 
@@ -301,12 +341,15 @@ def launches(variants) -> List[tuple]:
     found: Dict[tuple, tuple] = {}
     backend = make_backend(SM90)
     for variant in variants:
-        for K, N in SHAPES:
+        for shape in EXPERT_SHAPES[variant.experts] if variant.experts else SHAPES:
             captured: List[Launch] = []
             with intercepted(captured):
-                if variant.name not in BWD_ONLY:
-                    launch_fwd(variant, K, N)
-                launch_bwd(variant, K, N)
+                if variant.experts:
+                    launch_experts(variant, *shape)
+                else:
+                    if variant.name not in BWD_ONLY:
+                        launch_fwd(variant, *shape)
+                    launch_bwd(variant, *shape)
             for launch in captured:
                 fn = jit_fn(launch.kernel)
                 binder = create_function_from_signature(fn.signature, fn.params, backend)
@@ -343,16 +386,16 @@ def budget(variants=VARIANTS, kernels=None, log=None, only_widest=False) -> List
         if not only_widest and isinstance(launch.kernel, Autotuner):
             for config in launch.kernel.configs:
                 if config not in configs:
-                    rows.append(Row(name, ", ".join(names), config_label(launch.kernel, config), None))
+                    rows.append(Row(name, ", ".join(names), config_label(launch, config), None))
         for config in widest(configs) if only_widest else configs:
             start = time.time()
             try:
                 stats = measure(launch, config)
             except Exception as err:  # noqa: BLE001 - a config that does not compile is over any budget
-                print(f"{name} | {', '.join(names)} | {config_label(launch.kernel, config)} | does not compile: "
+                print(f"{name} | {', '.join(names)} | {config_label(launch, config)} | does not compile: "
                       f"{type(err).__name__}: {str(err)[:2000]}", file=sys.stderr, flush=True)
                 stats = Stats(-1, -1, -1, -1)
-            rows.append(Row(name, ", ".join(names), config_label(launch.kernel, config), stats))
+            rows.append(Row(name, ", ".join(names), config_label(launch, config), stats))
             if log:
                 print(f"{name} | {rows[-1].variant} | {rows[-1].config} | {stats} | {time.time() - start:.1f}s",
                       file=log, flush=True)
@@ -360,7 +403,7 @@ def budget(variants=VARIANTS, kernels=None, log=None, only_widest=False) -> List
 
 
 def markdown(rows: List[Row]) -> str:
-    lines = ["| kernel | variant | config (BM x BN x BK, warps, stages) | registers | spill stores / loads (B) "
+    lines = ["| kernel | variant | config (BM x BN x BK or BM x BC x BRED, warps, stages) | registers | spill stores / loads (B) "
              "| shared memory (B) | within budget |",
              "|---|---|---|---:|---:|---:|---|"]
     for row in rows:

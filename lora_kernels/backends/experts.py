@@ -11,12 +11,14 @@ an expert without rows is skipped.
 Same memory contract as the dense backends: the Function saves the routed input, the (S, r) shrink and a seed;
 the dropout keep-mask (one independent mask per token–expert pair: the sorted rows are the pairs) is drawn from
 torch's generator (torch_keep_mask) and drawn again in backward. This is the torch path: one matmul pair per
-expert that has rows, so the launch count grows with the experts hit (no Triton grouped kernels yet).
+expert that has rows, so the launch count grows with the experts hit. Where the dense layers run Triton,
+functional.fused_grouped_lora_linear takes the grouped kernels instead (triton_experts.py), unless the base
+weight or bias requires grad.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -35,6 +37,9 @@ class ExpertRouting:
     order: torch.Tensor
     token: torch.Tensor
     counts: Tuple[int, ...]
+    # The Triton path's tile table per device (ops/expert_tiles.py): built on first use, shared by both projections
+    # and their backward.
+    _tiles: Dict[str, object] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_top_k(cls, top_k_index: torch.Tensor, num_experts: int) -> "ExpertRouting":
@@ -49,6 +54,15 @@ class ExpertRouting:
     @property
     def num_experts(self) -> int:
         return len(self.counts)
+
+    def tiles(self, device):
+        """The tile table of the grouped Triton kernels for these rows (ops/expert_tiles.py), built once."""
+        from ..ops.expert_tiles import expert_tiles, tile_block_m
+
+        key = str(device)
+        if key not in self._tiles:
+            self._tiles[key] = expert_tiles(self.counts, tile_block_m(self.counts), device)
+        return self._tiles[key]
 
     def slices(self):
         """(expert, row slice) for every expert that has rows."""

@@ -171,3 +171,76 @@ def row_waves(M: int, block_m: int, deterministic: bool):
     slots = min(triton.cdiv(M, block_m), DETERMINISTIC_SLOTS)
     wave = slots * block_m
     return slots, [(row0, min(M, row0 + wave)) for row0 in range(0, M, wave)]
+
+
+# MoE experts (ops/grouped_lora_*.py). The row-tiled kernels take BLOCK_M from the forward's tile table
+# (ops/expert_tiles.py: fixed per launch, so one table serves every launch), and autotune the rest; the
+# per-expert gradient kernel tunes its row step freely. Same sm_90 limits as the dense kernels above.
+
+def _ieee_fp32(named_args, ptr: str, kwargs) -> bool:
+    return kwargs.get("DOT_PRECISION") == "ieee" and named_args[ptr].dtype.itemsize == 4
+
+
+def grouped_gemm_configs():
+    """(output cols BLOCK_C, reduction BLOCK_RED) for grouped_lora_gemm; BLOCK_M comes with the launch."""
+    if interpreting():
+        return [triton.Config({"BLOCK_C": 32, "BLOCK_RED": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_C": bc, "BLOCK_RED": br}, num_warps=w, num_stages=s)
+            for bc, br, w, s in [(256, 64, 8, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (128, 32, 4, 4),
+                                 (64, 32, 4, 4), (32, 32, 4, 4)]]
+
+
+def grouped_gemm_prune():
+    """As gemm_prune: 128 float32 accumulator elements per thread; 64 with the backward's dropout mask on the
+    LoRA term (32 with fp32 activations); 32 for fp32 without TF32; the pipeline's (BLOCK_M + BLOCK_C) x
+    BLOCK_RED tiles within 227 KB."""
+    def prune(configs, named_args, **kwargs):
+        itemsize = named_args["a_ptr"].dtype.itemsize
+        heavy = kwargs.get("HAS_DROPOUT")
+        limit = 32 if _ieee_fp32(named_args, "a_ptr", kwargs) or (heavy and itemsize == 4) else 64 if heavy else 128
+        bm = kwargs["BLOCK_M"]
+
+        def fits(c):
+            kw = c.kwargs
+            per_thread = bm * kw["BLOCK_C"] // (32 * c.num_warps)
+            return per_thread <= limit and c.num_stages * (bm + kw["BLOCK_C"]) * kw["BLOCK_RED"] * itemsize \
+                <= SM90_SHARED_BYTES
+        return _kept(configs, fits)
+    return {"early_config_prune": prune}
+
+
+def grouped_rowblock_configs(col_block: str):
+    """For grouped_lora_shrink (xa and dy·B): the reduction step; BLOCK_M comes with the launch."""
+    if interpreting():
+        return [triton.Config({col_block: 32}, num_warps=4)]
+    return [triton.Config({col_block: bc}, num_warps=w, num_stages=s)
+            for bc, w, s in [(128, 4, 4), (64, 4, 4), (256, 4, 3), (128, 8, 3), (32, 4, 4)]]
+
+
+def grouped_rowblock_prune(col_block: str):
+    """The (BLOCK_M, col_block) activation tile within what rowblock_configs' tiles hold: 64 elements per thread
+    (128 x 256 with 4 warps, 256 per thread, spilled 4 KB on sm_90 with dropout: tools/sm90_budget.py); 32 for
+    fp32 without TF32, as rowblock_prune."""
+    def prune(configs, named_args, **kwargs):
+        limit = 32 if _ieee_fp32(named_args, "x_ptr", kwargs) else 64
+        return _kept(configs, lambda c: kwargs["BLOCK_M"] * c.kwargs[col_block] // (32 * c.num_warps) <= limit)
+    return {"early_config_prune": prune}
+
+
+def grouped_grad_configs():
+    """For grouped_lora_grad: the row step BLOCK_M of each expert's loop and the output block BLOCK_C."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_C": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w, num_stages=s)
+            for bm, bc, w, s in [(64, 128, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4), (32, 256, 8, 3), (128, 64, 8, 3),
+                                 (32, 64, 4, 4)]]
+
+
+def grouped_grad_prune():
+    """The (BLOCK_M, BLOCK_C) operand tile: 32 elements per thread at most with the dropout mask drawn over it
+    (64 x 128 with 4 warps spilled 16 B on sm_90, tools/sm90_budget.py), or with fp32 without TF32."""
+    def prune(configs, named_args, **kwargs):
+        if not (kwargs.get("HAS_DROPOUT") or _ieee_fp32(named_args, "d_ptr", kwargs)):
+            return configs
+        return _kept(configs, lambda c: _per_thread(c, "BLOCK_M", "BLOCK_C") <= 32)
+    return {"early_config_prune": prune}

@@ -1,0 +1,111 @@
+"""MoE experts, the GEMM pass: out = a·V_e (+ b_e) + mask ⊙ (s·l·U_e)/(1-p) for the rows of each expert e.
+
+One kernel serves the two GEMM-shaped products of a grouped LoRA projection (backends/triton_experts.py):
+
+    forward   y      = x·W_eᵀ + b_e + s·xa·B_eᵀ                        a = x,  V_e = W_eᵀ, l = xa,  U_e = B_eᵀ
+    backward  grad_x = dy·W_e + s·(dyB·A_e)⊙mask/(1-p)                 a = dy, V_e = W_e,  l = dyB, U_e = A_e
+
+W_e is the frozen (E, out, in) parameter's slice, or gpt-oss's transposed (E, in, out) one, and A_e / B_e are
+PEFT's (r·E, in) / (out, r·E) adapter tensors: all read through strides, no per-expert copy. A program owns one
+tile of ops/expert_tiles.py's table (rows of one expert) and one block of output columns. The LoRA term is
+computed first (r is small), the mask of backward applied to it (drawn for the sorted row and the column from
+the seed, the forward's mask), and the base GEMM accumulates onto it, so one float32 accumulator is live across
+the reduction loop and nothing (S, out)-sized is written besides the output. As the dense kernels do, the LoRA
+operands run in the activation dtype (PEFT's lora_B does), accumulated in float32.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .configs import autotune, grouped_gemm_configs, grouped_gemm_prune, lora_block_r
+from .dropout import drop_threshold, dropout_keep
+from .expert_tiles import ExpertTiles, tile_rows
+from .layout import check_int32_offsets
+
+
+@autotune(configs=grouped_gemm_configs(), prune_configs_by=grouped_gemm_prune(),
+          key=["S_BUCKET", "C", "RED", "R", "BLOCK_M", "HAS_BIAS", "HAS_DROPOUT", "DOT_PRECISION"])
+@triton.jit
+def _grouped_lora_gemm_kernel(
+    a_ptr, w_ptr, bias_ptr, l_ptr, u_ptr, out_ptr, seed_ptr, table_ptr,
+    C, RED, R, S_BUCKET,
+    stride_am, stride_ak,
+    stride_we, stride_wk, stride_wc,
+    stride_be, stride_bc,
+    stride_lm, stride_lr,
+    stride_ue, stride_ur, stride_uc,
+    stride_om, stride_oc,
+    scaling, threshold, keep_scale,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_RED: tl.constexpr,
+):
+    expert, rm, row_ok = tile_rows(table_ptr, BLOCK_M)
+    c0 = tl.program_id(1) * BLOCK_C
+    rc = c0 + tl.arange(0, BLOCK_C)
+    c_ok = rc < C
+    tile_ok = row_ok[:, None] & c_ok[None, :]
+    dtype = out_ptr.dtype.element_ty
+    rows64 = rm.to(tl.int64)
+
+    # The LoRA term, in BLOCK_R rank chunks (R = 0: no adapter, the loop is empty).
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    rr = tl.arange(0, BLOCK_R)
+    u_base = u_ptr + expert * stride_ue
+    for r0 in range(0, R, BLOCK_R):
+        r_idx = r0 + rr
+        r_ok = r_idx < R
+        lo = tl.load(l_ptr + rows64[:, None] * stride_lm + r_idx[None, :] * stride_lr,
+                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        u = tl.load(u_base + r_idx[:, None] * stride_ur + rc[None, :] * stride_uc, mask=r_ok[:, None] & c_ok[None, :],
+                    other=0.0)
+        acc = tl.dot((lo * scaling).to(dtype), u.to(dtype), acc, input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep = dropout_keep(tl.load(seed_ptr), rm, c0, C, threshold, BLOCK_C)
+        acc = tl.where(keep, acc * keep_scale, 0.0)
+
+    a_rows = a_ptr + rows64 * stride_am
+    w_base = w_ptr + expert * stride_we
+    rk = tl.arange(0, BLOCK_RED)
+    for k0 in range(0, RED, BLOCK_RED):
+        kk = k0 + rk
+        k_ok = kk < RED
+        a = tl.load(a_rows[:, None] + kk[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_base + kk[:, None] * stride_wk + rc[None, :] * stride_wc, mask=k_ok[:, None] & c_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(a, w.to(dtype), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + expert * stride_be + rc * stride_bc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows64[:, None] * stride_om + rc[None, :] * stride_oc, acc.to(dtype), mask=tile_ok)
+
+
+def grouped_lora_gemm(a: torch.Tensor, tiles: ExpertTiles, weight: torch.Tensor, w_strides, bias, lora,
+                      scaling: float, seed: torch.Tensor, p: float, out_features: int,
+                      dot_precision: str) -> torch.Tensor:
+    """(S, out_features) in a's dtype for a (S, RED) sorted by expert.
+
+    weight: the 3-D base parameter, w_strides: (expert, reduction, output column) strides of V_e in it; bias: (E,
+    out_features) or None; lora: (l (S, r) float32, u, u_strides (expert, rank, column), r) or None (no adapter);
+    p > 0 masks the LoRA term (backward). Rows past the last tile (pairs routed to no local expert) are zero."""
+    S, RED = a.shape
+    check_int32_offsets("weight", weight[0])  # the expert's offset is int64, offsets within W_e int32
+    out = torch.empty((S, out_features), dtype=a.dtype, device=a.device)
+    if tiles.routed < S:
+        out[tiles.routed:].zero_()
+    if tiles.num_tiles == 0:
+        return out
+    l, u, u_strides, rank = lora if lora is not None else (out, out, (0, 0, 0), 0)
+    grid = lambda meta: (tiles.num_tiles, triton.cdiv(out_features, meta["BLOCK_C"]))  # noqa: E731
+    _grouped_lora_gemm_kernel[grid](
+        a, weight, bias if bias is not None else out, l, u, out, seed, tiles.table,
+        out_features, RED, rank, triton.next_power_of_2(S),
+        a.stride(0), a.stride(1),
+        *w_strides,
+        *((bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)),
+        l.stride(0), l.stride(1),
+        *u_strides,
+        out.stride(0), out.stride(1),
+        scaling, drop_threshold(p), 1.0 / (1.0 - p),
+        HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, DOT_PRECISION=dot_precision,
+        BLOCK_R=lora_block_r(max(rank, 1)), BLOCK_M=tiles.block_m,
+    )
+    return out
