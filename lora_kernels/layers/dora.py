@@ -8,15 +8,22 @@ adapter's part is recomputed every forward, in eval too (PEFT's default, ENABLE_
 
 Merge is PEFT's rule: W' = g·(W + s·B·A) with the norm of the unmerged weight, kept for unmerge
 (W = W'/g − s·B·A). Mixed-adapter batches are not supported (batch_adapters raises).
+
+FusedDoraLinear4bit: the same over a bitsandbytes 4-bit base (FusedLoraLinear4bit's weight handling: the packed
+Params4bit, the compute dtype, one adapter). ‖W_o‖² is taken of W dequantized to the compute dtype, in row
+blocks, cached per weight and dtype; merge dequantizes, applies PEFT's DoRA rule in float32 and quantizes again
+(PEFT's lora.bnb.Linear4bit DoRA merge), warning that it rounds.
 """
 from __future__ import annotations
 
-from typing import Dict, Union
+import warnings
+from typing import Dict, Optional, Union
 
 import torch
 
-from ..functional import dora_norm, fused_dora_linear, weight_sq_norm
+from ..functional import QuantizedWeight, dequantize, dora_norm, from_bnb, fused_dora_linear, weight_sq_norm
 from .dense import FusedLoraLinear
+from .linear_4bit import FusedLoraLinear4bit
 
 
 class FusedDoraLinear(FusedLoraLinear):
@@ -75,3 +82,60 @@ class FusedDoraLinear(FusedLoraLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", dora"
+
+
+MERGE_WARNING_4BIT = ("merging a DoRA adapter into a 4-bit base dequantizes W, computes g·(W + s·B·A) in float32 "
+                      "and quantizes the result again: outputs change by the 4-bit rounding (PEFT does the same)")
+
+
+class FusedDoraLinear4bit(FusedDoraLinear, FusedLoraLinear4bit):
+    """DoRA over a frozen bitsandbytes 4-bit base (module docstring). Build it with
+    FusedDoraLinear.from_linear(linear4bit, ...) or inject_lora(..., LoraConfig(use_dora=True))."""
+
+    def _packed(self) -> QuantizedWeight:
+        w = self._quantized_weight()
+        return w if isinstance(w, QuantizedWeight) else from_bnb(w)
+
+    def _w_dtype(self, dtype: Optional[torch.dtype] = None) -> torch.dtype:
+        """The dtype W is dequantized to: the given one (the forward's compute dtype), else the layer's compute
+        dtype, else the dtype bitsandbytes dequantizes to (the quant state's)."""
+        return dtype or self.compute_dtype or self.weight_quant_state.dtype
+
+    def weight_sq_norm(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """‖W_o‖² (out,) float32 of the dequantized base, read in row blocks; cached until the weight changes."""
+        qw, dt = self._packed(), self._w_dtype(dtype)
+        key = (id(self.weight), qw.packed.data_ptr(), qw.absmax.data_ptr(), self.weight._version, dt, qw.device)
+        if getattr(self, "_w_sq_key", None) != key:
+            self._w_sq = weight_sq_norm(qw, dt)
+            self._w_sq_key = key
+        return self._w_sq
+
+    def weight_norm(self, adapter_name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        A, B, _ = self.adapter_params(adapter_name)
+        dt = self._w_dtype(dtype)
+        return dora_norm(self._packed(), self.weight_sq_norm(dt), A, B, self._scaling_dropout(adapter_name)[0], dt)
+
+    def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        dt = self._compute_dtype(x)
+        bias = None if self.bias is None else self.bias.to(dt)
+        A, B, m = self.adapter_params(adapter_name)
+        scaling, p = self._scaling_dropout(adapter_name)
+        y = fused_dora_linear(x.to(dt), self._quantized_weight(), bias, A, B, m, scaling, dropout_p=p,
+                              training=self.training, weight_sq_norm=self.weight_sq_norm(dt))
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _merge_rule(self, adapter_name: str, sign: float) -> None:
+        """PEFT's 4-bit DoRA merge: W' = quantize(g·(dequantize(W) + s·B·A)), g from the unmerged W's norm (kept
+        for unmerge: W = quantize(dequantize(W')/g − s·B·A)). Lossy, so it warns."""
+        warnings.warn(MERGE_WARNING_4BIT, stacklevel=5)  # the caller of merge() / unmerge()
+        _, _, m = self.adapter_params(adapter_name)
+        norms: Dict[str, torch.Tensor] = vars(self).setdefault("_merge_norms", {})
+        if sign > 0:
+            norms[adapter_name] = self.weight_norm(adapter_name)
+        g = (m.detach().float() / norms[adapter_name])[:, None]
+        w, delta = dequantize(self._packed(), torch.float32), self.delta_weight(adapter_name)
+        self._requantize(g * (w + delta) if sign > 0 else w / g - delta)
+        if sign < 0:
+            del norms[adapter_name]
+        self._w_sq_key = None  # a new Params4bit: its storage may reuse the old one's address

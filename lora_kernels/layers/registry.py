@@ -3,7 +3,7 @@
 inject_lora asks `can_adapt` which modules can take an adapter and `wrap` for the layer; FusedLoraLinear.from_linear
 reaches `wrap` through base.py's slot (filled below). A new layer type adds its row here; the first row whose
 test matches the module wins. DoRA (use_dora=True) is a column: the DoRA layer type of each base, or None where
-DoRA is not supported yet. Parameters rather than modules (PEFT's target_parameters: 3-D expert weights) have the
+DoRA is not supported (bases that take no adapter). Parameters rather than modules (PEFT's target_parameters: 3-D expert weights) have the
 second table below: the module holding the parameters decides the layer type.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn as nn
 from . import base
 from .base import LoraLayer
 from .dense import FusedLoraLinear, is_conv1d
-from .dora import FusedDoraLinear
+from .dora import FusedDoraLinear, FusedDoraLinear4bit
 from .experts import FusedLoraExperts, adapted_experts_params
 from .linear_4bit import FusedLoraLinear4bit
 
@@ -53,7 +53,7 @@ class LayerType:
 
 # First match wins: bitsandbytes' linears are nn.Linear subclasses, so their rows come before nn.Linear's.
 LAYER_TYPES: Tuple[LayerType, ...] = (
-    LayerType("bitsandbytes Linear4bit (NF4/FP4)", is_bnb_4bit, FusedLoraLinear4bit),
+    LayerType("bitsandbytes Linear4bit (NF4/FP4)", is_bnb_4bit, FusedLoraLinear4bit, dora=FusedDoraLinear4bit),
     LayerType("bitsandbytes Linear8bitLt", is_bnb_8bit, None,
               refused="8-bit bitsandbytes bases (Linear8bitLt) are not supported by the kernels; only 4-bit "
                       "(Linear4bit, NF4/FP4)"),
