@@ -63,11 +63,18 @@ SCRIPT = textwrap.dedent('''
         ("dequant_4bit", dequant_4bit._dequant_4bit_kernel,
          dict(BLOCKSIZE=64, BLOCKSIZE2=1, DOUBLE_QUANT=False, BLOCK=1024), {}),
         ("dora_linear_fwd dropout (two MMAs per k-step)", dora_linear_fwd._dora_linear_fwd_kernel,
-         dict(DROPOUT=True, DOT_PRECISION="tf32", **FWD), {**DENSE_W, "v_ptr": "*bf16"}),
+         dict(DROPOUT=True, DOT_PRECISION="tf32", **FWD, **DENSE), {**DENSE_W, "v_ptr": "*bf16"}),
         ("dora_linear_fwd without dropout", dora_linear_fwd._dora_linear_fwd_kernel,
-         dict(DROPOUT=False, DOT_PRECISION="tf32", **FWD), {**DENSE_W, "v_ptr": "*bf16"}),
+         dict(DROPOUT=False, DOT_PRECISION="tf32", **FWD, **DENSE), {**DENSE_W, "v_ptr": "*bf16"}),
+        ("dora_linear_fwd 4-bit double quant, dropout", dora_linear_fwd._dora_linear_fwd_kernel,
+         dict(DROPOUT=True, DOT_PRECISION="tf32", **FWD, **Q), {**DQ_ABSMAX, "v_ptr": "*bf16"}),
+        ("dora_linear_fwd 4-bit, blocks across rows", dora_linear_fwd._dora_linear_fwd_kernel,
+         dict(DROPOUT=False, DOT_PRECISION="tf32", **FWD, **dict(Q, Q_DOUBLE=False, Q_ALIGNED=False)),
+         {"v_ptr": "*bf16"}),
         ("dora_linear_bwd_dx (two MMAs per n-step)", dora_linear_bwd_dx._dora_bwd_dx_kernel,
-         dict(DOT_PRECISION="tf32", BLOCK_R=16, BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, GROUP_M=8), DENSE_W),
+         dict(DOT_PRECISION="tf32", BLOCK_R=16, BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, GROUP_M=8, **DENSE), DENSE_W),
+        ("dora_linear_bwd_dx 4-bit double quant", dora_linear_bwd_dx._dora_bwd_dx_kernel,
+         dict(DOT_PRECISION="tf32", BLOCK_R=16, BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, GROUP_M=8, **Q), DQ_ABSMAX),
     ]
     failed = 0
     for name, kernel, constexprs, pointers in CASES:
@@ -102,4 +109,4 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("compiled: ") == 11, proc.stdout
+    assert proc.stdout.count("compiled: ") == 14, proc.stdout
