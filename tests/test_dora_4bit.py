@@ -105,9 +105,11 @@ def test_norm_in_row_blocks_and_no_w_sized_tensor_on_triton(backend, monkeypatch
     torch.testing.assert_close(n, (dense + 2.0 * case["lora_B"] @ case["lora_A"]).norm(dim=1), rtol=1e-5, atol=0)
     x = case["x"][0, :2].clone().requires_grad_(True)    # 2 rows: M·N and M·K stay far below N·K
     A, B, m = (case[k].clone().requires_grad_(True) for k in ("lora_A", "lora_B", "magnitude"))
-    with _Spy() as spy:
+    saved = []
+    with _Spy() as spy, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         fused_dora_linear(x, qw, case["bias"], A, B, m, 2.0, dropout_p=0.2, weight_sq_norm=w_sq).sum().backward()
     assert (spy.largest < N * K / 2) == (backend == "triton"), spy.largest
+    assert saved and max(saved) < N * K / 2, saved   # never a dequantized W saved for backward
 
 
 # -- PEFT's bnb DoRA layers on a tiny 4-bit Llama -------------------------------------------------------------
@@ -196,6 +198,8 @@ def test_inject_lora_use_dora_on_a_4bit_model(base_dir, monkeypatch):
     model(ids, labels=ids).loss.backward()
     layer = layers["model.layers.0.mlp.down_proj"]
     assert layer.lora_magnitude_vector.grad is not None and layer.lora_B.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="4-bit .* holds one adapter"):
+        lk.inject_lora(model, lk.LoraConfig(r=2, target_modules=["down_proj"], use_dora=True), adapter_name="b")
     first = layer.weight_sq_norm()
     assert layer.weight_sq_norm() is first
     with torch.no_grad():
