@@ -112,6 +112,28 @@ def test_norm_in_row_blocks_and_no_w_sized_tensor_on_triton(backend, monkeypatch
     assert saved and max(saved) < N * K / 2, saved   # never a dequantized W saved for backward
 
 
+def test_from_linear_on_a_linear4bit():
+    """FusedDoraLinear.from_linear(a bnb Linear4bit) is a FusedDoraLinear4bit over the same packed weight: equal to
+    its base at init (m = ‖W‖), disable_adapter gives the base, to_linear gives a Linear4bit back, and a mixed
+    batch (batch_adapters) is a clear ValueError."""
+    torch.manual_seed(0)
+    lin = bnb.nn.Linear4bit(128, 24, compute_dtype=torch.float32, quant_type="fp4", compress_statistics=False).to("cpu")
+    layer = lk.FusedDoraLinear.from_linear(lin, r=4)
+    assert type(layer) is FusedDoraLinear4bit and layer.weight is lin.weight and "dora" in repr(layer)
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        want = lin(x)
+        assert_rel_close(layer(x), want, 1e-5, "at init")
+        layer.lora_B.normal_()
+        assert not torch.allclose(layer(x), want, atol=1e-3)
+        with layer.disable_adapter():
+            assert_rel_close(layer(x), want, 1e-6, "disabled")
+    with pytest.raises(ValueError, match="DoRA adapters .*not supported"):
+        with lk.batch_adapters(nn.Sequential(layer), ["default", None]):
+            pass
+    assert type(layer.to_linear()) is bnb.nn.Linear4bit
+
+
 # -- PEFT's bnb DoRA layers on a tiny 4-bit Llama -------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -75,7 +75,8 @@ def can_adapt(module: nn.Module) -> bool:
 def wrap(module: nn.Module, layer_class: Optional[type] = None, use_dora: bool = False, **adapter) -> LoraLayer:
     """The LoRA layer over `module`, sharing its weight and bias (adapter: r, lora_alpha, lora_dropout, use_rslora,
     init_lora_weights, lora_dtype). layer_class: build that class when it is a subclass of the row's layer type
-    (FusedLoraLinear.from_linear on a subclass keeps the subclass). use_dora: the row's DoRA layer type."""
+    (FusedLoraLinear.from_linear on a subclass keeps the subclass). use_dora (or a DoRA layer_class): the row's DoRA
+    layer type."""
     row = layer_type_for(module)
     if row is None:
         known = ", ".join(row.base for row in LAYER_TYPES if row.layer is not None)
@@ -84,7 +85,7 @@ def wrap(module: nn.Module, layer_class: Optional[type] = None, use_dora: bool =
     if row.layer is None:
         raise ValueError(row.refused)
     kind = row.layer
-    if use_dora:
+    if use_dora or getattr(layer_class, "use_dora", False):  # FusedDoraLinear.from_linear: the row's DoRA type
         if row.dora is None:
             raise ValueError(f"use_dora=True: DoRA on a {row.base} base is not supported yet")
         kind = row.dora
