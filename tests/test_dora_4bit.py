@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import lora_kernels as lk
 from lora_kernels.backends import keep_mask
+from lora_kernels.backends.base import draw_seed
 from lora_kernels.inject import lora_layers
 from lora_kernels.reference import dora_linear_reference, make_case
 from test_dora_peft import SeededMaskDropout, _lk_grads, _peft_grads
@@ -58,7 +59,7 @@ def test_4bit_dora_matches_float64_oracle(p, K, N, quant_type, double_quant, blo
     keep = None
     if p > 0:
         torch.manual_seed(7)   # the forward's one draw
-        keep = keep_mask(backend, torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64), case["x"].shape, p)
+        keep = keep_mask(backend, draw_seed(torch.device("cpu")), case["x"].shape, p)
     d = {k: case[k].double().requires_grad_(True) for k in t}
     want = dora_linear_reference(d["x"], case["weight"].double(), case["bias"].double(), d["lora_A"], d["lora_B"],
                                  d["magnitude"], case["scaling"], keep_mask=keep, dropout_p=p if keep is not None
@@ -68,6 +69,35 @@ def test_4bit_dora_matches_float64_oracle(p, K, N, quant_type, double_quant, blo
     assert_rel_close(y.double(), want.detach(), tol_y, "y")
     for k in t:
         assert_rel_close(t[k].grad.double(), d[k].grad, tol_g, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("K,N,quant_type,double_quant,blocksize", QUANT + [(257, 191, "nf4", True, 64)])
+def test_4bit_dora_matches_oracle_on_gpu(dtype, K, N, quant_type, double_quant, blocksize, monkeypatch):
+    """The compiled Triton DoRA kernels on a 4-bit W (bf16 too), with dropout, against the float64 oracle."""
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    case = _quantized_case(K, N, quant_type, double_quant, blocksize, dtype)
+    case = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+    case["qweight"] = case["qweight"]._replace(**{f: getattr(case["qweight"], f).cuda() for f in
+                                                  ("packed", "absmax", "nested_absmax", "nested_code", "offset")
+                                                  if getattr(case["qweight"], f) is not None})
+    t = {k: case[k].clone().requires_grad_(True) for k in ("x", "lora_A", "lora_B", "magnitude")}
+    torch.manual_seed(7)
+    y = fused_dora_linear(t["x"], case["qweight"], case["bias"], t["lora_A"], t["lora_B"], t["magnitude"],
+                          case["scaling"], dropout_p=0.1)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    torch.manual_seed(7)   # the forward's one draw
+    keep = keep_mask("triton", draw_seed(torch.device("cuda")), case["x"].shape, 0.1)
+    d = {k: case[k].double().requires_grad_(True) for k in t}
+    want = dora_linear_reference(d["x"], case["weight"].double(), case["bias"].double(), d["lora_A"], d["lora_B"],
+                                 d["magnitude"], case["scaling"], keep_mask=keep, dropout_p=0.1)
+    want.backward(dy.double())
+    tol = {torch.bfloat16: 3e-2, torch.float16: 4e-3, torch.float32: 1e-4}[dtype]
+    assert_rel_close(y.double(), want.detach(), tol, "y")
+    for k in t:
+        assert_rel_close(t[k].grad.double(), d[k].grad, tol, k)
 
 
 class _Spy(torch.utils._python_dispatch.TorchDispatchMode):
