@@ -190,8 +190,8 @@ def check_parity_dora(dtypes: Sequence[str], device, four_bit: bool = True,
                     y = fused_dora_linear(x, weight, case["bias"], A, B, m, case["scaling"], dropout_p=p,
                                           training=True)
                     y.backward(dy)
-                ref = {k: t.detach().double().requires_grad_(True) for k, t in (("x", case["x"]), ("A", case["lora_A"]),
-                                                                                ("B", case["lora_B"]), ("m", magnitude))}
+                ref = {k: t.detach().double().requires_grad_(True)
+                       for k, t in (("x", case["x"]), ("A", case["lora_A"]), ("B", case["lora_B"]), ("m", magnitude))}
                 y_ref = dora_linear_reference(ref["x"], ref_weight.double(), None if case["bias"] is None
                                               else case["bias"].double(), ref["A"], ref["B"], ref["m"],
                                               case["scaling"], keep_mask=mask, dropout_p=p)

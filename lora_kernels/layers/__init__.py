@@ -16,6 +16,7 @@ from .linear_4bit import FusedLoraLinear4bit
 from .registry import LAYER_TYPES, can_adapt, is_bnb_quantized, layer_type_for, param_targets, wrap, wrap_params
 
 __all__ = ["DEFAULT_ADAPTER", "AdapterSpec", "LoraLayer", "check_adapter_name", "FusedLoraLinear", "is_conv1d",
-           "linear_features", "linear_sharing", "FusedDoraLinear", "FusedDoraLinear4bit", "FusedLoraLinear4bit", "LAYER_TYPES", "can_adapt",
+           "linear_features", "linear_sharing", "FusedDoraLinear", "FusedDoraLinear4bit", "FusedLoraLinear4bit",
+           "LAYER_TYPES", "can_adapt",
            "is_bnb_quantized", "layer_type_for", "wrap", "FusedLoraExperts", "experts_layout", "param_targets",
            "wrap_params"]

@@ -127,14 +127,16 @@ class FusedDoraLinear4bit(FusedDoraLinear, FusedLoraLinear4bit):
     @torch.no_grad()
     def _merge_rule(self, adapter_name: str, sign: float) -> None:
         """PEFT's 4-bit DoRA merge: W' = quantize(g·(dequantize(W) + s·B·A)), g from the unmerged W's norm (kept
-        for unmerge: W = quantize(dequantize(W')/g − s·B·A)). Lossy, so it warns."""
+        for unmerge: W = quantize(dequantize(W')/g − s·B·A)). Lossy, so it warns. As PEFT, W is dequantized to the
+        quant state's dtype (bitsandbytes' dequantize_4bit) for the norm and the merge, then computed in float32."""
         warnings.warn(MERGE_WARNING_4BIT, stacklevel=5)  # the caller of merge() / unmerge()
         _, _, m = self.adapter_params(adapter_name)
+        qw, qdt = self._packed(), self.weight_quant_state.dtype
         norms: Dict[str, torch.Tensor] = vars(self).setdefault("_merge_norms", {})
         if sign > 0:
-            norms[adapter_name] = self.weight_norm(adapter_name)
+            norms[adapter_name] = self.weight_norm(adapter_name, qdt)
         g = (m.detach().float() / norms[adapter_name])[:, None]
-        w, delta = dequantize(self._packed(), torch.float32), self.delta_weight(adapter_name)
+        w, delta = dequantize(qw, qdt).float(), self.delta_weight(adapter_name)
         self._requantize(g * (w + delta) if sign > 0 else w / g - delta)
         if sign < 0:
             del norms[adapter_name]

@@ -3,8 +3,8 @@
 inject_lora asks `can_adapt` which modules can take an adapter and `wrap` for the layer; FusedLoraLinear.from_linear
 reaches `wrap` through base.py's slot (filled below). A new layer type adds its row here; the first row whose
 test matches the module wins. DoRA (use_dora=True) is a column: the DoRA layer type of each base, or None where
-DoRA is not supported (bases that take no adapter). Parameters rather than modules (PEFT's target_parameters: 3-D expert weights) have the
-second table below: the module holding the parameters decides the layer type.
+DoRA is not supported (bases that take no adapter). Parameters rather than modules (PEFT's target_parameters: 3-D
+expert weights) have the second table below: the module holding the parameters decides the layer type.
 """
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ from .format_4bit import QuantizedWeight
 from .layout import check_int32_offsets, grouped_tile
 
 
-@triton.autotune(configs=gemm_configs(out_block="BLOCK_K", reduce_block="BLOCK_N"), key=["M_BUCKET", "N", "K", "R", "W_4BIT"])
+@triton.autotune(configs=gemm_configs(out_block="BLOCK_K", reduce_block="BLOCK_N"),
+                 key=["M_BUCKET", "N", "K", "R", "W_4BIT"])
 @triton.jit
 def _dora_bwd_dx_kernel(
     dy_ptr, w_ptr, g_ptr, dyb_ptr, a_ptr, seed_ptr, dx_ptr,
