@@ -340,3 +340,51 @@ def test_4bit_dora_merges_like_peft(base_dir, tmp_path, monkeypatch):
         for n, w in theirs.named_parameters():
             if w.dtype == torch.uint8:
                 assert torch.equal(ours_w[n], w), n
+
+
+def test_bf16_compute_dtype_fused_and_merged_like_peft(monkeypatch):
+    """A Linear4bit computing in bfloat16 over float32-quantized weights (quant state dtype float32), float32
+    adapters: fuse_peft_model's output and gradients agree with PEFT's at bfloat16's tolerance, and our layer's
+    merge (W taken in the quant state's dtype, as PEFT) gives PEFT's packed bytes."""
+    import copy
+
+    from lora_kernels.integrations.peft import fuse_peft_model
+
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
+    torch.manual_seed(0)
+    lin = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+    lin = lin.to("cpu")
+    assert lin.weight.quant_state.dtype == torch.float32
+    models = []
+    for _ in range(2):
+        base = nn.Sequential(copy.deepcopy(lin))
+        base.is_loaded_in_4bit = True   # what transformers sets; PEFT then uses lora.bnb.Linear4bit
+        torch.manual_seed(3)
+        models.append(peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"],
+                                                                use_dora=True, init_lora_weights=False)))
+    fused, ref = models
+    with torch.no_grad():
+        for model in models:
+            model.base_model.model[0].lora_magnitude_vector["default"].weight.mul_(1.25)
+    assert len(fuse_peft_model(fused).fused) == 1
+    x = torch.randn(6, 128, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    outs = []
+    for model in (fused, ref):
+        model.train()
+        y = model(x)
+        assert y.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+        layer = model.base_model.model[0]
+        outs.append([y.detach(), layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad,
+                     layer.lora_magnitude_vector["default"].weight.grad])
+    for what, a, b in zip(("y", "lora_A", "lora_B", "m"), *outs):
+        assert_rel_close(a, b, 3e-2, what)
+    theirs = ref.base_model.model[0]
+    ours = lk.FusedDoraLinear.from_linear(copy.deepcopy(lin), r=4, lora_alpha=8)
+    with torch.no_grad():
+        ours.lora_A.copy_(theirs.lora_A["default"].weight)
+        ours.lora_B.copy_(theirs.lora_B["default"].weight)
+        ours.lora_magnitude_vector.copy_(theirs.lora_magnitude_vector["default"].weight)
+        ours.merge()
+        theirs.merge()
+    assert torch.equal(ours.weight, theirs.base_layer.weight)
