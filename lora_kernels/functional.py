@@ -136,8 +136,8 @@ def fused_dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropo
     sum). LORA_KERNELS_BACKEND=cuda raises.
 
     weight may be a 4-bit base (a bitsandbytes Params4bit or a QuantizedWeight), as for fused_lora_linear: the
-    same kernels dequantize W tile by tile to x's dtype; the norm reads it in row blocks (backends/dora.py).
-    weight_sq_norm must then be weight_sq_norm(qweight, x's dtype).
+    same kernels dequantize W tile by tile to x's dtype; the norm takes W's float32 dequantization without ever
+    holding W (backends/dora.py).
     """
     qweight = as_quantized(weight)
     if qweight is not None:

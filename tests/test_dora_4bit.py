@@ -119,18 +119,25 @@ class _Spy(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_norm_in_row_blocks_and_no_w_sized_tensor_on_triton(backend, monkeypatch):
-    """‖W_o‖² and the per-step norm read W a row block at a time (here 7 rows; blocks across rows) and equal the
-    norm of the whole dequantized W. Triton's forward + backward then allocate nothing of W's size; the torch
-    backend dequantizes W per call (the spy sees it: it can fail)."""
+    """‖W_o‖² reads W a row block at a time (here 7 rows; blocks across rows); the per-step A·Wᵀ runs on the 4-bit
+    GEMM kernel (Triton) or from the row blocks (torch); both equal the norms of the whole float32-dequantized W.
+    Triton's forward + backward then allocate nothing of W's size; the torch backend dequantizes W per call (the
+    spy sees it: it can fail)."""
+    from lora_kernels.ops import lora_linear_fwd as fwd_op
+
     monkeypatch.setattr(dora_backend, "ROW_BLOCK", 7)
     monkeypatch.setenv("LORA_KERNELS_BACKEND", backend)
+    gemm_rows = []
+    real = fwd_op.lora_linear_fwd
+    monkeypatch.setattr(fwd_op, "lora_linear_fwd", lambda x, *a, **k: gemm_rows.append(x.shape[0]) or real(x, *a, **k))
     case = _quantized_case(53, 29, "nf4", True, 64)
     qw, N, K = case["qweight"], 29, 53
     dense = dequantize(qw, torch.float32)
     with _Spy() as spy:
-        w_sq = dora_backend.weight_sq_norm(qw, torch.float32)
-        n = dora_backend.dora_norm(qw, w_sq, case["lora_A"], case["lora_B"], 2.0, torch.float32)
+        w_sq = dora_backend.weight_sq_norm(qw)
+        n = dora_backend.dora_norm(qw, w_sq, case["lora_A"], case["lora_B"], 2.0, backend)
     assert spy.largest < N * K / 2, spy.largest
+    assert gemm_rows == ([4] if backend == "triton" else [])   # A·Wᵀ: A's r = 4 rows through the 4-bit GEMM
     torch.testing.assert_close(w_sq, dense.pow(2).sum(1), rtol=1e-6, atol=0)
     torch.testing.assert_close(n, (dense + 2.0 * case["lora_B"] @ case["lora_A"]).norm(dim=1), rtol=1e-5, atol=0)
     x = case["x"][0, :2].clone().requires_grad_(True)    # 2 rows: M·N and M·K stay far below N·K

@@ -9,11 +9,12 @@ dropped input). The norm comes from ‖W_o + s·B_o·A‖² = ‖W_o‖² + 2s·
 once per frozen weight, A·Wᵀ (r × out) and A·Aᵀ (r × r) per call, in float32 (float64 for a float64 weight).
 A half-precision W is read in row blocks of ROW_BLOCK, so no (out × in) tensor is ever built.
 
-A 4-bit base (a QuantizedWeight, QLoRA) is W as the kernels see it: bitsandbytes' dequantization rounded to the
-compute dtype (x's). The norm reads it ROW_BLOCK rows at a time (format_4bit.dequantize_rows: the same values,
-plain PyTorch on every backend), so its transient memory is one row block, about ROW_BLOCK·in·17 bytes, never
-W. The forward and backward run the same Triton kernels with W dequantized tile by tile in registers; the torch
-backend dequantizes W once per forward and once per backward (a W-sized temporary, freed on return, never saved).
+A 4-bit base (a QuantizedWeight, QLoRA): the norm takes bitsandbytes' float32 dequantization (code·absmax, before
+its rounding to an output dtype). ‖W_o‖² reads W ROW_BLOCK rows at a time (format_4bit.dequantize_rows, torch), a
+transient of about ROW_BLOCK·in·17 bytes, never W; A·Wᵀ per call runs on the 4-bit forward GEMM kernel on the
+Triton backend (A as its rows, W dequantized in registers) and from the row blocks on the torch backend. The
+forward and backward run the same Triton kernels with W dequantized tile by tile in registers (to x's dtype); the
+torch backend dequantizes W once per forward and once per backward (a W-sized temporary, freed, never saved).
 
 DoraLinearFunction saves x, xa = xd·Aᵀ (r columns), the seed, g, n and v = xd·Wᵀ + s·xa·Bᵀ (out columns,
 x's dtype): m's gradient is Σ_rows dy ⊙ v / n, and v is saved rather than recomputed because recomputing
@@ -31,31 +32,25 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.format_4bit import QuantizedWeight, absmax_float, dequantize, dequantize_rows
-from .base import draw_seed, flat, no_seed
+from .base import draw_seed, flat, no_seed, on_device, on_device_of
 from .torch import torch_keep_mask
 
 ROW_BLOCK = 256  # rows of a half-precision W cast to float32 at a time
 
 
-def _w_dtype(weight, dtype: Optional[torch.dtype]) -> torch.dtype:
-    """The dtype W's values are taken in: a dense W's own; a 4-bit W's compute dtype (float32 if not given)."""
-    if isinstance(weight, QuantizedWeight):
-        return dtype or torch.float32
-    return weight.dtype
+def _norm_dtype(weight) -> torch.dtype:
+    """float32 (float64 for a float64 W); a 4-bit W's values are bitsandbytes' float32 dequantization."""
+    return torch.float32 if isinstance(weight, QuantizedWeight) else torch.promote_types(weight.dtype, torch.float32)
 
 
-def _norm_dtype(weight, dtype: Optional[torch.dtype] = None) -> torch.dtype:
-    return torch.promote_types(_w_dtype(weight, dtype), torch.float32)
-
-
-def _row_blocks(weight, dtype: Optional[torch.dtype] = None):
+def _row_blocks(weight):
     """(start, rows of W in the norm's dtype): W itself when it is already in it, else ROW_BLOCK rows at a time
-    (a 4-bit W dequantized to `dtype`, then cast)."""
-    wdt, dt = _w_dtype(weight, dtype), _norm_dtype(weight, dtype)
+    (a 4-bit W dequantized to float32: code·absmax, the products bitsandbytes rounds to its output dtype)."""
+    dt = _norm_dtype(weight)
     if isinstance(weight, QuantizedWeight):
         scales = absmax_float(weight)  # one float32 per quantization block (1/blocksize of W)
         for i in range(0, weight.shape[0], ROW_BLOCK):
-            yield i, dequantize_rows(weight, i, i + ROW_BLOCK, wdt, scales).to(dt)
+            yield i, dequantize_rows(weight, i, i + ROW_BLOCK, dt, scales)
         return
     if weight.dtype == dt:
         yield 0, weight
@@ -65,26 +60,45 @@ def _row_blocks(weight, dtype: Optional[torch.dtype] = None):
 
 
 @torch.no_grad()
-def weight_sq_norm(weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """‖W_o‖² per output row of an (out, in) weight, float32 (float64 for a float64 W). weight may be a 4-bit
-    QuantizedWeight, taken in `dtype` (the compute dtype its kernels dequantize to)."""
-    parts = [torch.linalg.vector_norm(rows, dim=1) for _, rows in _row_blocks(weight, dtype)]
+def weight_sq_norm(weight) -> torch.Tensor:
+    """‖W_o‖² per output row of an (out, in) weight (a dense one, or a 4-bit QuantizedWeight read in row blocks),
+    float32 (float64 for a float64 W)."""
+    parts = [torch.linalg.vector_norm(rows, dim=1) for _, rows in _row_blocks(weight)]
     n = torch.cat(parts) if len(parts) > 1 else parts[0]
     return n * n
 
 
+def _a_wt_4bit_triton(qweight: QuantizedWeight, A: torch.Tensor) -> torch.Tensor:
+    """A·Wᵀ (r, out) float32 for a 4-bit W on the 4-bit forward GEMM kernel (ops/lora_linear_fwd.py: A as its r
+    rows of x, no adapter term, W dequantized tile by tile in registers to float32, IEEE float32 dots): no
+    dequantized W in memory, and 0.5 B per weight read instead of a torch dequantization pass."""
+    from ..ops.layout import rows_of
+    from ..ops.lora_linear_fwd import lora_linear_fwd
+
+    A = A.contiguous()
+    none = A.new_empty((A.shape[0], 0))
+    with on_device(A):
+        return lora_linear_fwd(A, rows_of(A), qweight, None, none, A.new_empty((qweight.shape[0], 0)), 0.0, "ieee",
+                               "fused")
+
+
 @torch.no_grad()
 def dora_norm(weight, w_sq: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-              scaling: float, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """n_o = ‖W_o + s·B_o·A‖ (out,), detached, from w_sq = weight_sq_norm(weight) without building B·A."""
-    dt = _norm_dtype(weight, dtype)
+              scaling: float, backend: str = "torch") -> torch.Tensor:
+    """n_o = ‖W_o + s·B_o·A‖ (out,), detached, from w_sq = weight_sq_norm(weight) without building B·A. backend
+    "triton" with a 4-bit W: A·Wᵀ on the 4-bit GEMM kernel; else from W's row blocks in torch."""
+    dt = _norm_dtype(weight)
     A, B = lora_A.detach().to(dt), lora_B.detach().to(dt)
-    awt = torch.cat([A @ rows.t() for _, rows in _row_blocks(weight, dtype)], dim=1)  # (r, out)
-    aat = A @ A.t()                                                              # (r, r)
+    if backend == "triton" and isinstance(weight, QuantizedWeight):
+        awt = _a_wt_4bit_triton(weight, A)                                         # (r, out)
+    else:
+        awt = torch.cat([A @ rows.t() for _, rows in _row_blocks(weight)], dim=1)  # (r, out)
+    aat = A @ A.t()                                                                # (r, r)
     sq = w_sq.to(dt) + (2.0 * scaling) * (B * awt.t()).sum(1) + (scaling * scaling) * ((B @ aat) * B).sum(1)
     return sq.clamp_min(0.0).sqrt()
 
 
+@on_device_of(0)  # Triton launches on the current device: x's
 def _triton_forward(x, weight, bias, lora_A, lora_B, g, scaling, p):
     """(y, xa, seed, v) from the kernels: lora_shrink for xa = xd·Aᵀ, then ops/dora_linear_fwd.py."""
     from ..ops.dora_linear_fwd import dora_linear_fwd
@@ -180,8 +194,9 @@ class DoraLinearFunction(torch.autograd.Function):
                     from .triton import dot_precision
 
                     dyb32 = dyg.float() @ lora_B.float()
-                    grad[0] = dora_linear_bwd_dx(dy2, weight, g.float().contiguous(), dyb32, lora_A,
-                                                 seed, s, p, dot_precision(dt)).reshape(x.shape)
+                    with on_device(x):
+                        grad[0] = dora_linear_bwd_dx(dy2, weight, g.float().contiguous(), dyb32, lora_A,
+                                                     seed, s, p, dot_precision(dt)).reshape(x.shape)
                 need_a = need_bb = need_x = False
             if need_x and isinstance(weight, QuantizedWeight):  # torch over a 4-bit base: for this call only
                 weight = dequantize(weight, dt)
@@ -214,8 +229,8 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, drop
                 w_sq: Optional[torch.Tensor] = None, backend: str = "torch"):
     """The DoRA linear; w_sq: a cached weight_sq_norm(weight), else computed here. backend "triton": the forward
     runs on the kernels (ops/dora_linear_fwd.py) and the mask is their Philox one; see the module docstring.
-    weight may be a 4-bit QuantizedWeight, whose values are taken in x's dtype (the kernels dequantize to it)."""
-    dt = x.dtype
-    w_sq = weight_sq_norm(weight, dt) if w_sq is None else w_sq
-    norm = dora_norm(weight, w_sq, lora_A, lora_B, scaling, dt)
+    weight may be a 4-bit QuantizedWeight (the kernels dequantize it to x's dtype; the norm takes its float32
+    dequantization)."""
+    w_sq = weight_sq_norm(weight) if w_sq is None else w_sq
+    norm = dora_norm(weight, w_sq, lora_A, lora_B, scaling, backend if x.numel() > 0 else "torch")
     return DoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, backend)

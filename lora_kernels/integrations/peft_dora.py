@@ -57,15 +57,15 @@ def dora_call_reason(layer, x: torch.Tensor, adapter: str) -> Optional[str]:
     return None
 
 
-def _cached_w_sq(layer, weight: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """‖W_o‖² of the base weight (a 4-bit one taken in `dtype`), cached on the layer per weight object, storage,
-    version and dtype (PEFT's 4-bit merge puts a new Params4bit in place: its id differs)."""
+def _cached_w_sq(layer, weight: torch.Tensor) -> torch.Tensor:
+    """‖W_o‖² of the base weight (a 4-bit one: of its float32 dequantization), cached on the layer per weight
+    object, storage and version (PEFT's 4-bit merge puts a new Params4bit in place: its id differs)."""
     qs = getattr(weight, "quant_state", None)
-    key = (id(weight), weight.data_ptr(), weight._version, dtype or weight.dtype, weight.device, tuple(weight.shape),
+    key = (id(weight), weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape),
            None if qs is None else qs.absmax.data_ptr())
     cached = vars(layer).get(_CACHE_ATTR)
     if cached is None or cached[0] != key:
-        cached = (key, weight_sq_norm(from_bnb(weight) if qs is not None else weight, dtype))
+        cached = (key, weight_sq_norm(from_bnb(weight) if qs is not None else weight))
         vars(layer)[_CACHE_ATTR] = cached
     return cached[1]
 
@@ -81,7 +81,7 @@ def dora_forward(layer, x: torch.Tensor, adapter: str) -> torch.Tensor:
         y = fused_dora_linear(x.to(dt), base.weight, bias, layer.lora_A[adapter].weight,
                               layer.lora_B[adapter].weight, layer.lora_magnitude_vector[adapter].weight,
                               layer.scaling[adapter], dropout_p=p, training=dropout.training,
-                              weight_sq_norm=_cached_w_sq(layer, base.weight, dt))
+                              weight_sq_norm=_cached_w_sq(layer, base.weight))
         return y.to(x.dtype)
     weight = base.weight.t() if layer.fan_in_fan_out else base.weight
     return fused_dora_linear(x, weight, base.bias, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,

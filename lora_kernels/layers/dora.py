@@ -10,14 +10,14 @@ Merge is PEFT's rule: W' = g·(W + s·B·A) with the norm of the unmerged weight
 (W = W'/g − s·B·A). Mixed-adapter batches are not supported (batch_adapters raises).
 
 FusedDoraLinear4bit: the same over a bitsandbytes 4-bit base (FusedLoraLinear4bit's weight handling: the packed
-Params4bit, the compute dtype, one adapter). ‖W_o‖² is taken of W dequantized to the compute dtype, in row
-blocks, cached per weight and dtype; merge dequantizes, applies PEFT's DoRA rule in float32 and quantizes again
+Params4bit, the compute dtype, one adapter). The norm is taken of bitsandbytes' float32 dequantization of W, in
+row blocks, ‖W_o‖² cached per weight; merge dequantizes, applies PEFT's DoRA rule in float32 and quantizes again
 (PEFT's lora.bnb.Linear4bit DoRA merge), warning that it rounds.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Optional, Union
+from typing import Dict, Union
 
 import torch
 
@@ -96,24 +96,19 @@ class FusedDoraLinear4bit(FusedDoraLinear, FusedLoraLinear4bit):
         w = self._quantized_weight()
         return w if isinstance(w, QuantizedWeight) else from_bnb(w)
 
-    def _w_dtype(self, dtype: Optional[torch.dtype] = None) -> torch.dtype:
-        """The dtype W is dequantized to: the given one (the forward's compute dtype), else the layer's compute
-        dtype, else the dtype bitsandbytes dequantizes to (the quant state's)."""
-        return dtype or self.compute_dtype or self.weight_quant_state.dtype
-
-    def weight_sq_norm(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """‖W_o‖² (out,) float32 of the dequantized base, read in row blocks; cached until the weight changes."""
-        qw, dt = self._packed(), self._w_dtype(dtype)
-        key = (id(self.weight), qw.packed.data_ptr(), qw.absmax.data_ptr(), self.weight._version, dt, qw.device)
+    def weight_sq_norm(self) -> torch.Tensor:
+        """‖W_o‖² (out,) float32 of the base's float32 dequantization, read in row blocks; cached until the weight
+        changes (its object, storage or version: a merge puts a new Params4bit in place)."""
+        qw = self._packed()
+        key = (id(self.weight), qw.packed.data_ptr(), qw.absmax.data_ptr(), self.weight._version, qw.device)
         if getattr(self, "_w_sq_key", None) != key:
-            self._w_sq = weight_sq_norm(qw, dt)
+            self._w_sq = weight_sq_norm(qw)
             self._w_sq_key = key
         return self._w_sq
 
-    def weight_norm(self, adapter_name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def weight_norm(self, adapter_name: str) -> torch.Tensor:
         A, B, _ = self.adapter_params(adapter_name)
-        dt = self._w_dtype(dtype)
-        return dora_norm(self._packed(), self.weight_sq_norm(dt), A, B, self._scaling_dropout(adapter_name)[0], dt)
+        return dora_norm(self._packed(), self.weight_sq_norm(), A, B, self._scaling_dropout(adapter_name)[0])
 
     def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         dt = self._compute_dtype(x)
@@ -121,22 +116,23 @@ class FusedDoraLinear4bit(FusedDoraLinear, FusedLoraLinear4bit):
         A, B, m = self.adapter_params(adapter_name)
         scaling, p = self._scaling_dropout(adapter_name)
         y = fused_dora_linear(x.to(dt), self._quantized_weight(), bias, A, B, m, scaling, dropout_p=p,
-                              training=self.training, weight_sq_norm=self.weight_sq_norm(dt))
+                              training=self.training, weight_sq_norm=self.weight_sq_norm())
         return y.to(x.dtype)
 
     @torch.no_grad()
     def _merge_rule(self, adapter_name: str, sign: float) -> None:
         """PEFT's 4-bit DoRA merge: W' = quantize(g·(dequantize(W) + s·B·A)), g from the unmerged W's norm (kept
         for unmerge: W = quantize(dequantize(W')/g − s·B·A)). Lossy, so it warns. As PEFT, W is dequantized to the
-        quant state's dtype (bitsandbytes' dequantize_4bit) for the norm and the merge, then computed in float32."""
+        quant state's dtype (bitsandbytes' dequantize_4bit), the norm taken of that W + s·B·A, all in float32
+        (a merge builds W anyway)."""
         warnings.warn(MERGE_WARNING_4BIT, stacklevel=5)  # the caller of merge() / unmerge()
         _, _, m = self.adapter_params(adapter_name)
-        qw, qdt = self._packed(), self.weight_quant_state.dtype
+        w = dequantize(self._packed(), self.weight_quant_state.dtype).float()
+        delta = self.delta_weight(adapter_name)
         norms: Dict[str, torch.Tensor] = vars(self).setdefault("_merge_norms", {})
         if sign > 0:
-            norms[adapter_name] = self.weight_norm(adapter_name, qdt)
+            norms[adapter_name] = torch.linalg.vector_norm(w + delta, dim=1)
         g = (m.detach().float() / norms[adapter_name])[:, None]
-        w, delta = dequantize(qw, qdt).float(), self.delta_weight(adapter_name)
         self._requantize(g * (w + delta) if sign > 0 else w / g - delta)
         if sign < 0:
             del norms[adapter_name]
