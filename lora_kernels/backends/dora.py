@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.format_4bit import QuantizedWeight, absmax_float, dequantize, dequantize_rows
-from .base import draw_seed, flat, no_seed, on_device, on_device_of
+from . import base
+from .base import draw_seed, flat, no_seed, on_device_of
 from .torch import torch_keep_mask
 
 ROW_BLOCK = 256  # rows of a half-precision W cast to float32 at a time
@@ -77,7 +78,7 @@ def _a_wt_4bit_triton(qweight: QuantizedWeight, A: torch.Tensor) -> torch.Tensor
 
     A = A.contiguous()
     none = A.new_empty((A.shape[0], 0))
-    with on_device(A):
+    with base.on_device(A):  # looked up per call: tests spy on the device switch
         return lora_linear_fwd(A, rows_of(A), qweight, None, none, A.new_empty((qweight.shape[0], 0)), 0.0, "ieee",
                                "fused")
 
@@ -194,7 +195,7 @@ class DoraLinearFunction(torch.autograd.Function):
                     from .triton import dot_precision
 
                     dyb32 = dyg.float() @ lora_B.float()
-                    with on_device(x):
+                    with base.on_device(x):
                         grad[0] = dora_linear_bwd_dx(dy2, weight, g.float().contiguous(), dyb32, lora_A,
                                                      seed, s, p, dot_precision(dt)).reshape(x.shape)
                 need_a = need_bb = need_x = False
