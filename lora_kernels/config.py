@@ -122,7 +122,7 @@ class LoraConfig:
     fan_in_fan_out: whether the targets store their weight (in, out), as transformers' Conv1D (GPT-2) does.
     As in PEFT, the targets' type decides: inject_lora records True when it wraps Conv1D layers.
     use_dora: DoRA (weight-decomposed LoRA, PEFT's use_dora): each target also learns a magnitude per output
-    feature (layers/dora.py); nn.Linear and Conv1D targets only.
+    feature (layers/dora.py); nn.Linear, Conv1D and bitsandbytes Linear4bit targets (not MoE experts).
     """
 
     r: int = 8

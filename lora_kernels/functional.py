@@ -136,17 +136,34 @@ def fused_dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropo
     On the Triton backend the forward is one fused GEMM pass (ops/dora_linear_fwd.py); backward runs the LoRA
     backward kernels with g·dy, and ops/dora_linear_bwd_dx.py for grad_x with dropout (grad_m is a torch column
     sum). LORA_KERNELS_BACKEND=cuda raises.
+
+    weight may be a 4-bit base (a bitsandbytes Params4bit or a QuantizedWeight), as for fused_lora_linear: the
+    same kernels dequantize W tile by tile to x's dtype; the norm takes W's float32 dequantization without ever
+    holding W (backends/dora.py).
     """
-    _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    N = weight.shape[0]
+    qweight = as_quantized(weight)
+    if qweight is not None:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        # A zero-stride stand-in with W's shape (nothing W-sized is allocated) for the dense checks.
+        _validate(x, x.new_empty(()).expand(qweight.shape), bias, lora_A, lora_B, scaling, dropout_p)
+        if qweight.device != x.device:
+            raise ValueError(f"the 4-bit weight is on {qweight.device} but x is on {x.device}")
+    else:
+        _validate(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    N = weight.shape[0] if qweight is None else qweight.shape[0]
     if not isinstance(magnitude, torch.Tensor) or tuple(magnitude.shape) != (N,) \
             or magnitude.dtype not in FLOAT_DTYPES or magnitude.device != x.device:
         what = (f"shape {tuple(magnitude.shape)}, {magnitude.dtype} on {magnitude.device}"
                 if isinstance(magnitude, torch.Tensor) else type(magnitude).__name__)
         raise ValueError(f"magnitude must be a floating-point tensor of shape ({N},) on {x.device}, got {what}")
     device_type = x.device.type
-    x, weight, bias = _base_in_activation_dtype(x, weight, bias)
-    name = backends.resolve_backend(x)
+    if qweight is None:
+        x, weight, bias = _base_in_activation_dtype(x, weight, bias)
+    else:
+        x, bias = _activation_and_bias_4bit(x, bias)
+        weight = qweight
+    name = backends.resolve_backend(x, four_bit=qweight is not None)
     if name == "cuda":
         raise ValueError("LORA_KERNELS_BACKEND=cuda: DoRA has no CUDA-extension kernels; use triton, torch or auto")
     p = float(dropout_p) if training else 0.0
@@ -165,6 +182,19 @@ def as_quantized(weight):
     return None
 
 
+def _activation_and_bias_4bit(x, bias):
+    """x and bias as the 4-bit kernels take them: autocast's dtype if on, and the bias in x's dtype."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+        x = x.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    if bias is not None and bias.dtype != x.dtype:
+        raise ValueError(f"x has dtype {x.dtype} but bias has {bias.dtype}: the base layer's bias must be in the "
+                         "activation dtype (or run under torch.autocast)")
+    return x, bias
+
+
 def _fused_qlora_linear(x, qweight: QuantizedWeight, bias, lora_A, lora_B, scaling, dropout_p, training):
     """fused_lora_linear over a 4-bit base: W is dequantized (to x's dtype) inside the backend's ops only."""
     if not isinstance(x, torch.Tensor):
@@ -174,13 +204,7 @@ def _fused_qlora_linear(x, qweight: QuantizedWeight, bias, lora_A, lora_B, scali
     if qweight.device != x.device:
         raise ValueError(f"the 4-bit weight is on {qweight.device} but x is on {x.device}")
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dt = torch.get_autocast_dtype(device_type)
-        x = x.to(dt)
-        bias = bias.to(dt) if bias is not None else None
-    if bias is not None and bias.dtype != x.dtype:
-        raise ValueError(f"x has dtype {x.dtype} but bias has {bias.dtype}: the base layer's bias must be in the "
-                         "activation dtype (or run under torch.autocast)")
+    x, bias = _activation_and_bias_4bit(x, bias)
     p = float(dropout_p) if training else 0.0
     fn = FUNCTIONS_4BIT[backends.resolve_backend(x, four_bit=True)]  # the one dispatch decision of this call
     with torch.autocast(device_type, enabled=False):

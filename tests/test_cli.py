@@ -168,13 +168,34 @@ def test_check_runs_triton_interpreter_and_passes():
         assert "device=cpu" in proc.stdout and "(Triton interpreter)" in proc.stdout
     assert "grad_A " in proc.stdout and "(tolerance 2e-05)" in proc.stdout
     # The 4-bit (QLoRA) cases: on both backends, NF4 and FP4, double quant on and off, with and without dropout.
-    lines_4bit = [line for line in proc.stdout.splitlines() if " weight=4-bit(" in line]
+    lines_4bit = [line for line in proc.stdout.splitlines() if " weight=4-bit(" in line and " dora" not in line]
     for backend in ("triton", "torch"):
         mine = [line for line in lines_4bit if line.startswith(f"backend={backend} ")]
         assert len(mine) == 4 and all("y " in line and "grad_x " in line and "FAIL" not in line for line in mine)
         for part in ("4-bit(nf4,", "4-bit(fp4,", "double quant)", "blocksize 32", "blocksize 64", "dropout=0.1"):
             assert any(part in line for line in mine), (backend, part)
         assert any("dropout" not in line for line in mine)
+    # DoRA: dense W on the resolved backend (Triton), 4-bit W on both backends, with and without dropout.
+    dora = [line for line in proc.stdout.splitlines() if " dora" in line and line.startswith("backend=")]
+    assert len(dora) == 6 and all("grad_m " in line and "FAIL" not in line for line in dora), dora
+    assert sum(line.startswith("backend=triton") for line in dora) == 4
+    assert sum(" weight=4-bit(" in line for line in dora) == 4
+    assert any("dropout=0.1" in line and " weight=4-bit(" not in line for line in dora)
+
+
+def test_check_fails_on_a_wrong_dora_norm(monkeypatch, capsys):
+    """A DoRA bug (here: the norm 1 % too large) fails check's DoRA cases, dense and 4-bit, exit 1."""
+    import lora_kernels.backends.dora as dora_backend
+
+    real = dora_backend.dora_norm
+    monkeypatch.setattr(dora_backend, "dora_norm", lambda *a, **k: real(*a, **k) * 1.01)
+    assert main(["check", "--backend", "torch", "--dtype", "float32"]) == 1
+    out = capsys.readouterr().out
+    failed = [line for line in out.splitlines() if line.startswith("backend=") and "FAIL" in line]
+    assert len(failed) == 4 and all(" dora" in line for line in failed), failed
+    assert any(" weight=4-bit(" in line for line in failed)
+    assert all(line.split("y ")[1].split(";")[0].endswith("FAIL") for line in failed)
+    assert "FAILED: errors above tolerance" in out
 
 
 def test_check_fails_on_a_wrong_4bit_dequantization(monkeypatch, capsys):

@@ -172,3 +172,24 @@ def test_quantize_flag_errors_are_one_line_and_write_nothing(flags, expected, tm
     if "__no_bnb__" in expected or "bitsandbytes" in expected:
         assert "pip install bitsandbytes" in err
     assert not out.exists()
+
+
+def test_use_dora_on_a_4bit_run(tmp_path):
+    """--quantize with --use-dora: every projection a FusedDoraLinear4bit (bitsandbytes never computes with the
+    4-bit weight), the adapter saved with use_dora, and PEFT's QLoRA DoRA layers give our logits on it."""
+    from lora_kernels.layers import FusedDoraLinear4bit
+
+    out = tmp_path / "run"
+    rc, model = _finetune(["--output-dir", str(out), "--quantize", "fp4", "--use-dora", "--lora-dropout", "0.1",
+                           "--max-steps", "2", "--seq-len", "16", "--batch-size", "2", "--eval-every", "2",
+                           "--eval-max-batches", "1", "--no-progress"])
+    assert rc == 0 and json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    layers = _projections(model)
+    assert layers and all(type(m) is FusedDoraLinear4bit for m in layers.values())
+    model.eval()
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(out / "base_model"), device_map="cpu",
+                                                             quantization_config=_bnb_config("fp4", False))
+    theirs = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-4)

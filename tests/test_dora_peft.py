@@ -346,3 +346,54 @@ def test_triton_launches(monkeypatch):
         x = torch.randn(2, 5, 24, requires_grad=True)
         layer(x).sum().backward()
         assert calls == want, (p, calls)
+
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_bf16_base_fp32_adapters_match_peft(p, tmp_path, torch_backend):
+    """A bfloat16 base with float32 adapters (PEFT's autocast_adapter_dtype default) under two DoRA layers: we
+    compute in the activation dtype (bf16), PEFT's adapter branch in float32. Outputs and the gradients of x, A, B
+    and m agree with PEFT at bfloat16's tolerance (reference.TOL), and neither is further from the float32 model
+    (the same adapter on the base's values in float32) than that. (A deep model would compare bf16 noise
+    amplified through its layers, not the layers.)"""
+    from lora_kernels.reference import TOL
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 40)).to(torch.bfloat16)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=p,
+                                                                   target_modules=["0", "2"], use_dora=True,
+                                                                   init_lora_weights=False))
+    g = torch.Generator().manual_seed(0)
+    for layer in peft_lora_names(pm).values():
+        m = layer.lora_magnitude_vector["default"].weight
+        assert m.dtype == layer.lora_A["default"].weight.dtype == torch.float32
+        m.data.mul_(torch.rand(m.shape, generator=g) + 0.5)
+    pm.save_pretrained(tmp_path)
+    fp32 = peft.PeftModel.from_pretrained(copy.deepcopy(base).float(), tmp_path, is_trainable=True)
+    ours = lk.load_adapter(copy.deepcopy(base), tmp_path)
+    layer = lora_layers(ours)["0"]
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == layer.lora_magnitude_vector.dtype \
+        == torch.float32
+    if p > 0:
+        for model in (pm, fp32):
+            for layer in peft_lora_names(model).values():
+                layer.lora_dropout["default"] = SeededMaskDropout(p)
+    x = torch.randn(2, 9, 64, generator=g)
+    runs = {}
+    for name, model, dtype in (("peft", pm, torch.bfloat16), ("ours", ours, torch.bfloat16),
+                               ("fp32", fp32, torch.float32)):
+        model.train()
+        xx = x.to(dtype).requires_grad_(True)
+        torch.manual_seed(5)   # the same masks, layer by layer
+        y = model(xx)
+        y.float().square().sum().backward()
+        grads = {n.replace("base_model.model.", "").replace(".default", "").replace(".weight", ""): q.grad
+                 for n, q in model.named_parameters() if q.grad is not None}
+        runs[name] = {"y": y.detach(), "x": xx.grad, **grads}
+    assert runs["ours"].keys() == runs["peft"].keys() and len(runs["ours"]) == 2 + 2 * 3
+    tol = TOL[torch.bfloat16]
+    for k in runs["peft"]:
+        assert runs["ours"][k].dtype == runs["peft"][k].dtype, k
+        assert_rel_close(runs["ours"][k], runs["peft"][k], tol, f"{k} vs PEFT")
+        for who in ("ours", "peft"):
+            assert_rel_close(runs[who][k], runs["fp32"][k], tol, f"{k}: {who} vs float32")

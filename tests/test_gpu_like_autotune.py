@@ -339,6 +339,14 @@ def test_every_launch_runs_under_x_device(monkeypatch):
     from lora_kernels.backends import keep_mask as backend_mask
 
     backend_mask("triton", seed_for(0), (4, 8), 0.5)
+    n = len(seen)
+    # DoRA over the 4-bit W, with dropout: the norm's A·Wᵀ GEMM, the forward, the two-MMA grad_x, the LoRA passes.
+    from lora_kernels.functional import fused_dora_linear
+
+    t = {k: q[k].clone().requires_grad_(True) for k in ("x", "lora_A", "lora_B")}
+    fused_dora_linear(t["x"], q["qweight"], q["bias"], t["lora_A"], t["lora_B"], torch.ones(24), 2.0,
+                      dropout_p=0.1).sum().backward()
+    assert len(seen) >= n + 5
     from lora_kernels.functional import ExpertRouting, fused_grouped_lora_linear
 
     routing = ExpertRouting.from_top_k(torch.tensor([[0, 2], [2, 1]]), 3)  # MoE experts: the grouped kernels

@@ -9,6 +9,13 @@ dropped input). The norm comes from ‖W_o + s·B_o·A‖² = ‖W_o‖² + 2s·
 once per frozen weight, A·Wᵀ (r × out) and A·Aᵀ (r × r) per call, in float32 (float64 for a float64 weight).
 A half-precision W is read in row blocks of ROW_BLOCK, so no (out × in) tensor is ever built.
 
+A 4-bit base (a QuantizedWeight, QLoRA): the norm takes bitsandbytes' float32 dequantization (code·absmax, before
+its rounding to an output dtype). ‖W_o‖² reads W ROW_BLOCK rows at a time (format_4bit.dequantize_rows, torch), a
+transient of about ROW_BLOCK·in·17 bytes, never W; A·Wᵀ per call runs on the 4-bit forward GEMM kernel on the
+Triton backend (A as its rows, W dequantized in registers) and from the row blocks on the torch backend. The
+forward and backward run the same Triton kernels with W dequantized tile by tile in registers (to x's dtype); the
+torch backend dequantizes W once per forward and once per backward (a W-sized temporary, freed, never saved).
+
 DoraLinearFunction saves x, xa = xd·Aᵀ (r columns), the seed, g, n and v = xd·Wᵀ + s·xa·Bᵀ (out columns,
 x's dtype): m's gradient is Σ_rows dy ⊙ v / n, and v is saved rather than recomputed because recomputing
 it costs a second (M × in × out) GEMM in backward. Never a mask, a dropped copy of x, or B·A. On the Triton
@@ -24,19 +31,28 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .base import draw_seed, flat, no_seed
+from ..ops.format_4bit import QuantizedWeight, absmax_float, dequantize, dequantize_rows
+from . import base
+from .base import draw_seed, flat, no_seed, on_device_of
 from .torch import torch_keep_mask
 
 ROW_BLOCK = 256  # rows of a half-precision W cast to float32 at a time
 
 
-def _norm_dtype(weight: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(weight.dtype, torch.float32)
+def _norm_dtype(weight) -> torch.dtype:
+    """float32 (float64 for a float64 W); a 4-bit W's values are bitsandbytes' float32 dequantization."""
+    return torch.float32 if isinstance(weight, QuantizedWeight) else torch.promote_types(weight.dtype, torch.float32)
 
 
-def _row_blocks(weight: torch.Tensor):
-    """(start, rows of W in the norm's dtype): W itself when it is already in it, else ROW_BLOCK rows at a time."""
+def _row_blocks(weight):
+    """(start, rows of W in the norm's dtype): W itself when it is already in it, else ROW_BLOCK rows at a time
+    (a 4-bit W dequantized to float32: code·absmax, the products bitsandbytes rounds to its output dtype)."""
     dt = _norm_dtype(weight)
+    if isinstance(weight, QuantizedWeight):
+        scales = absmax_float(weight)  # one float32 per quantization block (1/blocksize of W)
+        for i in range(0, weight.shape[0], ROW_BLOCK):
+            yield i, dequantize_rows(weight, i, i + ROW_BLOCK, dt, scales)
+        return
     if weight.dtype == dt:
         yield 0, weight
         return
@@ -45,25 +61,45 @@ def _row_blocks(weight: torch.Tensor):
 
 
 @torch.no_grad()
-def weight_sq_norm(weight: torch.Tensor) -> torch.Tensor:
-    """‖W_o‖² per output row of an (out, in) weight, float32 (float64 for a float64 W)."""
+def weight_sq_norm(weight) -> torch.Tensor:
+    """‖W_o‖² per output row of an (out, in) weight (a dense one, or a 4-bit QuantizedWeight read in row blocks),
+    float32 (float64 for a float64 W)."""
     parts = [torch.linalg.vector_norm(rows, dim=1) for _, rows in _row_blocks(weight)]
     n = torch.cat(parts) if len(parts) > 1 else parts[0]
     return n * n
 
 
+def _a_wt_4bit_triton(qweight: QuantizedWeight, A: torch.Tensor) -> torch.Tensor:
+    """A·Wᵀ (r, out) float32 for a 4-bit W on the 4-bit forward GEMM kernel (ops/lora_linear_fwd.py: A as its r
+    rows of x, no adapter term, W dequantized tile by tile in registers to float32, IEEE float32 dots): no
+    dequantized W in memory, and 0.5 B per weight read instead of a torch dequantization pass."""
+    from ..ops.layout import rows_of
+    from ..ops.lora_linear_fwd import lora_linear_fwd
+
+    A = A.contiguous()
+    none = A.new_empty((A.shape[0], 0))
+    with base.on_device(A):  # looked up per call: tests spy on the device switch
+        return lora_linear_fwd(A, rows_of(A), qweight, None, none, A.new_empty((qweight.shape[0], 0)), 0.0, "ieee",
+                               "fused")
+
+
 @torch.no_grad()
-def dora_norm(weight: torch.Tensor, w_sq: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-              scaling: float) -> torch.Tensor:
-    """n_o = ‖W_o + s·B_o·A‖ (out,), detached, from w_sq = weight_sq_norm(weight) without building B·A."""
+def dora_norm(weight, w_sq: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+              scaling: float, backend: str = "torch") -> torch.Tensor:
+    """n_o = ‖W_o + s·B_o·A‖ (out,), detached, from w_sq = weight_sq_norm(weight) without building B·A. backend
+    "triton" with a 4-bit W: A·Wᵀ on the 4-bit GEMM kernel; else from W's row blocks in torch."""
     dt = _norm_dtype(weight)
     A, B = lora_A.detach().to(dt), lora_B.detach().to(dt)
-    awt = torch.cat([A @ rows.t() for _, rows in _row_blocks(weight)], dim=1)  # (r, out)
-    aat = A @ A.t()                                                              # (r, r)
+    if backend == "triton" and isinstance(weight, QuantizedWeight):
+        awt = _a_wt_4bit_triton(weight, A)                                         # (r, out)
+    else:
+        awt = torch.cat([A @ rows.t() for _, rows in _row_blocks(weight)], dim=1)  # (r, out)
+    aat = A @ A.t()                                                                # (r, r)
     sq = w_sq.to(dt) + (2.0 * scaling) * (B * awt.t()).sum(1) + (scaling * scaling) * ((B @ aat) * B).sum(1)
     return sq.clamp_min(0.0).sqrt()
 
 
+@on_device_of(0)  # Triton launches on the current device: x's
 def _triton_forward(x, weight, bias, lora_A, lora_B, g, scaling, p):
     """(y, xa, seed, v) from the kernels: lora_shrink for xa = xd·Aᵀ, then ops/dora_linear_fwd.py."""
     from ..ops.dora_linear_fwd import dora_linear_fwd
@@ -75,6 +111,28 @@ def _triton_forward(x, weight, bias, lora_A, lora_B, g, scaling, p):
     seed = draw_seed(x.device) if p > 0.0 else no_seed(x.device)
     xa = lora_shrink(x, rows, lora_A, seed, p, precision)
     y, v = dora_linear_fwd(x, rows, weight, bias, xa, lora_B, g.float().contiguous(), seed, scaling, p, precision)
+    return y, xa, seed, v
+
+
+def _torch_forward(x, weight, bias, A, B, gd, s: float, p: float):
+    """(y, xa, seed, v) in plain PyTorch (A, B and gd = g already in x's dtype); the mask torch_keep_mask's."""
+    dt = x.dtype
+    if p > 0.0:
+        seed = draw_seed(x.device)
+        keep = torch_keep_mask(int(seed.item()), x.shape, p, x.device)
+        xd = x * keep.to(dt) * (1.0 / (1.0 - p))
+        del keep
+        xa = F.linear(xd, A)
+        bd = F.linear(xd, weight)                # PEFT's second base GEMM, on the dropped input
+        del xd
+        lo = F.linear(xa, B)
+        v = bd + s * lo
+        y = F.linear(x, weight, bias) + (gd - 1.0) * bd + (gd * s) * lo
+        return y, xa, seed, v
+    seed = no_seed(x.device)
+    xa = F.linear(x, A)
+    v = F.linear(x, weight) + s * F.linear(xa, B)
+    y = gd * v if bias is None else torch.addcmul(bias.to(dt), gd, v)
     return y, xa, seed, v
 
 
@@ -94,29 +152,17 @@ class DoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling: float, dropout_p: float,
                 backend: str):
         dt, s, p = x.dtype, scaling, dropout_p
-        A, B = lora_A.to(dt), lora_B.to(dt)
         g = magnitude.to(norm.dtype) / norm
-        gd = g.to(dt)
+        qweight = weight if isinstance(weight, QuantizedWeight) else None
         if backend == "triton" and x.numel() > 0:
             y, xa, seed, v = _triton_forward(x, weight, bias, lora_A, lora_B, g, s, p)
-        elif p > 0.0:
-            seed = draw_seed(x.device)
-            keep = torch_keep_mask(int(seed.item()), x.shape, p, x.device)
-            xd = x * keep.to(dt) * (1.0 / (1.0 - p))
-            del keep
-            xa = F.linear(xd, A)
-            bd = F.linear(xd, weight)                # PEFT's second base GEMM, on the dropped input
-            del xd
-            lo = F.linear(xa, B)
-            v = bd + s * lo
-            y = F.linear(x, weight, bias) + (gd - 1.0) * bd + (gd * s) * lo
-            del bd, lo
-        else:
-            seed = no_seed(x.device)
-            xa = F.linear(x, A)
-            v = F.linear(x, weight) + s * F.linear(xa, B)
-            y = gd * v if bias is None else torch.addcmul(bias.to(dt), gd, v)
-        ctx.save_for_backward(x, xa, seed, weight, lora_A, lora_B, g, norm, v)
+        else:  # torch; over a 4-bit base W is dequantized for this call only
+            w = dequantize(qweight, dt) if qweight is not None else weight
+            y, xa, seed, v = _torch_forward(x, w, bias, lora_A.to(dt), lora_B.to(dt), g.to(dt), s, p)
+            del w
+        # A 4-bit W: its packed tensors are referenced (ctx.qweight), never a dequantized copy saved.
+        ctx.qweight = qweight
+        ctx.save_for_backward(x, xa, seed, None if qweight is not None else weight, lora_A, lora_B, g, norm, v)
         ctx.scaling, ctx.dropout_p, ctx.backend = s, p, backend
         ctx.dtypes = (None if bias is None else bias.dtype, magnitude.dtype)
         return y
@@ -124,6 +170,7 @@ class DoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, xa, seed, weight, lora_A, lora_B, g, norm, v = ctx.saved_tensors
+        weight = ctx.qweight if ctx.qweight is not None else weight
         s, p = ctx.scaling, ctx.dropout_p
         bias_dtype, m_dtype = ctx.dtypes
         need_x, need_w, need_b, need_a, need_bb, need_m = ctx.needs_input_grad[:6]
@@ -148,9 +195,12 @@ class DoraLinearFunction(torch.autograd.Function):
                     from .triton import dot_precision
 
                     dyb32 = dyg.float() @ lora_B.float()
-                    grad[0] = dora_linear_bwd_dx(dy2, weight, g.float().contiguous(), dyb32, lora_A,
-                                                 seed, s, p, dot_precision(dt)).reshape(x.shape)
+                    with base.on_device(x):
+                        grad[0] = dora_linear_bwd_dx(dy2, weight, g.float().contiguous(), dyb32, lora_A,
+                                                     seed, s, p, dot_precision(dt)).reshape(x.shape)
                 need_a = need_bb = need_x = False
+            if need_x and isinstance(weight, QuantizedWeight):  # torch over a 4-bit base: for this call only
+                weight = dequantize(weight, dt)
             keep = None
             if p > 0.0 and (need_x or need_a or need_w):
                 keep = _keep_mask(ctx.backend, seed, x, p).to(dt) * (1.0 / (1.0 - p))
@@ -179,6 +229,9 @@ class DoraLinearFunction(torch.autograd.Function):
 def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float,
                 w_sq: Optional[torch.Tensor] = None, backend: str = "torch"):
     """The DoRA linear; w_sq: a cached weight_sq_norm(weight), else computed here. backend "triton": the forward
-    runs on the kernels (ops/dora_linear_fwd.py) and the mask is their Philox one; see the module docstring."""
-    norm = dora_norm(weight, weight_sq_norm(weight) if w_sq is None else w_sq, lora_A, lora_B, scaling)
+    runs on the kernels (ops/dora_linear_fwd.py) and the mask is their Philox one; see the module docstring.
+    weight may be a 4-bit QuantizedWeight (the kernels dequantize it to x's dtype; the norm takes its float32
+    dequantization)."""
+    w_sq = weight_sq_norm(weight) if w_sq is None else w_sq
+    norm = dora_norm(weight, w_sq, lora_A, lora_B, scaling, backend if x.numel() > 0 else "torch")
     return DoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, backend)

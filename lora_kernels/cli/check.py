@@ -16,7 +16,7 @@ def cmd_check(args) -> int:
 
         env = dict(os.environ, TRITON_INTERPRET="1")
         return subprocess.call([sys.executable, "-m", "lora_kernels.cli", "check", *args.argv], env=env)
-    from ..parity_check import check_parity, check_parity_4bit
+    from ..parity_check import check_parity, check_parity_4bit, check_parity_dora
 
     from ..backends import resolve_backend
 
@@ -31,15 +31,20 @@ def cmd_check(args) -> int:
     results = check_parity(dtypes, device)
     print("fused forward/backward vs the float64 reference; error = max |fused - reference| / max(max |reference|, 1)")
     _print_parity(results)
+    backends_4bit = None if args.backend == "auto" else [args.backend]
     try:  # a 4-bit W on every backend with 4-bit kernels (or the one asked for), vs bnb's own dequantization
-        results_4bit = check_parity_4bit(dtypes, device, None if args.backend == "auto" else [args.backend])
+        results_4bit = check_parity_4bit(dtypes, device, backends_4bit)
     except ImportError as err:
         print(f"4-bit (QLoRA) cases skipped: bitsandbytes cannot be imported ({err}); pip install bitsandbytes")
-        results_4bit = []
+        results_4bit = None
     if results_4bit:
         print("4-bit (QLoRA) base: the reference's W is bitsandbytes' dequantization of the packed weight")
         _print_parity(results_4bit)
-    results += results_4bit
+    results += results_4bit or []
+    results_dora = check_parity_dora(dtypes, device, four_bit=results_4bit is not None, backends_4bit=backends_4bit)
+    print("DoRA (use_dora=True): PEFT's DoRA formula in float64, also grad_m (the magnitude); a 4-bit W as above")
+    _print_parity(results_dora)
+    results += results_dora
     failed = not all(res.ok for res in results)
     interp = " (Triton interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else ""
     print(("FAILED: errors above tolerance" if failed else "OK: all within tolerance") + interp)
@@ -60,7 +65,9 @@ def add_parser(sub, fmt) -> None:
                        description="Run the fused forward and backward on small odd shapes and compare y, grad_x, "
                        "grad_A, grad_B with the float64 reference; then the same with a 4-bit (QLoRA) base: NF4 and "
                        "FP4, double quant on and off, two blocksizes, with and without dropout, on every backend with "
-                       "4-bit kernels that runs here (needs bitsandbytes; the reference uses its dequantized W). "
+                       "4-bit kernels that runs here (needs bitsandbytes; the reference uses its dequantized W); then "
+                       "DoRA (fused_dora_linear: y and the gradients of x, A, B and the magnitude) on a dense and a "
+                       "4-bit W, with and without dropout. "
                        "Without a GPU the Triton kernels run under Triton's interpreter (slow but real). Exit status 1 "
                        "if any error exceeds its tolerance.")
     c.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto",

@@ -11,7 +11,7 @@ back when any of these holds:
 
 - the call passes extra arguments other than a mixed batch's `adapter_names` (below), the adapters are disabled or
   merged, or not exactly one of the active adapters has weights in this layer (PEFT skips the others);
-- the active adapter uses a LoRA variant other than DoRA over a dense base (DoRA: peft_dora.py says when), or its
+- the active adapter uses a LoRA variant other than DoRA (DoRA: peft_dora.py says when), or its
   dropout module is neither nn.Dropout nor nn.Identity;
 - `base_layer`, `lora_A[adapter]`, `lora_B[adapter]` or `lora_dropout[adapter]` would not run its class's plain
   forward when called: it is not an nn.Linear (resp. Dropout/Identity) whose class keeps nn.Linear's forward, it
@@ -124,9 +124,6 @@ def _fuse_time_reason(layer: PeftLoraLinear) -> Optional[str]:
 def _adapter_unservable_reason(layer: PeftLoraLinear, adapter: str) -> Optional[str]:
     """Why the kernels cannot compute `adapter` of `layer` (whatever the input), or None."""
     if is_dora(layer, adapter):
-        linear4bit = _peft_linear4bit()
-        if linear4bit is not None and isinstance(layer, linear4bit):
-            return f"adapter {adapter!r} is DoRA over a 4-bit base (not served yet)"
         reason = dora_unservable_reason(layer, adapter)
         if reason is not None:
             return reason
@@ -275,6 +272,8 @@ def _forward_4bit(self, x, *args, **kwargs):
     adapter, reason = _call_plan(self, x)
     if reason is not None:
         return super(FusedPeftLinear4bit, self).forward(x, *args, **kwargs)
+    if is_dora(self, adapter):
+        return dora_forward(self, x, adapter)
     base = self.base_layer
     lora_B = self.lora_B[adapter]
     scaling = self.scaling[adapter]
@@ -341,10 +340,10 @@ def fuse_peft_model(peft_model: nn.Module, verbose: bool = False) -> FuseReport:
     Eligible: exactly peft.tuners.lora.Linear over an nn.Linear (subclasses that keep nn.Linear's forward too),
     or a transformers Conv1D (GPT-2, fan_in_fan_out), holding one of the active adapters (or none of them, and an
     adapter of its own it could serve); and PEFT's lora.bnb.Linear4bit over a bitsandbytes Linear4bit
-    (QLoRA) under the same rules; DoRA adapters over a dense base too (integrations/peft_dora.py); and the outermost
+    (QLoRA) under the same rules; DoRA adapters over either base too (integrations/peft_dora.py); and the outermost
     PEFT ParamWrapper over a transformers MoE experts module (target_parameters; integrations/peft_experts.py). A
     fused layer still falls back to PEFT's forward per call (see the module docstring). Others (conv, embedding,
-    8-bit quantized, DoRA over 4-bit, several active adapters) are
+    8-bit quantized, several active adapters) are
     left as they are and listed in the returned report's `skipped`. Undo with unfuse_peft_model.
     """
     if not isinstance(peft_model, nn.Module):

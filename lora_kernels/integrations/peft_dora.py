@@ -1,12 +1,14 @@
 """PEFT's DoRA Linear (use_dora=True) on the fused DoRA path: what fuse_peft_model's FusedPeftLinear runs for a
 DoRA adapter, and when it cannot.
 
-Served: PEFT's DoraLinearVariant over an nn.Linear or a Conv1D, its magnitude a plain DoraLinearLayer, no
+Served: PEFT's DoraLinearVariant over an nn.Linear, a Conv1D or (lora.bnb.Linear4bit) a bitsandbytes Linear4bit,
+its magnitude a plain DoraLinearLayer, no
 lora_B bias, and PEFT's DoRA caching off (peft.tuners.lora.dora.ENABLE_DORA_CACHING, PEFT's default): with it on,
 PEFT reuses the eval-mode norm until train() clears it, so its forward runs to keep exactly that behaviour.
 Otherwise the norm is recomputed every call (never stale after a step), ‖W_o‖² cached per frozen weight on the
-layer and recomputed when the weight's storage or version changes (a merge, a load). The 4-bit DoRA layer and
-mixed batches naming a DoRA adapter stay on PEFT's path.
+layer and recomputed when the weight's storage or version changes (a merge, a load). A 4-bit base computes in
+its compute_dtype and returns x's dtype, as bitsandbytes does; its Params4bit goes to the kernels as it is (the
+norm dequantizes it in row blocks). Mixed batches naming a DoRA adapter stay on PEFT's path.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..functional import fused_dora_linear, weight_sq_norm
+from ..functional import from_bnb, fused_dora_linear, weight_sq_norm
 from .module_hooks import hook_reason
 
 _CACHE_ATTR = "_lora_kernels_w_sq"  # (key, ‖W_o‖²) on the PEFT layer
@@ -56,10 +58,14 @@ def dora_call_reason(layer, x: torch.Tensor, adapter: str) -> Optional[str]:
 
 
 def _cached_w_sq(layer, weight: torch.Tensor) -> torch.Tensor:
-    key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
+    """‖W_o‖² of the base weight (a 4-bit one: of its float32 dequantization), cached on the layer per weight
+    object, storage and version (PEFT's 4-bit merge puts a new Params4bit in place: its id differs)."""
+    qs = getattr(weight, "quant_state", None)
+    key = (id(weight), weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape),
+           None if qs is None else qs.absmax.data_ptr())
     cached = vars(layer).get(_CACHE_ATTR)
     if cached is None or cached[0] != key:
-        cached = (key, weight_sq_norm(weight))
+        cached = (key, weight_sq_norm(from_bnb(weight) if qs is not None else weight))
         vars(layer)[_CACHE_ATTR] = cached
     return cached[1]
 
@@ -69,6 +75,14 @@ def dora_forward(layer, x: torch.Tensor, adapter: str) -> torch.Tensor:
     base = layer.base_layer
     dropout = layer.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    if getattr(base.weight, "quant_state", None) is not None:   # bitsandbytes Linear4bit
+        dt = base.compute_dtype if base.compute_dtype is not None else x.dtype
+        bias = None if base.bias is None else base.bias.to(dt)
+        y = fused_dora_linear(x.to(dt), base.weight, bias, layer.lora_A[adapter].weight,
+                              layer.lora_B[adapter].weight, layer.lora_magnitude_vector[adapter].weight,
+                              layer.scaling[adapter], dropout_p=p, training=dropout.training,
+                              weight_sq_norm=_cached_w_sq(layer, base.weight))
+        return y.to(x.dtype)
     weight = base.weight.t() if layer.fan_in_fan_out else base.weight
     return fused_dora_linear(x, weight, base.bias, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
                              layer.lora_magnitude_vector[adapter].weight, layer.scaling[adapter], dropout_p=p,

@@ -97,12 +97,15 @@ class FusedLoraLinear4bit(FusedLoraLinear):
     def _merge_rule(self, adapter_name: str, sign: float) -> None:
         """W ← quantize(dequantize(W) ± s·B·A): PEFT's 4-bit merge; lossy, so it warns (unmerge does not give the
         original W back, only one close to it)."""
+        warnings.warn(MERGE_WARNING, stacklevel=5)  # the caller of merge() / unmerge()
+        self._requantize(dequantize(from_bnb(self.weight), torch.float32) + sign * self.delta_weight(adapter_name))
+
+    def _requantize(self, merged: torch.Tensor) -> None:
+        """W ← a new Params4bit quantizing `merged` (float32, (out, in)) with the current weight's settings."""
         import bitsandbytes as bnb
 
-        warnings.warn(MERGE_WARNING, stacklevel=5)  # the caller of merge() / unmerge()
         w = self.weight
         qs = w.quant_state
-        merged = dequantize(from_bnb(w), torch.float32) + sign * self.delta_weight(adapter_name)
         self.weight = bnb.nn.Params4bit(merged.to(qs.dtype).cpu(), requires_grad=False, blocksize=w.blocksize,
                                         compress_statistics=w.compress_statistics, quant_type=w.quant_type,
                                         quant_storage=w.quant_storage).to(w.device)

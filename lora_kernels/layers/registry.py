@@ -3,8 +3,8 @@
 inject_lora asks `can_adapt` which modules can take an adapter and `wrap` for the layer; FusedLoraLinear.from_linear
 reaches `wrap` through base.py's slot (filled below). A new layer type adds its row here; the first row whose
 test matches the module wins. DoRA (use_dora=True) is a column: the DoRA layer type of each base, or None where
-DoRA is not supported yet. Parameters rather than modules (PEFT's target_parameters: 3-D expert weights) have the
-second table below: the module holding the parameters decides the layer type.
+DoRA is not supported (bases that take no adapter). Parameters rather than modules (PEFT's target_parameters: 3-D
+expert weights) have the second table below: the module holding the parameters decides the layer type.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch.nn as nn
 from . import base
 from .base import LoraLayer
 from .dense import FusedLoraLinear, is_conv1d
-from .dora import FusedDoraLinear
+from .dora import FusedDoraLinear, FusedDoraLinear4bit
 from .experts import FusedLoraExperts, adapted_experts_params
 from .linear_4bit import FusedLoraLinear4bit
 
@@ -53,7 +53,7 @@ class LayerType:
 
 # First match wins: bitsandbytes' linears are nn.Linear subclasses, so their rows come before nn.Linear's.
 LAYER_TYPES: Tuple[LayerType, ...] = (
-    LayerType("bitsandbytes Linear4bit (NF4/FP4)", is_bnb_4bit, FusedLoraLinear4bit),
+    LayerType("bitsandbytes Linear4bit (NF4/FP4)", is_bnb_4bit, FusedLoraLinear4bit, dora=FusedDoraLinear4bit),
     LayerType("bitsandbytes Linear8bitLt", is_bnb_8bit, None,
               refused="8-bit bitsandbytes bases (Linear8bitLt) are not supported by the kernels; only 4-bit "
                       "(Linear4bit, NF4/FP4)"),
@@ -75,7 +75,8 @@ def can_adapt(module: nn.Module) -> bool:
 def wrap(module: nn.Module, layer_class: Optional[type] = None, use_dora: bool = False, **adapter) -> LoraLayer:
     """The LoRA layer over `module`, sharing its weight and bias (adapter: r, lora_alpha, lora_dropout, use_rslora,
     init_lora_weights, lora_dtype). layer_class: build that class when it is a subclass of the row's layer type
-    (FusedLoraLinear.from_linear on a subclass keeps the subclass). use_dora: the row's DoRA layer type."""
+    (FusedLoraLinear.from_linear on a subclass keeps the subclass). use_dora (or a DoRA layer_class): the row's DoRA
+    layer type."""
     row = layer_type_for(module)
     if row is None:
         known = ", ".join(row.base for row in LAYER_TYPES if row.layer is not None)
@@ -84,7 +85,7 @@ def wrap(module: nn.Module, layer_class: Optional[type] = None, use_dora: bool =
     if row.layer is None:
         raise ValueError(row.refused)
     kind = row.layer
-    if use_dora:
+    if use_dora or getattr(layer_class, "use_dora", False):  # FusedDoraLinear.from_linear: the row's DoRA type
         if row.dora is None:
             raise ValueError(f"use_dora=True: DoRA on a {row.base} base is not supported yet")
         kind = row.dora

@@ -158,8 +158,23 @@ def absmax_float(qw: QuantizedWeight) -> torch.Tensor:
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     """W (N, K) in `dtype`, equal bit for bit to bitsandbytes.functional.dequantize_4bit. A W-sized temporary:
     for the torch backend and merges only, never kept for backward."""
+    return dequantize_rows(qw, 0, qw.shape[0], dtype)
+
+
+def dequantize_rows(qw: QuantizedWeight, start: int, stop: int, dtype: torch.dtype,
+                    scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rows start:stop of W in `dtype`, the same values as `dequantize` (the same float32 products), touching only
+    the quantization blocks those rows overlap. scales: absmax_float(qw), for a caller walking W in row blocks.
+
+    Transient memory for R rows: about R·K·13 bytes (the nibbles, their int64 indices, the float32 product)."""
     N, K = qw.shape
-    b = qw.packed.reshape(-1).view(torch.uint8)
-    nibbles = torch.stack((b >> 4, b & 15), dim=-1).reshape(-1)[: N * K]
-    w = _blockwise(code_table(qw.quant_type, b.device)[nibbles.long()], absmax_float(qw), qw.blocksize)
-    return w.to(dtype).view(N, K)
+    stop = min(stop, N)
+    e0, e1 = start * K, stop * K
+    bs = qw.blocksize
+    b0, b1 = e0 // bs, -(-e1 // bs)
+    s0, s1 = b0 * bs, min(b1 * bs, N * K)                # whole blocks (s0 even: bs is)
+    b = qw.packed.reshape(-1).view(torch.uint8)[s0 // 2: (s1 + 1) // 2]
+    nibbles = torch.stack((b >> 4, b & 15), dim=-1).reshape(-1)[: s1 - s0]
+    scales = absmax_float(qw) if scales is None else scales
+    w = _blockwise(code_table(qw.quant_type, b.device)[nibbles.long()], scales[b0:b1], bs)
+    return w[e0 - s0: e1 - s0].to(dtype).view(stop - start, K)
