@@ -31,7 +31,7 @@ from bench.lkbench import e2e as E
 from bench.lkbench import impls as I
 from bench.lkbench import moe as MOE
 from bench.lkbench import results as R
-from bench.lkbench.ops_bench import PASSES, measure_case
+from bench.lkbench.ops_bench import PASSES, STOP_REQUESTED, measure_case
 from lora_kernels.timing import L2_FLUSH_BYTES, Timer
 
 
@@ -40,6 +40,7 @@ class Stopped(Exception):
 
 
 def _stop(signum, frame):
+    STOP_REQUESTED.append(signal.Signals(signum).name)
     raise Stopped(signal.Signals(signum).name)
 
 
@@ -122,6 +123,16 @@ def _line(suite: str, res: dict) -> str:
             + ", ".join(f"{k} {v}" for k, v in res["ratios"].items() if v is not None))
 
 
+def _truncated(doc: dict, grid: str, not_run: list, selected: list) -> None:
+    """Record `not_run` (of this run's `selected` cases) under "truncated", keeping what earlier runs into the same
+    file left unmeasured outside this selection (a DoRA stage cut short stays recorded after a MoE stage)."""
+    earlier = [n for n in (doc.get("truncated") or {}).get("not_run", []) if n not in set(selected)]
+    if earlier or not_run:
+        doc["truncated"] = {"grid": grid, "not_run": earlier + not_run}
+    else:
+        doc.pop("truncated", None)
+
+
 def check_args(args) -> int:
     """--check-args: every value the run would use, validated; exit 1 when a --match selects nothing (in any suite
     asked for), since a case renamed under a script's regex would otherwise be skipped silently on the GPU."""
@@ -199,7 +210,7 @@ def main(argv=None) -> int:
     try:
         for i, (suite, case) in enumerate(todo):
             if args.budget_s is not None and time.monotonic() - t0 > args.budget_s:
-                doc["truncated"] = {"grid": grid, "not_run": [c.name for _, c in todo[i:]]}
+                _truncated(doc, grid, [c.name for _, c in todo[i:]], [c.name for _, c in todo])
                 print(f"collect.py: time budget of {args.budget_s:.0f} s spent; {len(todo) - i} case(s) not run",
                       flush=True)
                 break
@@ -209,8 +220,7 @@ def main(argv=None) -> int:
             R.save(doc, path)
             print(f"[{i + 1}/{len(todo)}] {case.name}: {_line(suite, res)}", flush=True)
         else:
-            if todo:
-                doc.pop("truncated", None)
+            _truncated(doc, grid, [], [c.name for _, c in todo])
             i = len(todo)
 
         for preset in presets:
@@ -222,10 +232,12 @@ def main(argv=None) -> int:
             R.upsert(doc.setdefault("e2e", []), res)
             R.save(doc, path)
             print(f"e2e {preset}: {res.get('ratios')}", flush=True)
-    except Stopped as why:
+    except Exception:  # noqa: BLE001 - Stopped, or re-raised wrapped by the code it interrupted
+        if not STOP_REQUESTED:
+            raise
+        why = STOP_REQUESTED[0]
         not_run = [c.name for k, c in todo[i:] if c.name not in {d["name"] for d in doc.get(SUITES[k], [])}]
-        if not_run:
-            doc["truncated"] = {"grid": grid, "not_run": not_run}
+        _truncated(doc, grid, not_run, [c.name for _, c in todo])
         R.save(doc, path)
         print(f"collect.py: stopped by {why} after {time.monotonic() - t0:.0f} s; {len(not_run)} case(s) not "
               f"run; {path} holds what was measured", file=sys.stderr, flush=True)

@@ -252,3 +252,16 @@ def test_collector_selects_the_dora_and_moe_headline_cases(capsys):
         (128, 8, 2048, 768, 4096, 16, 0.0, "bf16"), (128, 8, 2048, 768, 4096, 16, 0.1, "bf16"),
         (32, 4, 2880, 2880, 4096, 16, 0.0, "bf16"), (32, 4, 2880, 2880, 4096, 16, 0.1, "bf16")]
     assert collect.main(["--no-ops", "--moe", "--grid", "headline", "--match", "nothing", "--check-args"]) == 1
+
+
+def test_truncated_record_survives_a_later_stage():
+    """A stage cut short (DoRA) stays recorded after a later stage into the same file (MoE) completes; measuring
+    the missing cases later clears it."""
+    from bench.collect import _truncated
+
+    doc = {}
+    _truncated(doc, "headline", ["dora/b"], ["dora/a", "dora/b"])
+    _truncated(doc, "headline", [], ["moe/a", "moe/b"])
+    assert doc["truncated"]["not_run"] == ["dora/b"]
+    _truncated(doc, "headline", [], ["dora/b"])
+    assert "truncated" not in doc

@@ -197,17 +197,17 @@ def test_stage_limits_never_pass_the_deadline():
     assert all(quick[s]["expected"]["runs"] for s in ("headline", "smoke_tests", "shapes", "e2e", "ext"))
     short = {r["stage"]: r for r in G.plan([G.STAGES[s] for s in G.PRESETS["short"].stages], 180)}
     assert short["headline"]["worst"]["runs"] and short["headline"]["worst"]["limit_s"] >= G.STAGES["headline"].est_s
-    # dora_moe: MoE within its budget, and DoRA at least its minimum even when MoE takes all of its budget.
+    # dora_moe: DoRA's estimate within its cap, and MoE well past its minimum even when DoRA takes all of its cap.
     dm = {r["stage"]: r for r in G.plan([G.STAGES[s] for s in G.PRESETS["dora_moe"].stages], 240)}
-    assert dm["moe"]["worst"]["runs"] and dm["dora"]["worst"]["runs"]
-    assert dm["dora"]["expected"]["limit_s"] >= G.STAGES["dora"].est_s
+    assert dm["dora"]["worst"]["runs"] and dm["dora"]["worst"]["limit_s"] >= G.STAGES["dora"].est_s
+    assert dm["moe"]["worst"]["runs"] and dm["moe"]["expected"]["limit_s"] >= G.STAGES["moe"].est_s
 
 
 def test_deadline_and_stage_arguments(monkeypatch):
     monkeypatch.delenv("LORA_BENCH_DEADLINE_S", raising=False)
     assert G.parse_args([]).deadline_s == 480
     assert G.parse_args(["--preset", "short"]).deadline_s == 180
-    assert G.parse_args(["--preset", "dora_moe"]).stage_list == ["moe", "dora"]
+    assert G.parse_args(["--preset", "dora_moe"]).stage_list == ["dora", "moe"]
     assert G.parse_args(["--preset", "dora_moe"]).deadline_s == 240
     assert G.parse_args(["--deadline-s", "none"]).deadline_s is None
     assert G.parse_args(["--deadline-s", "300", "--preset", "short"]).deadline_s == 300

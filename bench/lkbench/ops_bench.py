@@ -20,6 +20,9 @@ from .cases import Case
 from .memory import MB, free, peak_bytes, saved_bytes
 
 PASSES = ("fwd", "bwd", "fwdbwd")
+# Set by bench/collect.py's SIGTERM handler: a stop requested while an implementation runs is never taken for that
+# implementation failing (Triton's interpreter, for one, re-raises it wrapped in its own error).
+STOP_REQUESTED: List[str] = []
 # Field names in the results file: "fused" is ours on Triton (GEMM path chosen per shape), the others keep
 # their implementation name.
 RATIOS = {  # name: (numerator impl, denominator impl), on forward+backward medians
@@ -122,6 +125,8 @@ def measure_side_by_side(fields: dict, names: List[str], build, t, timer: Timer,
             d, error = measure_built(built, t, timer, passes, None if name in unchecked else ref, tolerance,
                                      fields["name"])
         except (RuntimeError, ValueError, TypeError) as err:  # e.g. out of memory: keep the other implementations
+            if STOP_REQUESTED:
+                raise
             d, error = {"failed": f"{type(err).__name__}: {err}"[:500]}, f"{fields['name']}: {name} failed: {err}"
         errors += [error] if error else []
         detail[name] = d
