@@ -1,18 +1,22 @@
 """MoE-experts pytest-benchmark suite: transformers' experts module without LoRA (grouped_mm), ours (inject_lora with
 target_parameters), PEFT's target_parameters, each forward, backward and forward+backward on the MoE cases
 (bench/lkbench/moe.py: the Qwen3-30B-A3B and gpt-oss-20b layers at p = 0 and 0.1; tiny ones on a CPU). PEFT
-refuses lora_dropout on target_parameters, so its p = 0.1 tests are not generated. Timed as test_bench_ops.py times;
-the side-by-side ratios and the memory are bench/collect.py --moe's."""
+refuses lora_dropout on target_parameters, so its p = 0.1 tests are not generated; without a GPU, only the
+forward+backward pass. Timed as test_bench_ops.py times; the side-by-side ratios and the memory are
+bench/collect.py --moe's."""
 import functools
 
 import pytest
+import torch
 from bench.lkbench import impls as I
 from bench.lkbench.moe import MOE_IMPLS, build_moe, make_moe_tensors, moe_cases, moe_reference
 from bench.lkbench.ops_bench import PASSES
 from bench.test_bench_ops import time_pass
 
-PARAMS = [(case, impl, p) for case in moe_cases() for impl in MOE_IMPLS for p in PASSES
-          if not (impl == "peft" and case.dropout > 0)]
+# Without a GPU the grouped kernels run under Triton's interpreter (about a second per forward+backward): the
+# forward+backward pass alone there.
+PARAMS = [(case, impl, p) for case in moe_cases() for impl in MOE_IMPLS
+          for p in (PASSES if torch.cuda.is_available() else ("fwdbwd",)) if not (impl == "peft" and case.dropout > 0)]
 
 
 @functools.lru_cache(maxsize=1)
