@@ -87,6 +87,9 @@ def _headline_lines(run: Run) -> List[str]:
         lines.append(f"  {c['name']}: fused {c.get('fused_ms')} ms, base {c.get('base_ms')} ms, "
                      f"fused/base {r.get('fused_over_base')}, PEFT/fused {r.get('peft_over_fused')}, "
                      f"torch/fused {r.get('torch_over_fused')}")
+    for c in doc.get("dora", []) + doc.get("moe", []):
+        lines.append(f"  {c['name']}: " + ", ".join(f"{k} {v}" for k, v in (c.get("ratios") or {}).items()
+                                                  if v is not None))
     for e in doc.get("e2e", []):
         lines.append(f"  {e['name']}: {e.get('ratios')}")
     return lines

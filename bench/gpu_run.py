@@ -3,6 +3,7 @@
     bench/run_gpu.sh --out "$OUT"                    # preset quick: 480 s in all, for a 10-minute command
     bench/run_gpu.sh --out "$OUT" --preset short     # 180 s: the headline case first, for a short remainder
     bench/run_gpu.sh --out "$OUT" --preset adapters  # 210 s: the QLoRA and multi-adapter suites, after quick
+    bench/run_gpu.sh --out "$OUT" --preset dora_moe  # 240 s: the DoRA and MoE-experts cases, after quick
     bench/run_gpu.sh --out DIR --preset ci           # self-hosted GPU CI: every GPU test and benchmark
     bench/run_gpu.sh --dry-run --out DIR             # on a CPU: the checks below, nothing measured
 

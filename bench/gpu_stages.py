@@ -199,6 +199,14 @@ STAGES: Dict[str, Stage] = {s.name: s for s in [
     Stage("suite", "the pytest-benchmark suites on the headline grid", 900, 60, 2400,
           lambda run, limit: [*_pytest(run, ["bench/", "-q"]), *_suite_args(run)],
           lambda run: [[*_pytest(run, ["bench/", "--collect-only", "-q"]), *_suite_args(run)]]),
+    # dora_moe preset (and ci): the DoRA and MoE-experts targets (issues 24, 25), side by side in the collector
+    collect_stage("dora", "DoRA on the three headline shapes, p = 0.1 and 0: base, our LoRA, our DoRA (Triton and "
+                  "torch), PEFT DoRA; fwd, bwd, fwd+bwd, saved and peak memory", 110, 45, 130,
+                  lambda run: ["--no-ops", "--dora", "--grid", "headline", "--skip-existing"], margin_s=20),
+    collect_stage("moe", "MoE experts, Qwen3-30B-A3B then gpt-oss-20b layer, p = 0 and 0.1: transformers' grouped_mm "
+                  "base, ours (inject_lora, target_parameters), PEFT target_parameters; fwd, bwd, fwd+bwd, peak memory",
+                  60, 30, 300, lambda run: ["--no-ops", "--moe", "--grid", "headline", "--skip-existing"], margin_s=20,
+                  needs=("cuda_available", "peft_imports")),
     # adapters preset: the QLoRA and multi-adapter targets (issues 14, 15), which the quick preset has no room for
     Stage("adapter_suites", "pytest-benchmark: QLoRA NF4 layer vs PEFT's QLoRA and our dense layer; a 4-adapter "
           "mixed batch vs one adapter", 150, 60, None,
@@ -232,7 +240,12 @@ PRESETS = {
     # For a second command: compiling the 4-bit and segmented kernels takes most of it (estimated).
     "adapters": Preset(210, ["adapter_suites"],
                        "QLoRA and multi-adapter benchmarks, for the remainder of a lent machine after quick"),
-    "ci": Preset(9000, ["headline_grid", "gpu_tests", "e2e_all", "ext_all", "suite", "full"],
+    # For a second command on the machine quick ran on (its Triton cache warm): DoRA first, capped (about 27 compiles
+    # of its own, the LoRA ones cached by quick), then MoE with the rest (the grouped Triton expert kernels'
+    # compiles, about 30 for the first Qwen3 case, take most of it). docs/benchmarks.md: the estimates.
+    "dora_moe": Preset(240, ["dora", "moe"], "the DoRA and MoE-experts cases, for the remainder of a lent machine "
+                       "after quick"),
+    "ci": Preset(9000, ["headline_grid", "gpu_tests", "e2e_all", "ext_all", "dora", "moe", "suite", "full"],
                  "the self-hosted GPU CI: every GPU test and benchmark"),
 }
 # The environment record opens every run (the file stem, the implementations and which stages can run depend

@@ -22,6 +22,14 @@ TARGET_SHAPES = {(4096, 4096), (4096, 14336), (14336, 4096)}
 FUSED_OVER_BASE_MAX = 1.10
 PEFT_OVER_FUSED_MIN = {0.1: 1.5, 0.0: 1.3}
 E2E_TOKENS_MIN, E2E_PEAK_MAX = 1.25, 0.8
+# DoRA (issue 24), on the headline cases with fp32 adapters, by dropout.
+DORA_OVER_LORA_MAX = {0.0: 1.25, 0.1: 1.6}
+PEFT_DORA_OVER_DORA_MIN = {0.0: 1.5, 0.1: 1.8}
+DORA_SAVED_MAX = 0.6
+# MoE experts (issue 25): Qwen3-30B-A3B and gpt-oss-20b layers, 4096 tokens, r=16, bf16, fp32 adapters.
+MOE_HEADLINE = {"qwen3-30b-a3b", "gpt-oss-20b"}
+MOE_OVER_BASE_MAX = {0.0: 1.15, 0.1: 1.25}
+MOE_PEFT_OVER_OURS_MIN, MOE_PEAK_MAX = 2.0, 0.5
 # Chart: the headline cases when the file has them, otherwise every case (see --chart-match).
 DEFAULT_CHART_MATCH = r"/M8192/r16/p0\.1/bf16/"
 
@@ -38,6 +46,16 @@ def _headline(c):
     return (c["K"], c["N"]) in TARGET_SHAPES and c["M"] == 8192 and c["r"] == 16 and c["dtype"] == "bf16"
 
 
+def _moe_headline(c):
+    return c["shape"] in MOE_HEADLINE and c["T"] == 4096 and c["r"] == 16 and c["dtype"] == "bf16" \
+        and c["adapter_dtype"] == "fp32"
+
+
+def _row(target: str, c: dict, key: str, met):
+    v = _ratio(c, key)
+    return target, c["name"], v, None if v is None else met(v)
+
+
 def targets(doc) -> list:
     """Rows (target, case, measured, verdict) for every case in the file that a target speaks about."""
     rows = []
@@ -52,6 +70,27 @@ def targets(doc) -> list:
         pf = _ratio(c, "peft_over_fused")
         if need is not None:
             rows.append((f"PEFT/fused ≥ {need}", c["name"], pf, None if pf is None else pf >= need))
+    for c in doc.get("dora", []):
+        if not (_headline(c) and c["adapter_dtype"] == "fp32"):
+            continue
+        p = c["dropout"]
+        rows.append(_row(f"DoRA/LoRA ≤ {DORA_OVER_LORA_MAX[p]} (p={p:g})", c, "dora_over_lora",
+                         lambda v: v <= DORA_OVER_LORA_MAX[p]))
+        rows.append(_row(f"PEFT DoRA/ours ≥ {PEFT_DORA_OVER_DORA_MIN[p]} (p={p:g})", c, "peft_dora_over_dora",
+                         lambda v: v >= PEFT_DORA_OVER_DORA_MIN[p]))
+        rows.append(_row(f"saved activations DoRA/PEFT DoRA ≤ {DORA_SAVED_MAX}", c, "dora_saved_over_peft_dora",
+                         lambda v: v <= DORA_SAVED_MAX))
+    for c in doc.get("moe", []):
+        if not _moe_headline(c):
+            continue
+        p = c["dropout"]
+        rows.append(_row(f"MoE ours/base ≤ {MOE_OVER_BASE_MAX[p]} (p={p:g})", c, "ours_over_base",
+                         lambda v: v <= MOE_OVER_BASE_MAX[p]))
+        if p == 0:
+            rows.append(_row(f"MoE PEFT/ours ≥ {MOE_PEFT_OVER_OURS_MIN}", c, "peft_over_ours",
+                             lambda v: v >= MOE_PEFT_OVER_OURS_MIN))
+            rows.append(_row(f"MoE peak memory ours/PEFT ≤ {MOE_PEAK_MAX}", c, "ours_peak_over_peft",
+                             lambda v: v <= MOE_PEAK_MAX))
     for e in doc.get("e2e", []):
         r = e.get("ratios") or {}
         tok, mem = r.get("tokens_per_s_fused_over_peft"), r.get("peak_mb_fused_over_peft")
@@ -133,6 +172,7 @@ def markdown(doc, png_name=None) -> str:
         if skipped:
             out += ["", "Not measured on this machine:", ""] + [f"- {s}" for s in skipped]
         out.append("")
+    out += _dora_tables(doc.get("dora", [])) + _moe_tables(doc.get("moe", []))
     if doc.get("e2e"):
         out += ["## End to end: one training step (forward, backward, AdamW)", "",
                 "| model | tokens/step | PEFT tokens/s | ours tokens/s | ours/PEFT | PEFT peak MiB | ours peak MiB "
@@ -147,6 +187,62 @@ def markdown(doc, png_name=None) -> str:
                        f"| {_f(p.get('peak_mb'), 0)} | {_f(o.get('peak_mb'), 0)} | {_f(r.get('peak_mb_fused_over_peft'))} |")
         out.append("")
     return "\n".join(out)
+
+
+def _skipped(cases) -> list:
+    reasons = sorted({f"{n}: {d['skipped']}" for c in cases for n, d in c.get("impls", {}).items() if "skipped" in d})
+    return ["", "Not measured:", ""] + [f"- {s}" for s in reasons] if reasons else []
+
+
+def _dora_tables(cases) -> list:
+    if not cases:
+        return []
+    out = ["## DoRA: forward + backward", "",
+           "Base linear, our LoRA (`fused`), our DoRA (Triton; torch backend beside it) and PEFT's DoRA Linear on the "
+           "same W, A, B and magnitude. Targets on an H100/H200 (headline cases): DoRA/LoRA ≤ "
+           f"{DORA_OVER_LORA_MAX[0.0]} at p = 0 and ≤ {DORA_OVER_LORA_MAX[0.1]} at p = 0.1; PEFT DoRA/ours ≥ "
+           f"{PEFT_DORA_OVER_DORA_MIN[0.0]} at p = 0 and ≥ {PEFT_DORA_OVER_DORA_MIN[0.1]} at p = 0.1; saved "
+           f"activations DoRA/PEFT DoRA ≤ {DORA_SAVED_MAX}.", "",
+           "| case | base ms | LoRA ms | DoRA ms | DoRA torch ms | PEFT DoRA ms | DoRA/LoRA | PEFT DoRA/DoRA | DoRA saved "
+           "MiB | PEFT DoRA saved MiB | saved DoRA/PEFT | DoRA peak MiB | PEFT DoRA peak MiB |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in cases:
+        out.append(f"| `{c['name']}` | {_f(c.get('base_ms'))} | {_f(c.get('lora_ms'))} | {_f(c.get('dora_ms'))} "
+                   f"| {_f(c.get('dora_torch_ms'))} | {_f(c.get('peft_dora_ms'))} | {_f(_ratio(c, 'dora_over_lora'))} "
+                   f"| {_f(_ratio(c, 'peft_dora_over_dora'))} | {_f(c.get('dora_saved_mb'), 1)} "
+                   f"| {_f(c.get('peft_dora_saved_mb'), 1)} | {_f(_ratio(c, 'dora_saved_over_peft_dora'))} "
+                   f"| {_f(c.get('dora_peak_mb'), 1)} | {_f(c.get('peft_dora_peak_mb'), 1)} |")
+    out += ["", "Forward and backward separately (ms):", "",
+            "| case | LoRA fwd | LoRA bwd | DoRA fwd | DoRA bwd | PEFT DoRA fwd | PEFT DoRA bwd |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for c in cases:
+        g = lambda n, k: _f(c.get("impls", {}).get(n, {}).get(k))  # noqa: E731
+        out.append(f"| `{c['name']}` | {g('lora', 'fwd_ms')} | {g('lora', 'bwd_ms')} | {g('dora', 'fwd_ms')} "
+                   f"| {g('dora', 'bwd_ms')} | {g('peft_dora', 'fwd_ms')} | {g('peft_dora', 'bwd_ms')} |")
+    return out + _skipped(cases) + [""]
+
+
+def _moe_tables(cases) -> list:
+    if not cases:
+        return []
+    ran = sorted({f"base: {c.get('experts_implementation')}; ours: lora_kernels backend {c.get('ours_backend')}, "
+                  f"autograd Functions {', '.join(c.get('ours_functions') or []) or '—'}" for c in cases})
+    out = ["## MoE experts: forward + backward", "",
+           "One transformers experts module on a fixed routing; gradients of the hidden states, the routing weights "
+           "and the adapters. Targets on an H100/H200 (Qwen3-30B-A3B and gpt-oss-20b layers): ours/base ≤ "
+           f"{MOE_OVER_BASE_MAX[0.0]} at p = 0 and ≤ {MOE_OVER_BASE_MAX[0.1]} at p = 0.1; PEFT/ours ≥ "
+           f"{MOE_PEFT_OVER_OURS_MIN}; peak memory ours/PEFT ≤ {MOE_PEAK_MAX}. Ran: " + " | ".join(ran) + ".", "",
+           "| case | E | top-k | H | I | base ms | ours ms | PEFT ms | ours/base | PEFT/ours | base peak MiB "
+           "| ours peak MiB | PEFT peak MiB | peak ours/PEFT | ours saved MiB | PEFT saved MiB |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in cases:
+        out.append(f"| `{c['name']}` | {c['E']} | {c['top_k']} | {c['H']} | {c['I']} | {_f(c.get('base_ms'))} "
+                   f"| {_f(c.get('ours_ms'))} | {_f(c.get('peft_ms'))} | {_f(_ratio(c, 'ours_over_base'))} "
+                   f"| {_f(_ratio(c, 'peft_over_ours'))} | {_f(c.get('base_peak_mb'), 1)} "
+                   f"| {_f(c.get('ours_peak_mb'), 1)} | {_f(c.get('peft_peak_mb'), 1)} "
+                   f"| {_f(_ratio(c, 'ours_peak_over_peft'))} | {_f(c.get('ours_saved_mb'), 1)} "
+                   f"| {_f(c.get('peft_saved_mb'), 1)} |")
+    return out + _skipped(cases) + [""]
 
 
 def chart(doc, path: Path, match: str) -> int:

@@ -4,6 +4,7 @@
 #
 #   bench/run_gpu.sh --out "$OUT"                   # preset quick: 480 s, headline numbers first
 #   bench/run_gpu.sh --out "$OUT" --preset short    # 180 s, for a short remainder of a lent machine
+#   bench/run_gpu.sh --out "$OUT" --preset dora_moe # 240 s, the DoRA and MoE-experts cases, after quick
 #   bench/run_gpu.sh --out DIR --preset ci          # self-hosted GPU CI: every GPU test and benchmark
 #   bench/run_gpu.sh --dry-run --out DIR            # CPU: environment, deadline plan, every command parsed
 #   bench/run_gpu.sh --help                         # stages, presets, options

@@ -23,7 +23,7 @@ from bench import gpu_run as G
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "run_gpu.sh"
-# Every stage the quick preset does not run (the ci preset's and the adapters preset's), in one dry run.
+# Every stage the quick preset does not run (the ci, adapters and dora_moe presets'), in one dry run.
 OTHER_STAGES = [s for s in G.STAGES if s not in G.PRESETS["quick"].stages]
 
 
@@ -197,12 +197,18 @@ def test_stage_limits_never_pass_the_deadline():
     assert all(quick[s]["expected"]["runs"] for s in ("headline", "smoke_tests", "shapes", "e2e", "ext"))
     short = {r["stage"]: r for r in G.plan([G.STAGES[s] for s in G.PRESETS["short"].stages], 180)}
     assert short["headline"]["worst"]["runs"] and short["headline"]["worst"]["limit_s"] >= G.STAGES["headline"].est_s
+    # dora_moe: DoRA's estimate within its cap, and MoE well past its minimum even when DoRA takes all of its cap.
+    dm = {r["stage"]: r for r in G.plan([G.STAGES[s] for s in G.PRESETS["dora_moe"].stages], 240)}
+    assert dm["dora"]["worst"]["runs"] and dm["dora"]["worst"]["limit_s"] >= G.STAGES["dora"].est_s
+    assert dm["moe"]["worst"]["runs"] and dm["moe"]["expected"]["limit_s"] >= G.STAGES["moe"].est_s
 
 
 def test_deadline_and_stage_arguments(monkeypatch):
     monkeypatch.delenv("LORA_BENCH_DEADLINE_S", raising=False)
     assert G.parse_args([]).deadline_s == 480
     assert G.parse_args(["--preset", "short"]).deadline_s == 180
+    assert G.parse_args(["--preset", "dora_moe"]).stage_list == ["dora", "moe"]
+    assert G.parse_args(["--preset", "dora_moe"]).deadline_s == 240
     assert G.parse_args(["--deadline-s", "none"]).deadline_s is None
     assert G.parse_args(["--deadline-s", "300", "--preset", "short"]).deadline_s == 300
     monkeypatch.setenv("LORA_BENCH_DEADLINE_S", "200")
