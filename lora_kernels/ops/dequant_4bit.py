@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .format_4bit import QuantizedWeight, code_table
+from .layout import check_int32_offsets
 
 
 @triton.jit
@@ -162,6 +163,15 @@ def launch_options(qw) -> dict:
 def flat_bytes(qw: QuantizedWeight) -> torch.Tensor:
     """The packed data as a flat uint8 view (bnb may store it as another quant_storage dtype)."""
     return qw.packed.reshape(-1).view(torch.uint8)
+
+
+def weight_operand(weight):
+    """(quant or None, the tensor a kernel's w_ptr gets, its (row, column) strides) for a dense W or a
+    QuantizedWeight: a 4-bit W goes in as its flat bytes, which the 4-bit helpers index themselves."""
+    if isinstance(weight, QuantizedWeight):
+        return weight, flat_bytes(weight), (0, 0)
+    check_int32_offsets("weight", weight)
+    return None, weight, (weight.stride(0), weight.stride(1))
 
 
 def dequantize_4bit(qw: QuantizedWeight, dtype: torch.dtype, out: torch.Tensor = None) -> torch.Tensor:

@@ -11,10 +11,9 @@ import triton
 import triton.language as tl
 
 from .configs import gemm_configs, lora_block_r
-from .dequant_4bit import dequant_4bit_rows, dequant_4bit_tile, flat_bytes, kernel_args, launch_options
+from .dequant_4bit import dequant_4bit_rows, dequant_4bit_tile, kernel_args, launch_options, weight_operand
 from .dropout import drop_threshold, dropout_keep
-from .format_4bit import QuantizedWeight
-from .layout import check_int32_offsets, grouped_tile
+from .layout import grouped_tile
 
 
 @triton.autotune(configs=gemm_configs(out_block="BLOCK_K", reduce_block="BLOCK_N"),
@@ -90,12 +89,7 @@ def dora_linear_bwd_dx(dy: torch.Tensor, weight: torch.Tensor, g: torch.Tensor, 
     M, N = dy.shape
     K, R = weight.shape[1], lora_A.shape[0]
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
-    quant = weight if isinstance(weight, QuantizedWeight) else None
-    if quant is None:
-        check_int32_offsets("weight", weight)
-        w, w_strides = weight, (weight.stride(0), weight.stride(1))
-    else:
-        w, w_strides = flat_bytes(quant), (0, 0)  # the 4-bit helpers index the flattening
+    quant, w, w_strides = weight_operand(weight)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
     _dora_bwd_dx_kernel[grid](
         dy, w, g, dyb, lora_A, seed, dx,

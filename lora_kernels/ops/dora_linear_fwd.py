@@ -18,10 +18,9 @@ import triton
 import triton.language as tl
 
 from .configs import gemm_configs, lora_block_r
-from .dequant_4bit import dequant_4bit_rows, dequant_4bit_tile, flat_bytes, kernel_args, launch_options
+from .dequant_4bit import dequant_4bit_rows, dequant_4bit_tile, kernel_args, launch_options, weight_operand
 from .dropout import drop_threshold, dropout_keep
-from .format_4bit import QuantizedWeight
-from .layout import Rows, check_int32_offsets, grouped_tile, row_offsets
+from .layout import Rows, grouped_tile, row_offsets
 from .lora_linear_fwd import _add_expand
 
 
@@ -105,12 +104,7 @@ def dora_linear_fwd(x: torch.Tensor, rows: Rows, weight: torch.Tensor, bias, xa:
     y = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
     v = torch.empty_like(y)
     y2, v2 = y.view(M, N), v.view(M, N)
-    quant = weight if isinstance(weight, QuantizedWeight) else None
-    if quant is None:
-        check_int32_offsets("weight", weight)
-        w, w_strides = weight, (weight.stride(0), weight.stride(1))
-    else:
-        w, w_strides = flat_bytes(quant), (0, 0)  # the 4-bit helpers index the flattening
+    quant, w, w_strides = weight_operand(weight)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _dora_linear_fwd_kernel[grid](
         x, w, bias if bias is not None else y2, xa, lora_B, g, seed, y2, v2,
