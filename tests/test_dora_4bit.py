@@ -12,7 +12,7 @@ from lora_kernels.backends import keep_mask
 from lora_kernels.backends.base import draw_seed
 from lora_kernels.inject import lora_layers
 from lora_kernels.reference import dora_linear_reference, make_case
-from test_dora_peft import SeededMaskDropout, _lk_grads, _peft_grads
+from test_dora_peft import SeededMaskDropout, _peft_grads, _step, assert_step_matches_peft
 from tiny_models import ALL_PROJ, assert_rel_close, peft_lora_names, tiny_llama, tokens
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -201,13 +201,6 @@ def peft_dora_4bit(d, p=0.0, quant_type="nf4", double_quant=True):
     return model
 
 
-def _step(model, ids):
-    torch.manual_seed(123)   # the same dropout seeds, drawn layer by layer in the same order
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    return out.logits.detach(), out.loss.detach()
-
-
 @pytest.mark.parametrize("p,quant", [(0.0, ("nf4", True)), (0.1, ("fp4", False))])
 def test_load_peft_4bit_dora_matches_outputs_and_grads(base_dir, tmp_path, p, quant, monkeypatch):
     """PEFT's QLoRA DoRA adapter loads through inject_lora (load_adapter) onto FusedDoraLinear4bit layers with
@@ -224,14 +217,7 @@ def test_load_peft_4bit_dora_matches_outputs_and_grads(base_dir, tmp_path, p, qu
     assert len(layers) == 2 * len(ALL_PROJ) and all(type(v) is FusedDoraLinear4bit for v in layers.values())
     assert all(v.weight.dtype == torch.uint8 for v in layers.values())   # the packed weight, no float copy
     pm.train(), ours.train()
-    ids = tokens()
-    (logits_p, loss_p), (logits_o, loss_o) = _step(pm, ids), _step(ours, ids)
-    assert_rel_close(logits_o, logits_p, 1e-5, "logits")
-    assert_rel_close(loss_o, loss_p, 1e-5, "loss")
-    gp, go = _peft_grads(pm), _lk_grads(ours)
-    assert gp.keys() == go.keys()
-    for k in gp:
-        assert_rel_close(go[k], gp[k], 1e-4, str(k))
+    ids, _ = assert_step_matches_peft(pm, ours)
     if p > 0:
         return
     lk.save_adapter(ours, tmp_path / "ours")

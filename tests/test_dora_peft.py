@@ -69,6 +69,20 @@ def _step(model, ids):
     return out.logits.detach(), out.loss.detach()
 
 
+def assert_step_matches_peft(pm, ours):
+    """One training step of PEFT's model and ours on the same tokens: logits, loss and every A, B, m gradient.
+    Returns the tokens and PEFT's logits."""
+    ids = tokens()
+    (logits_p, loss_p), (logits_o, loss_o) = _step(pm, ids), _step(ours, ids)
+    assert_rel_close(logits_o, logits_p, 1e-5, "logits")
+    assert_rel_close(loss_o, loss_p, 1e-5, "loss")
+    gp, go = _peft_grads(pm), _lk_grads(ours)
+    assert gp.keys() == go.keys()
+    for k in gp:
+        assert_rel_close(go[k], gp[k], 1e-4, str(k))
+    return ids, logits_p
+
+
 @pytest.fixture
 def torch_backend(monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
@@ -84,14 +98,7 @@ def test_loads_peft_dora_and_matches_outputs_and_grads(p, tmp_path, torch_backen
     assert len(layers) == 2 * len(ALL_PROJ) and all(isinstance(v, lk.FusedDoraLinear) for v in layers.values())
     assert layers["model.layers.0.self_attn.q_proj"].lora_dropout == p
     pm.train(), ours.train()
-    ids = tokens()
-    (logits_p, loss_p), (logits_o, loss_o) = _step(pm, ids), _step(ours, ids)
-    assert_rel_close(logits_o, logits_p, 1e-5, "logits")
-    assert_rel_close(loss_o, loss_p, 1e-5, "loss")
-    gp, go = _peft_grads(pm), _lk_grads(ours)
-    assert gp.keys() == go.keys()
-    for k in gp:
-        assert_rel_close(go[k], gp[k], 1e-4, str(k))
+    ids, logits_p = assert_step_matches_peft(pm, ours)
     if p > 0:  # the dropout mattered: the eval output differs from the training one
         pm.eval()
         with torch.no_grad():
