@@ -12,8 +12,9 @@ from lora_kernels.backends import keep_mask
 from lora_kernels.backends.base import draw_seed
 from lora_kernels.inject import lora_layers
 from lora_kernels.reference import dora_linear_reference, make_case
+from test_qlora_integration import load_4bit, save_tiny_4bit_base
 from test_dora_peft import SeededMaskDropout, _peft_grads, _step, assert_step_matches_peft
-from tiny_models import ALL_PROJ, assert_rel_close, peft_lora_names, tiny_llama, tokens
+from tiny_models import ALL_PROJ, assert_rel_close, peft_lora_names, tokens
 
 bnb = pytest.importorskip("bitsandbytes")
 bf = pytest.importorskip("bitsandbytes.functional")
@@ -175,17 +176,8 @@ def test_from_linear_on_a_linear4bit():
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_llama_dora4")
-    # Rows a multiple of the 64-element quantization block: see test_qlora_integration.py (bnb 0.50's native CPU
-    # dequantize reads the wrong scale for blocks that cross rows, and PEFT's DoRA dequantizes with it).
-    tiny_llama(hidden_size=64, intermediate_size=128).save_pretrained(d)
-    return d
-
-
-def load_4bit(d, quant_type="nf4", double_quant=True):
-    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                                          bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)
-    return transformers.AutoModelForCausalLM.from_pretrained(d, quantization_config=cfg, device_map="cpu")
+    """test_qlora_integration.py's tiny 4-bit Llama (rows a multiple of the quantization block: see there)."""
+    return save_tiny_4bit_base(tmp_path_factory.mktemp("tiny_llama_dora4"))
 
 
 def peft_dora_4bit(d, p=0.0, quant_type="nf4", double_quant=True):

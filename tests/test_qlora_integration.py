@@ -20,7 +20,11 @@ from lora_kernels.layer_4bit import FusedLoraLinear4bit  # noqa: E402
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_llama")
+    return save_tiny_4bit_base(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def save_tiny_4bit_base(d):
+    """The tiny Llama the 4-bit PEFT comparisons load (test_dora_4bit.py too), saved to d."""
     # Rows a multiple of the 64-element quantization block: bitsandbytes 0.50's native AVX512 CPU dequantize reads
     # the wrong scale for blocks that cross rows (hidden 48 puts PEFT's reference 4x the quantization error off
     # the dense weight), which would make PEFT the wrong oracle here. Our cross-row reading is checked against
