@@ -5,11 +5,10 @@ the memory are bench/collect.py --dora's."""
 import functools
 
 import pytest
-import torch
 from bench.lkbench import impls as I
 from bench.lkbench.dora import DORA_IMPLS, build_dora, dora_cases, dora_reference
 from bench.lkbench.ops_bench import PASSES
-from bench.test_bench_ops import time_pass
+from bench.test_bench_ops import time_built_case
 
 PARAMS = [(case, impl, p) for case in dora_cases() for impl in DORA_IMPLS for p in PASSES]
 
@@ -22,16 +21,7 @@ def _tensors(case, device):
 @pytest.mark.parametrize("case,impl,pass_", PARAMS, ids=[f"{c.name}-{i}-{p}" for c, i, p in PARAMS])
 def test_dora_op(benchmark, device, case, impl, pass_):
     t = _tensors(case, device)
-    try:
-        built = build_dora(impl, case, t)
-    except I.Skip as why:
-        pytest.skip(f"{impl}: {why}")
-    x = t.x.detach().requires_grad_(True)
-    inputs = built.grad_inputs(x)
-
-    benchmark.group = f"{case.name} {pass_}"
-    benchmark.extra_info.update(case.fields(), impl=impl, pass_=pass_)
-    time_pass(benchmark, built, x, inputs, t.dy, pass_, device)
+    time_built_case(benchmark, device, case, impl, pass_, t, build_dora)
 
 
 def test_dora_impls_agree(device):

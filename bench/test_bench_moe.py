@@ -11,7 +11,7 @@ import torch
 from bench.lkbench import impls as I
 from bench.lkbench.moe import MOE_IMPLS, build_moe, make_moe_tensors, moe_cases, moe_reference
 from bench.lkbench.ops_bench import PASSES
-from bench.test_bench_ops import time_pass
+from bench.test_bench_ops import time_built_case
 
 # Without a GPU the grouped kernels run under Triton's interpreter (about a second per forward+backward): the
 # forward+backward pass alone there.
@@ -27,16 +27,7 @@ def _tensors(case, device):
 @pytest.mark.parametrize("case,impl,pass_", PARAMS, ids=[f"{c.name}-{i}-{p}" for c, i, p in PARAMS])
 def test_moe_experts(benchmark, device, case, impl, pass_):
     t = _tensors(case, device)
-    try:
-        built = build_moe(impl, case, t)
-    except I.Skip as why:
-        pytest.skip(f"{impl}: {why}")
-    x = t.x.detach().requires_grad_(True)
-    inputs = built.grad_inputs(x)
-
-    benchmark.group = f"{case.name} {pass_}"
-    benchmark.extra_info.update(case.fields(), impl=impl, pass_=pass_)
-    time_pass(benchmark, built, x, inputs, t.dy, pass_, device)
+    time_built_case(benchmark, device, case, impl, pass_, t, build_moe)
 
 
 @pytest.mark.parametrize("case", [c for c in moe_cases() if c.dropout == 0], ids=lambda c: c.name)

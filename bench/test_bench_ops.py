@@ -40,6 +40,20 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def time_built_case(benchmark, device, case, impl, pass_, t, build):
+    """Build impl for case on tensors t with build(impl, case, t) (an I.Skip skips the test) and time one pass
+    of it: the suites whose builders are not the op suite's (DoRA, MoE experts) run their cases through this."""
+    try:
+        built = build(impl, case, t)
+    except I.Skip as why:
+        pytest.skip(f"{impl}: {why}")
+    x = t.x.detach().requires_grad_(True)
+    inputs = built.grad_inputs(x)
+    benchmark.group = f"{case.name} {pass_}"
+    benchmark.extra_info.update(case.fields(), impl=impl, pass_=pass_)
+    time_pass(benchmark, built, x, inputs, t.dy, pass_, device)
+
+
 def time_pass(benchmark, built, x, inputs, dy, pass_, device):
     """Time one pass of `built` on x with pytest-benchmark: the L2 flush (and, for the backward alone, its
     forward) in the untimed setup, a device synchronize at the end of each timed round."""
