@@ -2,8 +2,9 @@
 Qwen3-MoE and a tiny gpt-oss with adapters on attention (target_modules) and on the experts (target_parameters),
 through lk.inject_lora, through fuse_peft_model on a PEFT model, and through `lora-kernels finetune`. A spy on
 TritonGroupedLoraFunction checks that every expert projection ran forward and backward on it (and the grouped
-kernels launched), and that the torch GroupedLoraFunction never ran. The kernels' numerics against the float64
-oracle (dropout included) are tests/test_moe_kernels.py's; the layer's against PEFT, tests/test_moe_experts.py's."""
+kernels launched), and that the torch GroupedLoraFunction never ran. At dropout 0 each path equals PEFT; with
+dropout, the whole experts layer equals a float64 oracle given the kernels' masks (tests/test_moe_kernels.py holds
+the per-projection kernel tests)."""
 import copy
 import json
 
@@ -15,9 +16,12 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import lora_kernels as lk  # noqa: E402
-from lora_kernels.backends.experts import GroupedLoraFunction  # noqa: E402
+from lora_kernels import backends  # noqa: E402
+from lora_kernels.backends.base import draw_seed  # noqa: E402
+from lora_kernels.backends.experts import ExpertRouting, GroupedLoraFunction  # noqa: E402
 from lora_kernels.backends.triton_experts import TritonGroupedLoraFunction  # noqa: E402
 from lora_kernels.persistence.keys import own_names  # noqa: E402
+from lora_kernels.reference import grouped_lora_reference  # noqa: E402
 from test_moe_experts import EXPERTS, _copy_peft_into_ours, _grads, _model, _ours, _peft  # noqa: E402
 from test_moe_kernels import launches  # noqa: E402,F401  (the grouped kernels' launch spy, a fixture)
 
@@ -126,6 +130,57 @@ def test_fuse_peft_model_fine_tunes_on_the_kernels_equal_to_peft(kind, expert_ca
         a2, b2 = ref(ids, labels=ids), pm(ids, labels=ids)
     torch.testing.assert_close(b2.logits, a2.logits, rtol=1e-5, atol=1e-5)
     assert b2.loss < b.loss - 1e-3, (b.loss, b2.loss)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_experts_layer_with_dropout_matches_the_float64_oracle(kind, expert_calls):
+    """The experts layer of an injected model in training with dropout, on the kernels: both projections, the
+    model's own gate (gpt-oss: clamped GLU, biases, transposed weights) and the routing weights, against a float64
+    per-pair oracle given the kernels' masks (one per projection, each from its own seed): the output and the
+    gradients of the input, the routing weights and every LoRA tensor."""
+    p, T, k = 0.25, 7, 2
+    ours = _ours(_model(kind), lora_dropout=p, init_lora_weights=False)
+    layer = ours.get_submodule("model.layers.0.mlp.experts").train()
+    E, H = layer.num_experts, layer.features("gate_up_proj")[0]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, H, generator=g, requires_grad=True)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    w = torch.rand(T, k, generator=g).requires_grad_(True)
+    dy = torch.randn(T, H, generator=g, dtype=torch.float64)
+    torch.manual_seed(11)
+    y = layer(x, idx, w)
+    (y * dy.float()).sum().backward()
+    _check_kernel_path(expert_calls, {layer.gate_up_proj.data_ptr(), layer.down_proj.data_ptr()}, 1, p)
+
+    torch.manual_seed(11)
+    seeds = [draw_seed(torch.device("cpu")) for _ in range(2)]  # gate_up_proj's forward draws first
+    routing = ExpertRouting.from_top_k(idx, E)
+
+    def pair_masks(seed, width):  # the kernels' mask is per sorted row: row i is pair routing.order[i]
+        keep_sorted = backends.keep_mask("triton", seed, (T * k, width), p)
+        keep = torch.empty_like(keep_sorted)
+        keep[routing.order] = keep_sorted
+        return keep
+
+    frozen = {n: t.detach().double() for n, t in layer.named_parameters() if "lora" not in n}
+    lora = {n: getattr(layer, n).detach().double().requires_grad_(True) for n in layer.adapter_tensor_names}
+    x64, w64 = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+
+    def project(param, inputs, index, keep):
+        return grouped_lora_reference(inputs, index, frozen[param], frozen.get(f"{param}_bias"),
+                                      lora[f"{param}_lora_A"], lora[f"{param}_lora_B"], layer.scaling,
+                                      keep.view(*index.shape, -1), p, transposed=layer.transposed)
+
+    h = layer._experts._apply_gate(project("gate_up_proj", x64, idx, pair_masks(seeds[0], H)))  # (T, k, I)
+    pairs = h.reshape(T * k, -1)
+    out = project("down_proj", pairs, idx.reshape(T * k, 1), pair_masks(seeds[1], pairs.shape[1])).view(T, k, H)
+    ref = (out * w64[..., None]).sum(1)
+    (ref * dy).sum().backward()
+    torch.testing.assert_close(y.double(), ref.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-4)
+    for n, t in lora.items():
+        torch.testing.assert_close(getattr(layer, n).grad.double(), t.grad, rtol=1e-4, atol=1e-4, msg=n)
 
 
 def _tiny_gpt_oss_dir(path):
