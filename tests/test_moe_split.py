@@ -25,10 +25,10 @@ def _fresh_choices(monkeypatch):
 
 @pytest.fixture
 def grouped_mm_calls(monkeypatch):
-    """Every grouped_mm call, as (a's shape, b's shape). The rows of its output past offs[-1] are filled with NaN,
+    """Every torch._grouped_mm call (the op torch.nn.functional.grouped_mm runs), as (a's shape, b's shape). The rows of its output past offs[-1] are filled with NaN,
     as uninitialised memory may hold (torch leaves them unwritten), so a path that does not zero them fails."""
     calls = []
-    real = torch.nn.functional.grouped_mm
+    real = torch._grouped_mm
 
     def spy(a, b, offs=None, **kwargs):
         calls.append((tuple(a.shape), tuple(b.shape)))
@@ -36,7 +36,7 @@ def grouped_mm_calls(monkeypatch):
         out[int(offs[-1]):] = float("nan")
         return out
 
-    monkeypatch.setattr(torch.nn.functional, "grouped_mm", spy)
+    monkeypatch.setattr(torch, "_grouped_mm", spy)
     return calls
 
 

@@ -13,9 +13,10 @@ the seed, the forward's mask), and the base GEMM accumulates onto it, so one flo
 the reduction loop and nothing (S, out)-sized is written besides the output. As the dense kernels do, the LoRA
 operands run in the activation dtype (PEFT's lora_B does), accumulated in float32.
 
-The split path (gemm="split", chosen per shape by backends/gemm_dispatch.py) lets torch's grouped_mm (one
-call, CUTLASS on sm_90 / sm_100 for bfloat16) write a·V_e; the same kernel then skips its reduction loop and
-adds the LoRA term and bias to that output in place: one more read and write of the output, no other buffer.
+The split path (gemm="split", chosen per shape by backends/gemm_dispatch.py) lets torch._grouped_mm (the op
+under torch's functional grouped_mm; one call, CUTLASS on sm_90 / sm_100 for bfloat16) write a·V_e; the same
+kernel then skips its reduction loop and adds the LoRA term and bias to that output in place: one more read and
+write of the output, no other buffer.
 """
 from typing import Optional
 
@@ -100,7 +101,7 @@ def grouped_mm_refusal(a: torch.Tensor, weight: torch.Tensor, w_strides, out_fea
     bytes. a's layout is not a reason: the launcher copies an a it cannot take (a broadcast gradient, say). The
     reduction and output widths must be 16-byte multiples (an output with other rows comes back padded), and the
     expert offset too: CUTLASS wants each expert's base pointer 16-byte aligned."""
-    if grouped_mm_function() is None:
+    if not hasattr(torch, "_grouped_mm"):
         return f"torch {torch.__version__} has no grouped_mm"
     if a.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"torch's grouped_mm takes float32, bfloat16 and float16, not {a.dtype}"
@@ -124,11 +125,6 @@ def _grouped_mm_rows(a: torch.Tensor) -> torch.Tensor:
     return a.clone(memory_format=torch.contiguous_format)
 
 
-def grouped_mm_function():
-    """torch.nn.functional.grouped_mm (torch >= 2.10), else torch._grouped_mm, else None; looked up per call."""
-    return getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
 def grouped_lora_gemm(a: torch.Tensor, tiles: ExpertTiles, weight: torch.Tensor, w_strides, bias, lora,
                       scaling: float, seed: torch.Tensor, p: float, out_features: int,
                       dot_precision: str, gemm: str = "fused") -> torch.Tensor:
@@ -146,7 +142,7 @@ def grouped_lora_gemm(a: torch.Tensor, tiles: ExpertTiles, weight: torch.Tensor,
     if split:
         # V_e as grouped_mm's (E, RED, out) operand: a view of the parameter, no copy.
         v = weight.as_strided((weight.shape[0], RED, out_features), w_strides, weight.storage_offset())
-        out = grouped_mm_function()(_grouped_mm_rows(a), v, offs=tiles.offsets[1:])
+        out = torch._grouped_mm(_grouped_mm_rows(a), v, offs=tiles.offsets[1:])
     else:
         check_int32_offsets("weight", weight[0])  # the expert's offset is int64, offsets within W_e int32
         out = torch.empty((S, out_features), dtype=a.dtype, device=a.device)
