@@ -53,7 +53,8 @@ def _weight_strides(weight: torch.Tensor, transposed: bool, backward: bool):
 
 def _one_grouped_launch(a: torch.Tensor) -> bool:
     """Whether torch's grouped_mm runs as one grouped kernel on a's device: its CUTLASS path (bfloat16, sm_90 /
-    sm_100, as torch's aten/src/ATen/native/cuda/GroupedBlas.cpp selects it); off CUDA auto never measures."""
+    sm_100, as torch 2.10's aten/src/ATen/native/cuda/GroupedBlas.cpp selects it; not checked on 2.13 nor on a
+    GPU here); off CUDA auto never measures."""
     if a.device.type != "cuda":
         return True
     return a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device)[0] in (9, 10)
