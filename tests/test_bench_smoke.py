@@ -129,6 +129,7 @@ def _check_side_by_side(doc):
         assert (c["ratios"]["peft_over_ours"] is None) == (c["dropout"] > 0)
         assert c["experts_implementation"].startswith("grouped_mm: ")
         assert c["ours_functions"], "no lora_kernels autograd Function in ours' graph"
+        assert c["ours_gemm"] == {}  # off CUDA auto does not measure the experts' GEMM paths
 
 
 def test_report_and_regression_gate(smoke_runs, tmp_path):

@@ -80,8 +80,12 @@ SCRIPT = textwrap.dedent('''
          dict(DOT_PRECISION="tf32", BLOCK_R=16, BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, GROUP_M=8, **Q), DQ_ABSMAX),
         # MoE experts: the grouped kernels (tile table, strided expert slices), with dropout and a bias.
         ("grouped_lora_gemm dropout, bias (MoE experts)", grouped_lora_gemm._grouped_lora_gemm_kernel,
-         dict(HAS_BIAS=True, HAS_DROPOUT=True, DOT_PRECISION="tf32", BLOCK_R=16, BLOCK_M=64, BLOCK_C=64,
-              BLOCK_RED=64), {**DENSE_W, "a_ptr": "*bf16"}),
+         dict(HAS_BIAS=True, HAS_DROPOUT=True, BASE_IN_OUT=False, DOT_PRECISION="tf32", BLOCK_R=16, BLOCK_M=64,
+              BLOCK_C=64, BLOCK_RED=64), {**DENSE_W, "a_ptr": "*bf16"}),
+        ("grouped_lora_gemm split: base from grouped_mm, dropout, bias (MoE experts)",
+         grouped_lora_gemm._grouped_lora_gemm_kernel,
+         dict(HAS_BIAS=True, HAS_DROPOUT=True, BASE_IN_OUT=True, DOT_PRECISION="tf32", BLOCK_R=16, BLOCK_M=64,
+              BLOCK_C=64, BLOCK_RED=64), {**DENSE_W, "a_ptr": "*bf16"}),
         ("grouped_lora_shrink dropout (MoE experts)", grouped_lora_shrink._grouped_lora_shrink_kernel,
          dict(HAS_DROPOUT=True, DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_K=64, BLOCK_R=16), {"out_ptr": "*fp32"}),
         ("grouped_lora_grad dropout (MoE experts)", grouped_lora_grad._grouped_lora_grad_kernel,
@@ -121,4 +125,4 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("compiled: ") == 17, proc.stdout
+    assert proc.stdout.count("compiled: ") == 18, proc.stdout

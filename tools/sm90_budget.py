@@ -185,10 +185,10 @@ def launch_experts(v: Variant, K, N, transposed):
     seed, a_s, bt_s = _t(1, dtype=torch.int64), _lora_a_strides(A, R), _lora_bt_strides(B, EXPERTS_E)
     xa = grouped_lora_shrink(x, tiles, A, a_s, R, seed, v.p, v.precision)
     grouped_lora_gemm(x, tiles, w, _weight_strides(w, transposed, False), bias, (xa, B, bt_s, R), 2.0, seed, 0.0, N,
-                      v.precision)
+                      v.precision, v.gemm)
     dyb = grouped_lora_shrink(dy, tiles, B, bt_s, R, seed, 0.0, v.precision)
     grouped_lora_gemm(dy, tiles, w, _weight_strides(w, transposed, True), None, (dyb, A, a_s, R), 2.0, seed, v.p, K,
-                      v.precision)
+                      v.precision, v.gemm)
     grouped_lora_grad(dyb, x, tiles, A, a_s, 2.0, seed, v.p, v.precision)
     grouped_lora_grad(xa, dy, tiles, B, bt_s, 2.0, seed, 0.0, v.precision)
 
@@ -212,6 +212,7 @@ VARIANTS = [
 # adapters over a 4-bit W is no path: fused_multi_lora_linear refuses a 4-bit weight.
 EXTRA_VARIANTS = [
     Variant("dense split GEMM", gemm="split"),
+    Variant("experts split GEMM", experts="qwen3", gemm="split"),  # grouped_mm's base, the kernel's k-loop skipped
     Variant("frozen adapter (dx only)", grads="dx"),
     Variant("first layer (grad_A only)", grads="grad_a"),
 ]
@@ -445,7 +446,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subset", choices=("all", "ci", "extra"), default="all",
                         help="all: every kept config of the main variants; ci: the widest kept config of the CI "
-                             "variants; extra: the split GEMM, grad_x only, grad_A only")
+                             "variants; extra: the split GEMMs (dense, experts), grad_x only, grad_A only")
     parser.add_argument("--kernel", action="append", help="only this kernel (lora_linear_fwd, lora_shrink, ...)")
     parser.add_argument("--variant", action="append", help="only this variant (see VARIANTS)")
     parser.add_argument("--check", action="store_true", help="exit 1 if any kept config is over budget")

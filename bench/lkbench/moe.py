@@ -302,16 +302,20 @@ def autograd_functions(built: Built, x: torch.Tensor) -> List[str]:
 def measure_moe_case(case: MoeCase, names: List[str], timer, passes) -> dict:
     """Every implementation in `names` on one case, back to back on the same tensors (ops_bench's measure)."""
     import lora_kernels as lk
+    from lora_kernels.backends import gemm_dispatch
 
     from .impls import TOLERANCE
     from .memory import free
     from .ops_bench import measure_side_by_side
 
     t = make_moe_tensors(case, timer.device)
+    gemm_dispatch.clear_gemm_choices()  # so the choices recorded below are this case's
     fields = dict(case.fields(), experts_implementation=grouped_mm_function(t), ours_backend=lk.resolve_backend(t.x),
                   ours_functions=autograd_functions(build_moe("ours", case, t), t.x))
     out = measure_side_by_side(fields, names, lambda n: build_moe(n, case, t), t, timer, passes,
                                moe_reference(case, t), TOLERANCE[case.dtype], MOE_RATIOS)
+    # LORA_KERNELS_GEMM=auto's fused / split choice per experts pass (measured on CUDA only: empty elsewhere)
+    out["ours_gemm"] = {k.describe(): path for k, (path, _) in gemm_dispatch.gemm_choices().items() if k.experts}
     del t
     free(timer.device)
     return out

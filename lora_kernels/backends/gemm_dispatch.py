@@ -6,6 +6,10 @@
            its k-loop, adds the LoRA term (and bias) in place: one more read and write of the output,
            but the GEMM is cuBLAS's.
 
+MoE experts (backends/triton_experts.py) choose the same way between ops/grouped_lora_gemm.py with and without
+its reduction loop, torch's grouped_mm writing the base product for the split path (passes "experts_fwd",
+"experts_bwd"; the key also holds E).
+
 The base GEMM is about 98 % of a LoRA layer's FLOPs, so whichever GEMM is faster for a shape decides the
 layer's speed, and neither wins everywhere. LORA_KERNELS_GEMM = auto (default) | fused | split.
 
@@ -34,7 +38,7 @@ REPS = 5
 
 class GemmKey(NamedTuple):
     """What a choice is made for: one pass of one layer shape. Row counts share a choice within a power of two."""
-    pass_name: str      # "fwd" (y = x·Wᵀ + ...) or "bwd" (grad_x = dy·W + ...)
+    pass_name: str      # "fwd" (y = x·Wᵀ + ...) or "bwd" (grad_x = dy·W + ...); "experts_fwd" / "experts_bwd"
     device: str
     dtype: str
     m_bucket: int       # the row count rounded up to a power of two
@@ -42,17 +46,19 @@ class GemmKey(NamedTuple):
     out_features: int   # N
     r: int
     flags: str          # what else changes the kernel: "bias" (fwd), "dropout" and "grad_A" (bwd), comma-joined
+    experts: int = 0    # E of an experts pass (its rows are the routed token–expert pairs), else 0
 
     def describe(self) -> str:
-        return (f"{self.pass_name} {self.dtype} M<={self.m_bucket} {self.in_features}->{self.out_features} "
-                f"r{self.r}" + (f" {self.flags}" if self.flags else ""))
+        return (f"{self.pass_name} {self.dtype} " + (f"E{self.experts} " if self.experts else "")
+                + f"M<={self.m_bucket} {self.in_features}->{self.out_features} r{self.r}"
+                + (f" {self.flags}" if self.flags else ""))
 
 
 def gemm_key(pass_name: str, x: "torch.Tensor", rows: int, in_features: int, out_features: int, r: int,
-             **flags: bool) -> GemmKey:
+             experts: int = 0, **flags: bool) -> GemmKey:
     m_bucket = 1 << max(rows - 1, 0).bit_length()
     return GemmKey(pass_name, str(x.device), str(x.dtype).replace("torch.", ""), m_bucket, in_features,
-                   out_features, r, ",".join(name for name, on in flags.items() if on))
+                   out_features, r, ",".join(name for name, on in flags.items() if on), experts)
 
 
 _log = logging.getLogger(__name__)
