@@ -13,7 +13,8 @@ from lora_kernels.backends.base import draw_seed
 from lora_kernels.inject import lora_layers
 from lora_kernels.reference import dora_linear_reference, make_case
 from test_qlora_integration import load_4bit, save_tiny_4bit_base
-from test_dora_peft import SeededMaskDropout, _peft_grads, _step, assert_step_matches_peft
+from test_dora_math import AllocSpy
+from test_dora_peft import SeededMaskDropout, assert_step_matches_peft, fuse_and_match_peft_step
 from tiny_models import ALL_PROJ, assert_rel_close, peft_lora_names, tokens
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -101,23 +102,6 @@ def test_4bit_dora_matches_oracle_on_gpu(dtype, K, N, quant_type, double_quant, 
         assert_rel_close(t[k].grad.double(), d[k].grad, tol, k)
 
 
-class _Spy(torch.utils._python_dispatch.TorchDispatchMode):
-    """The largest element count of any tensor an op returns in fresh storage (views excluded)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(a, torch.Tensor)}
-        for o in torch.utils._pytree.tree_leaves(out):
-            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
-                self.largest = max(self.largest, o.numel())
-        return out
-
-
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_norm_in_row_blocks_and_no_w_sized_tensor_on_triton(backend, monkeypatch):
     """‖W_o‖² reads W a row block at a time (here 7 rows; blocks across rows); the per-step A·Wᵀ runs on the 4-bit
@@ -134,7 +118,7 @@ def test_norm_in_row_blocks_and_no_w_sized_tensor_on_triton(backend, monkeypatch
     case = _quantized_case(53, 29, "nf4", True, 64)
     qw, N, K = case["qweight"], 29, 53
     dense = dequantize(qw, torch.float32)
-    with _Spy() as spy:
+    with AllocSpy() as spy:
         w_sq = dora_backend.weight_sq_norm(qw)
         n = dora_backend.dora_norm(qw, w_sq, case["lora_A"], case["lora_B"], 2.0, backend)
     assert spy.largest < N * K / 2, spy.largest
@@ -144,7 +128,7 @@ def test_norm_in_row_blocks_and_no_w_sized_tensor_on_triton(backend, monkeypatch
     x = case["x"][0, :2].clone().requires_grad_(True)    # 2 rows: M·N and M·K stay far below N·K
     A, B, m = (case[k].clone().requires_grad_(True) for k in ("lora_A", "lora_B", "magnitude"))
     saved = []
-    with _Spy() as spy, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+    with AllocSpy() as spy, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         fused_dora_linear(x, qw, case["bias"], A, B, m, 2.0, dropout_p=0.2, weight_sq_norm=w_sq).sum().backward()
     assert (spy.largest < N * K / 2) == (backend == "triton"), spy.largest
     assert saved and max(saved) < N * K / 2, saved   # never a dequantized W saved for backward
@@ -251,9 +235,6 @@ def test_fuse_peft_model_serves_4bit_dora(base_dir, monkeypatch):
     output (no stale norm); with PEFT's DoRA caching on, PEFT's own forward runs."""
     from peft.tuners.lora import dora
 
-    from lora_kernels.integrations import peft as lk_peft
-    from lora_kernels.integrations.peft import fuse_peft_model
-
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
     p = 0.1
     ref, fused = peft_dora_4bit(base_dir, p), peft_dora_4bit(base_dir, p)
@@ -264,20 +245,7 @@ def test_fuse_peft_model_serves_4bit_dora(base_dir, monkeypatch):
                 q.copy_(theirs[n])
     for layer in peft_lora_names(ref).values():
         layer.lora_dropout["default"] = SeededMaskDropout(p)
-    calls = []
-    real = lk_peft.dora_forward
-    monkeypatch.setattr(lk_peft, "dora_forward", lambda *a: calls.append(1) or real(*a))
-    report = fuse_peft_model(fused)
-    assert len(report.fused) == 2 * len(ALL_PROJ) and not report.skipped, report
-    ref.train(), fused.train()
-    ids = tokens()
-    (logits_r, loss_r), (logits_f, loss_f) = _step(ref, ids), _step(fused, ids)
-    assert len(calls) == 2 * len(ALL_PROJ)
-    assert_rel_close(logits_f, logits_r, 1e-5, "logits")
-    assert_rel_close(loss_f, loss_r, 1e-5, "loss")
-    gr, gf = _peft_grads(ref), _peft_grads(fused)
-    for k in gr:
-        assert_rel_close(gf[k], gr[k], 1e-4, str(k))
+    ids, logits_f, calls = fuse_and_match_peft_step(ref, fused, monkeypatch)
     for model in (ref, fused):   # one SGD step, then eval: the norm follows the new B
         with torch.no_grad():
             for q in model.parameters():

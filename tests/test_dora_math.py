@@ -1,6 +1,8 @@
 """DoRA's math (backends/dora.py, functional.fused_dora_linear) against the float64 oracle of PEFT's formula
 (reference.dora_linear_reference): the norm identity without B·A, outputs and gradients with and without
 dropout (the torch backend's mask, regenerated from the seed), and that no (out × in) tensor is allocated."""
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -125,7 +127,7 @@ def test_norm_identity_ill_conditioned(dtype):
     assert got.dtype == torch.float64 and torch.isfinite(got).all()
 
 
-class _AllocSpy(TorchDispatchMode):
+class AllocSpy(TorchDispatchMode):
     """The shapes of every tensor an op returns in fresh storage (views and in-place results excluded)."""
 
     def __init__(self):
@@ -140,6 +142,11 @@ class _AllocSpy(TorchDispatchMode):
             if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
                 self.shapes.append((str(func), tuple(o.shape)))
         return out
+
+    @property
+    def largest(self) -> int:
+        """The element count of the largest fresh tensor seen (0 for none)."""
+        return max((math.prod(shape) for _, shape in self.shapes), default=0)
 
 
 def _big(shapes, out, inn):
@@ -157,7 +164,7 @@ def test_no_out_by_in_tensor_allocated(p, backend, dtype, monkeypatch):
     x = case["x"].requires_grad_(True)
     A, B = case["lora_A"].requires_grad_(True), case["lora_B"].requires_grad_(True)
     m = torch.rand(out).requires_grad_(True)
-    with _AllocSpy() as spy:
+    with AllocSpy() as spy:
         y = fused_dora_linear(x, case["weight"], case["bias"], A, B, m, 1.5, dropout_p=p, training=True)
         y.float().square().sum().backward()
     assert spy.shapes and not _big(spy.shapes, out, inn), _big(spy.shapes, out, inn)[:3]
@@ -169,6 +176,6 @@ def test_no_out_by_in_tensor_allocated(p, backend, dtype, monkeypatch):
     la, lb = torch.nn.Linear(inn, 3, bias=False), torch.nn.Linear(3, out, bias=False)
     dora = DoraLinearLayer(fan_in_fan_out=False)
     dora.update_layer(base_layer=base, lora_A=la.weight, lora_B=lb.weight, scaling=1.5)
-    with _AllocSpy() as spy:
+    with AllocSpy() as spy:
         dora(x.detach().float(), lora_A=la, lora_B=lb, scaling=1.5, base_layer=base).sum().backward()
     assert _big(spy.shapes, out, inn)  # the spy sees what it looks for

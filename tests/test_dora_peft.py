@@ -83,6 +83,30 @@ def assert_step_matches_peft(pm, ours):
     return ids, logits_p
 
 
+def fuse_and_match_peft_step(ref, fused, monkeypatch):
+    """fuse_peft_model(fused), with a spy on the fused DoRA forward, then one training step of ref (PEFT's own
+    DoRA layers) and fused on the same tokens: every layer fused and served by it, equal logits, loss and A, B, m
+    gradients. Returns the tokens, fused's logits and the spy's calls."""
+    from lora_kernels.integrations import peft as lk_peft
+    from lora_kernels.integrations.peft import fuse_peft_model
+
+    calls = []
+    real = lk_peft.dora_forward
+    monkeypatch.setattr(lk_peft, "dora_forward", lambda *a: calls.append(1) or real(*a))
+    report = fuse_peft_model(fused)
+    assert len(report.fused) == 2 * len(ALL_PROJ) and not report.skipped, report
+    ref.train(), fused.train()
+    ids = tokens()
+    (logits_r, loss_r), (logits_f, loss_f) = _step(ref, ids), _step(fused, ids)
+    assert len(calls) == 2 * len(ALL_PROJ)
+    assert_rel_close(logits_f, logits_r, 1e-5, "logits")
+    assert_rel_close(loss_f, loss_r, 1e-5, "loss")
+    gr, gf = _peft_grads(ref), _peft_grads(fused)
+    for k in gr:
+        assert_rel_close(gf[k], gr[k], 1e-4, str(k))
+    return ids, logits_f, calls
+
+
 @pytest.fixture
 def torch_backend(monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
@@ -221,28 +245,12 @@ def test_fuse_peft_model_serves_dora(p, torch_backend, monkeypatch):
     runs (its eval-mode norm cache kept as PEFT has it)."""
     from peft.tuners.lora import dora
 
-    from lora_kernels.integrations import peft as lk_peft
-    from lora_kernels.integrations.peft import fuse_peft_model
-
     ref = _peft_dora(p)
     fused = _peft_dora(0.0)
     fused.load_state_dict(ref.state_dict())
     for layer in peft_lora_names(fused).values():
         layer.lora_dropout["default"] = nn.Dropout(p) if p > 0 else nn.Identity()
-    calls = []
-    real = lk_peft.dora_forward
-    monkeypatch.setattr(lk_peft, "dora_forward", lambda *a: calls.append(1) or real(*a))
-    report = fuse_peft_model(fused)
-    assert len(report.fused) == 2 * len(ALL_PROJ) and not report.skipped
-    ref.train(), fused.train()
-    ids = tokens()
-    (logits_r, loss_r), (logits_f, loss_f) = _step(ref, ids), _step(fused, ids)
-    assert len(calls) == 2 * len(ALL_PROJ)
-    assert_rel_close(logits_f, logits_r, 1e-5, "logits")
-    assert_rel_close(loss_f, loss_r, 1e-5, "loss")
-    gr, gf = _peft_grads(ref), _peft_grads(fused)
-    for k in gr:
-        assert_rel_close(gf[k], gr[k], 1e-4, str(k))
+    ids, _, calls = fuse_and_match_peft_step(ref, fused, monkeypatch)
     monkeypatch.setattr(dora, "ENABLE_DORA_CACHING", True)
     fused.eval()
     with torch.no_grad():
