@@ -227,13 +227,10 @@ def test_backend_rule_and_errors_are_the_dense_layers(monkeypatch, launches):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_fused_experts_layer_runs_the_kernels_on_triton(backend, monkeypatch, launches):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                      num_key_value_heads=1, head_dim=16, intermediate_size=32,
-                                      moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
-                                      decoder_sparse_step=1)
-    torch.manual_seed(0)
-    model = transformers.Qwen3MoeForCausalLM(cfg).float()
+    pytest.importorskip("transformers")
+    from test_moe_experts import _model
+
+    model = _model("qwen3_moe")
     lk.inject_lora(model, lk.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.1, target_modules=["q_proj"],
                                         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
     monkeypatch.setenv("LORA_KERNELS_BACKEND", backend)

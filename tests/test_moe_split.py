@@ -171,13 +171,10 @@ def test_autotuning_reruns_leave_the_split_outputs_right(monkeypatch, gpu_like_a
 
 
 def test_qwen3_moe_with_split_runs_grouped_mm_and_the_grouped_lora_kernels(monkeypatch, launches, grouped_mm_calls):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                      num_key_value_heads=1, head_dim=16, intermediate_size=32,
-                                      moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
-                                      decoder_sparse_step=1)
-    torch.manual_seed(0)
-    model = transformers.Qwen3MoeForCausalLM(cfg).float()
+    pytest.importorskip("transformers")
+    from test_moe_experts import _model
+
+    model = _model("qwen3_moe")
     lk.inject_lora(model, lk.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.1, init_lora_weights=False,
                                         target_modules=["q_proj"],
                                         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
