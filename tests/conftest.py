@@ -134,6 +134,18 @@ def count_kernel_calls(monkeypatch):
 
 
 @pytest.fixture
+def fresh_gemm_choices(monkeypatch):
+    """No LORA_KERNELS_GEMM from the environment, and gemm_dispatch's per-shape choices cleared before and after:
+    each test sees auto measure (or not) from nothing."""
+    from lora_kernels.backends import gemm_dispatch
+
+    monkeypatch.delenv("LORA_KERNELS_GEMM", raising=False)
+    gemm_dispatch.clear_gemm_choices()
+    yield
+    gemm_dispatch.clear_gemm_choices()
+
+
+@pytest.fixture
 def cli_defaults(monkeypatch):
     """The CLI tests' setting: the torch backend (multi-step runs stay quick; the kernels are tested op by op),
     and torch's thread count put back afterwards (finetune sets it for the process it runs in)."""

@@ -11,12 +11,7 @@ from lora_kernels.backends import gemm_dispatch
 from helpers import TOL, gpu_tile_configs, keep_mask, make_case, oracle, rel_err, seed_for
 
 
-@pytest.fixture(autouse=True)
-def _fresh_choices(monkeypatch):
-    monkeypatch.delenv("LORA_KERNELS_GEMM", raising=False)
-    gemm_dispatch.clear_gemm_choices()
-    yield
-    gemm_dispatch.clear_gemm_choices()
+pytestmark = pytest.mark.usefixtures("fresh_gemm_choices")
 
 
 @pytest.fixture

@@ -15,12 +15,7 @@ from lora_kernels.ops.grouped_lora_gemm import grouped_mm_refusal  # noqa: E402
 from test_moe_kernels import _close, _fwd_bwd, _run, launches  # noqa: E402,F401 (launches: a fixture)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_choices(monkeypatch):
-    monkeypatch.delenv("LORA_KERNELS_GEMM", raising=False)
-    gemm_dispatch.clear_gemm_choices()
-    yield
-    gemm_dispatch.clear_gemm_choices()
+pytestmark = pytest.mark.usefixtures("fresh_gemm_choices")
 
 
 @pytest.fixture
