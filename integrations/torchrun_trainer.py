@@ -144,6 +144,9 @@ def main(out):
     # ACCELERATE_USE_FSDP=true in os.environ, which later Trainers in the same process would read as FSDP(1)
     if not torch.cuda.is_available():
         fsdp_on_cpu()
+        # accelerate names a CPU rank's device "cpu:0"; transformers <= 5.17 resumes the optimizer with
+        # torch.load(map_location=args.device), which cannot restore to "cpu:0" (5.18 passes "cpu" instead)
+        os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
     for name, kind, strategy in runs:
         run = os.path.join(out, name)
         t = train(run, kind=kind, **strategy)

@@ -87,3 +87,15 @@ def copy_run(run, tmp_path):
 
     shutil.copytree(run, tmp_path / "run")
     return tmp_path / "run"
+
+
+def set_checkpointing(model, enable=True, **kwargs):
+    """Turns a transformers model's activation checkpointing on or off under the installed version's name:
+    `activation_checkpointing_*` from 5.23 (where `gradient_checkpointing_*` warns that it goes in v6), and
+    `gradient_checkpointing_*` before (the GPU image's 5.17 has only that)."""
+    new = hasattr(model, "activation_checkpointing_enable")
+    if not enable:
+        return (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
+    if new:
+        return model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None)
+    return model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)

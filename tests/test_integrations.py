@@ -6,6 +6,7 @@ import peft
 import pytest
 import torch
 import torch.nn as nn
+from helpers import set_checkpointing
 
 import lora_kernels as lk
 from lora_kernels.inject import lora_layers
@@ -173,7 +174,7 @@ def test_gradient_checkpointing_reuses_the_dropout_mask(monkeypatch, backend, re
     def grads(checkpointing, p=0.3):
         m = apply_fused_lora(tiny_llama(), **{**cfg, "lora_dropout": p})
         if checkpointing:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            set_checkpointing(m, use_reentrant=reentrant)
         m.train()
         calls = []
         lora_layers(m)["model.layers.0.self_attn.q_proj"].register_forward_hook(lambda *a: calls.append(1))

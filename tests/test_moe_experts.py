@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from helpers import set_checkpointing
 
 import lora_kernels as lk
 from lora_kernels.backends.base import draw_seed
@@ -364,12 +365,12 @@ def test_unload_and_gradient_checkpointing():
     layer = ours.get_submodule("model.layers.0.mlp.experts")
     want = layer.gate_up_proj_lora_A.grad.clone()
     layer.gate_up_proj_lora_A.grad = None
-    ours.activation_checkpointing_enable()
+    set_checkpointing(ours)
     ours.train()
     ckpt = ours(ids, labels=ids)
     ckpt.loss.backward()
     torch.testing.assert_close(layer.gate_up_proj_lora_A.grad, want, rtol=1e-5, atol=1e-6)
-    ours.activation_checkpointing_disable()
+    set_checkpointing(ours, enable=False)
     ours.eval()
     lk.unload(ours)
     assert not lora_layers(ours)
