@@ -54,3 +54,40 @@ def test_dense_weight_past_int32_offsets_is_refused(fan_in_fan_out):
     with pytest.raises(ValueError, match="int32 offsets"):
         lora_linear_bwd_dx(dy, rows_of(dy), w, xa, A, x, rows_of(x), torch.empty(1, dtype=torch.int64, device="meta"),
                            1.0, 0.0, compute_dx=True, compute_grad_a=False, dot_precision="ieee")
+
+
+def _kept_tiles(prune, configs, ptr, dtype=torch.bfloat16, **flags):
+    """(tile sizes, warps, stages) of the configs a kernel's prune_configs_by keeps for a launch with these
+    constexpr flags, its activations of `dtype` (meta: only the dtype is read)."""
+    named = {ptr: torch.empty(0, dtype=dtype, device="meta")}
+    return {(tuple(c.kwargs.values()), c.num_warps, c.num_stages)
+            for c in prune["early_config_prune"](configs, named, **flags)}
+
+
+def test_prune_drops_the_tiles_that_spilled_with_the_gpu_images_triton(monkeypatch):
+    """The GPU image pairs torch 2.11 with triton 3.6, whose ptxas spilled four configs that triton 3.9 keeps
+    just within 255 registers (python tools/sm90_budget.py --check under triton 3.6, every subset). The CI
+    compile check runs triton 3.9 and its widest tiles only, so the prune rules that drop them are pinned here."""
+    pytest.importorskip("triton")
+    from lora_kernels.ops import configs as C
+
+    monkeypatch.setattr(C, "interpreting", lambda: False)
+    fwd, fwd_prune = C.gemm_configs("BLOCK_N", "BLOCK_K"), C.gemm_prune("BLOCK_N", "BLOCK_K")
+    wide_w4 = ((128, 128, 64, 8), 4, 4)   # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M; 4 warps
+    assert wide_w4 in _kept_tiles(fwd_prune, fwd, "x_ptr")   # one adapter, fused GEMM: 250 registers, no spill
+    assert wide_w4 not in _kept_tiles(fwd_prune, fwd, "x_ptr", SEGMENTED=True)      # 4 adapters: 16 B
+    assert wide_w4 not in _kept_tiles(fwd_prune, fwd, "x_ptr", BASE_IN_Y=True)      # split GEMM: 12 B
+    assert ((128, 256, 64, 8), 8, 3) in _kept_tiles(fwd_prune, fwd, "x_ptr", SEGMENTED=True)
+
+    shrink, shrink_prune = C.grouped_rowblock_configs("BLOCK_K"), C.grouped_rowblock_prune("BLOCK_K")
+    assert ((256,), 4, 3) in _kept_tiles(shrink_prune, shrink, "x_ptr", BLOCK_M=16)
+    assert ((256,), 4, 3) not in _kept_tiles(shrink_prune, shrink, "x_ptr", BLOCK_M=16, HAS_DROPOUT=True)  # 4 B
+
+    gemm, gemm_prune = C.grouped_gemm_configs(), C.grouped_gemm_prune()
+    fma = {((bc, br), w, s) for bc, br, w, s in C.FMA_DOT_TILES}
+    for heavy in (False, True):   # fp32 without TF32: 128 x 32 x 32 on 4 warps spilled 16 B with dropout
+        kept = _kept_tiles(gemm_prune, gemm, "a_ptr", torch.float32, BLOCK_M=128, HAS_DROPOUT=heavy,
+                           DOT_PRECISION="ieee")
+        assert kept & fma and all(w == 8 for _, w, _ in kept)
+    bf16 = _kept_tiles(gemm_prune, gemm, "a_ptr", BLOCK_M=128, DOT_PRECISION="tf32")
+    assert bf16 and not bf16 & fma   # the FMA tiles are tried for fp32 without TF32 only

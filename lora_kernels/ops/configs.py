@@ -85,8 +85,12 @@ def gemm_prune(out_block: str, reduce_block: str):
             smem = c.num_stages * (kw["BLOCK_M"] + kw[out_block]) * kw[reduce_block] * itemsize
             if kwargs.get("W_4BIT"):
                 return _per_thread(c, "BLOCK_M", out_block) <= limit and kw["BLOCK_K"] <= kwargs["Q_BLOCK"]
-            if kwargs.get("SEGMENTED") and heavy and c.num_warps < 8 and kw[out_block] > 64:
-                return False  # per-row thresholds and scales too: 4 warps spilled on a 128-wide tile
+            if c.num_warps < 8 and (kwargs.get("SEGMENTED") or kwargs.get("BASE_IN_Y")) and (
+                    _per_thread(c, "BLOCK_M", out_block) > 64 or (heavy and kw[out_block] > 64)):
+                # Per-row adapter index and scales (4 adapters), or the split path's y tile read back beside the
+                # accumulator: with 4 warps, 128 x 128 sat at 250-255 registers with triton 3.9 and spilled
+                # 12-16 B with triton 3.6. The segmented backward's 128-wide tile spilled too (thresholds).
+                return False
             return _per_thread(c, "BLOCK_M", out_block) <= limit and smem <= SM90_SHARED_BYTES
         return _kept(configs, fits)
     return {"early_config_prune": prune}
@@ -181,27 +185,37 @@ def _ieee_fp32(named_args, ptr: str, kwargs) -> bool:
     return kwargs.get("DOT_PRECISION") == "ieee" and named_args[ptr].dtype.itemsize == 4
 
 
+# For fp32 without TF32 only (tl.dot as FMAs, its operands in registers): 8 warps over a narrow tile. With 4 warps
+# the 128 x 32 x 32 tile spilled 16 B in the backward with dropout (triton 3.6, tools/sm90_budget.py).
+FMA_DOT_TILES = ((64, 32, 8, 3), (32, 32, 8, 3))
+
+
 def grouped_gemm_configs():
     """(output cols BLOCK_C, reduction BLOCK_RED) for grouped_lora_gemm; BLOCK_M comes with the launch."""
     if interpreting():
         return [triton.Config({"BLOCK_C": 32, "BLOCK_RED": 32}, num_warps=4)]
     return [triton.Config({"BLOCK_C": bc, "BLOCK_RED": br}, num_warps=w, num_stages=s)
             for bc, br, w, s in [(256, 64, 8, 3), (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (128, 32, 4, 4),
-                                 (64, 32, 4, 4), (32, 32, 4, 4)]]
+                                 (64, 32, 4, 4), *FMA_DOT_TILES, (32, 32, 4, 4)]]
 
 
 def grouped_gemm_prune():
     """As gemm_prune: 128 float32 accumulator elements per thread; 64 with the backward's dropout mask on the
-    LoRA term (32 with fp32 activations); 32 for fp32 without TF32; the pipeline's (BLOCK_M + BLOCK_C) x
-    BLOCK_RED tiles within 227 KB."""
+    LoRA term (32 with fp32 activations); 32 for fp32 without TF32, on 8 warps only (FMA_DOT_TILES, which no other
+    precision tries); the pipeline's (BLOCK_M + BLOCK_C) x BLOCK_RED tiles within 227 KB."""
     def prune(configs, named_args, **kwargs):
         itemsize = named_args["a_ptr"].dtype.itemsize
         heavy = kwargs.get("HAS_DROPOUT")
-        limit = 32 if _ieee_fp32(named_args, "a_ptr", kwargs) or (heavy and itemsize == 4) else 64 if heavy else 128
+        fma = _ieee_fp32(named_args, "a_ptr", kwargs)
+        limit = 32 if fma or (heavy and itemsize == 4) else 64 if heavy else 128
         bm = kwargs["BLOCK_M"]
 
         def fits(c):
             kw = c.kwargs
+            if fma and c.num_warps < 8:
+                return False
+            if not fma and (kw["BLOCK_C"], kw["BLOCK_RED"], c.num_warps, c.num_stages) in FMA_DOT_TILES:
+                return False
             per_thread = bm * kw["BLOCK_C"] // (32 * c.num_warps)
             return per_thread <= limit and c.num_stages * (bm + kw["BLOCK_C"]) * kw["BLOCK_RED"] * itemsize \
                 <= SM90_SHARED_BYTES
@@ -220,10 +234,16 @@ def grouped_rowblock_configs(col_block: str):
 def grouped_rowblock_prune(col_block: str):
     """The (BLOCK_M, col_block) activation tile within what rowblock_configs' tiles hold: 64 elements per thread
     (128 x 256 with 4 warps, 256 per thread, spilled 4 KB on sm_90 with dropout: tools/sm90_budget.py); 32 for
-    fp32 without TF32, as rowblock_prune."""
+    fp32 without TF32, as rowblock_prune. With dropout, no 256-wide step on 4 warps: even 16 x 256 spilled 4 B
+    with triton 3.6 (the mask's Philox state for 256 columns)."""
     def prune(configs, named_args, **kwargs):
         limit = 32 if _ieee_fp32(named_args, "x_ptr", kwargs) else 64
-        return _kept(configs, lambda c: kwargs["BLOCK_M"] * c.kwargs[col_block] // (32 * c.num_warps) <= limit)
+
+        def fits(c):
+            if kwargs.get("HAS_DROPOUT") and c.num_warps < 8 and c.kwargs[col_block] > 128:
+                return False
+            return kwargs["BLOCK_M"] * c.kwargs[col_block] // (32 * c.num_warps) <= limit
+        return _kept(configs, fits)
     return {"early_config_prune": prune}
 
 
