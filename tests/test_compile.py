@@ -46,3 +46,31 @@ def test_fullgraph_compile_inductor_gpu(dtype):
     model = _model("cuda", dtype)
     compiled = torch.compile(model, fullgraph=True)
     _compare(model, compiled, torch.randn(4, 64, 16, device="cuda", dtype=dtype), 1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def _dora_model(device="cpu", dtype=torch.float32):
+    return nn.Sequential(
+        lk.FusedDoraLinear(16, 12, r=4, lora_dropout=0.1, init_lora_weights=False, device=device, dtype=dtype),
+        nn.GELU(),
+        lk.FusedDoraLinear(12, 8, bias=False, r=2, init_lora_weights=False, device=device, dtype=dtype),
+    )
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fullgraph_compile_dora_cpu(backend, monkeypatch):
+    """DoRA's norm, ‖W_o‖², forward and backward are custom ops too: no graph break, the eager step's outputs
+    and gradients (the magnitude's included)."""
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", backend)
+    model = _dora_model()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    _compare(model, compiled, torch.randn(3, 5, 16), 1e-6)
+    magnitudes = [p for n, p in model.named_parameters() if "magnitude" in n]
+    assert len(magnitudes) == 2 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in magnitudes)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fullgraph_compile_dora_inductor_gpu(dtype):
+    model = _dora_model("cuda", dtype)
+    compiled = torch.compile(model, fullgraph=True)
+    _compare(model, compiled, torch.randn(4, 64, 16, device="cuda", dtype=dtype), 1e-5 if dtype == torch.float32 else 2e-2)

@@ -128,13 +128,20 @@ def test_norm_identity_ill_conditioned(dtype):
 
 
 class AllocSpy(TorchDispatchMode):
-    """The shapes of every tensor an op returns in fresh storage (views and in-place results excluded)."""
+    """The shapes of every tensor an op returns in fresh storage (views and in-place results excluded). The
+    package's custom ops are opened: their own torch calls run under the spy, so what they allocate inside is
+    seen (a dispatch mode otherwise sees an opaque op's outputs only)."""
 
     def __init__(self):
         super().__init__()
         self.shapes = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "lora_kernels":
+            from torch._library.custom_ops import _maybe_get_opdef
+
+            with self:
+                return _maybe_get_opdef(func._name)._init_fn(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
                   if isinstance(a, torch.Tensor)}

@@ -26,7 +26,7 @@ grad_x without dropout) and ops/dora_linear_bwd_dx.py gives grad_x with dropout;
 gradients are torch's (grad_m a column sum), the mask regenerated from the seed: grad_B = s·(g·dy)ᵀ·xa, grad_A = s·((g·dy)·B)ᵀ·xd, and grad_x =
 (g·dy)·W + s·((g·dy)·B)·A without dropout, dy·W + ((g − 1)·dy·W + s·((g·dy)·B)·A)⊙mask/(1 − p) with it.
 """
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -60,13 +60,47 @@ def _row_blocks(weight):
         yield i, weight[i:i + ROW_BLOCK].to(dt)
 
 
-@torch.no_grad()
+# torch.compile: ‖W_o‖², the norm, the forward and the backward are torch.library custom ops (opaque nodes with
+# fake impls, as the LoRA backends' passes are), so a compiled DoRA layer has no graph break. A W travels as
+# [W] (dense) or [None, *QuantizedWeight.tensors()] (4-bit) with its metadata: ops take tensors, not a
+# QuantizedWeight.
+WeightArgs = Tuple[List[Optional[torch.Tensor]], str, int, int]
+
+
+def _weight_args(weight) -> WeightArgs:
+    if isinstance(weight, QuantizedWeight):
+        return [None, *weight.tensors()], weight.quant_type, weight.blocksize, weight.nested_blocksize
+    return [weight], "", 0, 0
+
+
+def _weight_from(ws, quant_type: str, blocksize: int, nested_blocksize: int, out_features: int, in_features: int):
+    """The W _weight_args took apart."""
+    if ws[0] is not None:
+        return ws[0]
+    return base.quantized_weight(*ws[1:], quant_type, blocksize, nested_blocksize, out_features, in_features)
+
+
+@torch.library.custom_op("lora_kernels::dora_weight_sq_norm", mutates_args=())
+def _weight_sq_norm_op(ws: List[Optional[torch.Tensor]], quant_type: str, blocksize: int, nested_blocksize: int,
+                       out_features: int, in_features: int) -> torch.Tensor:
+    weight = _weight_from(ws, quant_type, blocksize, nested_blocksize, out_features, in_features)
+    with torch.no_grad():
+        parts = [torch.linalg.vector_norm(rows, dim=1) for _, rows in _row_blocks(weight)]
+    n = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return n * n
+
+
+@_weight_sq_norm_op.register_fake
+def _(ws, quant_type, blocksize, nested_blocksize, out_features, in_features):
+    weight = _weight_from(ws, quant_type, blocksize, nested_blocksize, out_features, in_features)
+    return next(t for t in ws if t is not None).new_empty((out_features,), dtype=_norm_dtype(weight))
+
+
 def weight_sq_norm(weight) -> torch.Tensor:
     """‖W_o‖² per output row of an (out, in) weight (a dense one, or a 4-bit QuantizedWeight read in row blocks),
     float32 (float64 for a float64 W)."""
-    parts = [torch.linalg.vector_norm(rows, dim=1) for _, rows in _row_blocks(weight)]
-    n = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return n * n
+    with torch.no_grad():  # a trainable W's norm is a constant too
+        return _weight_sq_norm_op(*_weight_args(weight), *weight.shape)
 
 
 def _a_wt_4bit_triton(qweight: QuantizedWeight, A: torch.Tensor) -> torch.Tensor:
@@ -83,20 +117,35 @@ def _a_wt_4bit_triton(qweight: QuantizedWeight, A: torch.Tensor) -> torch.Tensor
                                "fused")
 
 
-@torch.no_grad()
+@torch.library.custom_op("lora_kernels::dora_norm", mutates_args=())
+def _dora_norm_op(ws: List[Optional[torch.Tensor]], quant_type: str, blocksize: int, nested_blocksize: int,
+                  w_sq: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                  backend: str) -> torch.Tensor:
+    weight = _weight_from(ws, quant_type, blocksize, nested_blocksize, lora_B.shape[0], lora_A.shape[1])
+    dt = _norm_dtype(weight)
+    with torch.no_grad():
+        A, B = lora_A.to(dt), lora_B.to(dt)
+        if backend == "triton" and isinstance(weight, QuantizedWeight):
+            awt = _a_wt_4bit_triton(weight, A)                                         # (r, out)
+        else:
+            awt = torch.cat([A @ rows.t() for _, rows in _row_blocks(weight)], dim=1)  # (r, out)
+        aat = A @ A.t()                                                                # (r, r)
+        sq = w_sq.to(dt) + (2.0 * scaling) * (B * awt.t()).sum(1) + (scaling * scaling) * ((B @ aat) * B).sum(1)
+        return sq.clamp_min(0.0).sqrt()
+
+
+@_dora_norm_op.register_fake
+def _(ws, quant_type, blocksize, nested_blocksize, w_sq, lora_A, lora_B, scaling, backend):
+    weight = _weight_from(ws, quant_type, blocksize, nested_blocksize, lora_B.shape[0], lora_A.shape[1])
+    return w_sq.new_empty((lora_B.shape[0],), dtype=_norm_dtype(weight))
+
+
 def dora_norm(weight, w_sq: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
               scaling: float, backend: str = "torch") -> torch.Tensor:
     """n_o = ‖W_o + s·B_o·A‖ (out,), detached, from w_sq = weight_sq_norm(weight) without building B·A. backend
     "triton" with a 4-bit W: A·Wᵀ on the 4-bit GEMM kernel; else from W's row blocks in torch."""
-    dt = _norm_dtype(weight)
-    A, B = lora_A.detach().to(dt), lora_B.detach().to(dt)
-    if backend == "triton" and isinstance(weight, QuantizedWeight):
-        awt = _a_wt_4bit_triton(weight, A)                                         # (r, out)
-    else:
-        awt = torch.cat([A @ rows.t() for _, rows in _row_blocks(weight)], dim=1)  # (r, out)
-    aat = A @ A.t()                                                                # (r, r)
-    sq = w_sq.to(dt) + (2.0 * scaling) * (B * awt.t()).sum(1) + (scaling * scaling) * ((B @ aat) * B).sum(1)
-    return sq.clamp_min(0.0).sqrt()
+    with torch.no_grad():
+        return _dora_norm_op(*_weight_args(weight), w_sq, lora_A, lora_B, scaling, backend)
 
 
 @on_device_of(0)  # Triton launches on the current device: x's
@@ -145,85 +194,121 @@ def _keep_mask(backend: str, seed, x, p: float) -> torch.Tensor:
     return flat(torch_keep_mask(int(seed.item()), x.shape, p, x.device))
 
 
+@torch.library.custom_op("lora_kernels::dora_fwd", mutates_args=())
+def _dora_fwd(x: torch.Tensor, ws: List[Optional[torch.Tensor]], quant_type: str, blocksize: int,
+              nested_blocksize: int, bias: Optional[torch.Tensor], lora_A: torch.Tensor, lora_B: torch.Tensor,
+              g: torch.Tensor, scaling: float, dropout_p: float,
+              backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, xa, seed, v) of the module docstring."""
+    weight = _weight_from(ws, quant_type, blocksize, nested_blocksize, g.shape[0], x.shape[-1])
+    if backend == "triton" and x.numel() > 0:
+        return _triton_forward(x, weight, bias, lora_A, lora_B, g, scaling, dropout_p)
+    dt = x.dtype  # torch; over a 4-bit base W is dequantized for this call only
+    w = dequantize(weight, dt) if isinstance(weight, QuantizedWeight) else weight
+    return _torch_forward(x, w, bias, lora_A.to(dt), lora_B.to(dt), g.to(dt), scaling, dropout_p)
+
+
+@_dora_fwd.register_fake
+def _(x, ws, quant_type, blocksize, nested_blocksize, bias, lora_A, lora_B, g, scaling, dropout_p, backend):
+    y = x.new_empty((*x.shape[:-1], g.shape[0]))
+    if backend == "triton" and x.numel() > 0:
+        xa = x.new_empty((x.numel() // x.shape[-1], lora_A.shape[0]), dtype=torch.float32)
+    else:
+        xa = x.new_empty((*x.shape[:-1], lora_A.shape[0]))
+    return y, xa, x.new_empty((1,), dtype=torch.int64), x.new_empty(y.shape)
+
+
+@torch.library.custom_op("lora_kernels::dora_bwd", mutates_args=())
+def _dora_bwd(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, seed: torch.Tensor,
+              ws: List[Optional[torch.Tensor]], quant_type: str, blocksize: int, nested_blocksize: int,
+              lora_A: torch.Tensor, lora_B: torch.Tensor, g: torch.Tensor, norm: torch.Tensor, v: torch.Tensor,
+              scaling: float, dropout_p: float, backend: str, need_x: bool, need_w: bool, need_a: bool,
+              need_bb: bool, need_m: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                    torch.Tensor]:
+    """(grad_x, grad_W, grad_A, grad_B, grad_m in the norm's dtype), each empty when not asked for."""
+    weight = _weight_from(ws, quant_type, blocksize, nested_blocksize, g.shape[0], x.shape[-1])
+    s, p, dt = scaling, dropout_p, x.dtype
+    dy2, x2, xa2, v2 = flat(dy.to(dt)), flat(x), flat(xa).to(dt), flat(v)
+    A, B = lora_A.to(dt), lora_B.to(dt)
+    dyg = dy2 * g.to(dt)                      # the LoRA terms see g·dy
+    gx, gw, ga, gb, gm = (base.not_computed(t) for t in (x, v, lora_A, lora_B, norm))
+    if backend == "triton" and x.numel() > 0:
+        # The LoRA backward kernels with dy → g·dy give grad_A and grad_B, and grad_x without dropout.
+        from .triton import _backward as lora_backward
+
+        kernel_x = need_x and p == 0.0
+        kx, ka, kb = lora_backward(dyg, x, xa, seed, weight, lora_A, lora_B, s, p, kernel_x, need_a, need_bb)
+        gx, ga, gb = (kx.reshape(x.shape) if kernel_x else gx), (ka if need_a else ga), (kb if need_bb else gb)
+        if need_x and p > 0.0:  # both base products from one pass over dy and W (ops/dora_linear_bwd_dx.py)
+            from ..ops.dora_linear_bwd_dx import dora_linear_bwd_dx
+            from .triton import dot_precision
+
+            dyb32 = dyg.float() @ lora_B.float()
+            with base.on_device(x):
+                gx = dora_linear_bwd_dx(dy2, weight, g.float().contiguous(), dyb32, lora_A, seed, s, p,
+                                        dot_precision(dt)).reshape(x.shape)
+        need_a = need_bb = need_x = False
+    if need_x and isinstance(weight, QuantizedWeight):  # torch over a 4-bit base: for this call only
+        weight = dequantize(weight, dt)
+    keep = None
+    if p > 0.0 and (need_x or need_a or need_w):
+        keep = _keep_mask(backend, seed, x, p).to(dt) * (1.0 / (1.0 - p))
+    dyb = dyg @ B if (need_x or need_a) else None
+    if need_x:
+        if keep is None:
+            gx = dyg @ weight + s * (dyb @ A)
+        else:
+            gx = dy2 @ weight + ((dyg - dy2) @ weight + s * (dyb @ A)) * keep
+        gx = gx.reshape(x.shape)
+    if need_w:  # a trainable base (rare): y's W terms are x·Wᵀ + (g − 1)·xd·Wᵀ, or g·x·Wᵀ without dropout
+        gw = dyg.t() @ x2 if keep is None else dy2.t() @ x2 + (dyg - dy2).t() @ (x2 * keep)
+        gw = gw.to(weight.dtype)
+    if need_a:
+        xd = x2 if keep is None else x2 * keep
+        ga = (s * (dyb.t() @ xd)).to(lora_A.dtype)
+    if need_bb:
+        gb = (s * (dyg.t() @ xa2)).to(lora_B.dtype)
+    if need_m:
+        gm = (dy2.to(norm.dtype) * v2.to(norm.dtype)).sum(0) / norm
+    return gx, gw, ga, gb, gm
+
+
+@_dora_bwd.register_fake
+def _(dy, x, xa, seed, ws, quant_type, blocksize, nested_blocksize, lora_A, lora_B, g, norm, v, scaling,
+      dropout_p, backend, need_x, need_w, need_a, need_bb, need_m):
+    def like(t, needed):
+        return t.new_empty(t.shape) if needed else base.not_computed(t)
+    return (like(x, need_x), like(ws[0], need_w) if need_w else base.not_computed(v), like(lora_A, need_a),
+            like(lora_B, need_bb), like(norm, need_m))
+
+
 class DoraLinearFunction(torch.autograd.Function):
-    """y of the module docstring for x (..., in), with norm = dora_norm(...) (out,) given, detached."""
+    """y of the module docstring for x (..., in), with norm = dora_norm(...) (out,) given, detached. The passes
+    are the custom ops above; a 4-bit W is saved as references to its packed tensors, never dequantized."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling: float, dropout_p: float,
                 backend: str):
-        dt, s, p = x.dtype, scaling, dropout_p
         g = magnitude.to(norm.dtype) / norm
-        qweight = weight if isinstance(weight, QuantizedWeight) else None
-        if backend == "triton" and x.numel() > 0:
-            y, xa, seed, v = _triton_forward(x, weight, bias, lora_A, lora_B, g, s, p)
-        else:  # torch; over a 4-bit base W is dequantized for this call only
-            w = dequantize(qweight, dt) if qweight is not None else weight
-            y, xa, seed, v = _torch_forward(x, w, bias, lora_A.to(dt), lora_B.to(dt), g.to(dt), s, p)
-            del w
-        # A 4-bit W: its packed tensors are referenced (ctx.qweight), never a dequantized copy saved.
-        ctx.qweight = qweight
-        ctx.save_for_backward(x, xa, seed, None if qweight is not None else weight, lora_A, lora_B, g, norm, v)
-        ctx.scaling, ctx.dropout_p, ctx.backend = s, p, backend
+        ws, *quant = _weight_args(weight)
+        y, xa, seed, v = _dora_fwd(x, ws, *quant, bias, lora_A, lora_B, g, scaling, dropout_p, backend)
+        ctx.save_for_backward(x, xa, seed, lora_A, lora_B, g, norm, v, *ws)
+        ctx.meta = (quant, scaling, dropout_p, backend)
         ctx.dtypes = (None if bias is None else bias.dtype, magnitude.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, xa, seed, weight, lora_A, lora_B, g, norm, v = ctx.saved_tensors
-        weight = ctx.qweight if ctx.qweight is not None else weight
-        s, p = ctx.scaling, ctx.dropout_p
+        x, xa, seed, lora_A, lora_B, g, norm, v, *ws = ctx.saved_tensors
+        quant, s, p, backend = ctx.meta
         bias_dtype, m_dtype = ctx.dtypes
         need_x, need_w, need_b, need_a, need_bb, need_m = ctx.needs_input_grad[:6]
-        dt = x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            dy2, x2, xa2, v2 = flat(dy.to(dt)), flat(x), flat(xa).to(dt), flat(v)
-            A, B = lora_A.to(dt), lora_B.to(dt)
-            dyg = dy2 * g.to(dt)                      # the LoRA terms see g·dy
-            grad = [None] * 10
-            if ctx.backend == "triton" and x.numel() > 0:
-                # The LoRA backward kernels with dy → g·dy give grad_A and grad_B, and grad_x without dropout.
-                from .triton import _backward as lora_backward
-
-                kernel_x = need_x and p == 0.0
-                gx, ga, gb = lora_backward(dyg, x, xa, seed, weight, lora_A, lora_B, s, p, kernel_x, need_a,
-                                           need_bb)
-                grad[0] = gx.reshape(x.shape) if kernel_x else None
-                grad[3] = ga if need_a else None
-                grad[4] = gb if need_bb else None
-                if need_x and p > 0.0:  # both base products from one pass over dy and W (ops/dora_linear_bwd_dx.py)
-                    from ..ops.dora_linear_bwd_dx import dora_linear_bwd_dx
-                    from .triton import dot_precision
-
-                    dyb32 = dyg.float() @ lora_B.float()
-                    with base.on_device(x):
-                        grad[0] = dora_linear_bwd_dx(dy2, weight, g.float().contiguous(), dyb32, lora_A,
-                                                     seed, s, p, dot_precision(dt)).reshape(x.shape)
-                need_a = need_bb = need_x = False
-            if need_x and isinstance(weight, QuantizedWeight):  # torch over a 4-bit base: for this call only
-                weight = dequantize(weight, dt)
-            keep = None
-            if p > 0.0 and (need_x or need_a or need_w):
-                keep = _keep_mask(ctx.backend, seed, x, p).to(dt) * (1.0 / (1.0 - p))
-            dyb = dyg @ B if (need_x or need_a) else None
-            if need_x:
-                if keep is None:
-                    gx = dyg @ weight + s * (dyb @ A)
-                else:
-                    gx = dy2 @ weight + ((dyg - dy2) @ weight + s * (dyb @ A)) * keep
-                grad[0] = gx.reshape(x.shape)
-            if need_w:  # a trainable base (rare): y's W terms are x·Wᵀ + (g − 1)·xd·Wᵀ, or g·x·Wᵀ without dropout
-                gw = dyg.t() @ x2 if keep is None else dy2.t() @ x2 + (dyg - dy2).t() @ (x2 * keep)
-                grad[1] = gw.to(weight.dtype)
-            if need_b and bias_dtype is not None:
-                grad[2] = dy2.sum(0).to(bias_dtype)
-            if need_a:
-                xd = x2 if keep is None else x2 * keep
-                grad[3] = (s * (dyb.t() @ xd)).to(lora_A.dtype)
-            if need_bb:
-                grad[4] = (s * (dyg.t() @ xa2)).to(lora_B.dtype)
-            if need_m:
-                grad[5] = ((dy2.to(norm.dtype) * v2.to(norm.dtype)).sum(0) / norm).to(m_dtype)
-        return tuple(grad)
+            gx, gw, ga, gb, gm = _dora_bwd(dy, x, xa, seed, ws, *quant, lora_A, lora_B, g, norm, v, s, p, backend,
+                                           need_x, need_w, need_a, need_bb, need_m)
+            grad_bias = flat(dy.to(x.dtype)).sum(0).to(bias_dtype) if (need_b and bias_dtype is not None) else None
+        return (gx if need_x else None, gw if need_w else None, grad_bias, ga if need_a else None,
+                gb if need_bb else None, gm.to(m_dtype) if need_m else None, None, None, None, None)
 
 
 def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float,

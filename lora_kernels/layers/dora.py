@@ -45,8 +45,11 @@ class FusedDoraLinear(FusedLoraLinear):
         m.copy_(self.weight_norm(adapter_name))
 
     def weight_sq_norm(self) -> torch.Tensor:
-        """‖W_o‖² (out,) of the current base weight, float32; cached until the weight changes."""
+        """‖W_o‖² (out,) of the current base weight, float32; cached until the weight changes. Under torch.compile
+        it is an op of the graph, recomputed per call (a graph cannot key a cache on data pointers)."""
         w = self.linear_weight()
+        if torch.compiler.is_compiling():
+            return weight_sq_norm(w)
         key = (w.data_ptr(), self.weight._version, w.dtype, w.device, tuple(w.shape))
         if getattr(self, "_w_sq_key", None) != key:
             self._w_sq = weight_sq_norm(w)
@@ -100,6 +103,8 @@ class FusedDoraLinear4bit(FusedDoraLinear, FusedLoraLinear4bit):
         """‖W_o‖² (out,) float32 of the base's float32 dequantization, read in row blocks; cached until the weight
         changes (its object, storage or version: a merge puts a new Params4bit in place)."""
         qw = self._packed()
+        if torch.compiler.is_compiling():
+            return weight_sq_norm(qw)
         key = (id(self.weight), qw.packed.data_ptr(), qw.absmax.data_ptr(), self.weight._version, qw.device)
         if getattr(self, "_w_sq_key", None) != key:
             self._w_sq = weight_sq_norm(qw)
