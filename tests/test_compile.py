@@ -1,4 +1,5 @@
-"""torch.compile(fullgraph=True) traces FusedLoraLinear layers without graph breaks (custom ops + fake impls)."""
+"""torch.compile(fullgraph=True) traces FusedLoraLinear and FusedDoraLinear layers without graph breaks (custom ops + fake
+impls)."""
 import pytest
 import torch
 import torch.nn as nn
@@ -6,11 +7,11 @@ import torch.nn as nn
 import lora_kernels as lk
 
 
-def _model(device="cpu", dtype=torch.float32):
+def _model(layer=lk.FusedLoraLinear, device="cpu", dtype=torch.float32):
     return nn.Sequential(
-        lk.FusedLoraLinear(16, 12, r=4, lora_dropout=0.1, init_lora_weights=False, device=device, dtype=dtype),
+        layer(16, 12, r=4, lora_dropout=0.1, init_lora_weights=False, device=device, dtype=dtype),
         nn.GELU(),
-        lk.FusedLoraLinear(12, 8, bias=False, r=2, init_lora_weights=False, device=device, dtype=dtype),
+        layer(12, 8, bias=False, r=2, init_lora_weights=False, device=device, dtype=dtype),
     )
 
 
@@ -30,47 +31,28 @@ def _compare(model, compiled, x, tol):
         assert torch.allclose(a, b, atol=tol, rtol=tol)
 
 
+LAYERS = [lk.FusedLoraLinear, lk.FusedDoraLinear]   # DoRA: its norm, ‖W_o‖², forward and backward are ops too
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_fullgraph_compile_cpu(backend, monkeypatch):
+def test_fullgraph_compile_cpu(backend, layer, monkeypatch):
+    """No graph break; the compiled step's outputs and gradients (DoRA's magnitude included) are the eager one's."""
     monkeypatch.setenv("LORA_KERNELS_BACKEND", backend)
-    model = _model()
+    model = _model(layer)
     # aot_eager runs Dynamo and AOTAutograd (where graph breaks and missing fake impls show up) without
     # spending CI time on Inductor's C++ code generation.
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     _compare(model, compiled, torch.randn(3, 5, 16), 1e-6)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fullgraph_compile_inductor_gpu(dtype):
-    model = _model("cuda", dtype)
-    compiled = torch.compile(model, fullgraph=True)
-    _compare(model, compiled, torch.randn(4, 64, 16, device="cuda", dtype=dtype), 1e-5 if dtype == torch.float32 else 2e-2)
-
-
-def _dora_model(device="cpu", dtype=torch.float32):
-    return nn.Sequential(
-        lk.FusedDoraLinear(16, 12, r=4, lora_dropout=0.1, init_lora_weights=False, device=device, dtype=dtype),
-        nn.GELU(),
-        lk.FusedDoraLinear(12, 8, bias=False, r=2, init_lora_weights=False, device=device, dtype=dtype),
-    )
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_fullgraph_compile_dora_cpu(backend, monkeypatch):
-    """DoRA's norm, ‖W_o‖², forward and backward are custom ops too: no graph break, the eager step's outputs
-    and gradients (the magnitude's included)."""
-    monkeypatch.setenv("LORA_KERNELS_BACKEND", backend)
-    model = _dora_model()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    _compare(model, compiled, torch.randn(3, 5, 16), 1e-6)
     magnitudes = [p for n, p in model.named_parameters() if "magnitude" in n]
-    assert len(magnitudes) == 2 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in magnitudes)
+    assert len(magnitudes) == (2 if layer is lk.FusedDoraLinear else 0)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in magnitudes)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fullgraph_compile_dora_inductor_gpu(dtype):
-    model = _dora_model("cuda", dtype)
+def test_fullgraph_compile_inductor_gpu(dtype, layer):
+    model = _model(layer, "cuda", dtype)
     compiled = torch.compile(model, fullgraph=True)
     _compare(model, compiled, torch.randn(4, 64, 16, device="cuda", dtype=dtype), 1e-5 if dtype == torch.float32 else 2e-2)
