@@ -26,7 +26,8 @@ import torch
 
 from . import backends
 from .backends import FUNCTIONS, FUNCTIONS_4BIT, MULTI_FUNCTIONS
-from .backends.dora import dora_linear, dora_norm, weight_sq_norm  # noqa: F401  (the DoRA norm, for layers)
+from .backends.dora import (W_SQ_CACHE, cached_weight_sq_norm, dora_linear, dora_norm,  # noqa: F401  (for layers)
+                             weight_sq_norm)
 from .backends.base import FLOAT_DTYPES, QuantizedWeight, dequantize, from_bnb  # noqa: F401  (the 4-bit format)
 from .backends.experts import ExpertRouting, grouped_lora_linear
 from .backends.triton_experts import TritonGroupedLoraFunction

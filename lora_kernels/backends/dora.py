@@ -103,6 +103,23 @@ def weight_sq_norm(weight) -> torch.Tensor:
         return _weight_sq_norm_op(*_weight_args(weight), *weight.shape)
 
 
+W_SQ_CACHE = "_lora_kernels_w_sq"  # (key, ‖W_o‖²) in the __dict__ of the module that caches it
+
+
+def cached_weight_sq_norm(owner, weight, key) -> torch.Tensor:
+    """weight_sq_norm(weight), cached on the module `owner` until key() (what identifies the frozen weight: its
+    object, storage, version) changes; `vars(owner).pop(W_SQ_CACHE)` forgets it. Under torch.compile it is an op of
+    the graph, recomputed per call: a graph cannot key a cache on data pointers."""
+    if torch.compiler.is_compiling():
+        return weight_sq_norm(weight)
+    k = key()
+    cached = vars(owner).get(W_SQ_CACHE)
+    if cached is None or cached[0] != k:
+        cached = (k, weight_sq_norm(weight))
+        vars(owner)[W_SQ_CACHE] = cached
+    return cached[1]
+
+
 def _a_wt_4bit_triton(qweight: QuantizedWeight, A: torch.Tensor) -> torch.Tensor:
     """A·Wᵀ (r, out) float32 for a 4-bit W on the 4-bit forward GEMM kernel (ops/lora_linear_fwd.py: A as its r
     rows of x, no adapter term, W dequantized tile by tile in registers to float32, IEEE float32 dots): no

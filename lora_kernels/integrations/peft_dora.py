@@ -17,11 +17,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..functional import from_bnb, fused_dora_linear, weight_sq_norm
+from ..functional import cached_weight_sq_norm, from_bnb, fused_dora_linear
 from .module_hooks import hook_reason
-
-_CACHE_ATTR = "_lora_kernels_w_sq"  # (key, ‖W_o‖²) on the PEFT layer
-
 
 def is_dora(layer, adapter: str) -> bool:
     return adapter in getattr(layer, "lora_variant", {}) or layer.use_dora.get(adapter, False)
@@ -61,13 +58,10 @@ def _cached_w_sq(layer, weight: torch.Tensor) -> torch.Tensor:
     """‖W_o‖² of the base weight (a 4-bit one: of its float32 dequantization), cached on the layer per weight
     object, storage and version (PEFT's 4-bit merge puts a new Params4bit in place: its id differs)."""
     qs = getattr(weight, "quant_state", None)
-    key = (id(weight), weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape),
-           None if qs is None else qs.absmax.data_ptr())
-    cached = vars(layer).get(_CACHE_ATTR)
-    if cached is None or cached[0] != key:
-        cached = (key, weight_sq_norm(from_bnb(weight) if qs is not None else weight))
-        vars(layer)[_CACHE_ATTR] = cached
-    return cached[1]
+    return cached_weight_sq_norm(
+        layer, from_bnb(weight) if qs is not None else weight,
+        lambda: (id(weight), weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape),
+                 None if qs is None else qs.absmax.data_ptr()))
 
 
 def dora_forward(layer, x: torch.Tensor, adapter: str) -> torch.Tensor:

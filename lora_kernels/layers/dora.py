@@ -21,7 +21,8 @@ from typing import Dict, Union
 
 import torch
 
-from ..functional import QuantizedWeight, dequantize, dora_norm, from_bnb, fused_dora_linear, weight_sq_norm
+from ..functional import (W_SQ_CACHE, QuantizedWeight, cached_weight_sq_norm, dequantize, dora_norm, from_bnb,
+                          fused_dora_linear)
 from .dense import FusedLoraLinear
 from .linear_4bit import FusedLoraLinear4bit
 
@@ -45,16 +46,11 @@ class FusedDoraLinear(FusedLoraLinear):
         m.copy_(self.weight_norm(adapter_name))
 
     def weight_sq_norm(self) -> torch.Tensor:
-        """‖W_o‖² (out,) of the current base weight, float32; cached until the weight changes. Under torch.compile
-        it is an op of the graph, recomputed per call (a graph cannot key a cache on data pointers)."""
+        """‖W_o‖² (out,) of the current base weight, float32; cached until the weight's storage or version changes
+        (recomputed per call under torch.compile: cached_weight_sq_norm)."""
         w = self.linear_weight()
-        if torch.compiler.is_compiling():
-            return weight_sq_norm(w)
-        key = (w.data_ptr(), self.weight._version, w.dtype, w.device, tuple(w.shape))
-        if getattr(self, "_w_sq_key", None) != key:
-            self._w_sq = weight_sq_norm(w)
-            self._w_sq_key = key
-        return self._w_sq
+        return cached_weight_sq_norm(self, w, lambda: (w.data_ptr(), self.weight._version, w.dtype, w.device,
+                                                        tuple(w.shape)))
 
     def weight_norm(self, adapter_name: str) -> torch.Tensor:
         """‖W_o + s·B_o·A‖ (out,) of an adapter over the current (unmerged) weight, float32, detached."""
@@ -103,13 +99,8 @@ class FusedDoraLinear4bit(FusedDoraLinear, FusedLoraLinear4bit):
         """‖W_o‖² (out,) float32 of the base's float32 dequantization, read in row blocks; cached until the weight
         changes (its object, storage or version: a merge puts a new Params4bit in place)."""
         qw = self._packed()
-        if torch.compiler.is_compiling():
-            return weight_sq_norm(qw)
-        key = (id(self.weight), qw.packed.data_ptr(), qw.absmax.data_ptr(), self.weight._version, qw.device)
-        if getattr(self, "_w_sq_key", None) != key:
-            self._w_sq = weight_sq_norm(qw)
-            self._w_sq_key = key
-        return self._w_sq
+        return cached_weight_sq_norm(self, qw, lambda: (id(self.weight), qw.packed.data_ptr(), qw.absmax.data_ptr(),
+                                                         self.weight._version, qw.device))
 
     def weight_norm(self, adapter_name: str) -> torch.Tensor:
         A, B, _ = self.adapter_params(adapter_name)
@@ -141,4 +132,4 @@ class FusedDoraLinear4bit(FusedDoraLinear, FusedLoraLinear4bit):
         self._requantize(g * (w + delta) if sign > 0 else w / g - delta)
         if sign < 0:
             del norms[adapter_name]
-        self._w_sq_key = None  # a new Params4bit: its storage may reuse the old one's address
+        vars(self).pop(W_SQ_CACHE, None)  # a new Params4bit: its storage may reuse the old one's address
